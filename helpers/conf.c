@@ -1,0 +1,386 @@
+/*
+ * conf.c - udiRoot.conf parsing for the setuid helper.
+ *
+ * Mirrors udiroot/config.py rule for rule, and tests/test_helper_rules.py
+ * checks the two against each other.  Python reads text with str methods, so
+ * "line break" and "blank" below mean what Python's splitlines() and strip()
+ * mean for ASCII bytes; that is why \v, \f and \x1c-\x1f appear.  Bytes from
+ * 0x80 up are never blanks or breaks here.
+ */
+#define _GNU_SOURCE
+#include "conf.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static const char *const required_keys[] = {
+    "udiMount", "loopMount", "imagePath", "udiRootPath", "etcPath", "rootfsType",
+};
+
+/* Every key config.py knows besides the required ones: tool paths and optional keys. */
+static const char *const other_keys[] = {
+    "modprobePath", "insmodPath", "cpPath", "mvPath", "chmodPath", "ddPath",
+    "perNodeCachePath", "perNodeCacheSizeLimit", "perNodeCacheAllowedFsType",
+    "usersToImport", "sitePreMountHook", "sitePostMountHook", "optUdiImage",
+    "allowLocalChroot", "allowLibcPwdCalls", "populateEtcDynamically",
+    "mountUdiRootWritable", "maxGroupCount", "mountPropagationStyle", "mkfsXfsPath",
+    "gatewayTimeout", "siteEnv", "siteEnvAppend", "siteEnvPrepend", "siteEnvUnset",
+    "siteResources", "imageGateway", "batchType", "system", "defaultImageType",
+    "defaultModules", "gpuLibraries", "gpuBinaries", "cdiSpecDirs", "allowCdiHooks",
+};
+
+static const char *const deprecated_keys[] = {
+    "autoLoadKernelModule", "kmodBasePath", "kmodCacheFile", "optionalSshdAsRoot",
+};
+
+static const char *const module_subkeys[] = {
+    "siteFs", "siteEnv", "siteEnvAppend", "siteEnvPrepend", "siteEnvUnset",
+    "copyPath", "roothook", "userhook", "conflict", "enabled",
+};
+
+#define COUNT(a) (sizeof(a) / sizeof((a)[0]))
+
+/* Always returns -1 so callers can write "return set_err(...)". */
+__attribute__((format(printf, 3, 4))) static int set_err(char *err, size_t errlen,
+                                                         const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+
+    if (err == NULL || errlen == 0)
+        return -1;
+    va_start(ap, fmt);
+    n = vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    if (n < 0) {
+        /* Only an encoding error gets here; keep some message rather than none. */
+        err[0] = '\0';
+        strncat(err, "udiRoot.conf: cannot format error message", errlen - 1);
+    }
+    return -1;
+}
+
+/* ASCII characters Python's str.strip() removes. */
+static int is_blank(unsigned char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\v' || c == '\f' || c == '\r' ||
+           (c >= 0x1c && c <= 0x1f);
+}
+
+/* ASCII characters Python's str.splitlines() ends a line at. */
+static int is_break(unsigned char c)
+{
+    return c == '\n' || c == '\r' || c == '\v' || c == '\f' || c == 0x1c || c == 0x1d ||
+           c == 0x1e;
+}
+
+static int in_list(const char *key, const char *const *list, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(key, list[i]) == 0)
+            return 1;
+    return 0;
+}
+
+/* module_<name>_<subkey>: a known subkey after a non-empty name (names may hold '_'). */
+static int is_module_key(const char *key)
+{
+    const char *rest;
+    size_t rlen;
+
+    if (strncmp(key, "module_", 7) != 0)
+        return 0;
+    rest = key + 7;
+    rlen = strlen(rest);
+    for (size_t i = 0; i < COUNT(module_subkeys); i++) {
+        size_t slen = strlen(module_subkeys[i]);
+        if (rlen > slen + 1 && rest[rlen - slen - 1] == '_' &&
+            strcmp(rest + rlen - slen, module_subkeys[i]) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+const char *conf_get(const struct udiroot_conf *conf, const char *key)
+{
+    for (size_t i = 0; i < conf->n_entries; i++)
+        if (strcmp(conf->entries[i].key, key) == 0)
+            return conf->entries[i].value;
+    return NULL;
+}
+
+/* Later lines override earlier ones, as in a Python dict. */
+static int set_value(struct udiroot_conf *conf, const char *key, const char *value, char *err,
+                     size_t errlen)
+{
+    char *copy = strdup(value);
+
+    if (copy == NULL)
+        return set_err(err, errlen, "udiRoot.conf: out of memory");
+    for (size_t i = 0; i < conf->n_entries; i++) {
+        if (strcmp(conf->entries[i].key, key) == 0) {
+            free(conf->entries[i].value);
+            conf->entries[i].value = copy;
+            return 0;
+        }
+    }
+    if (conf->n_entries >= CONF_MAX_KEYS) {
+        free(copy);
+        return set_err(err, errlen, "udiRoot.conf has more than %d keys", CONF_MAX_KEYS);
+    }
+    conf->entries[conf->n_entries].key = strdup(key);
+    if (conf->entries[conf->n_entries].key == NULL) {
+        free(copy);
+        return set_err(err, errlen, "udiRoot.conf: out of memory");
+    }
+    conf->entries[conf->n_entries].value = copy;
+    conf->n_entries++;
+    return 0;
+}
+
+static int add_string(char **list, size_t *n, size_t max, const char *what, const char *text,
+                      char *err, size_t errlen)
+{
+    if (*n >= max)
+        return set_err(err, errlen, "udiRoot.conf has more than %zu %s", max, what);
+    list[*n] = strdup(text);
+    if (list[*n] == NULL)
+        return set_err(err, errlen, "udiRoot.conf: out of memory");
+    (*n)++;
+    return 0;
+}
+
+/* One logical line, NUL-terminated and writable (it is cut in place at '='). */
+static int handle_line(struct udiroot_conf *conf, char *line, char *err, size_t errlen)
+{
+    char *eq, *key, *value, *end;
+    char warning[CONF_MAX_LINE + 64];
+
+    if (line[0] == '#')
+        return 0;
+    eq = strchr(line, '=');
+    if (eq == NULL)
+        return 0;
+    *eq = '\0';
+
+    key = line;
+    while (is_blank((unsigned char)*key))
+        key++;
+    end = key + strlen(key);
+    while (end > key && is_blank((unsigned char)end[-1]))
+        end--;
+    *end = '\0';
+
+    value = eq + 1;
+    while (is_blank((unsigned char)*value))
+        value++;
+    end = value + strlen(value);
+    while (end > value && is_blank((unsigned char)end[-1]))
+        end--;
+    *end = '\0';
+
+    if (in_list(key, deprecated_keys, COUNT(deprecated_keys))) {
+        /* A file full of deprecated keys is odd but harmless: keep the first warnings. */
+        if (conf->n_warnings >= CONF_MAX_WARNINGS)
+            return 0;
+        if (snprintf(warning, sizeof warning, "IGNORING parameter %s, deprecated.", key) < 0)
+            return set_err(err, errlen, "udiRoot.conf: cannot format warning");
+        return add_string(conf->warnings, &conf->n_warnings, CONF_MAX_WARNINGS, "warnings",
+                          warning, err, errlen);
+    }
+    if (strcmp(key, "siteFs") == 0)
+        return add_string(conf->site_fs, &conf->n_site_fs, CONF_MAX_SITEFS, "siteFs lines",
+                          value, err, errlen);
+    if (in_list(key, required_keys, COUNT(required_keys)) ||
+        in_list(key, other_keys, COUNT(other_keys)) || is_module_key(key))
+        return set_value(conf, key, value, err, errlen);
+    return set_err(err, errlen, "Couldn't understand key: %s", key);
+}
+
+/* Append n bytes to the logical line being built, refusing to overflow it. */
+static int append(char *buf, size_t *used, const char *src, size_t n, size_t lineno, char *err,
+                  size_t errlen)
+{
+    if (n > CONF_MAX_LINE - *used)
+        return set_err(err, errlen, "udiRoot.conf line %zu: longer than %d bytes", lineno,
+                       CONF_MAX_LINE);
+    memcpy(buf + *used, src, n);
+    *used += n;
+    buf[*used] = '\0';
+    return 0;
+}
+
+static int parse_lines(const char *text, size_t len, struct udiroot_conf *conf, char *err,
+                       size_t errlen)
+{
+    /* static: too big for a comfortable stack frame; the helper is single-threaded. */
+    static char buf[CONF_MAX_LINE + 1];
+    size_t used = 0, pos = 0, lineno = 0;
+    int pending = 0; /* buf holds continued lines waiting for their last part */
+
+    buf[0] = '\0';
+    while (pos < len) {
+        size_t start = pos, end, rend;
+
+        while (pos < len && !is_break((unsigned char)text[pos]))
+            pos++;
+        end = pos;
+        if (pos < len)
+            pos += (text[pos] == '\r' && pos + 1 < len && text[pos + 1] == '\n') ? 2 : 1;
+        lineno++;
+
+        rend = end;
+        while (rend > start && is_blank((unsigned char)text[rend - 1]))
+            rend--;
+        if (rend > start && text[rend - 1] == '\\') {
+            /* Continued: drop the backslash and blanks around it, join with one space. */
+            size_t cend = rend - 1;
+            while (cend > start && is_blank((unsigned char)text[cend - 1]))
+                cend--;
+            if (append(buf, &used, text + start, cend - start, lineno, err, errlen) != 0 ||
+                append(buf, &used, " ", 1, lineno, err, errlen) != 0)
+                return -1;
+            pending = 1;
+            continue;
+        }
+        if (pending) {
+            while (start < end && is_blank((unsigned char)text[start]))
+                start++;
+        }
+        if (append(buf, &used, text + start, end - start, lineno, err, errlen) != 0)
+            return -1;
+        if (handle_line(conf, buf, err, errlen) != 0)
+            return -1;
+        used = 0;
+        buf[0] = '\0';
+        pending = 0;
+    }
+    if (pending) {
+        /* The file ended on a continuation: the joined text without its last space. */
+        while (used > 0 && is_blank((unsigned char)buf[used - 1]))
+            used--;
+        buf[used] = '\0';
+        if (handle_line(conf, buf, err, errlen) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+int conf_parse_text(const char *text, size_t len, struct udiroot_conf *conf, char *err,
+                    size_t errlen)
+{
+    const char *style;
+
+    memset(conf, 0, sizeof *conf);
+    /* C strings cannot carry a NUL; a NUL in a config file is damage, not content. */
+    if (memchr(text, '\0', len) != NULL)
+        return set_err(err, errlen, "udiRoot.conf contains a NUL byte");
+    if (parse_lines(text, len, conf, err, errlen) != 0) {
+        conf_free(conf);
+        return -1;
+    }
+    for (size_t i = 0; i < COUNT(required_keys); i++) {
+        const char *v = conf_get(conf, required_keys[i]);
+        if (v == NULL || v[0] == '\0') {
+            conf_free(conf);
+            return set_err(err, errlen, "required key %s is missing", required_keys[i]);
+        }
+    }
+    style = conf_get(conf, "mountPropagationStyle");
+    if (style != NULL && strcmp(style, "private") != 0 && strcmp(style, "slave") != 0) {
+        set_err(err, errlen, "mountPropagationStyle must be private or slave, not '%s'", style);
+        conf_free(conf);
+        return -1;
+    }
+    return 0;
+}
+
+int conf_check_fd(int fd, const char *path, char *err, size_t errlen)
+{
+    struct stat st;
+
+    /* fstat on the descriptor we will read: no window for the file to be swapped. */
+    if (fstat(fd, &st) != 0)
+        return set_err(err, errlen, "cannot read %s: %s", path, strerror(errno));
+    if (!S_ISREG(st.st_mode))
+        return set_err(err, errlen, "%s is not a regular file", path);
+    if (st.st_uid != 0)
+        return set_err(err, errlen, "%s is not owned by root (owner uid %lu)", path,
+                       (unsigned long)st.st_uid);
+    if (st.st_mode & (S_IWGRP | S_IWOTH))
+        return set_err(err, errlen, "%s is writable by group or others (mode %o)", path,
+                       (unsigned)(st.st_mode & 0777));
+    return 0;
+}
+
+int conf_load(const char *path, struct udiroot_conf *conf, char *err, size_t errlen)
+{
+    char *text;
+    size_t used = 0;
+    int fd, rc;
+
+    memset(conf, 0, sizeof *conf);
+    /*
+     * O_NOFOLLOW: whoever can plant a symlink must not choose what we trust.
+     * O_NONBLOCK: opening a FIFO must not hang the helper before fstat refuses it.
+     */
+    fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return set_err(err, errlen, "cannot read %s: %s", path, strerror(errno));
+    if (conf_check_fd(fd, path, err, errlen) != 0) {
+        close(fd);
+        return -1;
+    }
+    text = malloc(CONF_MAX_FILE + 1);
+    if (text == NULL) {
+        close(fd);
+        return set_err(err, errlen, "udiRoot.conf: out of memory");
+    }
+    /* Read one byte past the limit so an oversized file is noticed, not truncated. */
+    for (;;) {
+        ssize_t n = read(fd, text + used, CONF_MAX_FILE + 1 - used);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            set_err(err, errlen, "cannot read %s: %s", path, strerror(errno));
+            free(text);
+            close(fd);
+            return -1;
+        }
+        if (n == 0)
+            break;
+        used += (size_t)n;
+        if (used > CONF_MAX_FILE) {
+            set_err(err, errlen, "%s is larger than %d bytes", path, CONF_MAX_FILE);
+            free(text);
+            close(fd);
+            return -1;
+        }
+    }
+    if (close(fd) != 0) {
+        free(text);
+        return set_err(err, errlen, "cannot read %s: %s", path, strerror(errno));
+    }
+    rc = conf_parse_text(text, used, conf, err, errlen);
+    free(text);
+    return rc;
+}
+
+void conf_free(struct udiroot_conf *conf)
+{
+    for (size_t i = 0; i < conf->n_entries; i++) {
+        free(conf->entries[i].key);
+        free(conf->entries[i].value);
+    }
+    for (size_t i = 0; i < conf->n_site_fs; i++)
+        free(conf->site_fs[i]);
+    for (size_t i = 0; i < conf->n_warnings; i++)
+        free(conf->warnings[i]);
+    memset(conf, 0, sizeof *conf);
+}

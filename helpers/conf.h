@@ -1,0 +1,54 @@
+/*
+ * conf.h - read udiRoot.conf, the site configuration the setuid helper trusts.
+ *
+ * The rules are those of udiroot/config.py (behaviour spec section 6.1); the
+ * helper reads the file itself rather than believing anything the unprivileged
+ * Python front end passes it.  Limits are fixed so a hostile or broken file
+ * cannot make the helper allocate without bound.
+ */
+#ifndef SHIFTER_HELPERS_CONF_H
+#define SHIFTER_HELPERS_CONF_H
+
+#include <stddef.h>
+
+#define CONF_DEFAULT_PATH "/etc/shifter/udiRoot.conf"
+#define CONF_MAX_FILE (1024 * 1024) /* bytes in the whole file */
+#define CONF_MAX_LINE 8192          /* bytes in one logical (joined) line */
+#define CONF_MAX_KEYS 256           /* distinct keys, module keys included */
+#define CONF_MAX_SITEFS 64          /* siteFs lines */
+#define CONF_MAX_WARNINGS 32        /* deprecated-key warnings kept */
+#define CONF_ERR_LEN (CONF_MAX_LINE + 256)
+
+struct conf_entry {
+    char *key;
+    char *value;
+};
+
+struct udiroot_conf {
+    struct conf_entry entries[CONF_MAX_KEYS]; /* plain and module_<name>_<sub> keys */
+    size_t n_entries;
+    char *site_fs[CONF_MAX_SITEFS]; /* in file order */
+    size_t n_site_fs;
+    char *warnings[CONF_MAX_WARNINGS];
+    size_t n_warnings;
+};
+
+/* All functions return 0 on success, -1 with a message in err on failure. */
+
+/* Parse text (len bytes, need not be NUL-terminated); no ownership checks. */
+int conf_parse_text(const char *text, size_t len, struct udiroot_conf *conf, char *err,
+                    size_t errlen);
+
+/* Refuse an opened file unless it is regular, root-owned, not group/other writable. */
+int conf_check_fd(int fd, const char *path, char *err, size_t errlen);
+
+/* Open path without following a symlink, check it, read and parse it. */
+int conf_load(const char *path, struct udiroot_conf *conf, char *err, size_t errlen);
+
+/* The value of a plain or module key, or NULL. */
+const char *conf_get(const struct udiroot_conf *conf, const char *key);
+
+/* Free everything conf_parse_text allocated; conf is left empty and reusable. */
+void conf_free(struct udiroot_conf *conf);
+
+#endif

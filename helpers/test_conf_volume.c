@@ -1,0 +1,107 @@
+/*
+ * test_conf_volume - drives conf.c and volume.c from the command line so
+ * tests/test_helper_rules.py can compare them with the Python rules.
+ *
+ *   test_conf_volume conf FILE         key=value lines (sorted), then siteFs lines
+ *                                      in file order; warnings on stderr
+ *   test_conf_volume volume SPEC       signature of a user volume list
+ *   test_conf_volume site-volume SPEC  signature of a siteFs volume list
+ *   test_conf_volume size TEXT         the size in bytes
+ *
+ * Errors go to stderr and exit 1.  Not installed; the helper proper links the
+ * same two files.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "conf.h"
+#include "volume.h"
+
+static int compare_entries(const void *a, const void *b)
+{
+    return strcmp(((const struct conf_entry *)a)->key, ((const struct conf_entry *)b)->key);
+}
+
+static int run_conf(const char *path)
+{
+    static struct udiroot_conf conf; /* large: keep it off the stack */
+    static char err[CONF_ERR_LEN];
+
+    if (conf_load(path, &conf, err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    qsort(conf.entries, conf.n_entries, sizeof conf.entries[0], compare_entries);
+    for (size_t i = 0; i < conf.n_entries; i++)
+        printf("%s=%s\n", conf.entries[i].key, conf.entries[i].value);
+    for (size_t i = 0; i < conf.n_site_fs; i++)
+        printf("siteFs=%s\n", conf.site_fs[i]);
+    for (size_t i = 0; i < conf.n_warnings; i++)
+        fprintf(stderr, "%s\n", conf.warnings[i]);
+    conf_free(&conf);
+    return 0;
+}
+
+static int run_volume(const char *spec, int site)
+{
+    static struct volume_list list;
+    static char err[VOL_ERR_LEN];
+    char *sig;
+
+    if (vol_parse_map(spec, site, &list, err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    sig = vol_signature(&list);
+    vol_list_free(&list);
+    if (sig == NULL) {
+        fprintf(stderr, "out of memory\n");
+        return 1;
+    }
+    printf("%s\n", sig);
+    free(sig);
+    return 0;
+}
+
+static int run_size(const char *text)
+{
+    static char err[VOL_ERR_LEN];
+    uint64_t n;
+
+    if (vol_parse_size(text, &n, err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    printf("%llu\n", (unsigned long long)n);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    int rc;
+
+    if (argc != 3) {
+        fprintf(stderr, "usage: %s conf FILE | volume SPEC | site-volume SPEC | size TEXT\n",
+                argv[0]);
+        return 2;
+    }
+    if (strcmp(argv[1], "conf") == 0)
+        rc = run_conf(argv[2]);
+    else if (strcmp(argv[1], "volume") == 0)
+        rc = run_volume(argv[2], 0);
+    else if (strcmp(argv[1], "site-volume") == 0)
+        rc = run_volume(argv[2], 1);
+    else if (strcmp(argv[1], "size") == 0)
+        rc = run_size(argv[2]);
+    else {
+        fprintf(stderr, "unknown mode %s\n", argv[1]);
+        return 2;
+    }
+    /* A failed write (full disk, closed pipe) must not look like success. */
+    if (fflush(stdout) != 0 || ferror(stdout)) {
+        fprintf(stderr, "cannot write output\n");
+        return 1;
+    }
+    return rc;
+}

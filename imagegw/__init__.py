@@ -1,0 +1,1 @@
+"""Shifter image gateway: registry pulls, flattening, squashfs conversion, records."""

@@ -1,0 +1,156 @@
+"""The gateway's HTTP API (behaviour spec §2.3), a thin Flask layer over the manager.
+
+Status codes: 400 bad body or tag, 401 no or invalid credential, 403 not allowed, 404
+not found, 500 only for real faults. Error bodies: ``{"status", "error", "message"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+
+from .auth import AuthError, AuthUnavailable, authenticate
+from .manager import BadRequest, GatewayError, ImageManager
+
+log = logging.getLogger(__name__)
+
+RECORD_FIELDS = (
+    "id",
+    "system",
+    "itype",
+    "tag",
+    "status",
+    "userACL",
+    "groupACL",
+    "ENV",
+    "ENTRY",
+    "WORKDIR",
+    "LABELS",
+    "last_pull",
+    "status_message",
+)
+_REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    500: "Internal Server Error",
+}
+
+
+def render(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record as clients see it; a missing field reads ``"MISSING"``."""
+    out = {
+        k: record.get(k, "MISSING") if record.get(k) is not None else "MISSING"
+        for k in RECORD_FIELDS
+    }
+    if record.get("progress"):
+        out["progress"] = record["progress"]  # BEYOND: layers and bytes done, for shifterimg
+    return out
+
+
+def _error(status: int, message: str) -> tuple[Response, int]:
+    return jsonify(
+        {"status": status, "error": _REASONS.get(status, "Error"), "message": message}
+    ), status
+
+
+def create_app(manager: ImageManager, *, auth_method: str | None = None) -> Flask:
+    app = Flask("imagegw")
+    method = auth_method or manager.raw.get("Authentication", "munge")
+
+    def caller(system: str):
+        platform = manager.platform(system)  # unknown system: 404 before auth says more
+        return authenticate(request.headers.get("authentication"), platform, method)
+
+    def body() -> dict[str, Any]:
+        if not request.get_data():
+            return {}
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            raise BadRequest("request body must be a JSON object")
+        return data
+
+    @app.errorhandler(GatewayError)
+    def gateway_error(exc: GatewayError):
+        return _error(exc.status, exc.message)
+
+    @app.errorhandler(AuthError)
+    def auth_error(exc: AuthError):
+        return _error(401, f"authentication failed: {exc}")
+
+    @app.errorhandler(AuthUnavailable)
+    def auth_unavailable(exc: AuthUnavailable):
+        return _error(503, f"cannot check credentials: {exc}")
+
+    @app.errorhandler(404)
+    def no_route(_exc: Exception):
+        return _error(404, f"no such API path: {request.path}")
+
+    @app.errorhandler(405)
+    def bad_method(_exc: Exception):
+        return _error(405, f"{request.method} is not allowed on {request.path}")
+
+    @app.errorhandler(Exception)
+    def fault(exc: Exception):
+        log.exception("request %s failed", request.path)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.get("/")
+    def root():
+        return jsonify({"service": "shifter image gateway", "version": "0.1.0"})
+
+    @app.get("/healthz")
+    def health():
+        return jsonify({"status": "ok", "pid": os.getpid()})
+
+    @app.get("/api/list/<system>/", strict_slashes=False)
+    def list_images(system: str):
+        who = caller(system)
+        return jsonify({"list": [render(r) for r in manager.list(who, system)]})
+
+    @app.get("/api/lookup/<system>/<itype>/<path:tag>", strict_slashes=False)
+    def lookup(system: str, itype: str, tag: str):
+        who = caller(system)
+        return jsonify(render(manager.lookup(who, system, itype, tag.rstrip("/"))))
+
+    @app.post("/api/pull/<system>/<itype>/<path:tag>", strict_slashes=False)
+    def pull(system: str, itype: str, tag: str):
+        who = caller(system)
+        data = body()
+        rec = manager.pull(
+            who, system, itype, tag.rstrip("/"), data.get("allowed_uids"), data.get("allowed_gids")
+        )
+        return jsonify(render(rec))
+
+    @app.post("/api/doimport/<system>/<itype>/<path:tag>", strict_slashes=False)
+    def do_import(system: str, itype: str, tag: str):
+        who = caller(system)
+        return jsonify(render(manager.do_import(who, system, itype, tag.rstrip("/"), body())))
+
+    @app.get("/api/expire/<system>/<itype>/<path:tag>", strict_slashes=False)
+    def expire(system: str, itype: str, tag: str):
+        who = caller(system)
+        return jsonify({"status": manager.expire(who, system, itype, tag.rstrip("/"))})
+
+    @app.get("/api/autoexpire/<system>/", strict_slashes=False)
+    def autoexpire(system: str):
+        who = caller(system)
+        return jsonify({"status": manager.autoexpire(who, system)})
+
+    @app.get("/api/queue/<system>/", strict_slashes=False)
+    def queue(system: str):
+        who = caller(system)
+        return jsonify({"list": manager.queue(who, system)})
+
+    @app.get("/api/metrics/<system>/", strict_slashes=False)
+    def metrics(system: str):
+        who = caller(system)
+        rows = manager.metrics(who, system, request.args.get("limit", 10))
+        return jsonify([{k: v for k, v in row.items() if k != "_id"} for row in rows])
+
+    return app

@@ -1,0 +1,94 @@
+"""Who is calling: a munge credential in the ``authentication`` header (or mock, for tests).
+
+The credential's uid/gid name the caller; its payload is empty, or JSON
+``{"authorized_locations": {"<location>|default": "user:pass"}}`` carrying registry
+credentials for private pulls. Those are handed to the pull and never logged or stored.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+from collections.abc import Mapping
+from typing import Any
+
+from .acl import Caller
+
+
+class AuthError(Exception):
+    """The request is not authenticated; the message says why (HTTP 401)."""
+
+
+class AuthUnavailable(Exception):
+    """The gateway cannot check credentials (munged down): a server fault, HTTP 503."""
+
+
+def _names(uid: int, gid: int) -> tuple[str, str, tuple[int, ...]]:
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = str(gid)
+    try:
+        groups = tuple(os.getgrouplist(user, gid)) if user != str(uid) else (gid,)
+    except OSError:
+        groups = (gid,)
+    return user, group, groups
+
+
+def _locations(payload: bytes) -> dict[str, str]:
+    if not payload.strip():
+        return {}
+    try:
+        data = json.loads(payload)
+        locs = data.get("authorized_locations") or {}
+    except (ValueError, AttributeError):
+        raise AuthError("credential payload is not the expected JSON") from None
+    if not isinstance(locs, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in locs.items()
+    ):
+        raise AuthError("authorized_locations must map locations to 'user:pass'")
+    return locs
+
+
+def authenticate(header: str | None, platform: Mapping[str, Any], method: str) -> Caller:
+    """The caller of a request to ``platform``, or :class:`AuthError`."""
+    if not header:
+        raise AuthError("no credential: send a munge credential in the 'authentication' header")
+    if method == "mock":
+        return _mock(header)
+    if method != "munge":
+        raise AuthError(f"authentication method '{method}' is not supported")
+    from . import munge
+
+    socket = platform.get("mungeSocketPath")
+    try:
+        cred = munge.decode(header.strip(), socket=socket)
+    except munge.MungeUnavailable as exc:
+        raise AuthUnavailable(str(exc)) from None
+    except munge.MungeError as exc:
+        raise AuthError(str(exc)) from None
+    user, group, groups = _names(cred.uid, cred.gid)
+    return Caller(
+        user=user,
+        uid=cred.uid,
+        group=group,
+        gid=cred.gid,
+        groups=groups,
+        authorized_locations=_locations(cred.payload),
+    )
+
+
+def _mock(header: str) -> Caller:
+    """Tests only: ``good:user:group[:token[:uid:gid]]``."""
+    parts = header.split(":")
+    if len(parts) < 3 or parts[0] != "good":
+        raise AuthError("mock authentication failed")
+    uid = int(parts[4]) if len(parts) > 5 else 1000
+    gid = int(parts[5]) if len(parts) > 5 else 1000
+    return Caller(user=parts[1], uid=uid, group=parts[2], gid=gid, groups=(gid,))

@@ -1,0 +1,1 @@
+"""Shifter command-line front ends."""

@@ -1,0 +1,663 @@
+"""``shifterimg`` as people use it (behaviour spec §5, with §2.2 and §2.7).
+
+The real client runs as a subprocess, mostly as the unprivileged test users, against a real
+gunicorn gateway with real munge credentials and real registries (an open one and one with
+bearer-token auth). Nothing is mocked: the uid in each credential is the process's own,
+exactly as on a login node, so ACLs, admin checks and ImportUsers are what they would be.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+import pty
+import pwd
+import re
+import select
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import termios
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from world import catalog
+from world.gateway import Gateway
+from world.imagebuild import File, build_layer, push_image
+from world.ports import free_port
+from world.reftree import mksquashfs
+
+from imagegw.fasthash import fasthash
+from shifter import shifterimg
+
+SYS = "testsys"
+ALICE, BOB = "shifter-alice", "shifter-bob"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = REPO_ROOT / ".venv" / "bin"
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d"
+SIZE = r"[\d.]+ (?:B|KiB|MiB|GiB)"
+NOT_CONTACTED = "ERROR: failed to contact the image gateway."
+
+
+def shifterimg_argv() -> list[str]:
+    script = VENV_BIN / "shifterimg"
+    if script.exists():
+        return [str(script)]
+    # A venv installed before the console script was declared has the same code importable
+    # (editable install): run it as a module rather than skip the whole file.
+    return [str(VENV_BIN / "python"), "-m", "shifter.shifterimg"]
+
+
+def pull_line(tag: str, itype: str = "docker") -> re.Pattern[str]:
+    """One status line of a pull, as §5 spells it (progress suffix only on a terminal)."""
+    return re.compile(
+        rf"^({STAMP}) Pulling Image: {itype}:{re.escape(tag)}, status: ([A-Z]+)"
+        rf"(?: \((\d+) layers, ({SIZE}) of ({SIZE})\))?$"
+    )
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def write_udiroot_conf(path: Path, gateways: Sequence[str], timeout: int = 5) -> Path:
+    # The runtime keys are required by the parser but unused by shifterimg: dummy paths.
+    path.write_text(
+        "udiMount=/var/udiMount\nloopMount=/var/udiLoop\nimagePath=/images\n"
+        "udiRootPath=/etc/shifter\netcPath=/etc/shifter/etc\nrootfsType=tmpfs\n"
+        f"imageGateway={' '.join(gateways)}\nsystem={SYS}\ngatewayTimeout={timeout}\n"
+    )
+    os.chmod(path, 0o644)  # the test users read it (shifterimg loads it untrusted)
+    return path
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str = ""
+    elapsed: float = 0.0
+
+
+@dataclass
+class World:
+    base: Path  # world-traversable: the test users need their homes and conf files
+    gw: Gateway
+    munge_socket: str
+    conf: Path  # udiRoot.conf naming the live gateway only
+    homes: dict[str, Path] = field(default_factory=dict)
+
+    def fresh_home(self, user: str) -> Path:
+        """A new empty home for ``user`` (no stored logins), used by later runs as them."""
+        pw = pwd.getpwnam(user) if user != "root" else pwd.getpwuid(0)
+        home = Path(tempfile.mkdtemp(prefix=f"home-{user}-", dir=self.base))
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+        os.chmod(home, 0o700)
+        self.homes[user] = home
+        return home
+
+    def home(self, user: str) -> Path:
+        return self.homes.get(user) or self.fresh_home(user)
+
+    def _spawn_kwargs(self, user: str, conf: Path | None) -> dict:
+        # A clean environment: only what a user's shell would pass that shifterimg reads.
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(self.home(user)),
+            "LANG": "C.UTF-8",
+            "SHIFTER_UDIROOT_CONF": str(conf or self.conf),
+            "MUNGE_SOCKET": self.munge_socket,
+        }
+        kwargs: dict = {"env": env, "cwd": str(self.base)}
+        if user != "root":
+            pw = pwd.getpwnam(user)
+            # What runuser/login would do: the user's uid, primary gid and all their groups.
+            kwargs |= {
+                "user": pw.pw_uid,
+                "group": pw.pw_gid,
+                "extra_groups": os.getgrouplist(user, pw.pw_gid),
+            }
+        return kwargs
+
+    def run(self, user: str, *args: str, conf: Path | None = None, timeout: float = 90) -> Result:
+        """shifterimg without a terminal (stdout and stderr are pipes), as ``user``."""
+        start = time.monotonic()
+        proc = subprocess.run(
+            [*shifterimg_argv(), *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            # A new session has no controlling terminal: /dev/tty cannot be opened, as in
+            # a batch job, whatever terminal pytest itself runs under.
+            start_new_session=True,
+            **self._spawn_kwargs(user, conf),
+        )
+        return Result(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start)
+
+    def run_tty(
+        self,
+        user: str,
+        *args: str,
+        answers: Sequence[tuple[bytes, bytes]] = (),
+        conf: Path | None = None,
+        timeout: float = 90,
+    ) -> Result:
+        """shifterimg on a pseudo-terminal that is its controlling terminal (so /dev/tty
+        and getpass work); each (prompt, reply) is typed once the prompt has appeared."""
+        master, slave = pty.openpty()
+        attrs = termios.tcgetattr(slave)
+        # No "\n" -> "\r\n" translation: a bare "\r" in the output then means the client
+        # rewrote its line in place, which is what the progress test checks.
+        attrs[1] &= ~termios.ONLCR
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+
+        def take_terminal() -> None:  # runs in the child, after setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            [*shifterimg_argv(), *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+            preexec_fn=take_terminal,  # no Popen option makes the pty the controlling tty
+            **self._spawn_kwargs(user, conf),
+        )
+        os.close(slave)
+        out = b""
+        seen = 0  # output before this offset already answered a prompt
+        pending = list(answers)
+        try:
+            while True:
+                if time.monotonic() - start > timeout:
+                    proc.kill()
+                    raise AssertionError(f"shifterimg {args} hung; output so far: {out!r}")
+                ready, _, _ = select.select([master], [], [], 0.2)
+                if not ready:
+                    continue
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: every holder of the terminal's slave side is gone
+                    chunk = b""
+                if not chunk:
+                    break
+                out += chunk
+                if pending and pending[0][0] in out[seen:]:
+                    prompt, reply = pending.pop(0)
+                    seen = out.index(prompt, seen) + len(prompt)
+                    # Typed only after the prompt: getpass flushes input typed earlier.
+                    os.write(master, reply)
+        finally:
+            os.close(master)
+        proc.wait(timeout=10)
+        assert not pending, f"prompts never shown: {pending}; output {out!r}"
+        return Result(
+            proc.returncode, out.decode(errors="replace"), elapsed=time.monotonic() - start
+        )
+
+
+@pytest.fixture(scope="module")
+def world(munged, registry, token_registry, test_users) -> Iterator[World]:
+    base = Path(tempfile.mkdtemp(prefix="shifterimg-test-"))
+    os.chmod(base, 0o755)
+    locations = {
+        reg.host: {"remotetype": "dockerv2", "url": reg.url} for reg in (registry, token_registry)
+    }
+    gw = Gateway(
+        base / "gw",
+        munge_socket=munged.socket,
+        registry=registry,
+        extra={"ImportUsers": ALICE, "Locations": locations},
+    )
+    try:
+        with gw:
+            conf = write_udiroot_conf(base / "udiRoot.conf", [gw.url])
+            yield World(base=base, gw=gw, munge_socket=munged.socket, conf=conf)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def basic(registry, tmp_path_factory):
+    return catalog.basic(registry, tmp_path_factory.mktemp("basic"), repo="shifterimg/basic")
+
+
+def _push(reg, tmp_path: Path, repo: str):
+    """``repo:v1``, one layer of unique content (so no earlier run's image is reused)."""
+    layer = build_layer([File("hello", os.urandom(16).hex())], "gzip", tmp_path)
+    return push_image(reg, repo, "v1", [layer], {"Cmd": ["/hello"]})
+
+
+def _record(world: World, tag: str, user: str = ALICE, itype: str = "docker") -> dict:
+    resp = world.gw.request("GET", f"/api/lookup/{SYS}/{itype}/{tag}/", user=user)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+# -- pull ---------------------------------------------------------------------------------
+
+
+def test_pull_without_terminal_prints_a_line_per_status_change(world, basic):
+    tag = basic.ref()
+    res = world.run(ALICE, "pull", f"docker:{tag}")
+    assert res.returncode == 0, res
+    assert res.stderr == ""
+    lines = res.stdout.splitlines()
+    matches = [pull_line(tag).match(line) for line in lines]
+    assert all(matches), lines
+    statuses = [m.group(2) for m in matches]
+    assert statuses[-1] == "READY"
+    # One line per change: no status repeats on consecutive lines, no progress suffix.
+    assert all(a != b for a, b in zip(statuses, statuses[1:], strict=False)), statuses
+    assert all(m.group(3) is None for m in matches)
+    first = time.mktime(time.strptime(matches[0].group(1), "%Y-%m-%dT%H:%M:%S"))
+    assert abs(first - time.time()) < 120  # local time, as the user reads it
+
+
+def test_pull_of_a_missing_tag_fails_and_says_why(world, registry):
+    tag = f"{registry.host}/shifterimg/does-not-exist:v1"
+    res = world.run(ALICE, "pull", tag)  # no type: docker is the default
+    assert res.returncode != 0
+    lines = res.stdout.splitlines()
+    assert lines and all(pull_line(tag).match(line) for line in lines), lines
+    assert lines[-1].endswith("status: FAILURE")
+    assert res.stderr.startswith("ERROR: pull failed:") and "not found" in res.stderr
+
+
+def test_pull_on_a_terminal_rewrites_one_line_with_progress(world, registry, fault_proxy, tmp_path):
+    small = build_layer([File("small", os.urandom(64).hex())], "gzip", tmp_path / "a")
+    big = build_layer([File("big", os.urandom(300_000))], "none", tmp_path / "b")
+    push_image(registry, "shifterimg/progress", "v1", [small, big], {"Cmd": ["/small"]})
+    proxy = fault_proxy(registry)
+    # The small layer arrives at once, the big one late: PULLING lasts, with one layer done.
+    proxy.delay(re.escape(big.digest), 3.0)
+    tag = f"{proxy.host}/shifterimg/progress:v1"
+    res = world.run_tty(ALICE, "pull", f"docker:{tag}")
+    assert res.returncode == 0, res.stdout
+    out = res.stdout
+    # Rewritten in place: frames separated by "\r", a single newline once it is over.
+    assert out.count("\n") == 1 and out.endswith("\n"), repr(out)
+    frames = [f for f in out[:-1].split("\r") if f]
+    assert len(frames) >= 3, frames
+    parsed = [pull_line(tag).match(f.rstrip()) for f in frames]
+    assert all(parsed), frames
+    assert parsed[-1].group(2) == "READY"
+    # Each frame is padded to the previous one's length, so no stale tail stays visible.
+    for prev, cur in zip(frames, frames[1:], strict=False):
+        assert len(cur) >= len(prev.rstrip()), (prev, cur)
+    progress = [m for m in parsed if m.group(2) == "PULLING" and m.group(3) is not None]
+    assert progress, frames
+    assert any(int(m.group(3)) >= 1 for m in progress), frames
+
+
+# -- lookup, images ---------------------------------------------------------------------
+
+
+def test_lookup_prints_the_id_or_exits_1_silently(world, basic):
+    world.gw.wait_status(basic.ref())
+    image_id = basic.config_digest.split(":")[1]
+    for descriptor in (f"docker:{basic.ref()}", basic.ref()):
+        res = world.run(BOB, "lookup", descriptor)
+        assert (res.returncode, res.stdout, res.stderr) == (0, image_id + "\n", ""), res
+    missing = world.run(BOB, "lookup", f"{basic.host}/shifterimg/never-pulled:v1")
+    assert (missing.returncode, missing.stdout) == (1, "")
+
+
+def test_images_lists_one_row_per_tag_sorted_by_tag(world, registry, tmp_path):
+    one = build_layer([File("id", os.urandom(8).hex())], "gzip", tmp_path / "one")
+    two = build_layer([File("id", os.urandom(8).hex())], "gzip", tmp_path / "two")
+    # zeta and mid hold the same image: the gateway keeps one record with both tags,
+    # and `images` still prints a row per tag.
+    layers = {"list-zeta": one, "list-alpha": two, "list-mid": one}
+    tags = {}
+    for repo, layer in layers.items():
+        pushed = push_image(registry, f"shifterimg/{repo}", "v1", [layer], {"Cmd": ["/id"]})
+        tags[f"{registry.host}/shifterimg/{repo}:v1"] = pushed.config_digest.split(":")[1]
+    for tag in tags:
+        assert world.gw.wait_status(tag, user=ALICE)["status"] == "READY"
+    res = world.run(ALICE, "images")
+    assert res.returncode == 0 and res.stderr == "", res
+    lines = res.stdout.splitlines()
+    listed = [line.split()[5] for line in lines]
+    assert listed == sorted(listed), listed
+    ours = {line.split()[5]: line for line in lines if line.split()[5] in tags}
+    assert set(ours) == set(tags)
+    for tag, image_id in tags.items():
+        rec = _record(world, tag)
+        assert rec["id"] == image_id
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(rec["last_pull"]))
+        # Shifter's exact layout, trailing padding included.
+        row = (SYS, "docker", "READY", image_id, stamp, tag)
+        assert ours[tag] == "%-10s %-10s %-8s %-.10s   %s %-30s" % row  # noqa: UP031
+
+
+# -- private images (-u/-g) ---------------------------------------------------------------
+
+
+def test_private_pull_with_user_and_group_names_and_ids(world, registry, tmp_path, test_users):
+    _push(registry, tmp_path, "shifterimg/private")
+    tag = f"{registry.host}/shifterimg/private:v1"
+    alice_uid, alice_gid = test_users[ALICE]
+    # A name and a bare id in -u, a name in -g: the client sends ids only.
+    res = world.run(ALICE, "-u", f"{ALICE},4242", "-g", ALICE, "pull", f"docker:{tag}")
+    assert res.returncode == 0, res
+    assert res.stdout.splitlines()[-1].endswith("status: READY")
+    rec = _record(world, tag, user=ALICE)
+    assert sorted(rec["userACL"]) == sorted({alice_uid, 4242})
+    assert rec["groupACL"] == [alice_gid]
+    denied = world.run(BOB, "lookup", tag)
+    assert (denied.returncode, denied.stdout) == (1, "")
+    assert tag not in world.run(BOB, "images").stdout
+    mine = world.run(ALICE, "lookup", tag)
+    assert (mine.returncode, mine.stdout) == (0, rec["id"] + "\n")
+    assert tag in world.run(ALICE, "images").stdout
+
+
+def test_unknown_user_or_group_name_is_refused_before_asking_the_gateway(world):
+    for opt, kind in (("-u", "user"), ("-g", "group")):
+        res = world.run(ALICE, opt, "no-such-name-here", "pull", "docker:whatever:v1")
+        assert res.returncode == 1 and res.stdout == ""
+        assert res.stderr.strip() == f"ERROR: unknown {kind} 'no-such-name-here'"
+
+
+# -- login ----------------------------------------------------------------------------------
+
+
+def _login(world: World, user: str, location: str | None, name: str, password: str) -> Result:
+    shown = location or "index.docker.io"
+    return world.run_tty(
+        user,
+        "login",
+        *([location] if location else []),
+        answers=[
+            (f"{shown} username: ".encode(), f"{name}\n".encode()),
+            (f"{shown} password: ".encode(), f"{password}\n".encode()),
+        ],
+    )
+
+
+def test_login_prompts_on_the_terminal_and_stores_one_line_per_location(world, test_users):
+    home = world.fresh_home(ALICE)
+    cred = home / ".udiRoot" / ".cred"
+    res = _login(world, ALICE, "reg.example.org:5000", "alice1", "s3cret-one")
+    assert res.returncode == 0, res.stdout
+    assert "alice1" in res.stdout  # the username is echoed ...
+    assert "s3cret-one" not in res.stdout  # ... the password is not
+    uid, _ = test_users[ALICE]
+    for path, mode in ((cred.parent, 0o700), (cred, 0o600)):
+        st = path.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (mode, uid), path
+    line1 = f"{SYS}:reg.example.org:5000={b64('alice1:s3cret-one')}"
+    assert cred.read_text() == line1 + "\n"
+    # A second login for the same location replaces its line.
+    assert _login(world, ALICE, "reg.example.org:5000", "alice2", "s3cret-two").returncode == 0
+    line2 = f"{SYS}:reg.example.org:5000={b64('alice2:s3cret-two')}"
+    assert cred.read_text() == line2 + "\n"
+    # Without a location: the default one, on a line of its own.
+    assert _login(world, ALICE, None, "hubuser", "hubpass").returncode == 0
+    assert cred.read_text().splitlines() == [
+        line2,
+        f"{SYS}:index.docker.io={b64('hubuser:hubpass')}",
+    ]
+    assert stat.S_IMODE(cred.stat().st_mode) == 0o600  # rewritten, still private
+
+
+def test_login_without_a_terminal_is_refused(world):
+    home = world.fresh_home(BOB)
+    res = world.run(BOB, "login", "reg.example.org")
+    assert res.returncode == 1
+    assert res.stderr.strip() == "ERROR: login needs a terminal to ask for the username"
+    assert not (home / ".udiRoot" / ".cred").exists()
+
+
+def test_private_pull_from_a_token_registry_with_the_stored_login(
+    world, token_registry, tmp_path, test_users
+):
+    """The issue's scenario: log in once, pull a private image for yourself only."""
+    layer = build_layer([File("secret", os.urandom(16).hex())], "gzip", tmp_path)
+    pushed = push_image(token_registry, "shifterimg/secret", "v1", [layer], {"Cmd": ["/x"]})
+    push_image(token_registry, "shifterimg/secret", "nologin", [layer], {"Cmd": ["/x"]})
+    host = token_registry.host
+    world.fresh_home(ALICE)
+    # Without a stored login the registry refuses the gateway, and the user is told so.
+    # (Another tag: a FAILURE record is shown as is for a few seconds to pollers.)
+    anon = world.run(ALICE, "-u", ALICE, "pull", f"docker:{host}/shifterimg/secret:nologin")
+    assert anon.returncode != 0
+    assert anon.stdout.splitlines()[-1].endswith("status: FAILURE")
+    assert "refused anonymous access" in anon.stderr, anon.stderr
+    assert "shifterimg login" in anon.stderr  # says what to do about it
+    login = _login(world, ALICE, host, token_registry.username, token_registry.password)
+    assert login.returncode == 0, login.stdout
+
+    tag = f"{host}/shifterimg/secret:v1"
+    res = world.run(ALICE, "-u", ALICE, "pull", f"docker:{tag}")
+    assert res.returncode == 0, res
+    assert res.stdout.splitlines()[-1].endswith("status: READY")
+    rec = _record(world, tag, user=ALICE)
+    assert rec["userACL"] == [test_users[ALICE][0]] and rec["id"] == pushed.config_digest[7:]
+    denied = world.run(BOB, "lookup", tag)
+    assert (denied.returncode, denied.stdout) == (1, "")
+    mine = world.run(ALICE, "lookup", tag)
+    assert (mine.returncode, mine.stdout) == (0, rec["id"] + "\n")
+    # The login crossed the network inside the munge credential; the gateway must not
+    # have written it anywhere: not in its log, not in its database or image files.
+    secret = token_registry.password
+    packed = b64(f"{token_registry.username}:{secret}")
+    log = world.gw.log_path.read_text(errors="replace")
+    assert secret not in log and packed not in log
+    for path in world.gw.workdir.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            assert secret.encode() not in data and packed.encode() not in data, path
+
+
+# -- several gateways --------------------------------------------------------------------
+
+
+def test_a_dead_gateway_in_the_list_is_skipped(world, basic):
+    world.gw.wait_status(basic.ref())
+    image_id = basic.config_digest.split(":")[1]
+    dead = f"http://127.0.0.1:{free_port()}"
+    conf = write_udiroot_conf(world.base / "udiRoot-failover.conf", [dead, world.gw.url])
+    tried_dead = 0
+    # The list is shuffled per run: run until the dead one has been tried first a few
+    # times (-v reports each failed try), checking every run succeeds regardless.
+    for attempt in range(16):
+        for args, check in (
+            (("lookup", basic.ref()), lambda out: out == image_id + "\n"),
+            (("images",), lambda out: basic.ref() in out),
+            (("pull", basic.ref()), lambda out: out.splitlines()[-1].endswith("READY")),
+        ):
+            res = world.run(BOB, "-v", *args, conf=conf)
+            assert res.returncode == 0 and check(res.stdout), (args, res)
+            tried_dead += f"gateway {dead}:" in res.stderr
+        if tried_dead >= 2 and attempt >= 1:
+            break
+    assert tried_dead >= 2
+
+
+def test_a_gateway_that_never_answers_costs_one_gateway_timeout(world, basic):
+    world.gw.wait_status(basic.ref())
+    # Accepts connections (the kernel does, from the backlog) but never answers.
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)
+        silent = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        conf = write_udiroot_conf(
+            world.base / "udiRoot-silent.conf", [silent, world.gw.url], timeout=1
+        )
+        for _ in range(12):
+            res = world.run(BOB, "-v", "lookup", basic.ref(), conf=conf)
+            assert res.returncode == 0, res
+            if f"gateway {silent}:" in res.stderr:
+                assert res.elapsed < 8  # one second for the silent one, not forever
+                break
+        else:
+            pytest.fail("the silent gateway was never tried first")
+
+
+DOWN = "munged is not reachable on the gateway (try again later)"
+
+
+class _Unavailable(BaseHTTPRequestHandler):
+    """A gateway that answers every request 503, as ours does when its munged is down."""
+
+    def _answer(self) -> None:
+        body = json.dumps({"status": 503, "error": "Service Unavailable", "message": DOWN})
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def unavailable_gateway() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_503_gateway_is_skipped_and_its_message_shown_when_alone(
+    world, basic, unavailable_gateway
+):
+    world.gw.wait_status(basic.ref())
+    both = write_udiroot_conf(world.base / "udiRoot-503.conf", [unavailable_gateway, world.gw.url])
+    for _ in range(4):
+        res = world.run(BOB, "lookup", basic.ref(), conf=both)
+        assert res.returncode == 0 and res.stdout == basic.config_digest[7:] + "\n", res
+    # Alone, it did answer: the user reads why it cannot serve, not "failed to contact".
+    alone = write_udiroot_conf(world.base / "udiRoot-503-alone.conf", [unavailable_gateway])
+    res = world.run(BOB, "lookup", basic.ref(), conf=alone)
+    assert (res.returncode, res.stdout, res.stderr) == (1, "", f"ERROR: {DOWN}\n"), res
+
+
+def test_no_gateway_answers(world):
+    dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    conf = write_udiroot_conf(world.base / "udiRoot-dead.conf", dead)
+    for args in (("lookup", "x:v1"), ("images",), ("pull", "docker:x:v1")):
+        res = world.run(ALICE, *args, conf=conf)
+        assert (res.returncode, res.stdout, res.stderr) == (1, "", NOT_CONTACTED + "\n"), res
+
+
+# -- admin modes -----------------------------------------------------------------------------
+
+
+def test_expire_and_autoexpire_are_for_admins(world, registry, tmp_path):
+    _push(registry, tmp_path, "shifterimg/expire")
+    tag = f"{registry.host}/shifterimg/expire:v1"
+    rec = world.gw.wait_status(tag)
+    for args in (("expire", f"docker:{tag}"), ("autoexpire",)):
+        res = world.run(ALICE, *args)
+        assert res.returncode == 1 and res.stdout == "", res
+        assert res.stderr.startswith("ERROR: ") and "admin" in res.stderr, res.stderr
+    assert world.run(ALICE, "lookup", tag).returncode == 0  # still there
+    # root is listed in the platform's admins.
+    res = world.run("root", "expire", f"docker:{tag}")
+    assert (res.returncode, res.stderr) == (0, ""), res
+    assert world.run(ALICE, "lookup", tag).returncode == 1
+    assert not (world.gw.image_dir / f"{rec['id']}.squashfs").exists()
+    res = world.run("root", "autoexpire")
+    assert (res.returncode, res.stderr) == (0, ""), res
+
+
+# -- import ----------------------------------------------------------------------------------
+
+
+def _squashfs(directory: Path, content: str) -> Path:
+    tree = directory / "tree"
+    tree.mkdir(parents=True)
+    (tree / "hello").write_text(content)
+    out = directory / "img.squashfs"
+    mksquashfs(tree, out)
+    os.chmod(out, 0o644)
+    return out
+
+
+def test_import_by_an_import_user_prints_the_id(world):
+    image = _squashfs(Path(tempfile.mkdtemp(dir=world.base)), os.urandom(8).hex())
+    os.chmod(image.parent, 0o755)
+    res = world.run(ALICE, "import", str(image), "custom:shifterimg-mine:v1")
+    assert res.returncode == 0, res
+    assert res.stdout == fasthash(image) + "\n" and res.stderr == ""
+    looked = world.run(ALICE, "lookup", "custom:shifterimg-mine:v1")
+    assert looked.stdout == res.stdout
+    refused = world.run(BOB, "import", str(image), "custom:shifterimg-bobs:v1")
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.startswith("ERROR: ") and "ImportUsers" in refused.stderr
+
+
+def test_import_for_others_stays_readable_by_the_importer(world, test_users):
+    image = _squashfs(Path(tempfile.mkdtemp(dir=world.base)), os.urandom(8).hex())
+    os.chmod(image.parent, 0o755)
+    res = world.run(ALICE, "-u", BOB, "import", str(image), "custom:shifterimg-shared:v1")
+    assert (res.returncode, res.stdout, res.stderr) == (0, fasthash(image) + "\n", ""), res
+    rec = _record(world, "shifterimg-shared:v1", user=ALICE, itype="custom")
+    assert sorted(rec["userACL"]) == sorted([test_users[ALICE][0], test_users[BOB][0]])
+    assert world.run(BOB, "lookup", "custom:shifterimg-shared:v1").stdout == res.stdout
+
+
+class _ScriptedGateway:
+    """Stands in for ``shifterimg.Gateway``: the queue and lookup answers of a gateway on
+    which earlier imports of the same tag left records behind (hard to produce for real:
+    an import fails only on an I/O error after its checks passed)."""
+
+    system = SYS
+
+    def __init__(self, queues: list[list[dict]], lookup: tuple[int, dict]) -> None:
+        self.queues = queues  # one per GET of the queue; the last one repeats
+        self.lookup = lookup
+
+    def call(self, method: str, path: str, **_: object) -> tuple[int, object]:
+        if path.startswith("/api/doimport/"):
+            return 200, {"status": "PENDING", "tag": "MISSING"}
+        if path.startswith("/api/queue/"):
+            return 200, {"list": self.queues.pop(0) if len(self.queues) > 1 else self.queues[0]}
+        return self.lookup
+
+
+def _entry(status: str, message: str = "") -> dict:
+    return {"status": status, "image": "old:v1", "status_message": message}
+
+
+def test_import_ignores_an_earlier_failure_of_the_same_tag(monkeypatch, capsys):
+    monkeypatch.setattr(shifterimg.time, "sleep", lambda _s: None)
+    old = _entry("FAILURE", "import of /x failed: disk full")
+    gw = _ScriptedGateway(
+        # before the POST; then the new import runs behind the old failure; then ends READY
+        [[old], [old, _entry("HASHING")], [old]],
+        (200, {"status": "READY", "id": "new-id"}),
+    )
+    assert shifterimg.do_import(gw, "/tmp/x.sqsh", "custom", "old:v1", None, None) == 0
+    assert capsys.readouterr() == ("new-id\n", "")
+
+
+def test_import_failure_is_not_hidden_by_an_older_image_of_the_tag(monkeypatch, capsys):
+    monkeypatch.setattr(shifterimg.time, "sleep", lambda _s: None)
+    # The tag still names an older READY image; this import fails.
+    gw = _ScriptedGateway(
+        [[], [_entry("HASHING")], [_entry("FAILURE", "import of /x failed: disk full")]],
+        (200, {"status": "READY", "id": "older-id"}),
+    )
+    assert shifterimg.do_import(gw, "/tmp/x.sqsh", "custom", "old:v1", None, None) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == "ERROR: import failed: import of /x failed: disk full\n"

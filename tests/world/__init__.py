@@ -1,0 +1,1 @@
+"""The test world: real services (registry, token issuer, fault proxy) that tests run against."""

@@ -1,0 +1,1 @@
+"""Shifter runtime core: udiRoot.conf, image selection, container assembly."""

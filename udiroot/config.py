@@ -1,0 +1,248 @@
+"""Reading ``udiRoot.conf``, the runtime's site configuration, as sites write it today.
+
+Rules (behaviour spec §6.1): ``#`` in column 0 starts a comment; lines without ``=`` are
+ignored; a line splits at its first ``=`` and both sides are trimmed; a trailing ``\\``
+joins the next line with one space; no quoting; an unknown key fails the parse. The file
+must be owned by root and not writable by group or others, because the setuid part
+trusts it. The C helper applies the same rules to the same file itself.
+
+Kept light: ``shifter`` imports this on every launch.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from dataclasses import dataclass, field
+
+DEFAULT_PATH = "/etc/shifter/udiRoot.conf"
+
+REQUIRED = ("udiMount", "loopMount", "imagePath", "udiRootPath", "etcPath", "rootfsType")
+# Shifter's external tool paths: read and kept, but this implementation needs none of
+# them, so a site file naming a tool a node lacks does not stop the runtime.
+TOOL_PATHS = ("modprobePath", "insmodPath", "cpPath", "mvPath", "chmodPath", "ddPath")
+OPTIONAL = (
+    "perNodeCachePath",
+    "perNodeCacheSizeLimit",
+    "perNodeCacheAllowedFsType",
+    "usersToImport",
+    "sitePreMountHook",
+    "sitePostMountHook",
+    "optUdiImage",
+    "allowLocalChroot",
+    "allowLibcPwdCalls",
+    "populateEtcDynamically",
+    "mountUdiRootWritable",
+    "maxGroupCount",
+    "mountPropagationStyle",
+    "mkfsXfsPath",
+    "gatewayTimeout",
+    "siteEnv",
+    "siteEnvAppend",
+    "siteEnvPrepend",
+    "siteEnvUnset",
+    "siteResources",
+    "imageGateway",
+    "batchType",
+    "system",
+    "defaultImageType",
+    "defaultModules",
+    "gpuLibraries",
+    "gpuBinaries",
+    "cdiSpecDirs",
+    "allowCdiHooks",
+)
+ACCUMULATING = ("siteFs",)
+DEPRECATED = ("autoLoadKernelModule", "kmodBasePath", "kmodCacheFile", "optionalSshdAsRoot")
+MODULE_KEYS = (
+    "siteFs",
+    "siteEnv",
+    "siteEnvAppend",
+    "siteEnvPrepend",
+    "siteEnvUnset",
+    "copyPath",
+    "roothook",
+    "userhook",
+    "conflict",
+    "enabled",
+)
+_KNOWN = frozenset(REQUIRED + TOOL_PATHS + OPTIONAL + ACCUMULATING)
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message names the key or the problem."""
+
+
+@dataclass
+class Module:
+    name: str
+    values: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return self.values.get("enabled", "1").strip() not in ("0", "false", "no")
+
+
+@dataclass
+class UdiRootConfig:
+    """Every key as written (strings); typed accessors for the ones with a shape."""
+
+    values: dict[str, str]
+    site_fs: list[str]
+    modules: dict[str, Module]
+    path: str = DEFAULT_PATH
+    warnings: list[str] = field(default_factory=list)
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self.values.get(key, default)
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        value = self.values.get(key)
+        if value is None or value == "":
+            return default
+        return value.strip().lower() in ("1", "true", "yes", "on")
+
+    def number(self, key: str, default: int = 0) -> int:
+        value = self.values.get(key)
+        if value is None or value.strip() == "":
+            return default
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise ConfigError(f"{key} must be a whole number, not '{value}'") from None
+
+    def words(self, key: str) -> list[str]:
+        return (self.values.get(key) or "").split()
+
+    @property
+    def gateways(self) -> list[str]:
+        return self.words("imageGateway")
+
+    @property
+    def system(self) -> str | None:
+        return self.values.get("system") or None
+
+    @property
+    def gateway_timeout(self) -> float:
+        return float(self.number("gatewayTimeout", 10)) or 10.0
+
+    @property
+    def default_modules(self) -> list[str]:
+        return [
+            m.strip() for m in (self.values.get("defaultModules") or "").split(",") if m.strip()
+        ]
+
+
+def parse_text(text: str, path: str = DEFAULT_PATH) -> UdiRootConfig:
+    """Parse the text of a ``udiRoot.conf`` (no ownership checks: see :func:`load`)."""
+    values: dict[str, str] = {}
+    site_fs: list[str] = []
+    modules: dict[str, Module] = {}
+    warnings: list[str] = []
+    for line in _logical_lines(text):
+        if line.startswith("#") or "=" not in line:
+            continue
+        key, value = (part.strip() for part in line.split("=", 1))
+        if key in DEPRECATED:
+            warnings.append(f"IGNORING parameter {key}, deprecated.")
+        elif key in ACCUMULATING:
+            site_fs.append(value)
+        elif key in _KNOWN:
+            values[key] = value
+        elif key.startswith("module_") and _module_key(key):
+            name, sub = _module_key(key)  # type: ignore[misc]
+            modules.setdefault(name, Module(name)).values[sub] = value
+        else:
+            raise ConfigError(f"Couldn't understand key: {key}")
+    missing = [k for k in REQUIRED if not values.get(k)]
+    if missing:
+        raise ConfigError(f"required key {missing[0]} is missing")
+    style = values.get("mountPropagationStyle", "slave")
+    if style not in ("private", "slave"):
+        raise ConfigError(f"mountPropagationStyle must be private or slave, not '{style}'")
+    return UdiRootConfig(values, site_fs, modules, path, warnings)
+
+
+def _module_key(key: str) -> tuple[str, str] | None:
+    """``module_<name>_<subkey>``: the subkey is one of MODULE_KEYS (names may hold ``_``)."""
+    rest = key[len("module_") :]
+    for sub in MODULE_KEYS:
+        if rest.endswith("_" + sub) and len(rest) > len(sub) + 1:
+            return rest[: -len(sub) - 1], sub
+    return None
+
+
+def _logical_lines(text: str) -> list[str]:
+    """Physical lines with trailing-backslash continuations joined by one space."""
+    out: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.rstrip("\r")
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1].rstrip() + " "
+            continue
+        out.append(pending + line.lstrip() if pending else line)
+        pending = ""
+    if pending:
+        out.append(pending.rstrip())
+    return out
+
+
+def _check_trusted_fd(fd: int, path: str) -> None:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path} is not a regular file")
+    if st.st_uid != 0:
+        raise ConfigError(f"{path} is not owned by root (owner uid {st.st_uid})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{path} is writable by group or others (mode {st.st_mode & 0o777:o})")
+
+
+def _open(path: str) -> int:
+    # O_NOFOLLOW: whoever can plant a symlink must not choose the trusted file;
+    # O_NONBLOCK: a FIFO must not hang us before fstat refuses it.
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def check_trusted(path: str) -> None:
+    """The file must be a regular file (not a symlink) owned by root and not group/other
+    writable."""
+    fd = _open(path)
+    try:
+        _check_trusted_fd(fd, path)
+    finally:
+        os.close(fd)
+
+
+def load(path: str | None = None, *, trusted: bool = True) -> UdiRootConfig:
+    """Read ``path`` (default ``$SHIFTER_UDIROOT_CONF`` for tests of unprivileged tools,
+    else the system file), checking ownership of the opened file first when ``trusted``."""
+    path = path or os.environ.get("SHIFTER_UDIROOT_CONF") or DEFAULT_PATH
+    fd = _open(path)
+    try:
+        if trusted:
+            _check_trusted_fd(fd, path)
+        with os.fdopen(fd, encoding="utf-8", errors="surrogateescape", closefd=False) as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return parse_text(text, path)
+
+
+def load_or_exit(path: str | None = None, *, trusted: bool = True) -> UdiRootConfig:
+    """:func:`load`, printing Shifter's messages and exiting 1 on failure."""
+    try:
+        cfg = load(path, trusted=trusted)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        print("FAILED to parse udiRoot configuration.", file=sys.stderr)
+        raise SystemExit(1) from None
+    for warning in cfg.warnings:
+        print(warning, file=sys.stderr)
+    return cfg

@@ -1,0 +1,165 @@
+"""The container's ``/etc/passwd`` and ``/etc/group`` (spec §6.4, §6.6 steps 7 and 8).
+
+Group filter (step 8): every group keeps its name and gid; a group "contains the user"
+when the user is in its member list or the group has the user's name (a personal group);
+such groups list only the user as member, up to ``maxGroupCount`` of them; all other
+groups list no members; gid 0 groups are dropped. **FIX**: ``maxGroupCount`` 0 or unset
+means no limit, and empty fields (``grp::100:``) are read as empty, not skipped.
+
+``populateEtcDynamically=1`` (step 7): ``passwd`` holds the user plus ``usersToImport``,
+``group`` the groups the caller collected, with the user listed in the ones whose gid
+is among the user's gids. Password fields are always ``x``.
+
+Lines are ``:``-split with no other processing; a line that does not have the right
+number of fields or a decimal id is skipped, as libc's parser skips it.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+MAX_ID = 0xFFFFFFFE
+_DIGITS = "0123456789"
+
+
+class PasswdEntry:
+    __slots__ = ("name", "uid", "gid", "gecos", "home", "shell")
+
+    def __init__(self, name: str, uid: int, gid: int, gecos: str, home: str, shell: str) -> None:
+        self.name = name
+        self.uid = uid
+        self.gid = gid
+        self.gecos = gecos
+        self.home = home
+        self.shell = shell
+
+    def line(self) -> str:
+        return f"{self.name}:x:{self.uid}:{self.gid}:{self.gecos}:{self.home}:{self.shell}\n"
+
+    def __repr__(self) -> str:
+        return f"PasswdEntry({self.line().rstrip()!r})"
+
+
+class GroupEntry:
+    __slots__ = ("name", "gid", "members")
+
+    def __init__(self, name: str, gid: int, members: list[str]) -> None:
+        self.name = name
+        self.gid = gid
+        self.members = members
+
+    def __repr__(self) -> str:
+        return f"GroupEntry({self.name!r}, {self.gid}, {self.members!r})"
+
+
+def _id(text: str) -> int | None:
+    if text == "" or len(text) > 10 or any(c not in _DIGITS for c in text):
+        return None
+    value = int(text)
+    return value if value <= MAX_ID else None
+
+
+def _lines(text: str) -> list[str]:
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
+def parse_passwd(text: str) -> list[PasswdEntry]:
+    entries = []
+    for line in _lines(text):
+        fields = line.split(":")
+        if len(fields) != 7 or fields[0] == "":
+            continue
+        uid, gid = _id(fields[2]), _id(fields[3])
+        if uid is None or gid is None:
+            continue
+        entries.append(PasswdEntry(fields[0], uid, gid, fields[4], fields[5], fields[6]))
+    return entries
+
+
+def parse_group(text: str) -> list[GroupEntry]:
+    entries = []
+    for line in _lines(text):
+        fields = line.split(":")
+        # Three fields (no member list at all) is common enough in hand-made files.
+        if len(fields) not in (3, 4) or fields[0] == "":
+            continue
+        gid = _id(fields[2])
+        if gid is None:
+            continue
+        members = [m for m in fields[3].split(",") if m] if len(fields) == 4 else []
+        entries.append(GroupEntry(fields[0], gid, members))
+    return entries
+
+
+def find_user(text: str, uid: int) -> PasswdEntry | None:
+    """The first passwd entry with ``uid`` (§6.4: the name comes from etcPath/passwd)."""
+    for entry in parse_passwd(text):
+        if entry.uid == uid:
+            return entry
+    return None
+
+
+def filter_group(text: str, user: str, max_groups: int = 0) -> str:
+    """Step 8 on the text of a group file; returns the new text."""
+    _check_user(user)
+    out = []
+    listed = 0
+    for group in parse_group(text):
+        if group.gid == 0:
+            continue
+        member = ""
+        if user in group.members or group.name == user:
+            if max_groups <= 0 or listed < max_groups:
+                member = user
+                listed += 1
+        out.append(f"{group.name}:x:{group.gid}:{member}\n")
+    return "".join(out)
+
+
+def dynamic_passwd(entries: Iterable[PasswdEntry]) -> str:
+    """``passwd`` for populateEtcDynamically: the given users, first of each name kept."""
+    out = []
+    seen: list[str] = []
+    for entry in entries:
+        if entry.name in seen or not _clean_fields(
+            entry.name, entry.gecos, entry.home, entry.shell
+        ):
+            continue
+        seen.append(entry.name)
+        out.append(entry.line())
+    return "".join(out)
+
+
+def dynamic_group(
+    groups: Iterable[tuple[str, int]], user: str, user_gids: Iterable[int], max_groups: int = 0
+) -> str:
+    """``group`` for populateEtcDynamically from ``(name, gid)`` pairs (first of each gid
+    kept); the user is listed in groups whose gid is one of ``user_gids``, up to
+    ``max_groups`` (0 = no limit); gid 0 dropped."""
+    _check_user(user)
+    mine = list(user_gids)
+    out = []
+    seen: list[int] = []
+    listed = 0
+    for name, gid in groups:
+        if gid == 0 or gid in seen or name == "" or not _clean_fields(name):
+            continue
+        seen.append(gid)
+        member = ""
+        if gid in mine and (max_groups <= 0 or listed < max_groups):
+            member = user
+            listed += 1
+        out.append(f"{name}:x:{gid}:{member}\n")
+    return "".join(out)
+
+
+def _check_user(user: str) -> None:
+    if user == "" or any(c in user for c in ":,\n"):
+        raise ValueError(f"invalid user name for a group file: {user!r}")
+
+
+def _clean_fields(*fields: str) -> bool:
+    # A ':' or newline inside a field would shift or split the line for every reader.
+    return not any(":" in f or "\n" in f for f in fields)

@@ -1,0 +1,245 @@
+"""Reading ``<id>.meta``, the image description the gateway writes next to each image.
+
+Rules (behaviour spec §4): one ``KEY: value`` per line, split at the first ``:``, both sides
+trimmed; ``#`` in column 0 is a comment (also inside a continued value); a trailing ``\\``
+joins the next line with one space; unknown keys are ignored quietly; ENV repeats; more
+than 1000 ACL ids is an error. ENTRY and CMD are argv lists, read from a JSON array or
+from the older Python ``['a', "it's"]`` form (one small tokenizer reads both).
+
+Plain loops and explicit character sets rather than ``json``/``re``/``str.isdigit``: the
+setuid helper re-reads this file with the same rules in C, and ``shifter`` imports this on
+every launch.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+NOT_FOUND = "FAILED to find requested image."
+ACL_DENIED = "FAILED permission denied to image"
+MAX_ACL_IDS = 1000
+# (uid_t)-1 means "unchanged" to setresuid, so the largest usable id is one less.
+MAX_ID = 0xFFFFFFFE
+
+_WS = " \t\r\n\v\f"  # C isspace() in the C locale; str.strip() would also eat Unicode spaces
+_DIGITS = "0123456789"
+_HEX = "0123456789abcdefABCDEF"
+_SIMPLE_ESCAPES = {
+    "\\": "\\",
+    "'": "'",
+    '"': '"',
+    "/": "/",
+    "a": "\a",
+    "b": "\b",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+    "v": "\v",
+}
+
+
+class MetaError(ValueError):
+    """The metadata file is missing or unusable; the message says which and why."""
+
+
+class ImageMeta:
+    """What the runtime needs from ``<id>.meta``. Absent values are ``None`` or empty."""
+
+    __slots__ = ("format", "entry", "cmd", "workdir", "env", "user_acl", "group_acl", "user")
+
+    def __init__(self) -> None:
+        self.format: str | None = None
+        self.entry: list[str] | None = None
+        self.cmd: list[str] | None = None
+        self.workdir: str | None = None
+        self.env: list[str] = []  # "NAME=VALUE", in file order
+        self.user_acl: list[int] = []
+        self.group_acl: list[int] = []
+        self.user: str | None = None
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"ImageMeta({fields})"
+
+
+def read_meta(path: str) -> ImageMeta:
+    """Parse the file at ``path``; a missing file is Shifter's "FAILED to find" error."""
+    try:
+        # newline="": lines split on "\n" only, as C getline() does; "\r" is then trimmed.
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise MetaError(NOT_FOUND) from None
+    except OSError as exc:
+        raise MetaError(f"{NOT_FOUND} ({path}: {exc.strerror})") from None
+    return parse_meta(text)
+
+
+def parse_meta(text: str) -> ImageMeta:
+    meta = ImageMeta()
+    key: str | None = None  # set while a value continues onto the next line
+    parts: list[str] = []
+    for line in text.split("\n"):
+        if line.startswith("#"):
+            continue
+        if key is None:
+            colon = line.find(":")
+            if colon < 0:
+                continue
+            key = line[:colon].strip(_WS)
+            value = line[colon + 1 :].strip(_WS)
+        else:
+            value = line.strip(_WS)
+        if value.endswith("\\"):
+            parts.append(value[:-1].strip(_WS))
+            continue
+        parts.append(value)
+        _assign(meta, key, " ".join(parts).strip(_WS))
+        key, parts = None, []
+    if key is not None:  # the file ended inside a continued value: keep what is there
+        _assign(meta, key, " ".join(parts).strip(_WS))
+    return meta
+
+
+def _assign(meta: ImageMeta, key: str, value: str) -> None:
+    if key == "FORMAT":
+        meta.format = value or None
+    elif key == "ENTRY":
+        meta.entry = parse_argv(value, key)
+    elif key == "CMD":
+        meta.cmd = parse_argv(value, key)
+    elif key == "WORKDIR":
+        meta.workdir = value or None
+    elif key == "ENV":
+        # A variable without a name cannot be set; refusing it beats guessing.
+        if value.find("=") < 1:
+            raise MetaError(f"Invalid ENV line in image metadata: {value}")
+        meta.env.append(value)
+    elif key == "USERACL":
+        meta.user_acl = parse_ids(value, key)
+    elif key == "GROUPACL":
+        meta.group_acl = parse_ids(value, key)
+    elif key == "USER":
+        meta.user = value or None
+    # Any other key was written by an older or newer gateway: ignored quietly (§4).
+
+
+def parse_ids(value: str, key: str = "USERACL") -> list[int]:
+    """Comma-separated decimal ids; empty pieces skipped (as strtok does)."""
+    ids: list[int] = []
+    for piece in value.split(","):
+        piece = piece.strip(_WS)
+        if piece == "":
+            continue
+        if len(piece) > 10 or any(c not in _DIGITS for c in piece) or int(piece) > MAX_ID:
+            raise MetaError(f"Invalid id '{piece}' in {key} of image metadata")
+        ids.append(int(piece))
+        if len(ids) > MAX_ACL_IDS:
+            raise MetaError(f"{key} in image metadata lists more than {MAX_ACL_IDS} ids")
+    # An ACL key with no ids is a damaged file, not a public image: refuse it (Shifter did).
+    if not ids:
+        raise MetaError(f"{key} in image metadata is empty")
+    return ids
+
+
+def parse_argv(value: str, key: str = "ENTRY") -> list[str] | None:
+    """An argv list from ``["a", "b"]`` (JSON) or ``['a', "it's"]`` / ``[u'a']`` (Python
+    ``str()`` of a list, as Shifter's gateway wrote it). A bare string is shell form, as
+    in Docker: ``/bin/sh -c <string>``. Empty → ``None``."""
+    if value == "":
+        return None
+    if not value.startswith("["):
+        return ["/bin/sh", "-c", value]
+    argv = _parse_list(value, key)
+    return argv or None
+
+
+def _parse_list(value: str, key: str) -> list[str]:
+    bad = MetaError(f"Invalid {key} in image metadata: {value}")
+    out: list[str] = []
+    n = len(value)
+    i = _skip_ws(value, 1)
+    if i < n and value[i] == "]":
+        i += 1
+    else:
+        while True:
+            if i + 1 < n and value[i] in "uU" and value[i + 1] in "'\"":
+                i += 1  # Python 2 unicode prefix: u'...'
+            if i >= n or value[i] not in "'\"":
+                raise bad
+            text, i = _parse_string(value, i, bad)
+            out.append(text)
+            i = _skip_ws(value, i)
+            if i < n and value[i] == ",":
+                i = _skip_ws(value, i + 1)
+                continue
+            if i < n and value[i] == "]":
+                i += 1
+                break
+            raise bad
+    if _skip_ws(value, i) != n:
+        raise bad
+    return out
+
+
+def _skip_ws(value: str, i: int) -> int:
+    while i < len(value) and value[i] in _WS:
+        i += 1
+    return i
+
+
+def _parse_string(value: str, i: int, bad: MetaError) -> tuple[str, int]:
+    """One quoted element starting at ``value[i]`` (the quote); returns it and the index
+    after the closing quote. Escapes: JSON's and the ones Python's repr() produces."""
+    quote = value[i]
+    i += 1
+    chars: list[str] = []
+    n = len(value)
+    while i < n:
+        c = value[i]
+        if c == quote:
+            return "".join(chars), i + 1
+        if c != "\\":
+            chars.append(c)
+            i += 1
+            continue
+        if i + 1 >= n:
+            raise bad
+        e = value[i + 1]
+        if e in _SIMPLE_ESCAPES:
+            chars.append(_SIMPLE_ESCAPES[e])
+            i += 2
+            continue
+        width = {"x": 2, "u": 4, "U": 8}.get(e)
+        digits = value[i + 2 : i + 2 + (width or 0)]
+        if width is None or len(digits) != width or any(d not in _HEX for d in digits):
+            raise bad
+        code = int(digits, 16)
+        i += 2 + width
+        # JSON writes characters beyond the BMP as a \uD8xx\uDCxx surrogate pair.
+        if 0xD800 <= code <= 0xDBFF and value[i : i + 2] == "\\u":
+            low_digits = value[i + 2 : i + 6]
+            if len(low_digits) == 4 and all(d in _HEX for d in low_digits):
+                low = int(low_digits, 16)
+                if 0xDC00 <= low <= 0xDFFF:
+                    code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
+                    i += 6
+        if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:  # unpaired surrogate: not text
+            raise bad
+        chars.append(chr(code))
+    raise bad  # no closing quote
+
+
+def image_allows(meta: ImageMeta, uid: int, gid: int, groups: Iterable[int] = ()) -> bool:
+    """Image ACL (§6.4): open when both lists are empty, else the uid, the primary gid or
+    any supplementary gid must be listed."""
+    if not meta.user_acl and not meta.group_acl:
+        return True
+    if uid in meta.user_acl:
+        return True
+    if gid in meta.group_acl:
+        return True
+    return any(g in meta.group_acl for g in groups)
