@@ -10,6 +10,7 @@ predecessor left, and anything whose owner stopped beating is taken over.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -728,7 +729,20 @@ class ImageManager:
 
     def recover(self) -> list[str]:
         """Re-queue or fail what dead processes of this host (or silent ones anywhere) left
-        in flight, and remove their partial files. Returns the record ids handled."""
+        in flight, and remove their partial files. Returns the record ids handled.
+
+        Every gunicorn worker calls this as it boots, all at once: a host-wide lock makes
+        them take turns, so two workers never remove the same tree or re-queue the same
+        record (one of them would fail to boot, and gunicorn stops when a worker does)."""
+        self.gw.expand_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.gw.expand_dir, os.O_RDONLY | os.O_DIRECTORY)  # flock on the dir
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return self._recover_locked()
+        finally:
+            os.close(fd)
+
+    def _recover_locked(self) -> list[str]:
         host = socket.gethostname()
         now = time.time()
         handled = []

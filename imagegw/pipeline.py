@@ -119,7 +119,9 @@ def clean_dead_expansions(expand_dir: Path) -> list[str]:
 def _remove_tree(path: Path) -> None:
     """Remove an expanded tree even where it holds directories without write permission."""
 
-    def fix_and_retry(func: Callable[..., Any], target: str, _exc: Any) -> None:
+    def fix_and_retry(func: Callable[..., Any], target: str, exc_info: Any) -> None:
+        if isinstance(exc_info[1], FileNotFoundError):
+            return  # already gone: removed by another process, which is fine
         os.chmod(os.path.dirname(target), stat.S_IRWXU)
         func(target)
 

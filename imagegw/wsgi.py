@@ -11,4 +11,9 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(leveln
 manager = build_manager(load_raw())
 app = create_app(manager)
 # Whatever a dead predecessor left in flight is re-queued or failed, never left stuck.
-manager.recover()
+# Never fatal: gunicorn stops the whole gateway when a worker fails to boot, and a stale
+# record is also taken over by the next pull request that finds it silent.
+try:
+    manager.recover()
+except Exception:
+    logging.getLogger("imagegw").exception("restart recovery failed; serving anyway")
