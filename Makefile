@@ -7,9 +7,10 @@ PY         := $(VENV)/bin/python
 APT_PACKAGES := python3 python3-venv python3-dev gcc make \
 	squashfs-tools squashfs-tools-ng zstd xfsprogs util-linux \
 	docker-registry skopeo umoci apache2-utils busybox-static \
-	munge libmunge-dev openssh-server openssh-client attr
+	munge libmunge-dev openssh-server openssh-client attr \
+	bubblewrap charliecloud squashfuse fuse3 kmod libcap2-bin
 
-.PHONY: setup apt venv demo test lint bench-pull clean
+.PHONY: setup apt venv install helper demo test lint bench-pull bench-launch clean
 
 setup: apt venv
 
@@ -30,7 +31,38 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[gateway,test]'
 	touch $@
 
-demo: setup
+# The runtime, installed where every user can run it:
+#   $(PREFIX)/libexec/shifter/shifter-helper   setuid root (the only privileged part)
+#   $(PREFIX)/lib/shifter/python/              udiroot + shifter, byte-compiled
+#   $(PREFIX)/bin/shifter setupRoot unsetupRoot  `python3 -I -S` launchers: no site-packages,
+#        no venv, no pyenv shim on the path that runs once per task (see bench/launch)
+#   $(PREFIX)/bin/shifterimg                  the gateway client, from the project's venv
+PREFIX  ?= /usr/local
+PYLIB   := $(PREFIX)/lib/shifter/python
+LAUNCHERS := shifter:shifter.launch setupRoot:shifter.setuproot unsetupRoot:shifter.setuproot:main_unsetup
+
+helper:
+	$(MAKE) -C helpers
+
+install: setup helper
+	$(MAKE) -C helpers install PREFIX=$(PREFIX)
+	rm -rf $(PYLIB).new && mkdir -p $(PYLIB).new
+	cp -r udiroot shifter $(PYLIB).new/
+	find $(PYLIB).new -name __pycache__ -prune -exec rm -rf {} +
+	$(PYTHON_SYS) -I -m compileall -q $(PYLIB).new
+	rm -rf $(PYLIB) && mv $(PYLIB).new $(PYLIB)
+	chmod -R a+rX $(PREFIX)/lib/shifter
+	for spec in $(LAUNCHERS); do \
+		name=$${spec%%:*}; rest=$${spec#*:}; mod=$${rest%%:*}; fn=$${rest#*:}; \
+		[ "$$fn" = "$$rest" ] && fn=main; \
+		printf '#!%s -IS\nimport sys\nsys.path.insert(0, "%s")\nfrom %s import %s\nsys.exit(%s())\n' \
+			$(PYTHON_SYS) $(PYLIB) $$mod $$fn $$fn > $(PREFIX)/bin/$$name.new; \
+		chmod 755 $(PREFIX)/bin/$$name.new && mv $(PREFIX)/bin/$$name.new $(PREFIX)/bin/$$name; \
+	done
+	printf '#!/bin/sh\nexec %s/$(VENV)/bin/shifterimg "$$@"\n' $(CURDIR) > $(PREFIX)/bin/shifterimg
+	chmod 755 $(PREFIX)/bin/shifterimg
+
+demo: install
 	$(PY) tests/world/demo.py
 
 test: setup
@@ -42,6 +74,9 @@ lint: venv
 
 bench-pull: setup
 	$(PY) bench/pull
+
+bench-launch: install
+	$(PYTHON_SYS) bench/launch
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from dataclasses import dataclass, field
 
 DEFAULT_PATH = "/etc/shifter/udiRoot.conf"
 
@@ -74,25 +73,60 @@ class ConfigError(Exception):
     """The configuration is unusable; the message names the key or the problem."""
 
 
-@dataclass
 class Module:
-    name: str
-    values: dict[str, str] = field(default_factory=dict)
+    """``module_<name>_<subkey>`` values of one module (plain class, not a dataclass:
+    ``dataclasses`` pulls in ``inspect`` and costs ~20 ms on every launch)."""
+
+    __slots__ = ("name", "values")
+
+    def __init__(self, name: str, values: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.values: dict[str, str] = {} if values is None else values
+
+    def __repr__(self) -> str:
+        return f"Module(name={self.name!r}, values={self.values!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Module):
+            return NotImplemented
+        return (self.name, self.values) == (other.name, other.values)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass was
 
     @property
     def enabled(self) -> bool:
         return self.values.get("enabled", "1").strip() not in ("0", "false", "no")
 
 
-@dataclass
 class UdiRootConfig:
     """Every key as written (strings); typed accessors for the ones with a shape."""
 
-    values: dict[str, str]
-    site_fs: list[str]
-    modules: dict[str, Module]
-    path: str = DEFAULT_PATH
-    warnings: list[str] = field(default_factory=list)
+    __slots__ = ("values", "site_fs", "modules", "path", "warnings")
+
+    def __init__(
+        self,
+        values: dict[str, str],
+        site_fs: list[str],
+        modules: dict[str, Module],
+        path: str = DEFAULT_PATH,
+        warnings: list[str] | None = None,
+    ) -> None:
+        self.values = values
+        self.site_fs = site_fs
+        self.modules = modules
+        self.path = path
+        self.warnings: list[str] = [] if warnings is None else warnings
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"UdiRootConfig({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, UdiRootConfig):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
 
     def get(self, key: str, default: str | None = None) -> str | None:
         return self.values.get(key, default)

@@ -1,0 +1,335 @@
+/*
+ * util.c - fatal errors, bounded file I/O and running fixed programs for
+ * shifter-helper.  See util.h.
+ */
+#define _GNU_SOURCE
+#include "util.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+int g_verbose;
+void (*g_cleanup)(void);
+
+static void vmsg(const char *prefix, const char *fmt, va_list ap, const char *suffix)
+{
+    char buf[16384];
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+
+    if (n < 0)
+        snprintf(buf, sizeof buf, "(cannot format message)");
+    /* One write so messages of concurrent tasks do not interleave. */
+    dprintf(STDERR_FILENO, "%s%s%s%s\n", prefix, buf, suffix ? ": " : "", suffix ? suffix : "");
+}
+
+void die(const char *fmt, ...)
+{
+    va_list ap;
+    void (*cleanup)(void) = g_cleanup;
+
+    va_start(ap, fmt);
+    vmsg("", fmt, ap, NULL);
+    va_end(ap);
+    g_cleanup = NULL; /* a failure inside the cleanup must not recurse */
+    if (cleanup != NULL)
+        cleanup();
+    _exit(1);
+}
+
+void die_errno(const char *fmt, ...)
+{
+    va_list ap;
+    const char *err = strerror(errno);
+    void (*cleanup)(void) = g_cleanup;
+
+    va_start(ap, fmt);
+    vmsg("", fmt, ap, err);
+    va_end(ap);
+    g_cleanup = NULL;
+    if (cleanup != NULL)
+        cleanup();
+    _exit(1);
+}
+
+void verbose(const char *fmt, ...)
+{
+    va_list ap;
+
+    if (!g_verbose)
+        return;
+    va_start(ap, fmt);
+    vmsg("shifter-helper: ", fmt, ap, NULL);
+    va_end(ap);
+}
+
+void warn(const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vmsg("", fmt, ap, NULL);
+    va_end(ap);
+}
+
+void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (p == NULL)
+        die("shifter-helper: out of memory");
+    return p;
+}
+
+void *xcalloc(size_t n, size_t size)
+{
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (p == NULL)
+        die("shifter-helper: out of memory");
+    return p;
+}
+
+char *xstrdup(const char *s)
+{
+    char *p = strdup(s);
+    if (p == NULL)
+        die("shifter-helper: out of memory");
+    return p;
+}
+
+char *xasprintf(const char *fmt, ...)
+{
+    va_list ap;
+    char *out;
+    int n;
+
+    va_start(ap, fmt);
+    n = vasprintf(&out, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        die("shifter-helper: out of memory");
+    return out;
+}
+
+const char *fd_path(int fd, char *buf, size_t len)
+{
+    snprintf(buf, len, "/proc/self/fd/%d", fd);
+    return buf;
+}
+
+int read_all_fd(int fd, size_t max, char **out, size_t *len)
+{
+    size_t cap = 4096, used = 0;
+    char *buf = xmalloc(cap + 1);
+
+    for (;;) {
+        ssize_t n;
+
+        if (used == cap) {
+            if (cap > max) {
+                free(buf);
+                errno = EFBIG;
+                return -1;
+            }
+            cap = cap * 2 > max + 1 ? max + 1 : cap * 2;
+            char *nb = realloc(buf, cap + 1);
+            if (nb == NULL) {
+                free(buf);
+                die("shifter-helper: out of memory");
+            }
+            buf = nb;
+        }
+        n = read(fd, buf + used, cap - used);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            int e = errno;
+            free(buf);
+            errno = e;
+            return -1;
+        }
+        if (n == 0)
+            break;
+        used += (size_t)n;
+        if (used > max) {
+            free(buf);
+            errno = EFBIG;
+            return -1;
+        }
+    }
+    buf[used] = '\0';
+    *out = buf;
+    *len = used;
+    return 0;
+}
+
+int read_small_file_at(int dirfd, const char *name, int root_owned, char **out, size_t *len)
+{
+    struct stat st;
+    int fd = openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    int rc, e;
+
+    if (fd < 0)
+        return -1;
+    if (fstat(fd, &st) != 0)
+        goto fail;
+    if (!S_ISREG(st.st_mode)) {
+        errno = EINVAL;
+        goto fail;
+    }
+    if (root_owned && (st.st_uid != 0 || (st.st_mode & (S_IWGRP | S_IWOTH)))) {
+        errno = EPERM;
+        goto fail;
+    }
+    rc = read_all_fd(fd, HELPER_MAX_SMALL_FILE, out, len);
+    e = errno;
+    close(fd);
+    errno = e;
+    return rc;
+fail:
+    e = errno;
+    close(fd);
+    errno = e;
+    return -1;
+}
+
+void write_file_at(int dirfd, const char *name, const char *data, size_t len, mode_t mode)
+{
+    int fd;
+    size_t done = 0;
+
+    /* Replace rather than write through: whatever was there (even a symlink) goes. */
+    if (unlinkat(dirfd, name, 0) != 0 && errno != ENOENT)
+        die_errno("Cannot replace %s in the container", name);
+    fd = openat(dirfd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
+    if (fd < 0)
+        die_errno("Cannot create %s in the container", name);
+    while (done < len) {
+        ssize_t n = write(fd, data + done, len - done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            die_errno("Cannot write %s in the container", name);
+        done += (size_t)n;
+    }
+    if (fchown(fd, 0, 0) != 0 || fchmod(fd, mode) != 0)
+        die_errno("Cannot set owner and mode of %s in the container", name);
+    if (close(fd) != 0)
+        die_errno("Cannot write %s in the container", name);
+}
+
+void mkdir_at(int dirfd, const char *name, mode_t mode)
+{
+    struct stat st;
+
+    if (mkdirat(dirfd, name, mode) == 0)
+        return;
+    if (errno != EEXIST)
+        die_errno("Cannot create directory %s", name);
+    if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISDIR(st.st_mode))
+        die("Cannot create directory %s: something else is in the way", name);
+}
+
+int open_dir_at(int dirfd, const char *name)
+{
+    return openat(dirfd, name, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+}
+
+int run_program(const char *const argv[], const char *cwd, int extra_fd)
+{
+    static char *const env[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", NULL};
+    int status;
+    pid_t pid = fork();
+
+    if (pid < 0)
+        die_errno("Cannot start %s", argv[0]);
+    if (pid == 0) {
+        if (extra_fd >= 0) {
+            if (dup2(extra_fd, 3) != 3)
+                _exit(126);
+            if (close_range(4, ~0U, 0) != 0)
+                _exit(126);
+        } else if (close_range(3, ~0U, 0) != 0) {
+            _exit(126);
+        }
+        if (cwd != NULL && chdir(cwd) != 0)
+            _exit(126);
+        execve(argv[0], (char *const *)argv, env);
+        dprintf(STDERR_FILENO, "%s: %s\n", argv[0], strerror(errno));
+        _exit(127);
+    }
+    while (waitpid(pid, &status, 0) < 0) {
+        if (errno != EINTR)
+            die_errno("Cannot wait for %s", argv[0]);
+    }
+    return status;
+}
+
+void run_root_hook(const char *hook, const char *cwd, const char *what)
+{
+    const char *argv[] = {"/bin/sh", hook, NULL};
+    int status;
+
+    verbose("running %s %s", what, hook);
+    status = run_program(argv, cwd, -1);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        die("%s %s failed (status %d)", what, hook,
+            WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+}
+
+int is_abs_clean_path(const char *p)
+{
+    size_t len = strlen(p);
+
+    if (len == 0 || len >= HELPER_MAX_PATH || p[0] != '/')
+        return 0;
+    for (const char *c = p; *c; c++)
+        if ((unsigned char)*c < 0x20 || *c == 0x7f)
+            return 0;
+    for (const char *c = p; (c = strstr(c, "..")) != NULL; c += 2)
+        if ((c == p || c[-1] == '/') && (c[2] == '\0' || c[2] == '/'))
+            return 0;
+    return 1;
+}
+
+int str_in_words(const char *word, const char *list)
+{
+    size_t wl = strlen(word);
+    const char *p = list;
+
+    while (p != NULL && *p) {
+        size_t n;
+        while (*p == ' ' || *p == '\t')
+            p++;
+        n = strcspn(p, " \t");
+        if (n == wl && n > 0 && strncmp(p, word, n) == 0)
+            return 1;
+        p += n;
+    }
+    return 0;
+}
+
+int config_flag(const char *value, int dflt)
+{
+    char buf[8];
+    size_t n = 0;
+
+    if (value == NULL)
+        return dflt;
+    while (*value == ' ' || *value == '\t')
+        value++;
+    if (*value == '\0')
+        return dflt;
+    while (value[n] && n < sizeof buf - 1 && value[n] != ' ' && value[n] != '\t') {
+        buf[n] = (char)(value[n] >= 'A' && value[n] <= 'Z' ? value[n] - 'A' + 'a' : value[n]);
+        n++;
+    }
+    buf[n] = '\0';
+    return strcmp(buf, "1") == 0 || strcmp(buf, "true") == 0 || strcmp(buf, "yes") == 0 ||
+           strcmp(buf, "on") == 0;
+}

@@ -1,0 +1,66 @@
+/*
+ * util.h - small shared pieces of shifter-helper: fatal errors, bounded
+ * reads and writes, fd-relative paths, running a fixed program.
+ *
+ * Every failure in the helper ends in die(): one message on stderr, then
+ * exit 1.  In setup mode die() first tears down what was mounted (the
+ * cleanup hook set by main.c).  Nothing here reads the environment.
+ */
+#ifndef SHIFTER_HELPERS_UTIL_H
+#define SHIFTER_HELPERS_UTIL_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+#define HELPER_MAX_PATH 4096
+#define HELPER_MAX_SMALL_FILE (1024 * 1024) /* passwd, group, meta, json */
+
+extern int g_verbose;
+
+/* Called by die() before exiting (setup mode: unmount what was built). */
+extern void (*g_cleanup)(void);
+
+__attribute__((noreturn, format(printf, 1, 2))) void die(const char *fmt, ...);
+/* die() with ": strerror(errno)" appended. */
+__attribute__((noreturn, format(printf, 1, 2))) void die_errno(const char *fmt, ...);
+__attribute__((format(printf, 1, 2))) void verbose(const char *fmt, ...);
+__attribute__((format(printf, 1, 2))) void warn(const char *fmt, ...);
+
+void *xmalloc(size_t n);
+void *xcalloc(size_t n, size_t size);
+char *xstrdup(const char *s);
+__attribute__((format(printf, 1, 2))) char *xasprintf(const char *fmt, ...);
+
+/* "/proc/self/fd/N" in buf (at least 32 bytes). */
+const char *fd_path(int fd, char *buf, size_t len);
+
+/* Read a whole fd (from its current offset) into a NUL-terminated buffer; -1 on error
+ * (errno set; EFBIG when longer than max). */
+int read_all_fd(int fd, size_t max, char **out, size_t *len);
+
+/* Open dirfd/name without following a final symlink, require a regular file owned by
+ * root (when root_owned) and read it; -1 with errno on failure. */
+int read_small_file_at(int dirfd, const char *name, int root_owned, char **out, size_t *len);
+
+/* Create or replace dirfd/name (never following a symlink) with data, mode, root:root. */
+void write_file_at(int dirfd, const char *name, const char *data, size_t len, mode_t mode);
+
+/* mkdirat that accepts an existing directory (checked without following symlinks). */
+void mkdir_at(int dirfd, const char *name, mode_t mode);
+
+/* Open a directory below dirfd, O_PATH, refusing symlinks. */
+int open_dir_at(int dirfd, const char *name);
+
+/* Run argv[0] (an absolute path) with argv, the fixed root environment, cwd (or
+ * NULL), stdin/out/err inherited, extra_fd (or -1) dup'ed to fd 3, all other fds
+ * closed.  Returns the wait status as from waitpid. */
+int run_program(const char *const argv[], const char *cwd, int extra_fd);
+
+/* A /bin/sh hook as root (sitePreMountHook, roothook): non-zero dies with what. */
+void run_root_hook(const char *hook, const char *cwd, const char *what);
+
+int is_abs_clean_path(const char *p); /* absolute, no "..", no control chars, bounded */
+int str_in_words(const char *word, const char *list); /* word in a blank-separated list */
+int config_flag(const char *value, int dflt);       /* 1/true/yes/on */
+
+#endif

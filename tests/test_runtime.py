@@ -1,0 +1,366 @@
+"""The runtime end to end: ``shifter`` (Python front end) + the setuid helper, run as an
+unprivileged user the way users run it (behaviour spec §6, §9 "Runtime" integration).
+
+Every test runs real commands inside real containers: loop-mounted squashfs, tmpfs root,
+bind mounts, a private mount namespace. Checks are what a user would look at: output,
+exit status, files on the host, and what is left mounted afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from world.runtime import RuntimeSite, busybox_tree, mksquashfs
+
+ALICE = "shifter-alice"
+BOB = "shifter-bob"
+TEAM = "shifter-team"
+
+
+@pytest.fixture(scope="module")
+def site(test_users, tmp_path_factory):
+    # Alice is also in a supplementary group, to see groups carried into the container.
+    if subprocess.run(["getent", "group", TEAM], capture_output=True).returncode != 0:
+        subprocess.run(["groupadd", TEAM], check=True)
+    subprocess.run(["usermod", "-a", "-G", TEAM, ALICE], check=True)
+    base = Path(tmp_path_factory.mktemp("runtime", numbered=True))
+    os.chmod(base.parent, 0o755)
+    os.chmod(base.parent.parent, 0o755)
+    os.chmod(base, 0o755)
+    site = RuntimeSite.create(base / "site")
+    yield site
+    assert site.our_mounts() == [] and site.our_loops() == []
+
+
+@pytest.fixture(scope="module")
+def image(site, tmp_path_factory) -> str:
+    tree = busybox_tree(tmp_path_factory.mktemp("tree") / "root")
+    sqfs = mksquashfs(tree, tmp_path_factory.mktemp("sqfs") / "busybox.squashfs")
+    return site.add_image(sqfs, 'ENV: ["IMAGEVAR=from-image", "PATH=/usr/bin:/bin"]\n'
+                                'ENTRY: ["/bin/echo", "entry"]\nCMD: ["default-arg"]\n'
+                                "WORKDIR: /opt/app\n")
+
+
+@pytest.fixture(autouse=True)
+def clean_conf(site):
+    site.write_conf()
+    yield
+    site.write_conf()
+    assert site.our_mounts() == [], "a mount of ours is left in the root namespace"
+    assert site.our_loops() == [], "a loop device of ours is left"
+
+
+def user_dir(site: RuntimeSite, user: str, name: str, mode: int = 0o755) -> Path:
+    path = site.base / f"{user}-{name}"
+    path.mkdir(exist_ok=True)
+    uid = int(subprocess.run(["id", "-u", user], capture_output=True, text=True).stdout)
+    gid = int(subprocess.run(["id", "-g", user], capture_output=True, text=True).stdout)
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
+    return path
+
+
+# -- the main job --------------------------------------------------------------------------
+
+
+def test_runs_a_command_in_the_image_as_the_user(site, image):
+    res = site.shifter(ALICE, f"--image=id:{image}", "cat", "/etc/os-release")
+    assert res.returncode == 0, res.stderr
+    assert 'PRETTY_NAME="Shifter test image"' in res.stdout
+    res = site.shifter(ALICE, f"--image=id:{image}", "id")
+    uid = subprocess.run(["id", "-u", ALICE], capture_output=True, text=True).stdout.strip()
+    assert res.returncode == 0, res.stderr
+    assert f"uid={uid}({ALICE})" in res.stdout and TEAM in res.stdout
+
+
+def test_tag_resolved_from_the_gateway_index_without_a_gateway(site, image):
+    site.tag("registry.test:5000/team/busybox:1.0", image)
+    res = site.shifter(ALICE, "--image=docker:registry.test:5000/team/busybox:1.0",
+                       "sh", "-c", "echo $SHIFTER_IMAGE $SHIFTER_IMAGEREQUEST")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [image, "registry.test:5000/team/busybox:1.0"]
+
+
+def test_unknown_image_is_a_clear_error(site):
+    res = site.shifter(ALICE, "--image=id:" + "0" * 64, "true")
+    assert res.returncode == 1
+    assert "FAILED to find requested image." in res.stderr
+    res = site.shifter(ALICE, "true")
+    assert res.returncode == 1 and "No image specified" in res.stderr
+
+
+def test_exit_status_and_exec_failure(site, image):
+    assert site.shifter(ALICE, f"--image=id:{image}", "sh", "-c", "exit 7").returncode == 7
+    res = site.shifter(ALICE, f"--image=id:{image}", "no-such-command")
+    assert res.returncode == 127
+    assert "no-such-command:" in res.stderr
+
+
+def test_container_etc_and_identity_files(site, image):
+    script = ("cat /etc/passwd; echo ---; cat /etc/group; echo ---; readlink /etc/mtab; "
+              "cat /etc/site-only.conf /etc/image-only.conf")
+    res = site.shifter(ALICE, f"--image=id:{image}", "sh", "-c", script)
+    assert res.returncode == 0, res.stderr
+    passwd, group, rest = res.stdout.split("---\n")
+    host_line = next(line for line in Path("/etc/passwd").read_text().splitlines()
+                     if line.startswith(ALICE + ":"))
+    assert host_line in passwd.splitlines()
+    assert "imageuser" not in passwd  # the site's passwd wins over the image's
+    team = next(line for line in group.splitlines() if line.startswith(TEAM + ":"))
+    assert team.split(":")[3] == ALICE  # only the user is listed as a member
+    assert not any(line.split(":")[2] == "0" for line in group.splitlines() if line)
+    assert rest.splitlines() == ["/proc/mounts", "from the site", "from the image"]
+
+
+def test_confinement_inside_the_container(site, image):
+    script = ("grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Uid|Gid|Groups):' "
+              "/proc/self/status; touch /newfile && echo ROOT-WRITABLE; true")
+    res = site.shifter(ALICE, f"--image=id:{image}", "sh", "-c", script)
+    assert res.returncode == 0, res.stderr
+    status = dict(line.split(":", 1) for line in res.stdout.splitlines() if ":" in line)
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[cap].strip(), 16) == 0, (cap, status[cap])
+    assert status["NoNewPrivs"].strip() == "1"
+    uid = subprocess.run(["id", "-u", ALICE], capture_output=True, text=True).stdout.strip()
+    assert status["Uid"].split() == [uid] * 4
+    assert "ROOT-WRITABLE" not in res.stdout
+
+
+# -- environment, command, workdir -------------------------------------------------------
+
+
+def test_environment_layers(site, image, tmp_path):
+    site.write_conf(siteEnv="SITEVAR=site", siteEnvAppend="PATH=/opt/udiImage/bin",
+                    siteEnvPrepend="PATH=/sbin")
+    envfile = site.base / "alice.env"
+    envfile.write_text("# comment\n\nFROMFILE=file\nIMAGEVAR=from-file\n")
+    os.chmod(envfile, 0o644)
+    res = site.shifter(ALICE, f"--image=id:{image}", f"--env-file={envfile}",
+                       "-e", "CLI=cli", "env", env={"CALLER": "caller", "LD_PRELOAD": "x.so"})
+    assert res.returncode == 0, res.stderr
+    env = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
+    assert env["CALLER"] == "caller" and "LD_PRELOAD" not in env
+    assert env["IMAGEVAR"] == "from-file" and env["FROMFILE"] == "file" and env["CLI"] == "cli"
+    assert env["SITEVAR"] == "site"
+    assert env["PATH"] == "/sbin:/usr/bin:/bin:/opt/udiImage/bin"
+    res = site.shifter(ALICE, f"--image=id:{image}", "-E", "env", env={"CALLER": "caller"})
+    assert "CALLER" not in res.stdout and f"SHIFTER_IMAGE={image}" in res.stdout
+
+
+def test_entrypoint_and_workdir(site, image):
+    res = site.shifter(ALICE, f"--image=id:{image}", "--entrypoint")
+    assert (res.returncode, res.stdout) == (0, "entry default-arg\n"), res.stderr
+    res = site.shifter(ALICE, f"--image=id:{image}", "--entrypoint", "given")
+    assert res.stdout == "entry given\n", res.stderr
+    res = site.shifter(ALICE, f"--image=id:{image}", "--workdir", "pwd")
+    assert res.stdout == "/opt/app\n", res.stderr
+    res = site.shifter(ALICE, f"--image=id:{image}", "--workdir=/var/lib/app", "pwd")
+    assert res.stdout == "/var/lib/app\n", res.stderr
+    # The caller's cwd is not in the container: a clear note, and the command still runs.
+    home = user_dir(site, ALICE, "not-in-image")
+    res = site.shifter(ALICE, f"--image=id:{image}", "pwd", cwd=home)
+    assert (res.returncode, res.stdout) == (0, "/\n"), res.stderr
+    assert f"Failed to switch to working dir: {home}, staying in /" in res.stderr
+
+
+# -- streams, terminals and signals ------------------------------------------------------
+
+
+def test_stdin_passes_through(site, image):
+    res = site.shifter(ALICE, f"--image=id:{image}", "tr", "a-z", "A-Z", input="hello\n")
+    assert (res.returncode, res.stdout) == (0, "HELLO\n"), res.stderr
+
+
+def test_terminal_passes_through(site, image):
+    pid, fd = pty.fork()
+    if pid == 0:  # child: become alice on the pty, exec the launcher
+        kw = site.spawn_kwargs(ALICE)
+        os.setgroups(kw["extra_groups"])
+        os.setgid(kw["group"])
+        os.setuid(kw["user"])
+        os.chdir(site.base)
+        os.execve(str(site.launcher), [str(site.launcher), f"--image=id:{image}", "sh", "-c",
+                  "test -t 0 && test -t 1 && echo IS-A-TTY"], site.user_env(ALICE))
+    out = b""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    assert b"IS-A-TTY" in out
+
+
+def test_signals_reach_the_command(site, image):
+    proc = subprocess.Popen(
+        [str(site.launcher), f"--image=id:{image}", "sh", "-c",
+         "trap 'echo GOT-TERM; exit 3' TERM; echo READY; while true; do sleep 0.1; done"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=site.base,
+        env=site.user_env(ALICE), **site.spawn_kwargs(ALICE),
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "READY\n"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 3 and "GOT-TERM" in out, err
+
+
+# -- volumes and perNodeCache ------------------------------------------------------------
+
+
+def test_user_volume_read_write_and_read_only(site, image):
+    data = user_dir(site, ALICE, "data")
+    res = site.shifter(ALICE, f"--image=id:{image}", f"--volume={data}:/data",
+                       "sh", "-c", "echo inside > /data/out && cat /data/out")
+    assert res.returncode == 0, res.stderr
+    out = data / "out"
+    assert out.read_text() == "inside\n"
+    assert out.stat().st_uid == int(subprocess.run(["id", "-u", ALICE], capture_output=True,
+                                                   text=True).stdout)
+    res = site.shifter(ALICE, f"--image=id:{image}", f"--volume={data}:/data:ro",
+                       "sh", "-c", "cat /data/out; echo again > /data/out")
+    assert res.returncode != 0 and res.stdout == "inside\n"
+    assert out.read_text() == "inside\n"
+
+
+def test_volume_target_missing_in_image_is_created(site, image):
+    data = user_dir(site, ALICE, "data2")
+    (data / "f").write_text("x")
+    res = site.shifter(ALICE, f"--image=id:{image}", f"--volume={data}:/new/deep/dir",
+                       "cat", "/new/deep/dir/f")
+    assert (res.returncode, res.stdout) == (0, "x"), res.stderr
+
+
+def test_volumes_from_the_environment_replaced_by_the_command_line(site, image):
+    one, two = user_dir(site, ALICE, "one"), user_dir(site, ALICE, "two")
+    (one / "which").write_text("one")
+    (two / "which").write_text("two")
+    env = {"SHIFTER_VOLUME": f"{one}:/v"}
+    res = site.shifter(ALICE, f"--image=id:{image}", "cat", "/v/which", env=env)
+    assert res.stdout == "one", res.stderr
+    res = site.shifter(ALICE, f"--image=id:{image}", f"-V={two}:/v", "cat", "/v/which", env=env)
+    assert res.stdout == "two", res.stderr
+
+
+def test_per_node_cache_is_a_private_xfs_that_vanishes(site, image):
+    res = site.shifter(ALICE, f"--image=id:{image}", "--volume=/tmp:/cache:perNodeCache=size=64M",
+                       "sh", "-c", "grep ' /cache ' /proc/mounts; echo hi > /cache/f && "
+                       "cat /cache/f && stat -c %U /cache")
+    assert res.returncode == 0, res.stderr
+    mount_line, hi, owner = res.stdout.splitlines()
+    assert " xfs " in mount_line and "nosuid" in mount_line and "nodev" in mount_line
+    assert (hi, owner) == ("hi", ALICE)
+    assert list(site.cache_dir.iterdir()) == []  # the backing file is unlinked
+
+
+def test_per_node_cache_limits(site, image):
+    res = site.shifter(ALICE, f"--image=id:{image}", "--volume=/tmp:/cache:perNodeCache=size=3G",
+                       "true")
+    assert res.returncode == 1 and "perNodeCache" in res.stderr
+    site.write_conf(perNodeCachePath=None)
+    res = site.shifter(ALICE, f"--image=id:{image}",
+                       "--volume=/tmp:/cache:perNodeCache=size=64M", "true")
+    assert res.returncode == 1 and "perNodeCache" in res.stderr
+
+
+# -- site filesystems and modules --------------------------------------------------------
+
+
+def test_site_fs_and_modules(site, image, tmp_path):
+    sitefs = site.base / "sitefs"
+    sitefs.mkdir(exist_ok=True)
+    os.chmod(sitefs, 0o755)
+    (sitefs / "marker").write_text("site fs\n")
+    mod = site.base / "modcopy"
+    mod.mkdir(exist_ok=True)
+    (mod / "tool").write_text("module tool\n")
+    hook = site.base / "userhook.sh"
+    hook.write_text("echo userhook ran as $(id -un) >&2\n")
+    os.chmod(hook, 0o755)
+    site.write_conf(
+        siteFs=f"{sitefs}:/site",
+        module_demo_siteEnv="DEMO=1",
+        module_demo_copyPath=str(mod),
+        module_demo_userhook="/opt/udiImage/modules/demo/hook.sh",
+        module_other_siteEnv="OTHER=1",
+        module_other_conflict="demo",
+        defaultModules="demo",
+    )
+    (mod / "hook.sh").write_text(hook.read_text())
+    res = site.shifter(ALICE, f"--image=id:{image}", "sh", "-c",
+                       "cat /site/marker /opt/udiImage/modules/demo/tool; echo DEMO=$DEMO")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "site fs\nmodule tool\nDEMO=1\n"
+    assert f"userhook ran as {ALICE}" in res.stderr
+    res = site.shifter(ALICE, f"--image=id:{image}", "--module=none", "sh", "-c",
+                       "echo DEMO=$DEMO; ls /opt/udiImage/modules")
+    assert res.stdout == "DEMO=\n", res.stderr
+    res = site.shifter(ALICE, f"--image=id:{image}", "--module=demo,other", "true")
+    assert res.returncode == 1
+    assert "cannot load conflicting modules" in res.stderr
+    res = site.shifter(ALICE, f"--image=id:{image}", "--module=nosuch", "true")
+    assert res.returncode == 1 and "Unknown shifter module: nosuch" in res.stderr
+
+
+# -- setupRoot / unsetupRoot: the batch-job path ------------------------------------------
+
+
+def test_setup_root_then_shifter_reuses_it_then_unsetup(site, image):
+    uid = subprocess.run(["id", "-u", ALICE], capture_output=True, text=True).stdout.strip()
+    gid = subprocess.run(["id", "-g", ALICE], capture_output=True, text=True).stdout.strip()
+    data = user_dir(site, ALICE, "jobdata")
+    res = site.root_tool("setupRoot", "-U", uid, "-G", gid, "-u", ALICE, "-N", "nid1/2 nid2/1",
+                         "-v", f"{data}:/data", "id", image)
+    try:
+        assert res.returncode == 0, res.stderr
+        config = (site.udi_mount / "var" / "shifterConfig.json").read_text()
+        assert json.loads(config) == {"identifier": image, "user": ALICE,
+                                      "volMap": f"{data}:/data", "modules": ""}
+        assert (site.udi_mount / "var" / "hostsfile").read_text() == "nid1\nnid1\nnid2\n"
+        assert site.our_mounts(), "setupRoot builds in the caller's namespace"
+        # The task's request matches the signature: it enters the prepared container.
+        res = site.shifter(ALICE, f"--image=id:{image}", f"--volume={data}:/data",
+                           "sh", "-c", "cat /var/hostsfile | wc -l; cat /etc/os-release")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split("\n", 1)[0].strip() == "3"
+        # A different request does not match the signature: a fresh private container.
+        res = site.shifter(ALICE, f"--image=id:{image}", "sh", "-c",
+                           "test -e /var/hostsfile && echo PREPARED || echo FRESH")
+        assert res.stdout == "FRESH\n", res.stderr
+    finally:
+        done = site.root_tool("unsetupRoot")
+    assert done.returncode == 0, done.stderr
+    assert site.our_mounts() == [] and site.our_loops() == []
+
+
+def test_setup_root_failure_leaves_nothing(site, image):
+    res = site.root_tool("setupRoot", "-U", "1001", "-G", "1001", "-u", ALICE,
+                         "-v", "/nonexistent-source:/data", "id", image)
+    assert res.returncode == 1 and "/nonexistent-source" in res.stderr
+    assert site.our_mounts() == [] and site.our_loops() == []
+
+
+def test_setup_root_is_for_root_only(site, image):
+    from world.runtime import HELPER
+
+    res = site.run(ALICE, [str(HELPER), "setup", "--user", ALICE, "--uid", "1001",
+                           "--gid", "1001", "--image-id", image])
+    assert res.returncode == 1 and res.stderr.strip()
+    res = site.run(ALICE, [str(HELPER), "unsetup"])
+    assert res.returncode == 1 and res.stderr.strip()

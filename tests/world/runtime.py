@@ -1,0 +1,278 @@
+"""A site for runtime tests: the real setuid helper, a root-owned ``udiRoot.conf``, images.
+
+    site = RuntimeSite.create(base)          # base: a 0755 dir every test user can reach
+    site.write_conf(siteFs="/x:/x")          # the file the helper's compiled path names
+    image_id = site.add_image(tree)          # mksquashfs + .meta in imagePath
+    res = site.shifter("shifter-alice", f"--image=id:{image_id}", "id")
+
+The helper is the ASan/UBSan build (``make -C helpers sanitize``), compiled with
+``/etc/shifter-test/udiRoot.conf`` as its one configuration path and installed setuid
+root in a root-owned directory: the same privilege model as ``make install``, so the
+attacks in the tests hit what a site runs. ``shifter`` is the real front end, started
+as the installed launcher is (``python3 -I -S``), as the user, through ``subprocess``
+with the user's uid, gid and supplementary groups, as ``login`` would set them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HELPERS = REPO / "helpers"
+TEST_CONF_DIR = Path("/etc/shifter-test")
+TEST_CONF = TEST_CONF_DIR / "udiRoot.conf"
+HELPER_DIR = Path("/usr/local/libexec/shifter-test")
+HELPER = HELPER_DIR / "shifter-helper"
+PYTHON = "/usr/bin/python3"  # Debian's: every user can run it (pyenv's is root-only here)
+BUSYBOX = Path("/bin/busybox")
+APPLETS = ("sh", "cat", "ls", "echo", "id", "env", "true", "false", "touch", "mkdir",
+           "grep", "readlink", "stat", "sleep", "pwd", "kill", "test", "wc", "head", "tr")
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def install_helper() -> Path:
+    """Build the sanitized helper and install it setuid root; returns its path."""
+    subprocess.run(["make", "-s", "-C", str(HELPERS), "sanitize"], check=True)
+    HELPER_DIR.mkdir(parents=True, exist_ok=True)
+    os.chmod(HELPER_DIR, 0o755)
+    tmp = HELPER_DIR / ".shifter-helper.new"
+    shutil.copyfile(HELPERS / "build" / "shifter-helper-san", tmp)
+    os.chown(tmp, 0, 0)
+    os.chmod(tmp, 0o4755)
+    os.replace(tmp, HELPER)
+    return HELPER
+
+
+def busybox_tree(root: Path, files: dict[str, bytes | str] | None = None) -> Path:
+    """A small image tree: static busybox with applet links, /etc basics, ``files``."""
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(BUSYBOX, root / "bin" / "busybox")
+    os.chmod(root / "bin" / "busybox", 0o755)
+    for name in APPLETS:
+        link = root / "bin" / name
+        if not link.is_symlink():
+            link.symlink_to("busybox")
+    etc = root / "etc"
+    etc.mkdir(exist_ok=True)
+    base = {
+        "etc/os-release": 'PRETTY_NAME="Shifter test image"\nID=shifter-test\n',
+        "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nimageuser:x:4242:4242::/:/bin/sh\n",
+        "etc/group": "root:x:0:\n",
+        "etc/image-only.conf": "from the image\n",
+    }
+    for rel, data in {**base, **(files or {})}.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+    for d in ("usr/bin", "var/lib/app", "opt/app", "tmp", "home"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def mksquashfs(tree: Path, out: Path, *, keep_xattrs: bool = False) -> Path:
+    argv = ["mksquashfs", str(tree), str(out), "-all-root", "-noappend", "-quiet"]
+    argv += ["-xattrs"] if keep_xattrs else ["-no-xattrs"]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def file_id(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class RuntimeSite:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.image_dir = base / "images"
+        self.etc_dir = TEST_CONF_DIR / "etc"
+        self.udi_mount = base / "udiMount"
+        self.loop_mount = base / "loopMount"
+        self.cache_dir = base / "pernodecache"
+        self.launcher = base / "shifter"
+        self.conf: dict[str, str] = {}
+
+    @classmethod
+    def create(cls, base: Path) -> RuntimeSite:
+        site = cls(base)
+        for d in (base, site.image_dir, site.udi_mount, site.loop_mount, site.cache_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o755)
+        os.chmod(site.cache_dir, 0o700)
+        install_helper()
+        TEST_CONF_DIR.mkdir(parents=True, exist_ok=True)
+        os.chmod(TEST_CONF_DIR, 0o755)
+        site.etc_dir.mkdir(exist_ok=True)
+        for name in ("passwd", "group"):
+            shutil.copyfile(f"/etc/{name}", site.etc_dir / name)
+        (site.etc_dir / "site-only.conf").write_text("from the site\n")
+        for path in site.etc_dir.iterdir():
+            os.chmod(path, 0o644)
+        site.launcher.write_text(
+            f"#!{PYTHON} -IS\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
+            "from shifter.launch import main\nsys.exit(main())\n"
+        )
+        os.chmod(site.launcher, 0o755)
+        site.write_conf()
+        return site
+
+    # -- configuration ---------------------------------------------------------------
+
+    def defaults(self) -> dict[str, str]:
+        return {
+            "udiMount": str(self.udi_mount),
+            "loopMount": str(self.loop_mount),
+            "imagePath": str(self.image_dir),
+            "udiRootPath": str(REPO),
+            "etcPath": str(self.etc_dir),
+            "rootfsType": "tmpfs",
+            "modprobePath": "/sbin/modprobe",
+            "insmodPath": "/sbin/insmod",
+            "cpPath": "/bin/cp",
+            "mvPath": "/bin/mv",
+            "chmodPath": "/bin/chmod",
+            "ddPath": "/bin/dd",
+            "mkfsXfsPath": "/sbin/mkfs.xfs",
+            "perNodeCachePath": str(self.cache_dir),
+            "perNodeCacheSizeLimit": "2G",
+            "perNodeCacheAllowedFsType": "xfs",
+            "allowLocalChroot": "0",
+            "mountUdiRootWritable": "0",
+            "maxGroupCount": "31",
+            "mountPropagationStyle": "slave",
+            "system": "testsys",
+            "defaultImageType": "docker",
+        }
+
+    def write_conf(self, text: str | None = None, **overrides: str | None) -> Path:
+        """Write the trusted config (root:root 0644); a value of None drops the key."""
+        if text is None:
+            conf = {**self.defaults(), **overrides}
+            self.conf = {k: v for k, v in conf.items() if v is not None}
+            text = "".join(f"{k}={v}\n" for k, v in self.conf.items())
+        tmp = TEST_CONF.with_suffix(".new")
+        tmp.write_text(text)
+        os.chown(tmp, 0, 0)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, TEST_CONF)
+        return TEST_CONF
+
+    # -- images ----------------------------------------------------------------------
+
+    def add_image(self, squashfs: Path, meta: str = "") -> str:
+        """Place a squashfs under its sha256 with a ``.meta``; returns the id."""
+        image_id = file_id(squashfs)
+        shutil.copyfile(squashfs, self.image_dir / f"{image_id}.squashfs")
+        (self.image_dir / f"{image_id}.meta").write_text("FORMAT: squashfs\n" + meta)
+        for suffix in ("squashfs", "meta"):
+            os.chmod(self.image_dir / f"{image_id}.{suffix}", 0o644)
+        return image_id
+
+    def tag(self, tag: str, image_id: str, itype: str = "docker") -> None:
+        """What the gateway's tag index holds for ``tag``."""
+        from urllib.parse import quote
+
+        index = self.image_dir / "tags" / itype
+        index.mkdir(parents=True, exist_ok=True)
+        (index / quote(tag, safe="")).write_text(image_id + "\n")
+
+    # -- running ---------------------------------------------------------------------
+
+    def user_env(self, user: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        pw = pwd.getpwnam(user)
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": pw.pw_dir,
+            "USER": user,
+            "LANG": "C.UTF-8",
+            "SHIFTER_HELPER": str(HELPER),
+            "SHIFTER_UDIROOT_CONF": str(TEST_CONF),
+            # The sanitizers of the test build: a finding must fail the test.
+            "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=86",
+            "UBSAN_OPTIONS": "halt_on_error=1:exitcode=87:print_stacktrace=1",
+        }
+        env.update(extra or {})
+        return env
+
+    def spawn_kwargs(self, user: str) -> dict:
+        if user == "root":
+            return {}
+        pw = pwd.getpwnam(user)
+        return {"user": pw.pw_uid, "group": pw.pw_gid,
+                "extra_groups": os.getgrouplist(user, pw.pw_gid)}
+
+    def shifter(self, user: str, *args: str, env: dict[str, str] | None = None,
+                cwd: str | Path | None = None, input: str | None = None,
+                timeout: float = 60) -> Result:
+        """``shifter ARGS`` as ``user``; stdout and stderr captured."""
+        return self.run(user, [str(self.launcher), *args], env=env, cwd=cwd, input=input,
+                        timeout=timeout)
+
+    def run(self, user: str, argv: list[str], *, env: dict[str, str] | None = None,
+            cwd: str | Path | None = None, input: str | None = None,
+            timeout: float = 60) -> Result:
+        proc = subprocess.run(
+            argv, input=input, capture_output=True, text=True, timeout=timeout,
+            env=self.user_env(user, env), cwd=str(cwd or self.base),
+            stdin=None if input is not None else subprocess.DEVNULL,
+            **self.spawn_kwargs(user),
+        )
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def root_tool(self, name: str, *args: str, timeout: float = 60) -> Result:
+        """``setupRoot``/``unsetupRoot`` as root (as the batch system's prolog runs them)."""
+        module = "shifter.setuproot"
+        fn = "main" if name == "setupRoot" else "main_unsetup"
+        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+                f"from {module} import {fn}; sys.argv[0] = {name!r}; sys.exit({fn}())")
+        proc = subprocess.run([PYTHON, "-I", "-S", "-c", code, *args], capture_output=True,
+                              text=True, timeout=timeout, env=self.user_env("root"),
+                              stdin=subprocess.DEVNULL)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    # -- what is left behind -----------------------------------------------------------
+
+    def our_mounts(self) -> list[str]:
+        """Mount points of the root namespace under this site's mount dirs."""
+        roots = (str(self.udi_mount), str(self.loop_mount))
+        out = []
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                point = _unescape(line.split()[4])
+                if any(point == r or point.startswith(r + "/") for r in roots):
+                    out.append(point)
+        return out
+
+    def our_loops(self) -> list[str]:
+        """Loop devices backed by this site's images or cache files."""
+        text = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+        return [line for line in text.splitlines() if str(self.base) in line]
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def compile_static(source: str, out: Path) -> Path:
+    """A static test program (it runs inside images that have no libc)."""
+    src = out.with_suffix(".c")
+    src.write_text(source)
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(out), str(src)], check=True)
+    return out
+
