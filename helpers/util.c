@@ -7,12 +7,14 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 int g_verbose;
@@ -60,12 +62,21 @@ void die_errno(const char *fmt, ...)
 
 void verbose(const char *fmt, ...)
 {
+    static struct timespec start;
+    struct timespec now;
+    char prefix[64];
     va_list ap;
 
     if (!g_verbose)
         return;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (start.tv_sec == 0)
+        start = now;
+    snprintf(prefix, sizeof prefix, "shifter-helper [%.1f ms]: ",
+             (double)(now.tv_sec - start.tv_sec) * 1e3 +
+                 (double)(now.tv_nsec - start.tv_nsec) / 1e6);
     va_start(ap, fmt);
-    vmsg("shifter-helper: ", fmt, ap, NULL);
+    vmsg(prefix, fmt, ap, NULL);
     va_end(ap);
 }
 
@@ -240,15 +251,24 @@ int open_dir_at(int dirfd, const char *name)
     return openat(dirfd, name, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 }
 
-int run_program(const char *const argv[], const char *cwd, int extra_fd)
+int run_program(const char *const argv[], const char *cwd, int extra_fd, int quiet,
+                const char *const extra_env[])
 {
-    static char *const env[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", NULL};
+    const char *env[8] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin"};
+    size_t n = 1;
     int status;
-    pid_t pid = fork();
+    pid_t pid;
 
+    for (size_t i = 0; extra_env != NULL && extra_env[i] != NULL && n < 7; i++)
+        env[n++] = extra_env[i];
+    env[n] = NULL;
+    pid = fork();
     if (pid < 0)
         die_errno("Cannot start %s", argv[0]);
     if (pid == 0) {
+        /* Fully root: a shell started with real id != effective id drops privileges. */
+        if (setgroups(0, NULL) != 0 || setresgid(0, 0, 0) != 0 || setresuid(0, 0, 0) != 0)
+            _exit(126);
         if (extra_fd >= 0) {
             if (dup2(extra_fd, 3) != 3)
                 _exit(126);
@@ -259,7 +279,12 @@ int run_program(const char *const argv[], const char *cwd, int extra_fd)
         }
         if (cwd != NULL && chdir(cwd) != 0)
             _exit(126);
-        execve(argv[0], (char *const *)argv, env);
+        if (quiet) {
+            int null = open("/dev/null", O_WRONLY);
+            if (null < 0 || dup2(null, STDOUT_FILENO) < 0 || dup2(null, STDERR_FILENO) < 0)
+                _exit(126);
+        }
+        execve(argv[0], (char *const *)argv, (char *const *)env);
         dprintf(STDERR_FILENO, "%s: %s\n", argv[0], strerror(errno));
         _exit(127);
     }
@@ -276,7 +301,7 @@ void run_root_hook(const char *hook, const char *cwd, const char *what)
     int status;
 
     verbose("running %s %s", what, hook);
-    status = run_program(argv, cwd, -1);
+    status = run_program(argv, cwd, -1, 0, NULL);
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
         die("%s %s failed (status %d)", what, hook,
             WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));

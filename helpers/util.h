@@ -51,10 +51,13 @@ void mkdir_at(int dirfd, const char *name, mode_t mode);
 /* Open a directory below dirfd, O_PATH, refusing symlinks. */
 int open_dir_at(int dirfd, const char *name);
 
-/* Run argv[0] (an absolute path) with argv, the fixed root environment, cwd (or
+/* Run argv[0] (an absolute path) as root (all ids 0, no groups) with argv, the fixed root environment, cwd (or
  * NULL), stdin/out/err inherited, extra_fd (or -1) dup'ed to fd 3, all other fds
- * closed.  Returns the wait status as from waitpid. */
-int run_program(const char *const argv[], const char *cwd, int extra_fd);
+ * closed; quiet sends its stdout and stderr to /dev/null; extra_env (NULL or a short
+ * NULL-terminated list of fixed strings) is added to the environment.  Returns the wait
+ * status. */
+int run_program(const char *const argv[], const char *cwd, int extra_fd, int quiet,
+                const char *const extra_env[]);
 
 /* A /bin/sh hook as root (sitePreMountHook, roothook): non-zero dies with what. */
 void run_root_hook(const char *hook, const char *cwd, const char *what);

@@ -362,6 +362,16 @@ static int check_user(const struct volume *vol, char *err, size_t errlen)
     return 0;
 }
 
+int vol_check_user_target(const char *from, const char *to, char *err, size_t errlen)
+{
+    struct volume vol;
+
+    memset(&vol, 0, sizeof vol);
+    vol.source = (char *)from;
+    vol.target = (char *)to;
+    return check_user(&vol, err, errlen);
+}
+
 static int check_site(const struct volume *vol, char *err, size_t errlen)
 {
     if (in_list(vol->target, site_forbidden_exact, COUNT(site_forbidden_exact)))

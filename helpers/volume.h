@@ -37,6 +37,10 @@ struct volume_list {
 /* Parse a ';'-separated list; site selects siteFs rules, else user rules. 0 or -1. */
 int vol_parse_map(const char *text, int site, struct volume_list *out, char *err, size_t errlen);
 
+/* The user destination rules alone, for a destination found by resolving symlinks
+ * inside the container (to must be normalised).  0 or -1 with the message in err. */
+int vol_check_user_target(const char *from, const char *to, char *err, size_t errlen);
+
 /* 5, 5k, 500KB, 1.5g ... (powers of 1024). 0 or -1 with the message in err. */
 int vol_parse_size(const char *text, uint64_t *out, char *err, size_t errlen);
 

@@ -6,13 +6,14 @@ joins the next line with one space; no quoting; an unknown key fails the parse. 
 must be owned by root and not writable by group or others, because the setuid part
 trusts it. The C helper applies the same rules to the same file itself.
 
-Kept light: ``shifter`` imports this on every launch.
+Kept light: ``shifter`` imports this on every launch, under ``python3 -I -S`` where ``os``
+is not loaded yet, so this uses the built-in ``posix`` (``os`` with ``stat``, ``posixpath``
+and ``_collections_abc`` costs ~2 ms) and plain classes rather than ``dataclasses``.
 """
 
 from __future__ import annotations
 
-import os
-import stat
+import posix
 import sys
 
 DEFAULT_PATH = "/etc/shifter/udiRoot.conf"
@@ -223,13 +224,29 @@ def _logical_lines(text: str) -> list[str]:
     return out
 
 
+_S_IFMT, _S_IFREG = 0o170000, 0o100000
+_S_IWGRP, _S_IWOTH = 0o020, 0o002
+
+
+def _getenv(name: str) -> str | None:
+    """``os.environ.get`` (when ``os`` is loaded, so changes made through it count), else
+    read from the built-in ``posix.environ``."""
+    os_module = sys.modules.get("os")
+    if os_module is not None:
+        return os_module.environ.get(name)
+    value = posix.environ.get(name.encode())
+    if value is None:
+        return None
+    return value.decode(sys.getfilesystemencoding(), "surrogateescape")
+
+
 def _check_trusted_fd(fd: int, path: str) -> None:
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
+    st = posix.fstat(fd)
+    if st.st_mode & _S_IFMT != _S_IFREG:
         raise ConfigError(f"{path} is not a regular file")
     if st.st_uid != 0:
         raise ConfigError(f"{path} is not owned by root (owner uid {st.st_uid})")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    if st.st_mode & (_S_IWGRP | _S_IWOTH):
         raise ConfigError(f"{path} is writable by group or others (mode {st.st_mode & 0o777:o})")
 
 
@@ -237,7 +254,9 @@ def _open(path: str) -> int:
     # O_NOFOLLOW: whoever can plant a symlink must not choose the trusted file;
     # O_NONBLOCK: a FIFO must not hang us before fstat refuses it.
     try:
-        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        return posix.open(
+            path, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_CLOEXEC | posix.O_NONBLOCK
+        )
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
 
@@ -249,23 +268,23 @@ def check_trusted(path: str) -> None:
     try:
         _check_trusted_fd(fd, path)
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def load(path: str | None = None, *, trusted: bool = True) -> UdiRootConfig:
     """Read ``path`` (default ``$SHIFTER_UDIROOT_CONF`` for tests of unprivileged tools,
     else the system file), checking ownership of the opened file first when ``trusted``."""
-    path = path or os.environ.get("SHIFTER_UDIROOT_CONF") or DEFAULT_PATH
+    path = path or _getenv("SHIFTER_UDIROOT_CONF") or DEFAULT_PATH
     fd = _open(path)
     try:
         if trusted:
             _check_trusted_fd(fd, path)
-        with os.fdopen(fd, encoding="utf-8", errors="surrogateescape", closefd=False) as f:
+        with open(fd, encoding="utf-8", errors="surrogateescape", closefd=False) as f:
             text = f.read()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     finally:
-        os.close(fd)
+        posix.close(fd)
     return parse_text(text, path)
 
 

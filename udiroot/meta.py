@@ -2,7 +2,8 @@
 
 Rules (behaviour spec §4): one ``KEY: value`` per line, split at the first ``:``, both sides
 trimmed; ``#`` in column 0 is a comment (also inside a continued value); a trailing ``\\``
-joins the next line with one space; unknown keys are ignored quietly; ENV repeats; more
+joins the next line with one space; unknown keys are ignored quietly; ENV repeats (a
+``["A=1", "B=2"]`` list on one ENV line is read as its elements); more
 than 1000 ACL ids is an error. ENTRY and CMD are argv lists, read from a JSON array or
 from the older Python ``['a', "it's"]`` form (one small tokenizer reads both).
 
@@ -114,10 +115,17 @@ def _assign(meta: ImageMeta, key: str, value: str) -> None:
     elif key == "WORKDIR":
         meta.workdir = value or None
     elif key == "ENV":
-        # A variable without a name cannot be set; refusing it beats guessing.
-        if value.find("=") < 1:
-            raise MetaError(f"Invalid ENV line in image metadata: {value}")
-        meta.env.append(value)
+        # One "ENV: NAME=VALUE" line per variable (§4); also accepted: a whole list on one
+        # line, ENV: ["A=1", "B=2"] (JSON or Python form), which is never a sane variable
+        # (its name would start with '['). A variable without a name cannot be set:
+        # refusing it beats guessing.
+        entries = [value]
+        if value.startswith("["):
+            entries = _parse_list(value, key)
+        for entry in entries:
+            if entry.find("=") < 1:
+                raise MetaError(f"Invalid ENV line in image metadata: {value}")
+            meta.env.append(entry)
     elif key == "USERACL":
         meta.user_acl = parse_ids(value, key)
     elif key == "GROUPACL":

@@ -1,0 +1,15 @@
+/*
+ * enter.h - become the user inside the container and run the command.
+ */
+#ifndef SHIFTER_HELPERS_ENTER_H
+#define SHIFTER_HELPERS_ENTER_H
+
+#include "container.h"
+
+/* chroot into root, drop every privilege (verified), chdir workdir, run the modules'
+ * userhooks, exec argv with envp.  Never returns: exits 1 on setup errors, 127 when the
+ * command cannot be executed. */
+__attribute__((noreturn)) void enter(const struct ctx *c, int root, const char *workdir,
+                                     char *const argv[], char *const envp[]);
+
+#endif

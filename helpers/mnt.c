@@ -1,0 +1,204 @@
+/*
+ * mnt.c - mounts by file descriptor.  See mnt.h.
+ */
+#define _GNU_SOURCE
+#include "mnt.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "util.h"
+
+#define MAX_MOUNTS 4096
+
+static uint64_t to_mount_attr(unsigned attrs)
+{
+    uint64_t a = 0;
+
+    if (attrs & ATTR_RO)
+        a |= MOUNT_ATTR_RDONLY;
+    if (attrs & ATTR_NOSUID)
+        a |= MOUNT_ATTR_NOSUID;
+    if (attrs & ATTR_NODEV)
+        a |= MOUNT_ATTR_NODEV;
+    if (attrs & ATTR_NOEXEC)
+        a |= MOUNT_ATTR_NOEXEC;
+    return a;
+}
+
+int mnt_new(const char *type, const char *source, const char *options, unsigned attrs,
+            const char *what)
+{
+    int fs = fsopen(type, FSOPEN_CLOEXEC), mfd;
+
+    if (fs < 0)
+        die_errno("Cannot mount %s: filesystem type %s", what, type);
+    if (source != NULL && fsconfig(fs, FSCONFIG_SET_STRING, "source", source, 0) != 0)
+        die_errno("Cannot mount %s from %s", what, source);
+    if (options != NULL) {
+        char *opts = xstrdup(options), *save = NULL;
+        for (char *o = strtok_r(opts, ",", &save); o != NULL; o = strtok_r(NULL, ",", &save)) {
+            char *eq = strchr(o, '=');
+            int rc;
+            if (eq != NULL) {
+                *eq = '\0';
+                rc = fsconfig(fs, FSCONFIG_SET_STRING, o, eq + 1, 0);
+            } else {
+                rc = fsconfig(fs, FSCONFIG_SET_FLAG, o, NULL, 0);
+            }
+            if (rc != 0)
+                die_errno("Cannot mount %s: option %s", what, o);
+        }
+        free(opts);
+    }
+    if (fsconfig(fs, FSCONFIG_CMD_CREATE, NULL, NULL, 0) != 0)
+        die_errno("Cannot mount %s (%s)", what, type);
+    mfd = fsmount(fs, FSMOUNT_CLOEXEC, (unsigned)to_mount_attr(attrs));
+    if (mfd < 0)
+        die_errno("Cannot mount %s (%s)", what, type);
+    close(fs);
+    return mfd;
+}
+
+int mnt_clone(int src_fd, int rec, unsigned attrs, const char *what)
+{
+    int mfd = open_tree(src_fd, "",
+                        OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH |
+                            (rec ? AT_RECURSIVE : 0));
+    struct mount_attr attr;
+
+    if (mfd < 0)
+        die_errno("Cannot bind %s", what);
+    memset(&attr, 0, sizeof attr);
+    attr.attr_set = to_mount_attr(attrs);
+    if (attr.attr_set != 0 &&
+        mount_setattr(mfd, "", AT_EMPTY_PATH | AT_RECURSIVE, &attr, sizeof attr) != 0)
+        die_errno("Cannot set mount flags on %s", what);
+    return mfd;
+}
+
+void mnt_set(int mfd, int rec, unsigned attrs, unsigned long propagation, const char *what)
+{
+    struct mount_attr attr;
+
+    memset(&attr, 0, sizeof attr);
+    attr.attr_set = to_mount_attr(attrs);
+    attr.propagation = propagation;
+    if (mount_setattr(mfd, "", AT_EMPTY_PATH | (rec ? AT_RECURSIVE : 0), &attr, sizeof attr) !=
+        0)
+        die_errno("Cannot set mount flags on %s", what);
+}
+
+void mnt_attach(int mfd, int dst_fd, unsigned long propagation, const char *what)
+{
+    if (move_mount(mfd, "", dst_fd, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) != 0)
+        die_errno("Cannot mount %s", what);
+    if (propagation != 0)
+        mnt_set(mfd, 0, 0, propagation, what);
+}
+
+uint64_t mnt_id(int fd)
+{
+    struct statx stx;
+
+    if (statx(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_MNT_ID, &stx) != 0 ||
+        !(stx.stx_mask & STATX_MNT_ID))
+        die_errno("Cannot read the mount id of a directory");
+    return stx.stx_mnt_id;
+}
+
+/* Undo mountinfo's octal escapes (\040 for a space, ...) in place. */
+static void unescape(char *s)
+{
+    char *w = s;
+
+    for (char *r = s; *r;) {
+        if (r[0] == '\\' && r[1] >= '0' && r[1] <= '3' && r[2] >= '0' && r[2] <= '7' &&
+            r[3] >= '0' && r[3] <= '7') {
+            *w++ = (char)((r[1] - '0') * 64 + (r[2] - '0') * 8 + (r[3] - '0'));
+            r += 4;
+        } else {
+            *w++ = *r++;
+        }
+    }
+    *w = '\0';
+}
+
+static int under(const char *path, const char *prefix)
+{
+    size_t n = strlen(prefix);
+
+    if (n == 1 && prefix[0] == '/')
+        return 1;
+    return strncmp(path, prefix, n) == 0 && (path[n] == '\0' || path[n] == '/');
+}
+
+/* Mount points at or below the prefixes, in mountinfo order; returns how many. */
+static int collect(const char *const prefixes[], int np, char **out, int max)
+{
+    int fd = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC);
+    char *text, *cursor, *line;
+    size_t len;
+    int n = 0;
+
+    if (fd < 0 || read_all_fd(fd, 64 * 1024 * 1024, &text, &len) != 0)
+        die_errno("Cannot read /proc/self/mountinfo");
+    close(fd);
+    cursor = text;
+    while ((line = cursor) != NULL && *line) {
+        char *nl = strchr(line, '\n'), *f, *save = NULL;
+        cursor = nl != NULL ? nl + 1 : NULL;
+        if (nl != NULL)
+            *nl = '\0';
+        /* id parent major:minor root mountpoint ... */
+        f = strtok_r(line, " ", &save);
+        for (int i = 0; f != NULL && i < 4; i++)
+            f = strtok_r(NULL, " ", &save);
+        if (f == NULL)
+            continue;
+        unescape(f);
+        for (int i = 0; i < np; i++) {
+            if (under(f, prefixes[i]) && n < max) {
+                out[n++] = xstrdup(f);
+                break;
+            }
+        }
+    }
+    free(text);
+    return n;
+}
+
+int mnt_unmount_under(const char *const prefixes[], int np)
+{
+    char *points[MAX_MOUNTS];
+    int n = 0;
+
+    for (int pass = 0; pass < 16; pass++) {
+        int failed = 0;
+
+        n = collect(prefixes, np, points, MAX_MOUNTS);
+        if (n == 0)
+            return 0;
+        /* Later lines are mounted later: deeper or on top.  Undo them first. */
+        for (int i = n - 1; i >= 0; i--) {
+            if (umount2(points[i], MNT_DETACH | UMOUNT_NOFOLLOW) != 0 && errno != EINVAL &&
+                errno != ENOENT)
+                failed++;
+            free(points[i]);
+        }
+        if (failed && pass == 15)
+            break;
+    }
+    n = collect(prefixes, np, points, MAX_MOUNTS);
+    for (int i = 0; i < n; i++) {
+        warn("shifter-helper: could not unmount %s", points[i]);
+        free(points[i]);
+    }
+    return n == 0 ? 0 : -1;
+}

@@ -1,0 +1,20 @@
+/*
+ * volmount.h - mounting volumes into the container: siteFs (site rules, root's
+ * paths) and the user's --volume list (user's identity, perNodeCache).
+ */
+#ifndef SHIFTER_HELPERS_VOLMOUNT_H
+#define SHIFTER_HELPERS_VOLMOUNT_H
+
+#include "container.h"
+
+/* Mount a siteFs list (global or a module's); what names it in messages. */
+void volmount_site(struct ctx *c, const char *text, const char *what);
+
+/* Mount c->vols (spec 6.7, 6.8). */
+void volmount_user(struct ctx *c);
+
+/* Open a directory with the user's filesystem identity (O_PATH, symlinks followed but
+ * no /proc magic links), requiring search permission on it; -1 with errno. */
+int volmount_open_as_user(const struct ident *id, const char *path);
+
+#endif

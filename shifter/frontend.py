@@ -1,0 +1,365 @@
+"""What ``shifter``, ``setupRoot`` and ``unsetupRoot`` share: option parsing, finding the
+image id, handing the environment over, and becoming the setuid helper.
+
+These front ends hold no privilege. They do the work that needs none and then
+``execv`` the helper (``helpers/PROTOCOL.md``), which trusts nothing they decided and
+re-checks everything. ``shifter`` runs once per task on every node of a job, so this
+module imports only built-in modules: ``posix`` rather than ``os`` (under ``python3 -I -S``
+nothing has loaded ``os`` yet, and it costs ~2 ms with ``stat``, ``posixpath`` and
+``_collections_abc``), no ``re``, ``json``, ``urllib``, ``subprocess``, ``signal``/``enum``
+or ``dataclasses``. Anything heavier is imported only on the slow path that needs it (the
+gateway lookup fallback).
+"""
+
+from __future__ import annotations
+
+import posix
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, MutableMapping, Sequence
+
+    from udiroot.config import UdiRootConfig
+    from udiroot.descriptor import ImageRequest
+
+DEFAULT_HELPER = "/usr/local/libexec/shifter/shifter-helper"
+HELPER_ENV = "SHIFTER_HELPER"
+NOT_FOUND = "FAILED to find requested image."
+ENV_LIMIT = 4 << 20  # the helper refuses an --env-fd larger than 4 MiB
+
+NO_ARG, REQUIRED, OPTIONAL = 0, 1, 2
+
+# The helper's image id syntax: [A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}
+_ID_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+_ID_REST = _ID_FIRST | frozenset(".+-")
+# urllib.parse.quote(text, safe=""): these bytes stay, every other byte becomes %XX.
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+
+
+class UsageError(Exception):
+    """A command-line mistake; the message is printed with a pointer to ``--help``."""
+
+
+class Failure(Exception):
+    """A problem found before exec; the message (possibly several lines) is printed and
+    the front end exits 1."""
+
+
+# -- options ------------------------------------------------------------------------------
+
+
+def getopt_long(
+    args: Sequence[str],
+    shorts: Mapping[str, int],
+    longs: Mapping[str, int],
+    *,
+    permute: bool = False,
+) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """GNU ``getopt_long`` with ``POSIXLY_CORRECT`` (``+`` semantics), as Shifter parses:
+    parsing stops at the first non-option or after ``--``; ``-abc`` clusters; a required
+    argument is the rest of the cluster or the next word (``-iX``, ``-i X``, ``--image=X``,
+    ``--image X``); an optional one is only ever attached (``--entrypoint=X``: a bare
+    ``--entrypoint`` never takes the next word); long names may be abbreviated to any
+    unambiguous prefix (``--entry``); ``-V=X`` is read as ``-V X`` (not ``=X``).
+    Returns ``[(name, value)]`` in order (``name`` is the short letter or the long name;
+    ``value`` ``None`` when absent) and the rest.
+    ``permute``: GNU's default instead (``setupRoot``): non-options anywhere are collected
+    and parsing goes on until ``--``."""
+    out: list[tuple[str, str | None]] = []
+    operands: list[str] = []
+    i, n = 0, len(args)
+    while i < n:
+        arg = args[i]
+        if arg == "--":
+            i += 1
+            break
+        if arg == "-" or not arg.startswith("-"):
+            if not permute:
+                break
+            operands.append(arg)
+            i += 1
+            continue
+        i += 1
+        if arg.startswith("--"):
+            text, eq, value = arg[2:].partition("=")
+            name = _long_name(text, longs)
+            mode = longs[name]
+            if mode == NO_ARG:
+                if eq:
+                    raise UsageError(f"option '--{name}' doesn't allow an argument")
+                out.append((name, None))
+            elif mode == OPTIONAL:
+                out.append((name, value if eq else None))
+            elif eq:
+                out.append((name, value))
+            elif i < n:
+                out.append((name, args[i]))
+                i += 1
+            else:
+                raise UsageError(f"option '--{name}' requires an argument")
+            continue
+        j = 1
+        while j < len(arg):
+            letter = arg[j]
+            mode = shorts.get(letter, -1)
+            j += 1
+            if mode < 0:
+                raise UsageError(f"invalid option -- '{letter}'")
+            if mode == NO_ARG:
+                out.append((letter, None))
+                continue
+            rest = arg[j:]
+            if rest.startswith("=") and mode == REQUIRED:
+                # -V=/a:/b as people write it (the long form's habit): no value of these
+                # options can start with "=", so getopt's "=/a:/b" would only be an error.
+                rest = rest[1:]
+            if rest or mode == OPTIONAL:
+                out.append((letter, rest or None))
+            elif i < n:
+                out.append((letter, args[i]))
+                i += 1
+            else:
+                raise UsageError(f"option requires an argument -- '{letter}'")
+            break
+    return out, operands + list(args[i:])
+
+
+def _long_name(text: str, longs: Mapping[str, int]) -> str:
+    if text in longs:
+        return text
+    matches = [name for name in longs if name.startswith(text)] if text else []
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise UsageError(f"unrecognized option '--{text}'")
+    shown = " ".join(f"'--{m}'" for m in matches)
+    raise UsageError(f"option '--{text}' is ambiguous; possibilities: {shown}")
+
+
+# -- image ids ----------------------------------------------------------------------------
+
+
+def valid_id(text: str) -> bool:
+    """The helper's id syntax; ids become file names under ``imagePath``."""
+    return (
+        0 < len(text) <= 128
+        and text[0] in _ID_FIRST
+        and all(c in _ID_REST for c in text)
+        and text not in (".", "..")
+    )
+
+
+def quote_tag(tag: str) -> str:
+    """``urllib.parse.quote(tag, safe="")`` without importing ``urllib`` (it loads ``re``)."""
+    return "".join(
+        chr(b) if b in _UNRESERVED else f"%{b:02X}"
+        for b in tag.encode("utf-8", "surrogateescape")
+    )
+
+
+def index_candidates(type_: str, tag: str) -> list[str]:
+    """Tag strings to try in the gateway's tag index: the tag as given, then the form the
+    gateway stores (``imagegw.manager.normalize_tag``: ``:latest`` added when the last
+    path component has no tag and there is no digest). The gateway keeps the location and
+    namespace as written (``ubuntu`` is not rewritten to ``library/ubuntu``), and so do we."""
+    out = [tag]
+    if type_ in ("docker", "custom") and "@" not in tag and ":" not in tag.rsplit("/", 1)[-1]:
+        out.append(tag + ":latest")
+    return out
+
+
+def index_lookup(image_path: str, type_: str, tag: str, verbose: bool = False) -> str | None:
+    """BEYOND (§6.3.4): ``<imagePath>/tags/<type>/<quoted tag>`` holds the id of a tag the
+    gateway made available; an id counts only when its ``.meta`` is there too (so a tag
+    being replaced or expired falls through to the gateway)."""
+    for candidate in index_candidates(type_, tag):
+        path = f"{image_path}/tags/{type_}/{quote_tag(candidate)}"
+        try:
+            with open(path, "rb") as f:
+                text = f.read(512).decode("ascii", "replace").strip()
+        except OSError:
+            continue
+        if not valid_id(text):
+            if verbose:
+                print(f"shifter: ignoring the damaged tag index entry {path}", file=sys.stderr)
+            continue
+        try:
+            posix.stat(f"{image_path}/{text}.meta")
+        except OSError:
+            if verbose:
+                print(f"shifter: {path} names {text}, which has no .meta", file=sys.stderr)
+            continue
+        if verbose:
+            print(f"shifter: {type_}:{candidate} is {text} (tag index)", file=sys.stderr)
+        return text
+    return None
+
+
+def shifterimg_path() -> str | None:
+    """The ``shifterimg`` console script: next to the running script, next to the Python
+    that runs us (a venv's bin/), else on ``PATH``."""
+    import os
+
+    dirs = []
+    if "/" in sys.argv[0]:
+        dirs.append(os.path.dirname(os.path.abspath(sys.argv[0])))
+    if sys.executable:
+        dirs.append(os.path.dirname(sys.executable))
+    dirs.extend(os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(":"))
+    for d in dirs:
+        path = os.path.join(d or ".", "shifterimg")
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def gateway_lookup(type_: str, tag: str, verbose: bool = False) -> str | None:
+    """``shifterimg lookup type:tag`` as the caller (Shifter's way): its output is the id,
+    exit status 1 means not found. Its own error messages reach our stderr."""
+    import subprocess  # only here: the tag index answers the common case (it loads os)
+
+    client = shifterimg_path()
+    if client is None:
+        print("shifter: cannot ask the image gateway: no shifterimg found", file=sys.stderr)
+        return None
+    argv = [client, *(["--verbose"] if verbose else []), "lookup", f"{type_}:{tag}"]
+    try:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        print(f"shifter: cannot run {client}: {exc.strerror}", file=sys.stderr)
+        return None
+    if proc.returncode != 0:
+        return None
+    lines = proc.stdout.decode("ascii", "replace").split()
+    found = lines[-1] if lines else ""
+    if not valid_id(found):
+        print(f"shifter: {client} answered an invalid image id: {found!r}", file=sys.stderr)
+        return None
+    if verbose:
+        print(f"shifter: {type_}:{tag} is {found} (image gateway)", file=sys.stderr)
+    return found
+
+
+def resolve_id(cfg: UdiRootConfig, request: ImageRequest, verbose: bool = False) -> str:
+    """The image id of a ``docker``/``custom``/``id`` request (not ``local``)."""
+    if request.type == "id":
+        return request.tag
+    image_path = (cfg.get("imagePath") or "").rstrip("/") or "/"
+    found = index_lookup(image_path, request.type, request.tag, verbose)
+    if found is None:
+        found = gateway_lookup(request.type, request.tag, verbose)
+    if found is None:
+        raise Failure(f"FAILED to lookup {request.type} image {request.tag}\n{NOT_FOUND}")
+    return found
+
+
+def meta_path(cfg: UdiRootConfig, image_id: str) -> str:
+    return f"{(cfg.get('imagePath') or '').rstrip('/')}/{image_id}.meta"
+
+
+# -- handing over -------------------------------------------------------------------------
+
+
+def helper_path(environ: Mapping[str, str]) -> str:
+    """``$SHIFTER_HELPER`` or the installed path. Letting the caller choose is harmless:
+    privilege comes only from the setuid bit an administrator put on a root-owned file,
+    and pointing this at any other program runs that program as the caller, which the
+    caller could do anyway. The tests use it to watch what the front end hands over."""
+    return environ.get(HELPER_ENV) or DEFAULT_HELPER
+
+
+_FS_ENCODING = sys.getfilesystemencoding()
+
+
+def fsencode(text: str) -> bytes:
+    """``os.fsencode`` without ``os``."""
+    return text.encode(_FS_ENCODING, "surrogateescape")
+
+
+def caller_environ() -> MutableMapping[str, str]:
+    """The process environment as text: ``os.environ`` when something loaded ``os``
+    (it then reflects changes made through it), else decoded from ``posix.environ``."""
+    os_module = sys.modules.get("os")
+    if os_module is not None:
+        return os_module.environ
+    return {
+        k.decode(_FS_ENCODING, "surrogateescape"): v.decode(_FS_ENCODING, "surrogateescape")
+        for k, v in posix.environ.items()
+    }
+
+
+def env_records(env: Mapping[str, str]) -> bytes:
+    """``NAME=VALUE\\0`` records, bytes as the OS gave them (``os.fsencode``)."""
+    out = bytearray()
+    for name, value in env.items():
+        record = fsencode(name) + b"=" + fsencode(value)
+        if b"\0" in record:
+            raise Failure(f"Environment variable {name} contains a NUL character")
+        out += record + b"\0"
+    if len(out) > ENV_LIMIT:
+        raise Failure(
+            f"The container environment is too large ({len(out)} bytes; the limit is 4 MiB)"
+        )
+    return bytes(out)
+
+
+def env_fd(env: Mapping[str, str]) -> int:
+    """An inheritable memfd holding the environment, positioned at 0, for ``--env-fd``
+    (the helper cannot take it from its own environment: glibc strips ``LD_*`` from a
+    setuid program's environment and modules legitimately set ``LD_LIBRARY_PATH``)."""
+    data = env_records(env)
+    try:
+        fd = posix.memfd_create("shifter-env", 0)
+    except (AttributeError, OSError) as exc:
+        raise Failure(f"Cannot create the environment memfd: {exc}") from None
+    view = memoryview(data)
+    while view:
+        written = posix.write(fd, view)
+        view = view[written:]
+    posix.lseek(fd, 0, 0)  # SEEK_SET
+    posix.set_inheritable(fd, True)
+    return fd
+
+
+def exec_helper(argv: list[str], verbose: bool = False) -> int:
+    """Become the helper (no fork: signals, stdin, the terminal and the exit status are
+    the command's). Returns 1 only when exec fails."""
+    if verbose:
+        print("shifter: exec " + " ".join(_shell_word(a) for a in argv), file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _restore_signals()
+    try:
+        posix.execv(argv[0], argv)
+    except OSError as exc:
+        print(
+            f"Cannot run the shifter helper {argv[0]}: {exc.strerror} "
+            "(is it installed? run make install)",
+            file=sys.stderr,
+        )
+    return 1
+
+
+def _restore_signals() -> None:
+    """Python starts with SIGPIPE and SIGXFSZ ignored, and an ignored signal stays ignored
+    across exec: put them back to default, as ``subprocess`` does for its children, so
+    ``shifter cmd | head`` behaves as ``cmd | head``. ``_signal`` (built in, already
+    loaded) rather than ``signal``, which imports ``enum``."""
+    import _signal
+
+    for name in ("SIGPIPE", "SIGXFSZ"):
+        number = getattr(_signal, name, None)
+        if number is not None:
+            _signal.signal(number, _signal.SIG_DFL)
+
+
+def _shell_word(text: str) -> str:
+    if text and all(c.isalnum() or c in "@%+=:,./_-" for c in text):
+        return text
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def fail(message: str) -> int:
+    print(message, file=sys.stderr)
+    return 1

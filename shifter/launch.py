@@ -1,0 +1,326 @@
+"""``shifter``: run a command in a container image (behaviour spec §6.2–§6.11).
+
+    shifter [-h] [-v] [-i|--image=type:tag] [-V|--volume=from:to[:flags][;…]]…
+            [--entrypoint[=cmd]] [-w path|--workdir[=path]] [-m|--module=a,b|none]
+            [-e|--env=NAME=VALUE]… [--env-file=path] [-E|--clearenv] [--version]
+            [--] [command [args…]]
+
+The unprivileged half of the runtime. It parses the options, picks the image and its id,
+reads the image's metadata, layers the environment, chooses the command, working
+directory and modules, and then *becomes* the setuid helper with ``execv`` (no fork, so
+signals, stdin, the terminal and the exit status are the command's)::
+
+    shifter-helper run (--image-id ID | --local PATH) [--volume LIST]…
+        --modules LIST|none --workdir DIR --request TYPE:TAG --env-fd N [--verbose]
+        -- CMD [ARG…]
+
+The helper trusts none of it and re-checks what needs checking (helpers/PROTOCOL.md).
+Every error found here is one clear message on stderr and exit status 1, before exec.
+"""
+
+from __future__ import annotations
+
+import posix
+import sys
+
+from shifter import __version__
+from shifter.frontend import (
+    NO_ARG,
+    NOT_FOUND,
+    OPTIONAL,
+    REQUIRED,
+    Failure,
+    UsageError,
+    caller_environ,
+    env_fd,
+    exec_helper,
+    fail,
+    getopt_long,
+    helper_path,
+    meta_path,
+    resolve_id,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from udiroot.descriptor import ImageRequest
+
+# Shifter's getopt string is "hvV:i:e:w:m:" (+E): -w takes an argument; only the long
+# --workdir has the bare form, as only --entrypoint exists for the entrypoint.
+SHORT = {
+    "h": NO_ARG,
+    "v": NO_ARG,
+    "E": NO_ARG,
+    "V": REQUIRED,
+    "i": REQUIRED,
+    "e": REQUIRED,
+    "w": REQUIRED,
+    "m": REQUIRED,
+}
+LONG = {
+    "help": NO_ARG,
+    "verbose": NO_ARG,
+    "clearenv": NO_ARG,
+    "version": NO_ARG,
+    "volume": REQUIRED,
+    "image": REQUIRED,
+    "env": REQUIRED,
+    "env-file": REQUIRED,
+    "module": REQUIRED,
+    "entrypoint": OPTIONAL,
+    "workdir": OPTIONAL,
+}
+
+USAGE = """\
+Usage: shifter [options] [--] [command [args...]]
+
+Run a command in a container image as yourself.
+
+Options:
+  -i, --image=TYPE:TAG      image to use, e.g. docker:ubuntu:22.04 (TYPE: docker,
+                            custom, id, local); else $SHIFTER_IMAGETYPE and
+                            $SHIFTER_IMAGE, else $SHIFTER
+  -V, --volume=FROM:TO[:ro|:perNodeCache=size=N][;...]
+                            bind a host directory into the container; repeatable;
+                            replaces $SHIFTER_VOLUME
+      --entrypoint[=CMD]    run CMD, or bare: the image's entrypoint (+ its CMD
+                            when no command is given)
+  -w DIR, --workdir[=DIR]   working directory (default: the current one); bare
+                            --workdir: the image's WORKDIR
+  -m, --module=A,B|none     site modules to load instead of the default ones
+  -e, --env=NAME=VALUE      set a variable in the container; repeatable
+      --env-file=FILE       set variables from FILE (NAME=VALUE lines, # comments)
+  -E, --clearenv            start from an empty environment
+  -v, --verbose             say what is being done
+  -h, --help                show this help
+      --version             show the version
+
+Without a command: $SHELL, else /bin/sh. Options end at the first non-option.
+"""
+
+
+class Options:
+    """What the command line asked for (``None``: not given)."""
+
+    __slots__ = (
+        "image",
+        "volumes",
+        "entrypoint",
+        "use_entrypoint",
+        "workdir",
+        "use_workdir",
+        "module",
+        "env",
+        "env_file",
+        "clearenv",
+        "verbose",
+        "help",
+        "version",
+        "command",
+    )
+
+    def __init__(self) -> None:
+        self.image: str | None = None
+        self.volumes: list[str] = []
+        self.entrypoint: str | None = None
+        self.use_entrypoint = False
+        self.workdir: str | None = None
+        self.use_workdir = False
+        self.module: str | None = None
+        self.env: list[str] = []
+        self.env_file: str | None = None
+        self.clearenv = False
+        self.verbose = False
+        self.help = False
+        self.version = False
+        self.command: list[str] = []
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"Options({fields})"
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    """§6.2. Raises :class:`UsageError`; ``-e`` values are checked here (Shifter's
+    "Improperly formatted environment variable"), raising ``EnvError``."""
+    opts = Options()
+    pairs, opts.command = getopt_long(argv, SHORT, LONG)
+    for name, value in pairs:
+        if name in ("h", "help"):
+            opts.help = True
+        elif name in ("v", "verbose"):
+            opts.verbose = True
+        elif name == "version":
+            opts.version = True
+        elif name in ("E", "clearenv"):
+            opts.clearenv = True
+        elif name in ("i", "image"):
+            opts.image = value
+        elif name in ("V", "volume"):
+            opts.volumes.append(value or "")
+        elif name in ("e", "env"):
+            from udiroot.environ import parse_env_option
+
+            parse_env_option(value or "")
+            opts.env.append(value or "")
+        elif name == "env-file":
+            opts.env_file = value
+        elif name in ("m", "module"):
+            opts.module = value
+        elif name == "entrypoint":
+            opts.use_entrypoint = True
+            opts.entrypoint = value or None
+        elif name in ("w", "workdir"):
+            opts.use_workdir = True
+            opts.workdir = value or None
+    return opts
+
+
+def read_env_file(path: str) -> list[tuple[str, str]]:
+    from udiroot.environ import parse_env_file
+
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except OSError as exc:
+        raise Failure(f"Failed to read env file {path}: {exc.strerror}") from None
+    return parse_env_file(text)
+
+
+def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
+    """Everything up to exec: the helper's argv (the env fd already made). Raises
+    :class:`Failure` or one of the rule modules' ``ValueError`` subclasses, whose
+    messages are the ones to print."""
+    from udiroot.command import select_command, select_workdir
+    from udiroot.config import load_or_exit
+    from udiroot.descriptor import select_image
+    from udiroot.environ import build_environment
+    from udiroot.meta import ACL_DENIED, ImageMeta, MetaError, image_allows, read_meta
+    from udiroot.modules import requested_modules, select_modules
+    from udiroot.volumes import parse_user_volumes, requested_volumes
+
+    cfg = load_or_exit()
+    allow_local = cfg.flag("allowLocalChroot")
+    request = select_image(opts.image, environ, cfg.get("defaultImageType"), allow_local)
+
+    # Cheap checks first: a typo must not cost a gateway round trip.
+    volume_args: list[str] = []
+    if opts.volumes:
+        volume_args = [v for v in opts.volumes if v.strip()]
+    else:
+        env_volumes = requested_volumes([], environ)
+        if env_volumes.strip():
+            volume_args = [env_volumes]
+    for text in volume_args:
+        parse_user_volumes(text)
+    modules = select_modules(cfg, requested_modules(opts.module, environ))
+    env_file = read_env_file(opts.env_file) if opts.env_file is not None else []
+
+    if request.type == "local":
+        image_id, target = request.tag, ["--local", request.tag]
+        meta = ImageMeta()
+    else:
+        image_id = resolve_id(cfg, request, opts.verbose)
+        target = ["--image-id", image_id]
+        try:
+            meta = read_meta(meta_path(cfg, image_id))
+        except MetaError as exc:
+            if str(exc) == NOT_FOUND:
+                raise Failure(NOT_FOUND) from None
+            raise
+        if not image_allows(meta, posix.getuid(), posix.getgid(), posix.getgroups()):
+            raise Failure(ACL_DENIED)
+
+    command = select_command(
+        opts.command,
+        use_entrypoint=opts.use_entrypoint,
+        entrypoint=opts.entrypoint,
+        image_entry=meta.entry,
+        image_cmd=meta.cmd,
+        shell=environ.get("SHELL"),
+    )
+    workdir = select_workdir(
+        "" if opts.use_workdir else _cwd(),
+        use_workdir=opts.use_workdir,
+        workdir=opts.workdir,
+        image_workdir=meta.workdir,
+    )
+    if not workdir.startswith("/"):
+        # Shifter chdir()s after chroot("/") + chdir("/"): a relative path is from /.
+        workdir = "/" + workdir
+
+    env = build_environment(
+        environ,
+        image_request=_request_text(request, environ),
+        image_id=image_id,
+        clearenv=opts.clearenv,
+        image_env=meta.env,
+        env_file=env_file,
+        env_options=opts.env,
+        modules=modules,
+        site=cfg.values,
+    )
+    fd = env_fd(env)
+    argv = [helper_path(environ), "run", *target]
+    for text in volume_args:
+        argv += ["--volume", text]
+    argv += ["--modules", ",".join(m.name for m in modules) or "none"]
+    argv += ["--workdir", workdir, "--request", str(request), "--env-fd", str(fd)]
+    if opts.verbose:
+        argv.append("--verbose")
+    argv += ["--", *command]
+    return argv
+
+
+def _request_text(request: ImageRequest, environ: Mapping[str, str]) -> str:
+    """``SHIFTER_IMAGEREQUEST``: the tag as the user asked for it (what job scripts compare
+    with the name they passed to ``--image``). When Slurm already resolved the request to
+    an id (§7: ``SHIFTER_IMAGETYPE=id`` plus the original in ``SHIFTER_IMAGEREQUEST``),
+    the original is kept."""
+    if request.type == "id" and environ.get("SHIFTER_IMAGEREQUEST"):
+        return environ["SHIFTER_IMAGEREQUEST"]
+    return request.tag
+
+
+def _cwd() -> str:
+    try:
+        return posix.getcwd()
+    except OSError as exc:
+        raise Failure(f"Failed to determine current working directory: {exc.strerror}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: returns 1 on any error; on success it does not return (exec)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        try:
+            opts = parse_args(args)
+        except UsageError as exc:
+            print(f"shifter: {exc}\nTry 'shifter --help' for more information.", file=sys.stderr)
+            return 1
+        if opts.help:
+            sys.stdout.write(USAGE)
+            return 0
+        if opts.version:
+            print(f"shifter {__version__}")
+            return 0
+        helper_argv = plan(opts, caller_environ())
+    except Failure as exc:
+        return fail(str(exc))
+    except ValueError as exc:
+        # The rule modules' errors (DescriptorError, VolumeError, ModuleError, EnvError,
+        # MetaError, CommandError) carry the message Shifter prints; anything else is a bug.
+        if not type(exc).__module__.startswith("udiroot."):
+            raise
+        return fail(str(exc))
+    except SystemExit as exc:  # load_or_exit: the message is already out
+        return exc.code if isinstance(exc.code, int) else 1
+    except KeyboardInterrupt:
+        return 130
+    return exec_helper(helper_argv, opts.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

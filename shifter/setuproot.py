@@ -1,0 +1,250 @@
+"""``setupRoot`` and ``unsetupRoot``: prepare and remove a node's shared container for a
+job (behaviour spec §6.14; run by the Slurm prolog and epilog, §7).
+
+    setupRoot [-v volmap]… [-s sshPubKey] [-u user] [-U uid] [-G gid] [-N "host/n …"]
+              [-m modules] <type> <identifier>        (or one <type:identifier> word)
+    unsetupRoot
+
+Root only. Like ``shifter`` they check what needs no privilege (options, image id,
+volumes, modules, node list) and become the helper, which builds the container in the
+caller's mount namespace and writes ``shifterConfig.json`` (``setup``) or unmounts it all
+(``unsetup``)::
+
+    shifter-helper setup --user NAME --uid U --gid G (--image-id ID | --local PATH)
+        [--volume LIST]… --modules LIST|none [--nodes "host/N …"] [--ssh-pubkey KEY]
+    shifter-helper unsetup
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from shifter.frontend import (
+    NO_ARG,
+    NOT_FOUND,
+    REQUIRED,
+    Failure,
+    UsageError,
+    exec_helper,
+    fail,
+    getopt_long,
+    helper_path,
+    meta_path,
+    resolve_id,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+SHORT = {
+    "h": NO_ARG,
+    "v": REQUIRED,
+    "s": REQUIRED,
+    "u": REQUIRED,
+    "U": REQUIRED,
+    "G": REQUIRED,
+    "N": REQUIRED,
+    "m": REQUIRED,
+}
+LONG = {"help": NO_ARG}
+
+SETUP_USAGE = """\
+Usage: setupRoot [-v volmap]... [-s sshPubKey] [-u user] -U uid -G gid
+                 [-N "host/n host/n ..."] [-m modules] <type> <identifier>
+
+Prepare this node's container for a job (root only; the Slurm prolog runs it).
+  -v VOLMAP   user volume map (from:to[:ro|:perNodeCache=size=N][;...]); repeatable
+  -s KEY      the user's ssh public key
+  -u USER     user name (default: the name of uid)
+  -U UID      the user's uid
+  -G GID      the user's primary gid
+  -N NODES    node list for /var/hostsfile: "host/tasks host/tasks ..."
+  -m MODULES  site modules (comma list or none; default: defaultModules)
+The image is <type> <identifier> (e.g. docker ubuntu:22.04) or one type:identifier.
+"""
+UNSETUP_USAGE = """\
+Usage: unsetupRoot
+
+Remove this node's prepared container (root only; the Slurm epilog runs it).
+"""
+
+
+class SetupOptions:
+    __slots__ = ("volumes", "ssh_key", "user", "uid", "gid", "nodes", "modules", "image", "help")
+
+    def __init__(self) -> None:
+        self.volumes: list[str] = []
+        self.ssh_key: str | None = None
+        self.user: str | None = None
+        self.uid: int | None = None
+        self.gid: int | None = None
+        self.nodes: str | None = None
+        self.modules: str | None = None
+        self.image: list[str] = []
+        self.help = False
+
+
+def parse_setup_args(argv: Sequence[str]) -> SetupOptions:
+    """Options anywhere before ``--`` (GNU getopt's default ordering); the image operands
+    are one ``type:identifier`` word or ``type identifier``."""
+    opts = SetupOptions()
+    pairs, opts.image = getopt_long(argv, SHORT, LONG, permute=True)
+    for name, value in pairs:
+        text = value or ""
+        if name in ("h", "help"):
+            opts.help = True
+        elif name == "v":
+            opts.volumes.append(text)
+        elif name == "s":
+            opts.ssh_key = text
+        elif name == "u":
+            opts.user = text
+        elif name == "U":
+            opts.uid = _id_number(text, "-U")
+        elif name == "G":
+            opts.gid = _id_number(text, "-G")
+        elif name == "N":
+            opts.nodes = text
+        elif name == "m":
+            opts.modules = text
+    if not opts.help and not 1 <= len(opts.image) <= 2:
+        raise UsageError("expected the image as <type> <identifier>")
+    return opts
+
+
+def _id_number(text: str, option: str) -> int:
+    if not text or len(text) > 10 or any(c not in "0123456789" for c in text):
+        raise UsageError(f"{option} needs a numeric id, not '{text}'")
+    number = int(text)
+    if number > 0xFFFFFFFE:
+        raise UsageError(f"{option} id {text} is out of range")
+    return number
+
+
+def plan_setup(opts: SetupOptions) -> list[str]:
+    """The helper's ``setup`` argv. Raises :class:`Failure` or a rule module's error."""
+    from udiroot.config import load_or_exit
+    from udiroot.descriptor import make_request, parse_descriptor
+    from udiroot.hostsfile import parse_node_list
+    from udiroot.meta import ACL_DENIED, MetaError, image_allows, read_meta
+    from udiroot.modules import select_modules
+    from udiroot.volumes import parse_user_volumes
+
+    if opts.uid is None or opts.gid is None:
+        raise Failure("setupRoot: -U uid and -G gid are required")
+    if opts.uid == 0 or opts.gid == 0:
+        raise Failure("Failed to lookup username or attempted to run as root.")
+    user = opts.user or _user_name(opts.uid)
+
+    cfg = load_or_exit()
+    allow_local = cfg.flag("allowLocalChroot")
+    if len(opts.image) == 2:
+        request = make_request(opts.image[0], opts.image[1], allow_local)
+    else:
+        request = parse_descriptor(opts.image[0], cfg.get("defaultImageType"), allow_local)
+
+    volumes = [v for v in opts.volumes if v.strip()]
+    for text in volumes:
+        parse_user_volumes(text)
+    modules = select_modules(cfg, opts.modules)
+    if opts.nodes is not None:
+        parse_node_list(opts.nodes)
+
+    if request.type == "local":
+        target = ["--local", request.tag]
+    else:
+        image_id = resolve_id(cfg, request)
+        target = ["--image-id", image_id]
+        try:
+            meta = read_meta(meta_path(cfg, image_id))
+        except MetaError as exc:
+            if str(exc) == NOT_FOUND:
+                raise Failure(NOT_FOUND) from None
+            raise
+        if not image_allows(meta, opts.uid, opts.gid, _groups(user, opts.gid)):
+            raise Failure(ACL_DENIED)
+
+    argv = [helper_path(os.environ), "setup", "--user", user, "--uid", str(opts.uid)]
+    argv += ["--gid", str(opts.gid), *target]
+    for text in volumes:
+        argv += ["--volume", text]
+    argv += ["--modules", ",".join(m.name for m in modules) or "none"]
+    if opts.nodes is not None:
+        argv += ["--nodes", opts.nodes]
+    if opts.ssh_key is not None:
+        argv += ["--ssh-pubkey", opts.ssh_key]
+    return argv
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        raise Failure(f"setupRoot: no user with uid {uid}; give the name with -u") from None
+
+
+def _groups(user: str, gid: int) -> list[int]:
+    """The user's supplementary groups for the ACL pre-check (the helper decides)."""
+    try:
+        return os.getgrouplist(user, gid)
+    except OSError:
+        return []
+
+
+def _run(argv: Sequence[str] | None, name: str, body: Callable[[list[str]], int]) -> int:
+    """Shared error handling of both mains."""
+    try:
+        return body(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as exc:
+        print(f"{name}: {exc}\nTry '{name} -h' for more information.", file=sys.stderr)
+        return 1
+    except Failure as exc:
+        return fail(str(exc))
+    except ValueError as exc:
+        if not type(exc).__module__.startswith("udiroot."):
+            raise
+        return fail(str(exc))
+    except SystemExit as exc:  # load_or_exit: the message is already out
+        return exc.code if isinstance(exc.code, int) else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _setup(args: list[str]) -> int:
+    opts = parse_setup_args(args)
+    if opts.help:
+        sys.stdout.write(SETUP_USAGE)
+        return 0
+    if os.getuid() != 0:
+        raise Failure("setupRoot: must be run as root")
+    return exec_helper(plan_setup(opts))
+
+
+def _unsetup(args: list[str]) -> int:
+    pairs, rest = getopt_long(args, {"h": NO_ARG}, LONG)
+    if pairs:
+        sys.stdout.write(UNSETUP_USAGE)
+        return 0
+    if rest:
+        raise UsageError(f"unexpected argument '{rest[0]}'")
+    if os.getuid() != 0:
+        raise Failure("unsetupRoot: must be run as root")
+    return exec_helper([helper_path(os.environ), "unsetup"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``setupRoot``: returns 1 on any error; on success it does not return (exec)."""
+    return _run(argv, "setupRoot", _setup)
+
+
+def main_unsetup(argv: Sequence[str] | None = None) -> int:
+    """``unsetupRoot``: returns 1 on any error; on success it does not return (exec)."""
+    return _run(argv, "unsetupRoot", _unsetup)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
