@@ -67,6 +67,7 @@ allowLocalChroot=0
 mountUdiRootWritable=0
 maxGroupCount=31
 mountPropagationStyle=slave
+siteFs=/home:/home
 siteEnv=SHIFTER_RUNTIME=1
 system=demo
 defaultImageType=docker
@@ -149,7 +150,8 @@ def main() -> int:
             return 1
     site_config_cache.update(site_config())
     image_path = Path(site_config_cache["imagePath"])
-    image_path.mkdir(parents=True, exist_ok=True)
+    for key in ("imagePath", "udiMount", "loopMount"):
+        Path(site_config_cache[key]).mkdir(parents=True, exist_ok=True)
     os.chmod(image_path, 0o755)
     pw = demo_user()
     state = Path(tempfile.mkdtemp(prefix="shifter-demo-"))
