@@ -364,3 +364,41 @@ def test_setup_root_is_for_root_only(site, image):
     assert res.returncode == 1 and res.stderr.strip()
     res = site.run(ALICE, [str(HELPER), "unsetup"])
     assert res.returncode == 1 and res.stderr.strip()
+
+
+# -- the whole main job: registry → gateway → shifterimg pull → shifter ----------------------
+
+
+def test_pull_with_shifterimg_then_run_with_shifter(site, registry, munged, tmp_path):
+    """§9 integration: an image built and pushed here, pulled through a real gateway by
+    the user, then run by tag; the tag resolves from the gateway's index in imagePath,
+    and still does while the gateway is down."""
+    from world.gateway import Gateway
+    from world.imagebuild import File, Symlink, build_layer, push_image
+
+    entries = [File("bin/busybox", Path("/bin/busybox").read_bytes(), mode=0o755)]
+    entries += [Symlink(f"bin/{n}", "busybox") for n in ("sh", "echo", "cat")]
+    entries += [File("etc/os-release", "ID=pulled-for-runtime\n")]
+    push_image(registry, "runtime/e2e", "v1", [build_layer(entries, "gzip", tmp_path)],
+               {"Env": ["PATH=/bin", "FROM_CONFIG=yes"], "Cmd": ["/bin/sh"]})
+    tag = f"{registry.host}/runtime/e2e:v1"
+    gw = Gateway(tmp_path / "gw", munge_socket=munged.socket, registry=registry,
+                 extra={"Platforms": {"testsys": {
+                     "mungeSocketPath": munged.socket, "accesstype": "local",
+                     "admins": ["root"], "local": {"imageDir": str(site.image_dir)}}}})
+    client_conf = site.base / "client-udiRoot.conf"
+    with gw:
+        text = "".join(f"{k}={v}\n" for k, v in site.conf.items())
+        client_conf.write_text(text + f"imageGateway={gw.url}\n")
+        os.chmod(client_conf, 0o644)
+        env = {"SHIFTER_UDIROOT_CONF": str(client_conf), "MUNGE_SOCKET": munged.socket}
+        shifterimg = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "shifterimg")
+        pulled = site.run(ALICE, [shifterimg, "pull", tag], env=env, timeout=120)
+        assert pulled.returncode == 0 and "READY" in pulled.stdout, pulled
+        res = site.shifter(ALICE, f"--image={tag}", "sh", "-c",
+                           "echo test; cat /etc/os-release; echo $FROM_CONFIG", env=env)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == "test\nID=pulled-for-runtime\nyes\n"
+    # The gateway is down: the image still runs, by tag.
+    res = site.shifter(ALICE, f"--image=docker:{tag}", "echo", "still", env=env)
+    assert (res.returncode, res.stdout) == (0, "still\n"), res.stderr
