@@ -15,6 +15,7 @@ Several gunicorn worker processes, each with several threads, use the same file,
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -177,6 +178,18 @@ class SQLiteStore(RecordStore):
             raise
 
     def _init_schema(self) -> None:
+        # Every gunicorn worker opens the store as it boots, all at the same moment, and
+        # switching a new file to WAL needs the file to itself: SQLite answers "database
+        # is locked" there without waiting on busy_timeout, and a worker that fails to
+        # boot makes gunicorn stop the whole gateway. So the openers take turns.
+        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._init_schema_locked()
+        finally:
+            os.close(fd)
+
+    def _init_schema_locked(self) -> None:
         conn = self._conn()
         # WAL is a property of the file; switching needs no transaction open. It fails on
         # file systems without shared memory (NFS): say so rather than run slowly or wrongly.

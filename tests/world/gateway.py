@@ -98,15 +98,24 @@ class Gateway:
         )
         log.close()
         deadline = time.monotonic() + timeout
+        # Ready when every worker has answered: gunicorn stops the whole gateway when a
+        # worker fails to boot, and a start that returned on the first worker's answer
+        # would leave that failure to surface later as "connection refused".
+        answered: set[int] = set()
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:
+                resp = requests.get(f"{self.url}/healthz", timeout=1,
+                                    headers={"Connection": "close"})
+                if resp.status_code == 200:
+                    answered.add(int(resp.json().get("pid", 0)))
+                    if len(answered) >= self.workers:
+                        return self
+                    continue
+            except (requests.RequestException, ValueError):
                 pass
-            time.sleep(0.1)
+            time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"gateway did not answer in {timeout} s:\n{self.log()}")
 
@@ -160,8 +169,15 @@ class Gateway:
         if body is not None:
             data = body if isinstance(body, bytes | str) else json.dumps(body)
             headers["Content-Type"] = "application/json"
-        return requests.request(method, self.url + path, headers=headers, data=data,
-                                timeout=timeout)
+        try:
+            return requests.request(method, self.url + path, headers=headers, data=data,
+                                    timeout=timeout)
+        except requests.ConnectionError:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"the gateway exited {self.proc.returncode}:\n{self.log()}"
+                ) from None
+            raise
 
     def wait_status(self, tag: str, want: tuple[str, ...] = ("READY", "FAILURE"), *,
                     user: str | None = None, body: Any = None, timeout: float = 120,
