@@ -402,3 +402,26 @@ def test_pull_with_shifterimg_then_run_with_shifter(site, registry, munged, tmp_
     # The gateway is down: the image still runs, by tag.
     res = site.shifter(ALICE, f"--image=docker:{tag}", "echo", "still", env=env)
     assert (res.returncode, res.stdout) == (0, "still\n"), res.stderr
+
+
+def test_site_and_module_root_hooks(site, image):
+    """sitePreMountHook and a module roothook run as root in the container root being
+    built (cwd udiMount); a failing one stops the launch and leaves nothing mounted."""
+    pre = site.base / "premount.sh"
+    pre.write_text("id -u > etc/premount-ran\n")
+    roothook = site.base / "roothook.sh"
+    roothook.write_text("echo \"$(id -u) $(pwd)\" > etc/roothook-ran\n")
+    failing = site.base / "failing.sh"
+    failing.write_text("echo hook says no >&2; exit 3\n")
+    for path in (pre, roothook, failing):
+        os.chmod(path, 0o755)
+    site.write_conf(sitePreMountHook=str(pre), module_hooked_roothook=str(roothook),
+                    module_broken_roothook=str(failing))
+    res = site.shifter(ALICE, f"--image=id:{image}", "--module=hooked", "cat",
+                       "/etc/premount-ran", "/etc/roothook-ran")
+    assert res.returncode == 0, res.stderr
+    # As root, with cwd the container root being built (udiMount, in the private namespace).
+    assert res.stdout.split() == ["0", "0", str(site.udi_mount)]
+    res = site.shifter(ALICE, f"--image=id:{image}", "--module=broken", "true")
+    assert res.returncode == 1 and "broken" in res.stderr, res.stderr
+    assert site.our_mounts() == [] and site.our_loops() == []
