@@ -26,9 +26,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 HELPERS = REPO / "helpers"
-TEST_CONF_DIR = Path("/etc/shifter-test")
+# SHIFTER_TEST_SLOT lets two checkouts run the runtime tests at once on one machine
+# (each its own compiled config path and helper); unset, the paths are the usual ones.
+SLOT = os.environ.get("SHIFTER_TEST_SLOT", "")
+TEST_CONF_DIR = Path(f"/etc/shifter-test{SLOT}")
 TEST_CONF = TEST_CONF_DIR / "udiRoot.conf"
-HELPER_DIR = Path("/usr/local/libexec/shifter-test")
+HELPER_DIR = Path(f"/usr/local/libexec/shifter-test{SLOT}")
 HELPER = HELPER_DIR / "shifter-helper"
 PYTHON = "/usr/bin/python3"  # Debian's: every user can run it (pyenv's is root-only here)
 BUSYBOX = Path("/bin/busybox")
@@ -45,7 +48,8 @@ class Result:
 
 def install_helper() -> Path:
     """Build the sanitized helper and install it setuid root; returns its path."""
-    subprocess.run(["make", "-s", "-C", str(HELPERS), "sanitize"], check=True)
+    subprocess.run(["make", "-s", "-C", str(HELPERS), "sanitize",
+                    f"TEST_CONF_PATH={TEST_CONF}"], check=True)
     HELPER_DIR.mkdir(parents=True, exist_ok=True)
     os.chmod(HELPER_DIR, 0o755)
     tmp = HELPER_DIR / ".shifter-helper.new"
