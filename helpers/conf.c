@@ -32,7 +32,8 @@ static const char *const other_keys[] = {
     "mountUdiRootWritable", "maxGroupCount", "mountPropagationStyle", "mkfsXfsPath",
     "gatewayTimeout", "siteEnv", "siteEnvAppend", "siteEnvPrepend", "siteEnvUnset",
     "siteResources", "imageGateway", "batchType", "system", "defaultImageType",
-    "defaultModules", "gpuLibraries", "gpuBinaries", "cdiSpecDirs", "allowCdiHooks",
+    "defaultModules", "gpuLibraries", "gpuBinaries", "gpuBinaryPath", "gpuLdCache",
+    "gpuDeviceDir", "cdiSpecDirs", "allowCdiHooks",
 };
 
 static const char *const deprecated_keys[] = {

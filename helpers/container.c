@@ -80,7 +80,8 @@ char *container_signature(const struct ctx *c)
         strcat(mods, ",");
     }
     /* Worst case every byte becomes \u00XX (6 bytes). */
-    size = 6 * (strlen(ident) + strlen(c->id.name) + strlen(vols) + strlen(mods)) + 64;
+    size = 6 * (strlen(ident) + strlen(c->id.name) + strlen(vols) + strlen(mods)) + 64 +
+           GPU_MAX * 4;
     out = p = xmalloc(size);
     p += sprintf(p, "{\"identifier\":\"");
     json_add(&p, ident);
@@ -90,6 +91,12 @@ char *container_signature(const struct ctx *c)
     json_add(&p, vols);
     p += sprintf(p, "\",\"modules\":\"");
     json_add(&p, mods);
+    if (c->gpu.requested) {
+        /* Only with --gpu, so that every other signature stays Shifter's byte for byte. */
+        char gpus[GPU_MAX * 4];
+        gpu_signature(&c->gpu, gpus, sizeof gpus);
+        p += sprintf(p, "\",\"gpus\":\"%s", gpus);
+    }
     sprintf(p, "\"}");
     free(vols);
     free(mods);
@@ -264,7 +271,10 @@ static void system_mounts(struct ctx *c)
     close(mfd);
     close(dst);
     bind_host_dir(c, "/sys", "sys", 1, ATTR_NOSUID | ATTR_NODEV);
-    bind_host_dir(c, "/dev", "dev", 1, ATTR_NOSUID); /* devices allowed */
+    if (c->gpu.requested)
+        gpu_mount_dev(c); /* only the selected /dev/nvidiaN */
+    else
+        bind_host_dir(c, "/dev", "dev", 1, ATTR_NOSUID); /* devices allowed */
     bind_host_dir(c, "/tmp", "tmp", 0, ATTR_NOSUID | ATTR_NODEV);
     bind_host_dir(c, "/var/tmp", "var/tmp", 0, ATTR_NOSUID | ATTR_NODEV);
 }
@@ -398,6 +408,8 @@ void container_build(struct ctx *c, const char *signature)
     image = mount_image(c);
     mount_rootfs(c);
     site_steps(c);
+    if (c->gpu.requested)
+        gpu_mount_files(c, image);
     verbose("site steps done");
     merge(image, c->root, 1);
     close(image);

@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "conf.h"
+#include "gpu.h"
 #include "ident.h"
 #include "meta.h"
 #include "volume.h"
@@ -29,6 +30,7 @@ struct ctx {
     char loop[4096];          /* loopMount, canonical */
     int root;                 /* container root (the rootfs mount), -1 until built */
     unsigned long propagation; /* MS_SLAVE or MS_PRIVATE (mountPropagationStyle) */
+    struct gpu_plan gpu;      /* --gpu: what to inject (gpu.requested 0: nothing) */
 };
 
 /* The reuse signature of spec 6.5 (malloc'd). */

@@ -43,7 +43,7 @@ static struct udiroot_conf conf;
 static struct ctx ctx;
 
 struct options {
-    const char *workdir, *request, *modules, *user, *uid, *gid, *ssh_key;
+    const char *workdir, *request, *modules, *user, *uid, *gid, *ssh_key, *gpu;
     int env_fd;
     char *volumes; /* concatenated --volume lists */
     char **argv;   /* after "--" */
@@ -52,7 +52,7 @@ struct options {
 static void usage(void)
 {
     die("usage: shifter-helper run [--image-id ID | --local PATH] [--volume LIST]... "
-        "[--modules LIST] [--workdir DIR] [--env-fd N] [--request TEXT] [--verbose] -- CMD "
+        "[--modules LIST] [--gpu all|N,N] [--workdir DIR] [--env-fd N] [--request TEXT] [--verbose] -- CMD "
         "[ARG...]\n"
         "       shifter-helper setup --user NAME --uid U --gid G (--image-id ID | --local "
         "PATH) [--volume LIST]... [--modules LIST] [--nodes LIST] [--ssh-pubkey KEY]\n"
@@ -109,6 +109,8 @@ static void parse_options(int argc, char **argv, int first, int is_run, struct o
             o->modules = v;
         else if (strcmp(a, "--workdir") == 0 && is_run && o->workdir == NULL)
             o->workdir = v;
+        else if (strcmp(a, "--gpu") == 0 && is_run && o->gpu == NULL)
+            o->gpu = v;
         else if (strcmp(a, "--request") == 0 && is_run && o->request == NULL)
             o->request = v;
         else if (strcmp(a, "--env-fd") == 0 && is_run && o->env_fd < 0) {
@@ -273,6 +275,8 @@ static void common_checks(struct options *o)
     /* The front end resolves defaultModules; the list given is final (absent = none). */
     if (o->modules != NULL)
         select_modules(o->modules);
+    if (o->gpu != NULL && gpu_parse(o->gpu, &ctx.gpu, err, sizeof err) != 0)
+        die("%s", err);
     if (ctx.nodes != NULL && hosts_validate(ctx.nodes, err, sizeof err) != 0)
         die("%s", err);
     if (o->ssh_key != NULL && (strlen(o->ssh_key) > 16384 || strchr(o->ssh_key, '\n')))
@@ -289,6 +293,8 @@ static void common_checks(struct options *o)
         if (!meta_allows(&ctx.meta, &ctx.id))
             die("FAILED permission denied to image");
     }
+    if (ctx.gpu.requested)
+        gpu_discover(&conf, &ctx.gpu); /* before anything is mounted */
 }
 
 static void canonical(const char *key, char *out, size_t len)

@@ -217,6 +217,11 @@ done:
     return fd;
 }
 
+int volmount_target(const struct ctx *c, const char *path, int want_dir, const char **why)
+{
+    return open_target(c, path, want_dir, 0, why);
+}
+
 void volmount_site(struct ctx *c, const char *text, const char *what)
 {
     static struct volume_list list;

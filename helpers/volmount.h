@@ -13,6 +13,11 @@ void volmount_site(struct ctx *c, const char *text, const char *what);
 /* Mount c->vols (spec 6.7, 6.8). */
 void volmount_user(struct ctx *c);
 
+/* Open (O_PATH) path inside the container root, creating missing components while
+ * their parent is the container's own rootfs (want_dir: the last one is a directory,
+ * else an empty file); -1 with the reason in *why. */
+int volmount_target(const struct ctx *c, const char *path, int want_dir, const char **why);
+
 /* Open a directory with the user's filesystem identity (O_PATH, symlinks followed but
  * no /proc magic links), requiring search permission on it; -1 with errno. */
 int volmount_open_as_user(const struct ident *id, const char *path);

@@ -1,7 +1,7 @@
 """``shifter``: run a command in a container image (behaviour spec §6.2–§6.11).
 
     shifter [-h] [-v] [-i|--image=type:tag] [-V|--volume=from:to[:flags][;…]]…
-            [--entrypoint[=cmd]] [-w path|--workdir[=path]] [-m|--module=a,b|none]
+            [--entrypoint[=cmd]] [-w path|--workdir[=path]] [-m|--module=a,b|none] [--gpu[=ids]]
             [-e|--env=NAME=VALUE]… [--env-file=path] [-E|--clearenv] [--version]
             [--] [command [args…]]
 
@@ -11,7 +11,7 @@ directory and modules, and then *becomes* the setuid helper with ``execv`` (no f
 signals, stdin, the terminal and the exit status are the command's)::
 
     shifter-helper run (--image-id ID | --local PATH) [--volume LIST]…
-        --modules LIST|none --workdir DIR --request TYPE:TAG --env-fd N [--verbose]
+        --modules LIST|none [--gpu all|N,N] --workdir DIR --request TYPE:TAG --env-fd N [--verbose]
         -- CMD [ARG…]
 
 The helper trusts none of it and re-checks what needs checking (helpers/PROTOCOL.md).
@@ -71,6 +71,7 @@ LONG = {
     "module": REQUIRED,
     "entrypoint": OPTIONAL,
     "workdir": OPTIONAL,
+    "gpu": OPTIONAL,
 }
 
 USAGE = """\
@@ -90,6 +91,9 @@ Options:
   -w DIR, --workdir[=DIR]   working directory (default: the current one); bare
                             --workdir: the image's WORKDIR
   -m, --module=A,B|none     site modules to load instead of the default ones
+      --gpu[=N,N]           inject the node's GPU driver and only these GPUs
+                            (/dev/nvidiaN indexes; bare: all of them); also
+                            requested by $CUDA_VISIBLE_DEVICES
   -e, --env=NAME=VALUE      set a variable in the container; repeatable
       --env-file=FILE       set variables from FILE (NAME=VALUE lines, # comments)
   -E, --clearenv            start from an empty environment
@@ -112,6 +116,8 @@ class Options:
         "workdir",
         "use_workdir",
         "module",
+        "use_gpu",
+        "gpu",
         "env",
         "env_file",
         "clearenv",
@@ -129,6 +135,8 @@ class Options:
         self.workdir: str | None = None
         self.use_workdir = False
         self.module: str | None = None
+        self.use_gpu = False
+        self.gpu: str | None = None
         self.env: list[str] = []
         self.env_file: str | None = None
         self.clearenv = False
@@ -169,6 +177,9 @@ def parse_args(argv: Sequence[str]) -> Options:
             opts.env_file = value
         elif name in ("m", "module"):
             opts.module = value
+        elif name == "gpu":
+            opts.use_gpu = True
+            opts.gpu = value
         elif name == "entrypoint":
             opts.use_entrypoint = True
             opts.entrypoint = value or None
@@ -217,6 +228,11 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
         parse_user_volumes(text)
     modules = select_modules(cfg, requested_modules(opts.module, environ))
     env_file = read_env_file(opts.env_file) if opts.env_file is not None else []
+    gpus = None
+    if opts.use_gpu or environ.get("CUDA_VISIBLE_DEVICES"):
+        from udiroot.gpu import requested_gpus
+
+        gpus = requested_gpus(opts.use_gpu, opts.gpu, environ)
 
     if request.type == "local":
         image_id, target = request.tag, ["--local", request.tag]
@@ -261,12 +277,17 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
         env_options=opts.env,
         modules=modules,
         site=cfg.values,
+        gpus=gpus,
     )
     fd = env_fd(env)
     argv = [helper_path(environ), "run", *target]
     for text in volume_args:
         argv += ["--volume", text]
     argv += ["--modules", ",".join(m.name for m in modules) or "none"]
+    if gpus is not None:
+        from udiroot.gpu import helper_argument
+
+        argv += ["--gpu", helper_argument(gpus)]
     argv += ["--workdir", workdir, "--request", str(request), "--env-fd", str(fd)]
     if opts.verbose:
         argv.append("--verbose")

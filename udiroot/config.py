@@ -50,6 +50,9 @@ OPTIONAL = (
     "defaultModules",
     "gpuLibraries",
     "gpuBinaries",
+    "gpuBinaryPath",
+    "gpuLdCache",
+    "gpuDeviceDir",
     "cdiSpecDirs",
     "allowCdiHooks",
 )

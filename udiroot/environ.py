@@ -8,6 +8,8 @@ Order (behaviour spec §6.9):
 3. the image's ``ENV`` lines;
 4. ``--env-file`` lines (blank and ``#`` lines skipped; a line needs ``NAME=``);
 5. ``--env NAME=VALUE`` (``=`` neither first nor last);
+   then, with a GPU request, the GPU layer (``udiroot/gpu.py``: driver dirs on
+   ``LD_LIBRARY_PATH`` and ``PATH``, ``CUDA_VISIBLE_DEVICES`` renumbered);
 6. each active module's ``siteEnv``, ``siteEnvAppend``, ``siteEnvPrepend``,
    ``siteEnvUnset``, in module order;
 7. the same four keys of ``udiRoot.conf``.
@@ -109,9 +111,11 @@ def build_environment(
     env_options: Iterable[str] = (),
     modules: Sequence[Module] = (),
     site: Mapping[str, str] | None = None,
+    gpus: list[int] | str | None = None,
 ) -> dict[str, str]:
     """The whole §6.9 stack. ``modules`` are the active ones in order; ``site`` is
-    ``UdiRootConfig.values``; ``env_file`` is :func:`parse_env_file` output."""
+    ``UdiRootConfig.values``; ``env_file`` is :func:`parse_env_file` output; ``gpus`` is
+    :func:`udiroot.gpu.requested_gpus` output."""
     env = caller_environment(caller, clearenv)
     env["SHIFTER_IMAGEREQUEST"] = image_request
     env["SHIFTER_IMAGE"] = image_id
@@ -125,6 +129,10 @@ def build_environment(
     for text in env_options:
         name, value = parse_env_option(text)
         env[name] = value
+    if gpus is not None:
+        from udiroot.gpu import apply_gpu_env
+
+        apply_gpu_env(env, gpus, (site or {}).get("siteResources"))
     for module in modules:
         apply_site_env(env, module.values, f"module {module.name}")
     if site is not None:

@@ -1,0 +1,511 @@
+/*
+ * gpu.c - NVIDIA GPU support.  See gpu.h.
+ *
+ * What is injected comes only from root's domain:
+ *   libraries  the entries of the ld.so cache (gpuLdCache, default /etc/ld.so.cache;
+ *              root-owned, not group/other writable) whose name is <lib>.so* for a
+ *              <lib> of gpuLibraries, placed in gpu/lib64 or gpu/lib by their ELF class;
+ *   tools      gpuBinaries looked up in gpuBinaryPath (first match wins);
+ *   devices    /dev/nvidiaN and the control devices in gpuDeviceDir (default /dev).
+ * The user picks only indexes, and each must name a character device that exists.
+ * Every file is opened here, checked on the open fd and bound from that fd.
+ */
+#define _GNU_SOURCE
+#include "gpu.h"
+
+#include <ctype.h>
+#include <dirent.h>
+#include <elf.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#include "container.h"
+#include "copy.h"
+#include "mnt.h"
+#include "util.h"
+#include "volmount.h"
+
+#define LD_CACHE_MAX (64 * 1024 * 1024)
+
+static const char *const default_libraries =
+    "libcuda libnvidia-ml libnvidia-ptxjitcompiler libnvidia-fatbinaryloader "
+    "libnvidia-compiler libnvidia-encode libnvidia-opencl libnvcuvid libnvidia-nvvm "
+    "libnvidia-cfg libnvidia-allocator libnvidia-gpucomp libcudadebugger";
+static const char *const default_binaries =
+    "nvidia-smi nvidia-debugdump nvidia-persistenced nvidia-cuda-mps-control "
+    "nvidia-cuda-mps-server";
+static const char *const default_binary_path =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/* Devices every CUDA program needs besides its GPUs; those missing are skipped. */
+static const char *const control_devices[] = {
+    "nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset",
+};
+
+static const char *conf_or(const struct udiroot_conf *conf, const char *key, const char *dflt)
+{
+    const char *v = conf_get(conf, key);
+    return v != NULL && *v != '\0' ? v : dflt;
+}
+
+/* ---- the request ------------------------------------------------------------------ */
+
+int gpu_parse(const char *text, struct gpu_plan *g, char *err, size_t errlen)
+{
+    const char *p = text;
+
+    g->requested = 1;
+    g->n_sel = 0;
+    if (strcmp(text, "all") == 0) {
+        g->n_sel = -1; /* every GPU of the node, found by gpu_discover */
+        return 0;
+    }
+    while (*p) {
+        int idx = 0, digits = 0;
+        while (isdigit((unsigned char)*p) && digits < 3) {
+            idx = idx * 10 + (*p++ - '0');
+            digits++;
+        }
+        if (digits == 0 || (*p != ',' && *p != '\0') || idx >= GPU_MAX) {
+            snprintf(err, errlen,
+                     "Invalid GPU list '%.64s': expected device indexes from 0 to %d, "
+                     "such as 0,1",
+                     text, GPU_MAX - 1);
+            return -1;
+        }
+        for (int k = 0; k < g->n_sel; k++)
+            if (g->sel[k] == idx) {
+                snprintf(err, errlen, "Invalid GPU list '%.64s': GPU %d given twice", text, idx);
+                return -1;
+            }
+        g->sel[g->n_sel++] = idx;
+        if (*p == ',' && *++p == '\0') {
+            snprintf(err, errlen, "Invalid GPU list '%.64s': it ends with ','", text);
+            return -1;
+        }
+    }
+    if (g->n_sel == 0) {
+        snprintf(err, errlen, "Invalid GPU list: it is empty");
+        return -1;
+    }
+    return 0;
+}
+
+void gpu_signature(const struct gpu_plan *g, char *buf, size_t len)
+{
+    size_t n = 0;
+
+    buf[0] = '\0';
+    for (int k = 0; k < g->n_sel && n + 4 < len; k++)
+        n += (size_t)snprintf(buf + n, len - n, "%s%d", k ? "," : "", g->sel[k]);
+}
+
+/* ---- the driver's files ---------------------------------------------------------- */
+
+/* A regular file's ELF class (ELFCLASS32/64), or 0 when it is not ELF. */
+static int elf_class(int fd)
+{
+    unsigned char id[EI_NIDENT];
+
+    if (pread(fd, id, sizeof id, 0) != (ssize_t)sizeof id || memcmp(id, ELFMAG, SELFMAG) != 0)
+        return 0;
+    return id[EI_CLASS] == ELFCLASS64 || id[EI_CLASS] == ELFCLASS32 ? id[EI_CLASS] : 0;
+}
+
+static int have_file(const struct gpu_plan *g, const char *dir, const char *name)
+{
+    for (size_t i = 0; i < g->n_files; i++)
+        if (strcmp(g->files[i].dir, dir) == 0 && strcmp(g->files[i].name, name) == 0)
+            return 1;
+    return 0;
+}
+
+static void add_file(struct gpu_plan *g, const char *dir, const char *name, const char *path)
+{
+    struct gpu_file *f;
+
+    if (g->n_files >= GPU_MAX_FILES)
+        die("FAILED to set up GPU support: more than %d driver files", GPU_MAX_FILES);
+    f = &g->files[g->n_files++];
+    snprintf(f->name, sizeof f->name, "%s", name);
+    snprintf(f->dir, sizeof f->dir, "%s", dir);
+    f->path = xstrdup(path);
+    verbose("gpu: %s/%s from %s", dir, name, path);
+}
+
+/* name is "<lib>.so" or "<lib>.so.<anything>" for a word <lib> of the list. */
+static int wanted_library(const char *name, const char *list)
+{
+    const char *w = list;
+
+    while (*w) {
+        size_t len;
+        w += strspn(w, " \t");
+        len = strcspn(w, " \t");
+        if (len > 0 && strncmp(name, w, len) == 0 && strncmp(name + len, ".so", 3) == 0 &&
+            (name[len + 3] == '\0' || name[len + 3] == '.'))
+            return 1;
+        w += len;
+    }
+    return 0;
+}
+
+/*
+ * The ld.so cache as glibc 2.32+ writes it ("glibc-ld.so.cache1.1", possibly after the
+ * old "ld.so-1.7.0" table): a header, nlibs entries {flags, key, value, osversion, hwcap}
+ * and a string table; key and value are offsets from the start of the new header.
+ */
+struct cache_header {
+    char magic[17];
+    char version[3];
+    uint32_t nlibs;
+    uint32_t len_strings;
+    uint8_t flags;
+    uint8_t pad[3];
+    uint32_t extension_offset;
+    uint32_t unused[3];
+};
+struct cache_entry {
+    int32_t flags;
+    uint32_t key, value;
+    uint32_t osversion;
+    uint64_t hwcap;
+};
+
+static const char *cache_string(const char *base, size_t size, uint32_t off)
+{
+    if (off >= size || memchr(base + off, '\0', size - off) == NULL)
+        return NULL;
+    return base + off;
+}
+
+static void find_libraries(const struct udiroot_conf *conf, struct gpu_plan *g)
+{
+    const char *path = conf_or(conf, "gpuLdCache", "/etc/ld.so.cache");
+    const char *list = conf_or(conf, "gpuLibraries", default_libraries);
+    char *data, err[512];
+    size_t len, off = 0;
+    const struct cache_header *h;
+    const char *base;
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC), found = 0;
+
+    if (fd < 0)
+        die_errno("FAILED to set up GPU support: cannot open the library cache %s", path);
+    if (conf_check_fd(fd, path, err, sizeof err) != 0)
+        die("FAILED to set up GPU support: %s", err);
+    if (read_all_fd(fd, LD_CACHE_MAX, &data, &len) != 0)
+        die_errno("FAILED to set up GPU support: cannot read %s", path);
+    close(fd);
+    if (len >= 16 && memcmp(data, "ld.so-1.7.0", 12) == 0) {
+        uint32_t old_n;
+        memcpy(&old_n, data + 12, sizeof old_n);
+        off = (16 + (size_t)old_n * 12 + 3) & ~(size_t)3;
+    }
+    if (off > len || len - off < sizeof *h ||
+        memcmp(data + off, "glibc-ld.so.cache1.1", 20) != 0)
+        die("FAILED to set up GPU support: %s is not an ld.so cache this helper reads "
+            "(glibc-ld.so.cache1.1)", path);
+    h = (const struct cache_header *)(data + off);
+    base = data + off;
+    len -= off;
+    if (h->nlibs > (len - sizeof *h) / sizeof(struct cache_entry))
+        die("FAILED to set up GPU support: %s is truncated", path);
+    for (uint32_t i = 0; i < h->nlibs; i++) {
+        struct cache_entry e;
+        const char *key, *value, *dir;
+        int lib, cls;
+        struct stat st;
+
+        memcpy(&e, base + sizeof *h + (size_t)i * sizeof e, sizeof e);
+        key = cache_string(base, len, e.key);
+        value = cache_string(base, len, e.value);
+        if (key == NULL || value == NULL || !wanted_library(key, list))
+            continue;
+        if (strchr(key, '/') != NULL || strlen(key) >= sizeof g->files[0].name ||
+            !is_abs_clean_path(value))
+            continue;
+        lib = open(value, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+        if (lib < 0) {
+            verbose("gpu: %s -> %s: %s", key, value, strerror(errno));
+            continue;
+        }
+        cls = fstat(lib, &st) == 0 && S_ISREG(st.st_mode) ? elf_class(lib) : 0;
+        dir = cls == ELFCLASS64 ? "lib64" : "lib";
+        close(lib);
+        if (cls == 0 || have_file(g, dir, key))
+            continue; /* not ELF, or a lower-priority duplicate (the cache's first wins) */
+        add_file(g, dir, key, value);
+        found |= strncmp(key, "libcuda.so", 10) == 0;
+    }
+    free(data);
+    if (!found)
+        die("FAILED to set up GPU support: GPUs were requested (--gpu or "
+            "CUDA_VISIBLE_DEVICES) but this node has no NVIDIA driver (no libcuda.so in %s). "
+            "Run without --gpu, or on a GPU node.",
+            path);
+}
+
+static void find_binaries(const struct udiroot_conf *conf, struct gpu_plan *g)
+{
+    char *dirs = xstrdup(conf_or(conf, "gpuBinaryPath", default_binary_path));
+    char *names = xstrdup(conf_or(conf, "gpuBinaries", default_binaries));
+    char *s1 = NULL, *s2;
+
+    for (char *n = strtok_r(names, " \t", &s1); n != NULL; n = strtok_r(NULL, " \t", &s1)) {
+        char *d, *copy = xstrdup(dirs);
+        s2 = NULL;
+        if (strchr(n, '/') != NULL || strcmp(n, "..") == 0 || strcmp(n, ".") == 0)
+            die("FAILED to parse udiRoot configuration. (gpuBinaries: %s is not a file name)", n);
+        for (d = strtok_r(copy, ":", &s2); d != NULL; d = strtok_r(NULL, ":", &s2)) {
+            char *path;
+            struct stat st;
+            int found;
+            if (!is_abs_clean_path(d))
+                continue;
+            path = xasprintf("%s/%s", d, n);
+            found = stat(path, &st) == 0 && S_ISREG(st.st_mode) && (st.st_mode & 0111);
+            if (found)
+                add_file(g, "bin", n, path);
+            free(path);
+            if (found)
+                break;
+        }
+        free(copy);
+    }
+    free(names);
+    free(dirs);
+}
+
+/* ---- the devices ----------------------------------------------------------------- */
+
+/* "nvidiaN": returns N, else -1. */
+static int gpu_index(const char *name)
+{
+    char *end;
+    long n;
+
+    if (strncmp(name, "nvidia", 6) != 0 || !isdigit((unsigned char)name[6]))
+        return -1;
+    n = strtol(name + 6, &end, 10);
+    return *end == '\0' && n >= 0 && n < GPU_MAX ? (int)n : -1;
+}
+
+static void find_devices(const struct udiroot_conf *conf, struct gpu_plan *g)
+{
+    const char *dir = conf_or(conf, "gpuDeviceDir", "/dev");
+    int present[GPU_MAX] = {0}, fd;
+    char have[GPU_MAX * 4 + 1] = "";
+    DIR *d;
+    struct dirent *e;
+
+    if (!is_abs_clean_path(dir) || strlen(dir) >= sizeof g->dev_dir)
+        die("FAILED to parse udiRoot configuration. (gpuDeviceDir must be an absolute path)");
+    snprintf(g->dev_dir, sizeof g->dev_dir, "%s", dir);
+    fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0 || (d = fdopendir(fd)) == NULL)
+        die_errno("FAILED to set up GPU support: cannot read the device dir %s", dir);
+    while ((e = readdir(d)) != NULL) {
+        struct stat st;
+        int n = gpu_index(e->d_name);
+        if (n >= 0 && fstatat(fd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+            S_ISCHR(st.st_mode))
+            present[n] = 1;
+    }
+    closedir(d);
+    for (int n = 0; n < GPU_MAX; n++)
+        if (present[n])
+            snprintf(have + strlen(have), sizeof have - strlen(have), "%s%d", *have ? "," : "",
+                     n);
+    if (*have == '\0')
+        die("FAILED to set up GPU support: GPUs were requested but this node has no GPU "
+            "devices (no %s/nvidiaN). Run without --gpu, or on a GPU node.",
+            dir);
+    if (g->n_sel < 0) {
+        g->n_sel = 0;
+        for (int n = 0; n < GPU_MAX; n++)
+            if (present[n])
+                g->sel[g->n_sel++] = n;
+        return;
+    }
+    for (int k = 0; k < g->n_sel; k++)
+        if (!present[g->sel[k]])
+            die("FAILED to set up GPU support: GPU %d was requested but this node has no "
+                "%s/nvidia%d (its GPUs: %s)",
+                g->sel[k], dir, g->sel[k], have);
+}
+
+void gpu_discover(const struct udiroot_conf *conf, struct gpu_plan *g)
+{
+    const char *sr = conf_or(conf, "siteResources", "/opt/shifter/site-resources");
+
+    if (!is_abs_clean_path(sr) || strcmp(sr, "/") == 0 || strlen(sr) >= sizeof g->resources)
+        die("FAILED to parse udiRoot configuration. (siteResources must be an absolute "
+            "path other than /)");
+    snprintf(g->resources, sizeof g->resources, "%s", sr);
+    find_devices(conf, g);
+    find_libraries(conf, g);
+    find_binaries(conf, g);
+}
+
+/* ---- mounting ---------------------------------------------------------------------- */
+
+static void bind_fd(int src, int dst, unsigned attrs, int rec, const char *what)
+{
+    int mfd = mnt_clone(src, rec, attrs, what);
+
+    mnt_attach(mfd, dst, MS_PRIVATE, what);
+    close(mfd);
+}
+
+/* A copy of the device node dir/name in the container's dev (same type, numbers, owner
+ * and mode).  Missing nodes are skipped. */
+static void copy_node(int src_dir, const char *name, int dev)
+{
+    struct stat st;
+
+    if (fstatat(src_dir, name, &st, AT_SYMLINK_NOFOLLOW) != 0 ||
+        !(S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode)))
+        return;
+    if (mknodat(dev, name, st.st_mode & (S_IFMT | 0777), st.st_rdev) != 0 && errno != EEXIST)
+        die_errno("Cannot create /dev/%s in the container", name);
+    if (fchownat(dev, name, st.st_uid, st.st_gid, AT_SYMLINK_NOFOLLOW) != 0 ||
+        fchmodat(dev, name, st.st_mode & 0777, 0) != 0)
+        die_errno("Cannot set the owner and mode of /dev/%s in the container", name);
+}
+
+void gpu_mount_dev(struct ctx *c)
+{
+    int dst = open_dir_at(c->root, "dev"), host, ddir, mfd, dev, rfd;
+    DIR *d;
+    struct dirent *e;
+
+    if (dst < 0)
+        die_errno("Cannot open the container's /dev");
+    mfd = mnt_new("tmpfs", "shifter-dev", "mode=0755,size=1m", ATTR_NOSUID | ATTR_NOEXEC,
+                  "the container's /dev");
+    mnt_attach(mfd, dst, MS_PRIVATE, "the container's /dev");
+    close(dst);
+    dev = mfd;
+    host = open("/dev", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    rfd = host < 0 ? -1 : dup(host);
+    if (rfd < 0 || (d = fdopendir(rfd)) == NULL)
+        die_errno("Cannot read /dev");
+    while ((errno = 0, e = readdir(d)) != NULL) {
+        const char *name = e->d_name;
+        struct stat st;
+
+        if (strcmp(name, ".") == 0 || strcmp(name, "..") == 0 || gpu_index(name) >= 0)
+            continue; /* the GPUs come from the selection below */
+        if (fstatat(host, name, &st, AT_SYMLINK_NOFOLLOW) != 0)
+            continue; /* gone meanwhile */
+        if (S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode)) {
+            copy_node(host, name, dev);
+        } else if (S_ISLNK(st.st_mode)) {
+            copy_symlink_at(host, name, dev, name);
+        } else if (S_ISDIR(st.st_mode) || S_ISSOCK(st.st_mode)) {
+            /* pts, shm, mqueue, hugepages...: the host's, with their mounts; /dev/log */
+            int src = openat(host, name, O_PATH | O_NOFOLLOW | O_CLOEXEC), t;
+            if (src < 0)
+                continue;
+            if (S_ISDIR(st.st_mode)) {
+                mkdir_at(dev, name, st.st_mode & 0777);
+            } else {
+                int f = openat(dev, name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+                if (f < 0)
+                    die_errno("Cannot create /dev/%s in the container", name);
+                close(f);
+            }
+            t = openat(dev, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+            if (t < 0)
+                die_errno("Cannot open /dev/%s in the container", name);
+            bind_fd(src, t, ATTR_NOSUID, S_ISDIR(st.st_mode), name);
+            close(t);
+            close(src);
+        }
+        /* regular files and fifos in /dev are not carried */
+    }
+    if (errno != 0)
+        die_errno("Cannot read /dev");
+    closedir(d);
+    close(host);
+
+    ddir = open(c->gpu.dev_dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (ddir < 0)
+        die_errno("Cannot open the GPU device dir %s", c->gpu.dev_dir);
+    for (int k = 0; k < c->gpu.n_sel; k++) {
+        char name[32];
+        snprintf(name, sizeof name, "nvidia%d", c->gpu.sel[k]);
+        copy_node(ddir, name, dev);
+    }
+    for (size_t i = 0; i < sizeof control_devices / sizeof control_devices[0]; i++)
+        copy_node(ddir, control_devices[i], dev);
+    close(ddir);
+    /* Nothing more is created in it: root cannot add devices by mistake later. */
+    mnt_set(dev, 0, ATTR_RO, 0, "the container's /dev");
+    close(dev);
+    verbose("gpu: /dev with GPUs of %s", c->gpu.dev_dir);
+}
+
+/* The entry of the image that creating siteResources on the container root would hide
+ * (site entries win over the image's, one level down in /etc, /var and /opt): refuse,
+ * rather than silently lose, say, the image's /usr for siteResources=/usr/local/gpu. */
+static void check_not_hiding(const struct ctx *c, int image)
+{
+    char entry[HELPER_MAX_PATH];
+    const char *p = c->gpu.resources + 1;
+    size_t n = strcspn(p, "/");
+    struct stat st;
+
+    if ((n == 3 && (strncmp(p, "etc", 3) == 0 || strncmp(p, "var", 3) == 0 ||
+                    strncmp(p, "opt", 3) == 0)) && p[n] == '/')
+        n += 1 + strcspn(p + n + 1, "/");
+    snprintf(entry, sizeof entry, "%.*s", (int)n, p);
+    if (fstatat(c->root, entry, &st, AT_SYMLINK_NOFOLLOW) != 0 &&
+        fstatat(image, entry, &st, AT_SYMLINK_NOFOLLOW) == 0)
+        die("Cannot set up GPU support: siteResources %s would hide the image's /%s. Set "
+            "siteResources in udiRoot.conf to a path images do not use (the default is "
+            "/opt/shifter/site-resources)",
+            c->gpu.resources, entry);
+}
+
+void gpu_mount_files(struct ctx *c, int image)
+{
+    static const char *const dirs[] = {"lib64", "lib", "bin"};
+    char path[HELPER_MAX_PATH + 300];
+    const char *why = NULL;
+
+    check_not_hiding(c, image);
+    for (size_t i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
+        int fd;
+        snprintf(path, sizeof path, "%s/gpu/%s", c->gpu.resources, dirs[i]);
+        fd = volmount_target(c, path, 1, &why);
+        if (fd < 0)
+            die("Cannot create siteResources directory %s in the container: %s", path, why);
+        close(fd);
+    }
+    for (size_t i = 0; i < c->gpu.n_files; i++) {
+        const struct gpu_file *f = &c->gpu.files[i];
+        /* Opened again here: a bind needs a file of this mount namespace, and "run"
+         * made a new one after discovery. */
+        int src = open(f->path, O_PATH | O_CLOEXEC), dst;
+        struct stat st;
+        if (src < 0 || fstat(src, &st) != 0 || !S_ISREG(st.st_mode))
+            die("Cannot bind GPU driver file %s: it is gone or no longer a regular file",
+                f->path);
+        snprintf(path, sizeof path, "%s/gpu/%s/%s", c->gpu.resources, f->dir, f->name);
+        dst = volmount_target(c, path, 0, &why);
+        if (dst < 0)
+            die("Cannot place GPU driver file %s in the container: %s", path, why);
+        bind_fd(src, dst, ATTR_RO | ATTR_NOSUID | ATTR_NODEV, 0, path);
+        close(dst);
+        close(src);
+    }
+    verbose("gpu: %zu driver files under %s/gpu", c->gpu.n_files, c->gpu.resources);
+}

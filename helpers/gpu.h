@@ -1,0 +1,57 @@
+/*
+ * gpu.h - NVIDIA GPU support (behaviour spec 6.13): the host's driver libraries and
+ * tools bound into <siteResources>/gpu/{lib64,lib,bin}, and a /dev in which only the
+ * selected /dev/nvidiaN (plus the control devices) exist.
+ *
+ * Everything injected is found by the helper itself in root's domain (the ld.so cache,
+ * the configured binary dirs, the device dir); the user chooses only which GPUs.
+ */
+#ifndef SHIFTER_HELPERS_GPU_H
+#define SHIFTER_HELPERS_GPU_H
+
+#include <stddef.h>
+
+#include "conf.h"
+
+#define GPU_MAX 64        /* /dev/nvidia0 .. /dev/nvidia63 */
+#define GPU_MAX_FILES 256 /* libraries + binaries injected */
+
+struct gpu_file {
+    char name[256]; /* name in the container: the ld.so cache key, or the tool's name */
+    char dir[8];    /* "lib64", "lib" or "bin" */
+    char *path;     /* the host file, checked when found; reopened to be mounted */
+};
+
+struct gpu_plan {
+    int requested;                  /* --gpu given */
+    int n_sel;
+    int sel[GPU_MAX];               /* device indexes, in the order asked */
+    size_t n_files;
+    struct gpu_file files[GPU_MAX_FILES];
+    char dev_dir[4096];             /* gpuDeviceDir, where /dev/nvidiaN are found */
+    char resources[4096];           /* siteResources, a path inside the container */
+};
+
+/* Parse --gpu: "all" or comma-separated indexes (no repeats).  0, or -1 with err. */
+int gpu_parse(const char *text, struct gpu_plan *g, char *err, size_t errlen);
+
+/* Find the driver libraries, tools and devices for a parsed request; dies with a clear
+ * message when the node has no driver or a requested GPU does not exist. */
+void gpu_discover(const struct udiroot_conf *conf, struct gpu_plan *g);
+
+/* The selected GPUs as the reuse signature's text ("0,1"), in buf. */
+void gpu_signature(const struct gpu_plan *g, char *buf, size_t len);
+
+struct ctx;
+
+/* Step 5.12 with a GPU request: the container's /dev is a fresh tmpfs holding the
+ * host's /dev minus every /dev/nvidiaN, then the selected ones and the control devices.
+ * Replaces the plain bind of /dev. */
+void gpu_mount_dev(struct ctx *c);
+
+/* Bind the discovered files read-only into <siteResources>/gpu/{lib64,lib,bin}, on the
+ * container root before the image content (image: the image's mount, to refuse a
+ * siteResources path that would hide an entry of the image). */
+void gpu_mount_files(struct ctx *c, int image);
+
+#endif

@@ -1,0 +1,267 @@
+"""GPU support end to end (behaviour spec §6.13), on a machine without a GPU.
+
+A fake driver (``tests/world/gpuhost.py``: real shared libraries in a real ``ldconfig``
+cache, device nodes made with mknod, a ``nvidia-smi``) stands where the NVIDIA driver
+stands on a GPU node; the site points the helper at it with ``gpuLdCache``,
+``gpuDeviceDir`` and ``gpuBinaryPath`` (on a real node these keep their defaults,
+``/etc/ld.so.cache``, ``/dev`` and the system bin dirs, and the code path is the same).
+Everything runs as an unprivileged user through the real front end and setuid helper.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from world.gpuhost import PROBE_C, FakeGpuHost, program_tree, shared_library
+from world.runtime import HELPER, RuntimeSite, busybox_tree, mksquashfs
+
+ALICE = "shifter-alice"
+GPU_DIR = "/opt/shifter/site-resources/gpu"
+
+
+@pytest.fixture(scope="module")
+def site(test_users, tmp_path_factory):
+    base = Path(tmp_path_factory.mktemp("gpu", numbered=True))
+    for d in (base.parent.parent, base.parent, base):
+        os.chmod(d, 0o755)
+    site = RuntimeSite.create(base / "site")
+    yield site
+    assert site.our_mounts() == [] and site.our_loops() == []
+
+
+@pytest.fixture(scope="module")
+def host(site) -> FakeGpuHost:
+    return FakeGpuHost.create(site.base / "gpu-host", gpus=2)
+
+
+@pytest.fixture(scope="module")
+def image(site, tmp_path_factory) -> str:
+    """busybox plus ``/usr/bin/gpuprobe`` (dynamically linked, with its glibc) and the
+    image's own ``libcuda.so.1`` stub, which the host's driver must win over."""
+    tree = busybox_tree(tmp_path_factory.mktemp("gputree") / "root")
+    program_tree(tree, "gpuprobe", PROBE_C)
+    stub_dir = tree / "usr" / "lib" / "x86_64-linux-gnu"
+    stub_dir.mkdir(parents=True, exist_ok=True)
+    shared_library(stub_dir / "libcuda.so.1", "libcuda.so.1",
+                   'const char *shifter_gpu_marker(void) { return "image-stub"; }\n')
+    sqfs = mksquashfs(tree, tmp_path_factory.mktemp("gpusqfs") / "gpu.squashfs")
+    return site.add_image(sqfs, 'ENV: ["PATH=/usr/bin:/bin"]\n')
+
+
+@pytest.fixture(autouse=True)
+def gpu_conf(site, host):
+    site.write_conf(**host.conf())
+    yield
+    site.write_conf()
+    assert site.our_mounts() == [], "a mount of ours is left in the root namespace"
+    assert site.our_loops() == [], "a loop device of ours is left"
+
+
+def shifter(site: RuntimeSite, image: str, *args: str, env: dict[str, str] | None = None):
+    return site.shifter(ALICE, f"--image=id:{image}", *args, env=env)
+
+
+def devices(site: RuntimeSite, image: str, *args: str, env: dict[str, str] | None = None
+            ) -> set[str]:
+    res = shifter(site, image, *args, "ls", "/dev", env=env)
+    assert res.returncode == 0, res.stderr
+    return {name for name in res.stdout.split() if name.startswith("nvidia")}
+
+
+# -- the driver reaches the program -------------------------------------------------------
+
+
+def test_program_in_the_image_loads_the_hosts_driver(site, image, host):
+    res = shifter(site, image, "--gpu=0", "gpuprobe", "libcuda.so.1", "libnvidia-ml.so.1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = dict((line.split()[0], line.split()[1:]) for line in res.stdout.splitlines())
+    # The host's marker (not the image's stub), from the site-resources dir.
+    assert lines["libcuda.so.1"] == [host.marker("libcuda"), f"{GPU_DIR}/lib64/libcuda.so.1"]
+    assert lines["libnvidia-ml.so.1"] == [host.marker("libnvidia-ml"),
+                                          f"{GPU_DIR}/lib64/libnvidia-ml.so.1"]
+
+
+def test_without_a_gpu_request_nothing_is_injected(site, image):
+    for env in (None, {"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "NoDevFiles"}):
+        res = shifter(site, image, "gpuprobe", "libcuda.so.1", env=env)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split()[1] == "image-stub"  # the image's own library
+        res = shifter(site, image, "sh", "-c", "ls /opt; echo LD=$LD_LIBRARY_PATH", env=env)
+        assert "shifter" not in res.stdout and "LD=\n" in res.stdout
+
+
+def test_driver_files_are_placed_by_elf_class_read_only(site, image, host):
+    res = shifter(site, image, "--gpu", "sh", "-c",
+                  f"ls {GPU_DIR}/lib64 {GPU_DIR}/lib {GPU_DIR}/bin; "
+                  f"wc -c {GPU_DIR}/lib/libcuda.so.1 {GPU_DIR}/lib64/libcuda.so.1; "
+                  f"grep site-resources /proc/mounts; nvidia-smi; "
+                  f"echo x > {GPU_DIR}/lib64/libcuda.so.1 || echo write-refused")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    # Only the listed libraries: libcudart is in the cache but is not the driver.
+    assert "libcudart" not in out
+    sizes = {line.split()[1]: int(line.split()[0]) for line in out.splitlines()
+             if line.strip().endswith("libcuda.so.1") and len(line.split()) == 2}
+    assert sizes[f"{GPU_DIR}/lib/libcuda.so.1"] == os.path.getsize(
+        host.lib32 / "libcuda.so.999.12")
+    assert sizes[f"{GPU_DIR}/lib64/libcuda.so.1"] == os.path.getsize(
+        host.lib64 / "libcuda.so.999.12")
+    mounts = [line for line in out.splitlines()
+              if len(line.split()) >= 4 and line.split()[1].startswith(GPU_DIR)]
+    assert len(mounts) >= 4  # 2 x libcuda, libnvidia-ml, nvidia-smi
+    for line in mounts:
+        opts = line.split()[3].split(",")
+        assert "ro" in opts and "nosuid" in opts and "nodev" in opts, line
+    assert f"fake nvidia-smi {host.token}" in out  # gpu/bin is on PATH
+    assert "write-refused" in out
+
+
+# -- which GPUs -----------------------------------------------------------------------------
+
+
+def test_only_the_selected_gpus_are_visible(site, image):
+    assert devices(site, image, "--gpu=1") == {"nvidia1", "nvidiactl", "nvidia-modeset",
+                                               "nvidia-uvm"}
+    assert devices(site, image, "--gpu=0,1") >= {"nvidia0", "nvidia1"}
+    assert devices(site, image, "--gpu") >= {"nvidia0", "nvidia1"}  # bare: all of them
+    res = shifter(site, image, "--gpu=1", "sh", "-c",
+                  "stat -c '%t:%T %a' /dev/nvidia1; echo ok > /dev/null && echo null-ok; "
+                  "ls -d /dev/shm /dev/pts; echo CVD=$CUDA_VISIBLE_DEVICES; echo x > /dev/new "
+                  "|| echo dev-readonly; grep ' /dev ' /proc/mounts")
+    assert res.returncode == 0, res.stderr
+    assert "c3:1 666" in res.stdout  # char 195:1 (hex), the host's mode
+    assert "null-ok" in res.stdout and "/dev/shm" in res.stdout and "/dev/pts" in res.stdout
+    assert "CVD=0" in res.stdout  # renumbered: the one visible GPU is CUDA's device 0
+    assert "dev-readonly" in res.stdout
+    dev_opts = [line for line in res.stdout.splitlines() if " /dev " in line][0].split()[3]
+    assert "nosuid" in dev_opts.split(",") and "noexec" in dev_opts.split(",")
+
+
+def test_cuda_visible_devices_requests_gpus(site, image):
+    env = {"CUDA_VISIBLE_DEVICES": "1"}
+    assert devices(site, image, env=env) == {"nvidia1", "nvidiactl", "nvidia-modeset",
+                                             "nvidia-uvm"}
+    res = shifter(site, image, "gpuprobe", "libcuda.so.1", env=env)
+    assert res.returncode == 0 and res.stdout.split()[1].startswith("host-driver:")
+    # --gpu wins over the variable.
+    assert "nvidia0" in devices(site, image, "--gpu=0", env=env)
+
+
+def test_gpu_layer_of_the_environment(site, image, host):
+    res = shifter(site, image, "--gpu=0,1", "--env=LD_LIBRARY_PATH=/mine", "sh", "-c",
+                  "echo LD=$LD_LIBRARY_PATH; echo PATH=$PATH; echo CVD=$CUDA_VISIBLE_DEVICES")
+    assert res.returncode == 0, res.stderr
+    assert f"LD={GPU_DIR}/lib64:{GPU_DIR}/lib:/mine\n" in res.stdout
+    assert f"PATH=/usr/bin:/bin:{GPU_DIR}/bin\n" in res.stdout
+    assert "CVD=0,1\n" in res.stdout
+    # The site has the last word (§6.9: modules and udiRoot.conf come after).
+    site.write_conf(siteEnvPrepend="LD_LIBRARY_PATH=/site", **host.conf())
+    res = shifter(site, image, "--gpu=0", "sh", "-c", "echo LD=$LD_LIBRARY_PATH")
+    assert f"LD=/site:{GPU_DIR}/lib64:{GPU_DIR}/lib\n" in res.stdout
+
+
+def test_site_resources_path_is_the_sites(site, image, host):
+    site.write_conf(siteResources="/site/resources", **host.conf())
+    res = shifter(site, image, "--gpu=0", "gpuprobe", "libcuda.so.1")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[2] == "/site/resources/gpu/lib64/libcuda.so.1"
+    # A path inside one of the image's directories would hide it: refused, not done.
+    site.write_conf(siteResources="/usr/local/site-gpu", **host.conf())
+    res = shifter(site, image, "--gpu=0", "gpuprobe", "libcuda.so.1")
+    assert res.returncode == 1
+    assert "siteResources /usr/local/site-gpu would hide the image's /usr" in res.stderr
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+def test_a_gpu_the_node_does_not_have(site, image, host):
+    res = shifter(site, image, "--gpu=7", "true")
+    assert res.returncode == 1
+    assert f"GPU 7 was requested but this node has no {host.dev}/nvidia7 (its GPUs: 0,1)" \
+        in res.stderr
+
+
+@pytest.mark.parametrize("value", ["garbage", "0,,1", "1,1", "64", "GPU-3f2a", "-1"])
+def test_malformed_cuda_visible_devices(site, image, value):
+    res = shifter(site, image, "true", env={"CUDA_VISIBLE_DEVICES": value})
+    assert res.returncode == 1
+    assert f"Invalid CUDA_VISIBLE_DEVICES '{value}'" in res.stderr
+    assert "expected GPU indexes" in res.stderr or "given twice" in res.stderr
+
+
+@pytest.mark.parametrize("value", ["", "x", "0,"])
+def test_malformed_gpu_option(site, image, value):
+    res = shifter(site, image, f"--gpu={value}", "true")
+    assert res.returncode == 1 and "Invalid --gpu" in res.stderr
+
+
+def test_a_node_without_a_driver(site, image, host):
+    # The system's own cache: no libcuda on this machine.
+    site.write_conf(gpuLdCache="/etc/ld.so.cache", gpuDeviceDir=str(host.dev))
+    res = shifter(site, image, "--gpu=0", "true")
+    assert res.returncode == 1
+    assert "this node has no NVIDIA driver (no libcuda.so in /etc/ld.so.cache)" in res.stderr
+    # No device nodes either (the machine's real /dev).
+    site.write_conf(**{**host.conf(), "gpuDeviceDir": "/dev"})
+    res = shifter(site, image, "--gpu", "true")
+    assert res.returncode == 1 and "this node has no GPU devices (no /dev/nvidiaN)" in res.stderr
+
+
+def test_prepared_container_is_not_entered_by_a_gpu_request(site, image):
+    res = site.root_tool("setupRoot", "-U", str(_uid(ALICE)),
+                         "-G", str(_gid(ALICE)), "-u", ALICE, "id", image)
+    assert res.returncode == 0, res.stderr
+    try:
+        # Same image, user, volumes and modules: without --gpu the prepared root is used...
+        res = shifter(site, image, "sh", "-c", "ls /dev | grep -c nvidia; echo done")
+        assert res.returncode == 0 and res.stdout.split()[-1] == "done"
+        # ...with --gpu a container of its own is built, holding the GPU.
+        assert devices(site, image, "--gpu=0") >= {"nvidia0"}
+    finally:
+        assert site.root_tool("unsetupRoot").returncode == 0
+
+
+# -- attacks ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["../../etc/shadow", "/etc/shadow", "0,0", "0;1", "all,0",
+                                   "100", ""])
+def test_helper_takes_only_gpu_indexes(site, image, value):
+    """The helper is called directly (bypassing the front end) with a hostile --gpu."""
+    res = site.run(ALICE, [str(HELPER), "run", "--image-id", image, "--gpu", value, "--",
+                           "/bin/true"])
+    assert res.returncode == 1
+    assert "Invalid GPU list" in res.stderr
+
+
+def test_a_library_cache_users_can_write_is_refused(site, image, host, tmp_path):
+    cache = site.base / "writable-ld.so.cache"
+    cache.write_bytes(host.cache.read_bytes())
+    os.chmod(cache, 0o666)
+    site.write_conf(**{**host.conf(), "gpuLdCache": str(cache)})
+    res = shifter(site, image, "--gpu=0", "true")
+    assert res.returncode == 1 and "FAILED to set up GPU support" in res.stderr
+    assert "writable" in res.stderr
+
+
+def test_cache_entries_outside_the_driver_list_never_go_in(site, image, host):
+    """A site list cannot be widened by the user: only gpuLibraries names are taken."""
+    site.write_conf(gpuLibraries="libnvidia-ml", **host.conf())
+    res = shifter(site, image, "--gpu=0", "sh", "-c", f"ls {GPU_DIR}/lib64")
+    # libcuda is not listed: the node counts as having no driver.
+    assert res.returncode == 1 and "no NVIDIA driver" in res.stderr
+    site.write_conf(gpuLibraries="libcuda", **host.conf())
+    res = shifter(site, image, "--gpu=0", "sh", "-c", f"ls {GPU_DIR}/lib64")
+    assert res.returncode == 0 and res.stdout.split() == ["libcuda.so.1"]
+
+
+def _uid(user: str) -> int:
+    return int(subprocess.run(["id", "-u", user], capture_output=True, text=True).stdout)
+
+
+def _gid(user: str) -> int:
+    return int(subprocess.run(["id", "-g", user], capture_output=True, text=True).stdout)
