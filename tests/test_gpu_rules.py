@@ -1,0 +1,63 @@
+"""The front end's GPU rules (``udiroot/gpu.py``): which request, which environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from udiroot.environ import build_environment
+from udiroot.gpu import GpuError, apply_gpu_env, helper_argument, requested_gpus
+
+G = "/opt/shifter/site-resources/gpu"
+
+
+@pytest.mark.parametrize(("given", "option", "environ", "expected"), [
+    (False, None, {}, None),
+    (False, None, {"CUDA_VISIBLE_DEVICES": ""}, None),
+    (False, None, {"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, None),
+    (False, None, {"CUDA_VISIBLE_DEVICES": "2,0"}, [2, 0]),
+    (False, None, {"CUDA_VISIBLE_DEVICES": " 1 , 3 "}, [1, 3]),
+    (True, None, {}, "all"),
+    (True, None, {"CUDA_VISIBLE_DEVICES": "1"}, "all"),  # --gpu wins
+    (True, "3", {"CUDA_VISIBLE_DEVICES": "1"}, [3]),
+])
+def test_requested_gpus(given, option, environ, expected):
+    assert requested_gpus(given, option, environ) == expected
+
+
+@pytest.mark.parametrize(("option", "environ", "message"), [
+    ("", {}, "Invalid --gpu ''"),
+    ("a", {}, "Invalid --gpu 'a'"),
+    ("1,1", {}, "GPU 1 is given twice"),
+    ("64", {}, "from 0 to 63"),
+    (None, {"CUDA_VISIBLE_DEVICES": "GPU-12ab"}, "GPU UUIDs are not supported"),
+    (None, {"CUDA_VISIBLE_DEVICES": "0,"}, "Invalid CUDA_VISIBLE_DEVICES '0,'"),
+    (None, {"CUDA_VISIBLE_DEVICES": "١"}, "Invalid CUDA_VISIBLE_DEVICES"),  # not ASCII
+])
+def test_malformed_requests(option, environ, message):
+    with pytest.raises(GpuError, match=message):
+        requested_gpus(option is not None, option, environ)
+
+
+def test_helper_argument():
+    assert helper_argument("all") == "all"
+    assert helper_argument([3, 1]) == "3,1"
+
+
+def test_environment_layer():
+    env = {"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/img"}
+    apply_gpu_env(env, [3, 1], None)
+    assert env == {"PATH": f"/usr/bin:{G}/bin", "LD_LIBRARY_PATH": f"{G}/lib64:{G}/lib:/img",
+                   "CUDA_VISIBLE_DEVICES": "0,1"}
+    env = {"CUDA_VISIBLE_DEVICES": "5"}
+    apply_gpu_env(env, "all", "/site/res/")
+    assert env == {"PATH": "/site/res/gpu/bin", "CUDA_VISIBLE_DEVICES": "5",
+                   "LD_LIBRARY_PATH": "/site/res/gpu/lib64:/site/res/gpu/lib"}
+
+
+def test_gpu_layer_sits_between_env_options_and_the_site():
+    env = build_environment(
+        {"PATH": "/usr/bin"}, image_request="x", image_id="y",
+        env_options=["LD_LIBRARY_PATH=/opt"], gpus=[0],
+        site={"siteEnvPrepend": "LD_LIBRARY_PATH=/site", "siteResources": "/sr"},
+    )
+    assert env["LD_LIBRARY_PATH"] == "/site:/sr/gpu/lib64:/sr/gpu/lib:/opt"
