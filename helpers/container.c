@@ -210,6 +210,25 @@ static void make_dirs(int root)
         mkdir_at(root, dirs[i], strcmp(dirs[i], "var/empty") == 0 ? 0700 : 0755);
 }
 
+/* Module i's copyPath opened (-1 when it has none).  container_build calls this for every
+ * module before anything is mounted, so a site typo names the module and the path and no
+ * hook has run yet; opt_udi_image opens it again to copy it. */
+static int open_copy_path(const struct ctx *c, size_t i)
+{
+    const char *path = module_get(c->conf, c->modules[i], "copyPath");
+    int fd;
+
+    if (path == NULL || *path == '\0')
+        return -1;
+    if (path[0] != '/')
+        die("Failed to setup module %s: its copyPath %s is not an absolute path",
+            c->modules[i], path);
+    fd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        die_errno("Failed to setup module %s: cannot open its copyPath %s", c->modules[i], path);
+    return fd;
+}
+
 static void opt_udi_image(struct ctx *c)
 {
     const char *opt = conf_get(c->conf, "optUdiImage");
@@ -224,15 +243,14 @@ static void opt_udi_image(struct ctx *c)
     }
     for (size_t i = 0; i < c->n_modules; i++) {
         const char *path = module_get(c->conf, c->modules[i], "copyPath");
-        int mods, mdst, src;
-        if (path == NULL || *path == '\0')
+        int mods, mdst, src = open_copy_path(c, i);
+        if (src < 0)
             continue;
         mods = open_dir_at(dst, "modules");
         if (mods < 0)
             die_errno("Cannot open opt/udiImage/modules");
         mkdir_at(mods, c->modules[i], 0755);
         mdst = open_dir_at(mods, c->modules[i]);
-        src = open_config_dir(path, "copyPath of a module");
         if (mdst < 0)
             die_errno("Cannot open opt/udiImage/modules/%s", c->modules[i]);
         copy_tree(src, mdst, path);
@@ -305,8 +323,8 @@ static void site_steps(struct ctx *c)
     for (size_t i = 0; i < c->n_modules; i++) {
         const char *h = module_get(c->conf, c->modules[i], "roothook");
         if (h != NULL && *h != '\0') {
-            char what[MAX_MODULE_NAME + 32];
-            snprintf(what, sizeof what, "roothook of module %s", c->modules[i]);
+            char what[MAX_MODULE_NAME + 48];
+            snprintf(what, sizeof what, "Failed to setup module %s: roothook", c->modules[i]);
             run_root_hook(h, c->udi, what);
         }
     }
@@ -397,6 +415,11 @@ void container_build(struct ctx *c, const char *signature)
 {
     int image;
 
+    for (size_t i = 0; i < c->n_modules; i++) {
+        int fd = open_copy_path(c, i);
+        if (fd >= 0)
+            close(fd);
+    }
     if (!c->setup_mode) {
         if (unshare(CLONE_NEWNS) != 0)
             die_errno("Cannot create a private mount namespace");

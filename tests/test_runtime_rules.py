@@ -440,6 +440,8 @@ MODULES_CONF = BASE_CONF + (
     "module_gpu_siteEnv=GPU=1\n"
     "module_off_siteEnv=X=1\n"
     "module_off_enabled=0\n"
+    "module_shut_siteEnv=X=1\n"
+    "module_shut_enabled=False\n"
     "module_cuda_conflict=gpu other\n"
 )
 
@@ -465,7 +467,7 @@ def test_module_request_comes_from_option_then_environment():
     assert requested_modules(None, {}) is None
 
 
-@pytest.mark.parametrize("request_", ["nosuch", "off", "gpu,off", "none,gpu"])
+@pytest.mark.parametrize("request_", ["nosuch", "off", "gpu,off", "none,gpu", "shut"])
 def test_unknown_or_disabled_module(request_):
     cfg = parse_text(MODULES_CONF)
     with pytest.raises(ModuleError, match="^Unknown shifter module: "):

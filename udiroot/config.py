@@ -99,7 +99,8 @@ class Module:
 
     @property
     def enabled(self) -> bool:
-        return self.values.get("enabled", "1").strip() not in ("0", "false", "no")
+        # As the helper reads it: 0, false or no, in any case, disable the module.
+        return self.values.get("enabled", "1").strip().lower() not in ("0", "false", "no")
 
 
 class UdiRootConfig:
