@@ -333,15 +333,16 @@ for d in $dirs; do
     for f in "$d"/libmpi.so.* "$d"/libmpich.so.*; do
         [ -e "$f" ] || continue
         case "${f##*/}" in
-            libmpi.so.12 | libmpi.so.12.* | libmpich.so.12 | libmpich.so.12.*) good="$good $f" ;;
-            *) bad="$bad $f" ;;
+            libmpi.so.12 | libmpi.so.12.* | libmpich.so.12 | libmpich.so.12.*) good=$f ;;
+            *.so.*.*) [ -n "$bad" ] || bad=$f ;;  # a fully versioned name: its soname link
+            *) case "$bad" in "" | *.so.*.*) bad=$f ;; esac ;;  # is the better one to name
         esac
     done
 done
 if [ -n "$bad" ] && [ -z "$good" ]; then
-    echo "shifter module @NAME@: this image's MPI is not MPICH-ABI compatible:$bad" \
-        "(the module provides libmpi.so.12); run with --module=none to use the image's" \
-        "own MPI" >&2
+    echo "shifter module @NAME@: this image's MPI is not MPICH-ABI compatible: it has" \
+        "$bad, the module provides libmpi.so.12; run with --module=none to use the" \
+        "image's own MPI" >&2
     exit 1
 fi
 exit 0
