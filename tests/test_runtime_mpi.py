@@ -13,80 +13,19 @@ launching two ``shifter`` containers that exchange a token over MPI.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from world.mpi import MPICH_LIBDIR, build_ring
 from world.runtime import RuntimeSite, add_dynamic_program, busybox_tree, mksquashfs
 
 ALICE = "shifter-alice"
 REPO = Path(__file__).resolve().parents[1]
 PREP = REPO / ".venv" / "bin" / "shifter-prep-mpi"
-MPICH_LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
-MPICH_INCLUDE = "/usr/include/x86_64-linux-gnu/mpich"
 MODULE = "/opt/udiImage/modules/mpich"
 SITE_LIB = f"{MODULE}/lib64/libmpich.so.12.2.2"  # the site's real file, as mapped
 IMAGE_LIB = "/usr/lib/x86_64-linux-gnu/libmpi.so.12.2.2"  # the image's own
-
-RING_C = r"""
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <mpi.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <string.h>
-
-/* The file MPI_Init was mapped from: its /proc/self/maps line. */
-static void mapped_file(void *addr, char *out, size_t n)
-{
-    FILE *f = fopen("/proc/self/maps", "r");
-    char line[4608];
-    snprintf(out, n, "?");
-    if (!f)
-        return;
-    while (fgets(line, sizeof line, f)) {
-        uintptr_t lo, hi;
-        int off = 0;
-        if (sscanf(line, "%lx-%lx %*s %*s %*s %*s %n", &lo, &hi, &off) < 2 || off == 0)
-            continue;
-        if ((uintptr_t)addr >= lo && (uintptr_t)addr < hi) {
-            line[strcspn(line, "\n")] = '\0';
-            snprintf(out, n, "%s", line + off);
-            break;
-        }
-    }
-    fclose(f);
-}
-
-int main(int argc, char **argv)
-{
-    int rank, size, token = 1;
-    char lib[4096];
-
-    MPI_Init(&argc, &argv);
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
-    mapped_file(dlsym(RTLD_DEFAULT, "MPI_Init"), lib, sizeof lib);
-    printf("rank %d of %d: libmpi %s\n", rank, size, lib);
-    fflush(stdout);
-    /* The token goes 0 -> 1 -> ... -> 0; rank r appends the digit r+1. */
-    if (size > 1) {
-        if (rank == 0) {
-            MPI_Send(&token, 1, MPI_INT, 1, 0, MPI_COMM_WORLD);
-            MPI_Recv(&token, 1, MPI_INT, size - 1, 0, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-        } else {
-            MPI_Recv(&token, 1, MPI_INT, rank - 1, 0, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-            token = token * 10 + rank + 1;
-            MPI_Send(&token, 1, MPI_INT, (rank + 1) % size, 0, MPI_COMM_WORLD);
-        }
-    }
-    if (rank == 0)
-        printf("ring: token %d after %d ranks\n", token, size);
-    MPI_Finalize();
-    return 0;
-}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -101,23 +40,7 @@ def site(test_users, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ring(tmp_path_factory) -> tuple[Path, Path]:
-    """``ring`` linked against a vanilla ``libmpi.so.12`` (MPICH's upstream name; Debian
-    calls its copy ``libmpich.so.12``): (program, directory of that libmpi)."""
-    build = tmp_path_factory.mktemp("ring")
-    vanilla = build / "vanilla"
-    vanilla.mkdir()
-    shutil.copyfile(MPICH_LIBDIR / "libmpich.so.12.2.2", vanilla / "libmpi.so.12.2.2")
-    subprocess.run(["patchelf", "--set-soname", "libmpi.so.12",
-                    str(vanilla / "libmpi.so.12.2.2")], check=True)
-    (vanilla / "libmpi.so.12").symlink_to("libmpi.so.12.2.2")
-    (vanilla / "libmpi.so").symlink_to("libmpi.so.12")
-    (build / "ring.c").write_text(RING_C)
-    subprocess.run(["gcc", "-O1", f"-I{MPICH_INCLUDE}", "-o", str(build / "ring"),
-                    str(build / "ring.c"), f"-L{vanilla}", "-lmpi"], check=True)
-    needed = subprocess.run(["patchelf", "--print-needed", str(build / "ring")],
-                            capture_output=True, text=True, check=True).stdout.split()
-    assert "libmpi.so.12" in needed and "libmpich.so.12" not in needed
-    return build / "ring", vanilla
+    return build_ring(tmp_path_factory.mktemp("ring"))
 
 
 @pytest.fixture(scope="module")
