@@ -124,10 +124,20 @@ def libmpi_of(stdout: str) -> dict[int, str]:
 
 def test_default_module_runs_the_application_on_the_sites_mpi(site, mpi_image, module_dir):
     site.write_conf(**mpich_conf(module_dir, defaultModules="mpich"))
-    res = site.shifter(ALICE, f"--image=id:{mpi_image}", "--workdir=/opt/app", "./ring")
+    res = site.shifter(ALICE, f"--image=id:{mpi_image}", "--workdir=/opt/app", "./ring",
+                       env={"RING_MAPS": "1"})
     assert res.returncode == 0, res.stderr
     assert libmpi_of(res.stdout) == {0: SITE_LIB}
     assert "ring: token 1 after 1 ranks" in res.stdout
+    # MPI's own dependencies come from the module too (RUNPATH $ORIGIN/dep), glibc and
+    # the loader from the image.
+    mapped = {os.path.basename(p): p for p in
+              (line.split(" ", 1)[1] for line in res.stdout.splitlines()
+               if line.startswith("mapped "))}
+    for name in ("libhwloc.so.15", "libucp.so.0", "libucs.so.0", "libnuma.so.1"):
+        assert mapped[name] == f"{MODULE}/lib64/dep/{name}", mapped
+    assert mapped["libc.so.6"] == "/usr/lib/x86_64-linux-gnu/libc.so.6", mapped
+    assert mapped["ld-linux-x86-64.so.2"] == "/usr/lib64/ld-linux-x86-64.so.2", mapped
     # What the module put in place, seen from inside: the ABI name is a link to the
     # site's file, and its dependencies come from the module too.
     res = site.shifter(ALICE, f"--image=id:{mpi_image}", "sh", "-c",

@@ -19,6 +19,7 @@ RING_C = r"""
 #include <mpi.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* The file MPI_Init was mapped from: its /proc/self/maps line. */
@@ -43,6 +44,26 @@ static void mapped_file(void *addr, char *out, size_t n)
     fclose(f);
 }
 
+/* RING_MAPS set: every shared object file mapped into rank 0, one "mapped PATH" line each. */
+static void print_maps(void)
+{
+    FILE *f = fopen("/proc/self/maps", "r");
+    char line[4608], last[4096] = "";
+    if (!f)
+        return;
+    while (fgets(line, sizeof line, f)) {
+        int off = 0;
+        sscanf(line, "%*s %*s %*s %*s %*s %n", &off);
+        line[strcspn(line, "\n")] = '\0';
+        if (off == 0 || line[off] != '/' || !strstr(line + off, ".so") ||
+            strcmp(line + off, last) == 0)
+            continue;
+        snprintf(last, sizeof last, "%s", line + off);
+        printf("mapped %s\n", last);
+    }
+    fclose(f);
+}
+
 int main(int argc, char **argv)
 {
     int rank, size, token = 1;
@@ -53,6 +74,8 @@ int main(int argc, char **argv)
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     mapped_file(dlsym(RTLD_DEFAULT, "MPI_Init"), lib, sizeof lib);
     printf("rank %d of %d: libmpi %s\n", rank, size, lib);
+    if (rank == 0 && getenv("RING_MAPS"))
+        print_maps();
     fflush(stdout);
     /* The token goes 0 -> 1 -> ... -> 0; rank r appends the digit r+1. */
     if (size > 1) {
