@@ -262,3 +262,24 @@ def test_not_an_elf_file(tmp_path):
     text.write_text("not a library\n")
     res = prep("--out", str(tmp_path / "m"), str(text))
     assert_refused(res, str(text), "not an ELF shared library")
+
+
+def test_the_example_configuration_of_the_module(debian_module):
+    """etc/udiRoot.conf.example's mpich lines, uncommented, are a valid configuration
+    naming what the tool writes, loaded by default and dropped by --module=none."""
+    from udiroot.config import parse_text
+    from udiroot.modules import select_modules
+
+    out, res = debian_module
+    text = (REPO / "etc" / "udiRoot.conf.example").read_text()
+    mine = [line[1:] for line in text.splitlines()
+            if line.startswith(("#module_mpich_", "#defaultModules="))]
+    assert "defaultModules=mpich" in mine
+    cfg = parse_text(text + "\n".join(mine) + "\n")
+    (module,) = select_modules(cfg)
+    assert module.name == "mpich"
+    printed = dict(line.split("=", 1) for line in res.stdout.splitlines()
+                   if line.startswith("module_"))
+    for key in ("siteEnvPrepend", "userhook"):
+        assert module.values[key] == printed[f"module_mpich_{key}"]
+    assert select_modules(cfg, "none") == []
