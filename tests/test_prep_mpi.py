@@ -283,3 +283,30 @@ def test_the_example_configuration_of_the_module(debian_module):
     for key in ("siteEnvPrepend", "userhook"):
         assert module.values[key] == printed[f"module_mpich_{key}"]
     assert select_modules(cfg, "none") == []
+
+
+def test_bind_variant_prints_site_fs_lines(tmp_path):
+    out = tmp_path / "m"
+    res = prep("--out", str(out), "--bind", "--inside", "/opt/site-mpich")
+    assert res.returncode == 0, res.stderr
+    assert [line for line in res.stdout.splitlines() if not line.startswith("#")] == [
+        f"module_mpich_siteFs={out}:/opt/site-mpich:ro",
+        "module_mpich_siteEnvPrepend=LD_LIBRARY_PATH=/opt/site-mpich/lib64",
+        "module_mpich_userhook=/opt/site-mpich/bin/check-abi",
+    ]
+    res = prep("--out", str(tmp_path / "n"), "--bind")  # default: the same path inside
+    assert f"module_mpich_siteFs={tmp_path / 'n'}:{tmp_path / 'n'}:ro" in res.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--inside", "/opt/x"], ["--inside is for --bind"]),
+    (["--bind", "--inside", "/opt/udiImage/mpich"], ["not under /opt/udiImage"]),
+    (["--bind", "--inside", "/etc/mpich"], ["not under /etc"]),
+    (["--bind", "--inside", "/opt"], ["a directory of its own"]),
+    (["--bind", "--inside", "relative/dir"], ["normalised absolute path"]),
+    (["--bind", "--inside", "/opt/a:b"], ["cannot hold ':'"]),
+])
+def test_bind_destination_is_checked(tmp_path, args, words):
+    res = prep("--out", str(tmp_path / "m"), *args)
+    assert_refused(res, *words)
+    assert not (tmp_path / "m").exists() and leftovers(tmp_path, "m") == []

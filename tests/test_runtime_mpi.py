@@ -26,6 +26,7 @@ PREP = REPO / ".venv" / "bin" / "shifter-prep-mpi"
 MODULE = "/opt/udiImage/modules/mpich"
 SITE_LIB = f"{MODULE}/lib64/libmpich.so.12.2.2"  # the site's real file, as mapped
 IMAGE_LIB = "/usr/lib/x86_64-linux-gnu/libmpi.so.12.2.2"  # the image's own
+BIND_INSIDE = "/opt/site-mpich"  # where the bind-mounted variant appears
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +89,16 @@ def module_dir(site) -> tuple[Path, str]:
     return out, res.stdout
 
 
+@pytest.fixture(scope="module")
+def bind_module_dir(site) -> tuple[Path, str]:
+    """The same, to be bind-mounted (siteFs) at /opt/site-mpich instead of copied."""
+    out = site.base / "modules" / "mpich-bind"
+    res = subprocess.run([str(PREP), "--out", str(out), "--bind", "--inside", BIND_INSIDE],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return out, res.stdout
+
+
 def mpich_conf(module_dir: tuple[Path, str], **extra: str) -> dict[str, str]:
     """The printed ``module_mpich_*`` lines, as keyword arguments for ``write_conf``."""
     conf = {}
@@ -95,8 +106,8 @@ def mpich_conf(module_dir: tuple[Path, str], **extra: str) -> dict[str, str]:
         if line and not line.startswith("#"):
             key, value = line.split("=", 1)
             conf[key] = value
-    assert set(conf) == {"module_mpich_copyPath", "module_mpich_siteEnvPrepend",
-                         "module_mpich_userhook"}
+    assert set(conf) - {"module_mpich_copyPath", "module_mpich_siteFs"} == \
+        {"module_mpich_siteEnvPrepend", "module_mpich_userhook"}
     return {**conf, **extra}
 
 
@@ -166,6 +177,29 @@ def test_without_the_module_the_application_runs_on_the_images_mpi(site, mpi_ima
     res = site.shifter(ALICE, f"--image=id:{mpi_image}", "--module=mpich",
                        "--workdir=/opt/app", "./ring")
     assert libmpi_of(res.stdout) == {0: SITE_LIB}, res.stderr
+
+
+def test_bind_mounted_module_instead_of_a_copy(site, mpi_image, openmpi_image,
+                                              bind_module_dir):
+    """``shifter-prep-mpi --bind``: the module is the site's directory mounted read-only
+    (no copy per launch); the application runs on it just the same."""
+    out, _ = bind_module_dir
+    site.write_conf(**mpich_conf(bind_module_dir, defaultModules="mpich"))
+    res = site.shifter(ALICE, f"--image=id:{mpi_image}", "--workdir=/opt/app", "./ring")
+    assert res.returncode == 0, res.stderr
+    assert libmpi_of(res.stdout) == {0: f"{BIND_INSIDE}/lib64/libmpich.so.12.2.2"}
+    res = site.shifter(ALICE, f"--image=id:{mpi_image}", "sh", "-c",
+                       f"grep ' {BIND_INSIDE} ' /proc/self/mountinfo; "
+                       "ls /opt/udiImage/modules; echo $LD_LIBRARY_PATH")
+    assert res.returncode == 0, res.stderr
+    mount, ld_path = res.stdout.splitlines()
+    fields = mount.split()
+    assert fields[4] == BIND_INSIDE and "ro" in fields[5].split(","), mount
+    assert fields[3].endswith(f"/modules/{out.name}"), mount  # the site's dir itself
+    assert ld_path == f"{BIND_INSIDE}/lib64"
+    res = site.shifter(ALICE, f"--image=id:{openmpi_image}", "true")
+    assert res.returncode == 1 and "Failed to setup module mpich" in res.stderr
+    assert "libmpi.so.40" in res.stderr
 
 
 # -- two ranks: mpiexec on the host, each rank a container ----------------------------------
