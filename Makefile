@@ -8,7 +8,8 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make \
 	squashfs-tools squashfs-tools-ng zstd xfsprogs util-linux \
 	docker-registry skopeo umoci apache2-utils busybox-static \
 	munge libmunge-dev openssh-server openssh-client attr \
-	bubblewrap charliecloud squashfuse fuse3 kmod libcap2-bin
+	bubblewrap charliecloud squashfuse fuse3 kmod libcap2-bin \
+	mpich libmpich-dev patchelf
 
 .PHONY: setup apt venv install helper demo test lint bench-pull bench-launch clean
 
@@ -36,10 +37,12 @@ $(VENV)/.installed: pyproject.toml
 #   $(PREFIX)/lib/shifter/python/              udiroot + shifter, byte-compiled
 #   $(PREFIX)/bin/shifter setupRoot unsetupRoot  `python3 -I -S` launchers: no site-packages,
 #        no venv, no pyenv shim on the path that runs once per task (see bench/launch)
+#   $(PREFIX)/bin/shifter-prep-mpi            the same kind of launcher (site admin tool)
 #   $(PREFIX)/bin/shifterimg                  the gateway client, from the project's venv
 PREFIX  ?= /usr/local
 PYLIB   := $(PREFIX)/lib/shifter/python
-LAUNCHERS := shifter:shifter.launch setupRoot:shifter.setuproot unsetupRoot:shifter.setuproot:main_unsetup
+LAUNCHERS := shifter:shifter.launch setupRoot:shifter.setuproot unsetupRoot:shifter.setuproot:main_unsetup \
+	shifter-prep-mpi:shifter.prep_mpi
 
 helper:
 	$(MAKE) -C helpers

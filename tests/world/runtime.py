@@ -280,3 +280,49 @@ def compile_static(source: str, out: Path) -> Path:
     subprocess.run(["gcc", "-static", "-O1", "-o", str(out), str(src)], check=True)
     return out
 
+
+
+def add_dynamic_program(root: Path, program: Path, dest: str,
+                        lib_path: str | None = None) -> list[str]:
+    """Copy a dynamically linked ``program`` into the image tree at ``dest`` with every
+    shared library it loads (its ``ldd`` closure, glibc and ld-linux included, found with
+    ``LD_LIBRARY_PATH=lib_path``), laid out as Debian's merged /usr has them: real files in
+    ``/usr/lib/x86_64-linux-gnu`` (``/usr/lib64`` for ld-linux) under their own names plus
+    a link by the name the program asks for; ``/lib`` and ``/lib64`` link to ``usr/``.
+    The image's ld.so finds them on its built-in search path (there is no ld.so.cache).
+    Returns the image paths of the libraries."""
+    env = {"PATH": "/usr/bin:/bin"}
+    if lib_path:
+        env["LD_LIBRARY_PATH"] = lib_path
+    out = subprocess.run(["ldd", str(program)], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    libdir = root / "usr/lib/x86_64-linux-gnu"
+    libdir.mkdir(parents=True, exist_ok=True)
+    (root / "usr/lib64").mkdir(parents=True, exist_ok=True)
+    for top in ("lib", "lib64"):
+        if not (root / top).exists() and not (root / top).is_symlink():
+            (root / top).symlink_to(f"usr/{top}")
+    placed = []
+    for line in out.splitlines():
+        parts = line.split()
+        if "=>" in parts:
+            name, path = parts[0], parts[parts.index("=>") + 1]
+        elif parts and parts[0].startswith("/"):
+            name, path = os.path.basename(parts[0]), parts[0]  # the ELF interpreter
+        else:
+            continue  # linux-vdso
+        if path == "not":
+            raise RuntimeError(f"ldd {program}: {name} not found")
+        where = root / "usr/lib64" if name.startswith("ld-linux") else libdir
+        real = Path(os.path.realpath(path))
+        if not (where / real.name).exists():
+            shutil.copyfile(real, where / real.name)
+            os.chmod(where / real.name, 0o755)
+        if name != real.name and not (where / name).is_symlink():
+            (where / name).symlink_to(real.name)
+        placed.append("/" + str((where / name).relative_to(root)))
+    target = root / dest.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(program, target)
+    os.chmod(target, 0o755)
+    return placed
