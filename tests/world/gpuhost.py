@@ -89,14 +89,20 @@ class FakeGpuHost:
         self.cache = base / "ld.so.cache"
 
     @classmethod
-    def create(cls, base: Path, gpus: int = 2) -> FakeGpuHost:
+    def create(cls, base: Path, gpus: int = 2, extra_libraries: tuple[str, ...] = ()
+               ) -> FakeGpuHost:
+        """``extra_libraries``: more driver library names (``libnvidia-cfg``, …), each
+        made with its soname and an unversioned link, as a real driver's are (the
+        benchmark makes the whole default list)."""
         host = cls(base, gpus)
         for d in (base, host.lib64, host.lib32, host.dev, host.bin):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o755)
-        for name in ("libcuda", "libnvidia-ml"):
+        for name in ("libcuda", "libnvidia-ml", *extra_libraries):
             shared_library(host.lib64 / f"{name}.so.{DRIVER_VERSION}", f"{name}.so.1",
                            MARKER_C % {"name": name, "token": host.token})
+            if name in extra_libraries:
+                (host.lib64 / f"{name}.so").symlink_to(f"{name}.so.1")
         obj = host.lib32 / "marker.o"
         subprocess.run(["as", "--32", "-o", str(obj), "-"], input=MARKER_I386_S.encode(),
                        check=True)
