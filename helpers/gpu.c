@@ -203,7 +203,7 @@ static void find_libraries(const struct udiroot_conf *conf, struct gpu_plan *g)
     if (read_all_fd(fd, LD_CACHE_MAX, &data, &len) != 0)
         die_errno("FAILED to set up GPU support: cannot read %s", path);
     close(fd);
-    if (len >= 16 && memcmp(data, "ld.so-1.7.0", 12) == 0) {
+    if (len >= 16 && memcmp(data, "ld.so-1.7.0", 11) == 0) { /* magic[11], then nlibs */
         uint32_t old_n;
         memcpy(&old_n, data + 12, sizeof old_n);
         off = (16 + (size_t)old_n * 12 + 3) & ~(size_t)3;

@@ -84,6 +84,16 @@ def test_program_in_the_image_loads_the_hosts_driver(site, image, host):
                                           f"{GPU_DIR}/lib64/libnvidia-ml.so.1"]
 
 
+def test_a_cache_in_the_older_compat_format(site, image, host):
+    """Nodes whose ld.so.cache was written by an older glibc (old table + new table)."""
+    cache = host.make_cache(host.base / "compat-ld.so.cache", "compat")
+    assert cache.read_bytes().startswith(b"ld.so-1.7.0")
+    site.write_conf(**{**host.conf(), "gpuLdCache": str(cache)})
+    res = shifter(site, image, "--gpu=0", "gpuprobe", "libcuda.so.1")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[1:] == [host.marker("libcuda"), f"{GPU_DIR}/lib64/libcuda.so.1"]
+
+
 def test_without_a_gpu_request_nothing_is_injected(site, image):
     for env in (None, {"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "NoDevFiles"}):
         res = shifter(site, image, "gpuprobe", "libcuda.so.1", env=env)

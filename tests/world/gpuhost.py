@@ -87,6 +87,7 @@ class FakeGpuHost:
         self.dev = base / "dev"
         self.bin = base / "bin"
         self.cache = base / "ld.so.cache"
+        self.ld_conf = base / "ld.so.conf"
 
     @classmethod
     def create(cls, base: Path, gpus: int = 2, extra_libraries: tuple[str, ...] = ()
@@ -112,10 +113,9 @@ class FakeGpuHost:
         # Something that is not the driver, to see that only the listed libraries go in.
         shared_library(host.lib64 / "libcudart.so.12.0", "libcudart.so.12",
                        MARKER_C % {"name": "libcudart", "token": host.token})
-        conf = base / "ld.so.conf"
-        conf.write_text(f"include /etc/ld.so.conf.d/*.conf\n{host.lib64}\n{host.lib32}\n")
-        subprocess.run(["ldconfig", "-C", str(host.cache), "-f", str(conf)], check=True)
-        os.chmod(host.cache, 0o644)
+        host.ld_conf = base / "ld.so.conf"
+        host.ld_conf.write_text(f"include /etc/ld.so.conf.d/*.conf\n{host.lib64}\n{host.lib32}\n")
+        host.make_cache(host.cache)
         for n in range(gpus):
             host.mknod(f"nvidia{n}", 195, n)
         host.mknod("nvidiactl", 195, 255)
@@ -125,6 +125,14 @@ class FakeGpuHost:
         smi.write_text(f"#!/bin/sh\necho 'fake nvidia-smi {host.token}'\n")
         os.chmod(smi, 0o755)
         return host
+
+    def make_cache(self, path: Path, fmt: str = "new") -> Path:
+        """The ld.so cache of this driver (``fmt``: ``new``, or ``compat``, the old table
+        followed by the new one, as glibc before 2.32 wrote by default)."""
+        subprocess.run(["ldconfig", "-c", fmt, "-C", str(path), "-f", str(self.ld_conf)],
+                       check=True)
+        os.chmod(path, 0o644)
+        return path
 
     def mknod(self, name: str, major: int, minor: int) -> None:
         path = self.dev / name
