@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 from world.gpuhost import PROBE_C, FakeGpuHost, program_tree, shared_library
-from world.runtime import HELPER, RuntimeSite, busybox_tree, mksquashfs
+from world.runtime import HELPER, RuntimeSite, busybox_tree, mksquashfs, module_site
 
 ALICE = "shifter-alice"
 GPU_DIR = "/opt/shifter/site-resources/gpu"
@@ -24,12 +23,8 @@ GPU_DIR = "/opt/shifter/site-resources/gpu"
 
 @pytest.fixture(scope="module")
 def site(test_users, tmp_path_factory):
-    base = Path(tmp_path_factory.mktemp("gpu", numbered=True))
-    for d in (base.parent.parent, base.parent, base):
-        os.chmod(d, 0o755)
-    site = RuntimeSite.create(base / "site")
-    yield site
-    assert site.our_mounts() == [] and site.our_loops() == []
+    with module_site(tmp_path_factory, "gpu") as site:
+        yield site
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from world.runtime import HELPER, RuntimeSite, busybox_tree, mksquashfs
+from world.runtime import HELPER, RuntimeSite, busybox_tree, mksquashfs, module_site
 
 ALICE = "shifter-alice"
 PROBE = "test -e /var/hostsfile && echo PREPARED || echo FRESH"
@@ -25,12 +25,8 @@ PROBE = "test -e /var/hostsfile && echo PREPARED || echo FRESH"
 
 @pytest.fixture(scope="module")
 def site(test_users, tmp_path_factory) -> Iterator[RuntimeSite]:
-    base = Path(tmp_path_factory.mktemp("modules", numbered=True))
-    for d in (base.parent.parent, base.parent, base):
-        os.chmod(d, 0o755)
-    site = RuntimeSite.create(base / "site")
-    yield site
-    assert site.our_mounts() == [] and site.our_loops() == []
+    with module_site(tmp_path_factory, "modules") as site:
+        yield site
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from world.mpi import MPICH_LIBDIR, build_ring
-from world.runtime import RuntimeSite, add_dynamic_program, busybox_tree, mksquashfs
+from world.runtime import add_dynamic_program, busybox_tree, mksquashfs, module_site
 
 ALICE = "shifter-alice"
 REPO = Path(__file__).resolve().parents[1]
@@ -31,12 +31,8 @@ BIND_INSIDE = "/opt/site-mpich"  # where the bind-mounted variant appears
 
 @pytest.fixture(scope="module")
 def site(test_users, tmp_path_factory):
-    base = Path(tmp_path_factory.mktemp("runtime-mpi", numbered=True))
-    for d in (base.parent.parent, base.parent, base):
-        os.chmod(d, 0o755)
-    site = RuntimeSite.create(base / "site")
-    yield site
-    assert site.our_mounts() == [] and site.our_loops() == []
+    with module_site(tmp_path_factory, "runtime-mpi") as site:
+        yield site
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from world.runtime import HELPER, TEST_CONF, RuntimeSite, busybox_tree, compile_static, mksquashfs
+from world.runtime import (
+    HELPER,
+    TEST_CONF,
+    RuntimeSite,
+    busybox_tree,
+    compile_static,
+    mksquashfs,
+    module_site,
+)
 
 ALICE = "shifter-alice"
 BOB = "shifter-bob"
@@ -46,12 +54,8 @@ __attribute__((constructor)) static void mark(void) {
 
 @pytest.fixture(scope="module")
 def site(test_users, tmp_path_factory):
-    base = Path(tmp_path_factory.mktemp("runtime-sec", numbered=True))
-    for d in (base.parent.parent, base.parent, base):
-        os.chmod(d, 0o755)
-    site = RuntimeSite.create(base / "site")
-    yield site
-    assert site.our_mounts() == [] and site.our_loops() == []
+    with module_site(tmp_path_factory, "runtime-sec") as site:
+        yield site
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,12 @@ import pwd
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 HELPERS = REPO / "helpers"
@@ -267,6 +271,18 @@ class RuntimeSite:
         """Loop devices backed by this site's images or cache files."""
         text = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
         return [line for line in text.splitlines() if str(self.base) in line]
+
+
+@contextmanager
+def module_site(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[RuntimeSite]:
+    """A site for one test module, in a fresh pytest temp dir every user can reach;
+    afterwards nothing of ours may be mounted (a module-scoped fixture's body)."""
+    base = Path(tmp_path_factory.mktemp(name, numbered=True))
+    for d in (base.parent.parent, base.parent, base):
+        os.chmod(d, 0o755)
+    site = RuntimeSite.create(base / "site")
+    yield site
+    assert site.our_mounts() == [] and site.our_loops() == []
 
 
 def _unescape(field: str) -> str:
