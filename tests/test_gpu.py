@@ -153,6 +153,12 @@ def test_cuda_visible_devices_requests_gpus(site, image):
     assert res.returncode == 0 and res.stdout.split()[1].startswith("host-driver:")
     # --gpu wins over the variable.
     assert "nvidia0" in devices(site, image, "--gpu=0", env=env)
+    # A Slurm step with constrained devices: CUDA counts from 0, Slurm names the node's GPU.
+    env = {"CUDA_VISIBLE_DEVICES": "0", "SLURM_STEP_GPUS": "1"}
+    assert devices(site, image, env=env) == {"nvidia1", "nvidiactl", "nvidia-modeset",
+                                             "nvidia-uvm"}
+    res = shifter(site, image, "sh", "-c", "echo CVD=$CUDA_VISIBLE_DEVICES", env=env)
+    assert res.stdout == "CVD=0\n"
 
 
 def test_gpu_layer_of_the_environment(site, image, host):

@@ -19,6 +19,14 @@ G = "/opt/shifter/site-resources/gpu"
     (True, None, {}, "all"),
     (True, None, {"CUDA_VISIBLE_DEVICES": "1"}, "all"),  # --gpu wins
     (True, "3", {"CUDA_VISIBLE_DEVICES": "1"}, [3]),
+    # Slurm with ConstrainDevices: CUDA counts from 0, SLURM_STEP_GPUS names the nodes.
+    (False, None, {"CUDA_VISIBLE_DEVICES": "0,1", "SLURM_STEP_GPUS": "2,3"}, [2, 3]),
+    (False, None, {"CUDA_VISIBLE_DEVICES": "0", "SLURM_JOB_GPUS": "5"}, [5]),
+    (False, None, {"CUDA_VISIBLE_DEVICES": "0", "SLURM_STEP_GPUS": "1",
+                   "SLURM_JOB_GPUS": "1,2"}, [1]),
+    (False, None, {"CUDA_VISIBLE_DEVICES": "0", "SLURM_STEP_GPUS": "1,2"}, [0]),  # mismatch
+    (False, None, {"SLURM_STEP_GPUS": "1"}, None),  # no CUDA_VISIBLE_DEVICES: no request
+    (True, "0", {"CUDA_VISIBLE_DEVICES": "0", "SLURM_STEP_GPUS": "1"}, [0]),  # --gpu wins
 ])
 def test_requested_gpus(given, option, environ, expected):
     assert requested_gpus(given, option, environ) == expected
@@ -32,6 +40,7 @@ def test_requested_gpus(given, option, environ, expected):
     (None, {"CUDA_VISIBLE_DEVICES": "GPU-12ab"}, "GPU UUIDs are not supported"),
     (None, {"CUDA_VISIBLE_DEVICES": "0,"}, "Invalid CUDA_VISIBLE_DEVICES '0,'"),
     (None, {"CUDA_VISIBLE_DEVICES": "١"}, "Invalid CUDA_VISIBLE_DEVICES"),  # not ASCII
+    (None, {"CUDA_VISIBLE_DEVICES": "0", "SLURM_STEP_GPUS": "x"}, "Invalid SLURM_STEP_GPUS"),
 ])
 def test_malformed_requests(option, environ, message):
     with pytest.raises(GpuError, match=message):

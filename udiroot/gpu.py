@@ -3,8 +3,12 @@
 GPU support is requested by ``--gpu`` (bare: every GPU of the node; ``--gpu=0,1``: those
 device indexes) or, as Shifter did, by ``CUDA_VISIBLE_DEVICES`` being set, non-empty and
 not ``NoDevFiles``; ``--gpu`` wins over the variable. The indexes are those of
-``/dev/nvidiaN``. The setuid helper finds the driver's files and checks that each
-requested GPU exists; this module only reads the request and layers the environment:
+``/dev/nvidiaN``. Inside a Slurm step whose devices are constrained by cgroups,
+``CUDA_VISIBLE_DEVICES`` counts from 0 among the step's GPUs while ``SLURM_STEP_GPUS``
+(``SLURM_JOB_GPUS`` in the batch step) names the node's real ones: when that list is set
+and as long, it picks the device nodes. The setuid helper finds the driver's files and
+checks that each requested GPU exists; this module only reads the request and layers the
+environment:
 
 * ``LD_LIBRARY_PATH`` gets ``<siteResources>/gpu/lib64:<siteResources>/gpu/lib`` in
   front, so the host's driver wins over any copy of ``libcuda`` in the image (a driver
@@ -57,7 +61,12 @@ def requested_gpus(
     visible = environ.get("CUDA_VISIBLE_DEVICES", "")
     if visible.strip() == "" or visible == "NoDevFiles":
         return None
-    return parse_gpu_list(visible, "CUDA_VISIBLE_DEVICES")
+    indexes = parse_gpu_list(visible, "CUDA_VISIBLE_DEVICES")
+    for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        if environ.get(name, "").strip():
+            slurm = parse_gpu_list(environ[name], name)
+            return slurm if len(slurm) == len(indexes) else indexes
+    return indexes
 
 
 def helper_argument(gpus: list[int] | str) -> str:
