@@ -116,7 +116,9 @@ int sshd_check_key(const char *key, char *err, size_t len)
         }
     }
     /* What OpenSSH calls a key blob: uint32 length, the type name, then the key. */
-    name_len = out >= 4 ? (unsigned long)blob[0] << 24 | blob[1] << 16 | blob[2] << 8 | blob[3] : 0;
+    name_len = out < 4 ? 0
+                       : (unsigned long)blob[0] << 24 | (unsigned long)blob[1] << 16 |
+                             (unsigned long)blob[2] << 8 | blob[3];
     ok = ok && out >= 4 && name_len == tlen && out > 4 + tlen + 4 &&
          memcmp(blob + 4, key, tlen) == 0;
     free(blob);
