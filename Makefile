@@ -11,7 +11,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make \
 	bubblewrap charliecloud squashfuse fuse3 kmod libcap2-bin \
 	mpich libmpich-dev patchelf
 
-.PHONY: setup apt venv install helper demo test lint bench-pull bench-launch clean
+.PHONY: setup apt venv install helper udiimage demo test lint bench-pull bench-launch clean
 
 setup: apt venv
 
@@ -37,17 +37,28 @@ $(VENV)/.installed: pyproject.toml
 #   $(PREFIX)/lib/shifter/python/              udiroot + shifter, byte-compiled
 #   $(PREFIX)/bin/shifter setupRoot unsetupRoot  `python3 -I -S` launchers: no site-packages,
 #        no venv, no pyenv shim on the path that runs once per task (see bench/launch)
-#   $(PREFIX)/bin/shifter-prep-mpi            the same kind of launcher (site admin tool)
+#   $(PREFIX)/bin/shifter-prep-mpi            the same kind of launcher (site admin tools)
+#   $(PREFIX)/bin/shifter-prep-udiimage
+#   $(UDIIMAGE)                               the optUdiImage tree (copied into every container
+#        as /opt/udiImage): Debian's sshd and ssh with their libraries, runnable in any
+#        image (`make udiimage`; replaced on every install)
 #   $(PREFIX)/bin/shifterimg                  the gateway client, from the project's venv
 PREFIX  ?= /usr/local
 PYLIB   := $(PREFIX)/lib/shifter/python
+UDIIMAGE ?= /opt/shifter/udiImage
 LAUNCHERS := shifter:shifter.launch setupRoot:shifter.setuproot unsetupRoot:shifter.setuproot:main_unsetup \
-	shifter-prep-mpi:shifter.prep_mpi
+	shifter-prep-mpi:shifter.prep_mpi shifter-prep-udiimage:shifter.prep_udiimage
 
 helper:
 	$(MAKE) -C helpers
 
-install: setup helper
+# The tree optUdiImage names (etc/udiRoot.conf.example: /opt/shifter/udiImage).
+udiimage: setup
+	mkdir -p $(dir $(UDIIMAGE))
+	$(PYTHON_SYS) -I -c 'import sys; sys.path.insert(0, "$(CURDIR)"); \
+		from shifter.prep_udiimage import main; sys.exit(main())' --out $(UDIIMAGE) --force
+
+install: setup helper udiimage
 	$(MAKE) -C helpers install PREFIX=$(PREFIX)
 	rm -rf $(PYLIB).new && mkdir -p $(PYLIB).new
 	cp -r udiroot shifter $(PYLIB).new/

@@ -31,6 +31,8 @@ struct ctx {
     int root;                 /* container root (the rootfs mount), -1 until built */
     unsigned long propagation; /* MS_SLAVE or MS_PRIVATE (mountPropagationStyle) */
     struct gpu_plan gpu;      /* --gpu: what to inject (gpu.requested 0: nothing) */
+    const char *ssh_key;      /* setup --ssh-pubkey (validated), or NULL: no sshd */
+    int sshd_pidfd;           /* the sshd this setup started, -1 until then */
 };
 
 /* The reuse signature of spec 6.5 (malloc'd). */

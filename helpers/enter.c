@@ -132,17 +132,23 @@ static void userhooks(const struct ctx *c, char *const envp[])
     }
 }
 
-void enter(const struct ctx *c, int root, const char *workdir, char *const argv[],
-           char *const envp[])
+void enter_user(const struct ctx *c, int root)
 {
     int lastcap = last_cap();
-    const char *path = DEFAULT_PATH;
 
     if (fchdir(root) != 0 || chroot(".") != 0 || chdir("/") != 0)
         die_errno("Failed to chroot to the container");
     close(root);
     drop_privileges(&c->id, lastcap);
     verbose("privileges dropped");
+}
+
+void enter(const struct ctx *c, int root, const char *workdir, char *const argv[],
+           char *const envp[])
+{
+    const char *path = DEFAULT_PATH;
+
+    enter_user(c, root);
 
     if (workdir != NULL && chdir(workdir) != 0)
         warn("Failed to switch to working dir: %s, staying in /", workdir);

@@ -27,6 +27,7 @@
 #include "etcfiles.h"
 #include "ident.h"
 #include "meta.h"
+#include "sshd.h"
 #include "util.h"
 #include "volume.h"
 
@@ -279,8 +280,9 @@ static void common_checks(struct options *o)
         die("%s", err);
     if (ctx.nodes != NULL && hosts_validate(ctx.nodes, err, sizeof err) != 0)
         die("%s", err);
-    if (o->ssh_key != NULL && (strlen(o->ssh_key) > 16384 || strchr(o->ssh_key, '\n')))
-        die("shifter-helper: invalid --ssh-pubkey");
+    if (o->ssh_key != NULL && sshd_check_key(o->ssh_key, err, sizeof err) != 0)
+        die("%s", err);
+    ctx.ssh_key = o->ssh_key;
     if (ctx.image_id != NULL) {
         const char *dir = conf_get(&conf, "imagePath");
         int fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
@@ -327,6 +329,7 @@ static void check_tools(void)
 
 static void teardown(void)
 {
+    sshd_stop(&ctx);
     container_teardown(&ctx);
 }
 
@@ -364,6 +367,7 @@ int main(int argc, char **argv)
     canonical("loopMount", ctx.loop, sizeof ctx.loop);
     ctx.conf = &conf;
     ctx.root = -1;
+    ctx.sshd_pidfd = -1;
     {
         const char *style = conf_get(&conf, "mountPropagationStyle");
         ctx.propagation = style != NULL && strcmp(style, "private") == 0 ? MS_PRIVATE : MS_SLAVE;
@@ -376,6 +380,7 @@ int main(int argc, char **argv)
             g_verbose = 1;
         else if (argc != 2)
             usage();
+        sshd_stop(&ctx); /* first: it runs inside what is unmounted next */
         return container_teardown(&ctx) == 0 ? 0 : 1;
     }
     if (strcmp(mode, "setup") == 0) {

@@ -8,11 +8,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <linux/openat2.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -244,6 +246,16 @@ void mkdir_at(int dirfd, const char *name, mode_t mode)
         die_errno("Cannot create directory %s", name);
     if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISDIR(st.st_mode))
         die("Cannot create directory %s: something else is in the way", name);
+}
+
+int openat2_resolve(int dirfd, const char *path, int flags, unsigned long long resolve)
+{
+    struct open_how how;
+
+    memset(&how, 0, sizeof how);
+    how.flags = (unsigned long long)flags;
+    how.resolve = resolve;
+    return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
 }
 
 int open_dir_at(int dirfd, const char *name)

@@ -48,6 +48,9 @@ void write_file_at(int dirfd, const char *name, const char *data, size_t len, mo
 /* mkdirat that accepts an existing directory (checked without following symlinks). */
 void mkdir_at(int dirfd, const char *name, mode_t mode);
 
+/* openat2(2) with resolve flags (RESOLVE_IN_ROOT, ...); -1 with errno. */
+int openat2_resolve(int dirfd, const char *path, int flags, unsigned long long resolve);
+
 /* Open a directory below dirfd, O_PATH, refusing symlinks. */
 int open_dir_at(int dirfd, const char *name);
 

@@ -34,16 +34,6 @@
 #define SMALL_XFS (300ULL * 1024 * 1024)
 #define DENIED "Invalid mount request, permission denied! Cannot mount from %s to %s: %s."
 
-static int openat2_(int dirfd, const char *path, int flags, unsigned long long resolve)
-{
-    struct open_how how;
-
-    memset(&how, 0, sizeof how);
-    how.flags = (unsigned long long)flags;
-    how.resolve = resolve;
-    return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
-}
-
 static int is_under(const char *path, const char *base)
 {
     size_t n = strlen(base);
@@ -69,7 +59,8 @@ int volmount_open_as_user(const struct ident *id, const char *path)
     if (nsaved < 0 || setgroups(id->ngroups, id->groups) != 0)
         die_errno("Cannot switch to the user's groups");
     set_fs_ids(id->uid, id->gid);
-    fd = openat2_(AT_FDCWD, path, O_PATH | O_DIRECTORY | O_CLOEXEC, RESOLVE_NO_MAGICLINKS);
+    fd = openat2_resolve(AT_FDCWD, path, O_PATH | O_DIRECTORY | O_CLOEXEC,
+                         RESOLVE_NO_MAGICLINKS);
     /* Looking up "." in it needs search permission: the user can reach inside. */
     dir = fd >= 0 ? openat(fd, ".", O_PATH | O_DIRECTORY | O_CLOEXEC) : -1;
     e = errno;
@@ -117,7 +108,8 @@ static int open_target(const struct ctx *c, const char *path, int want_dir, int 
     const char *p = path;
     int fd = -1;
 
-    fd = openat2_(c->root, path, O_PATH | O_CLOEXEC, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS);
+    fd = openat2_resolve(c->root, path, O_PATH | O_CLOEXEC,
+                         RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS);
     if (fd >= 0 || errno != ENOENT)
         goto done;
     /* Walk from the top, creating what is missing. */
@@ -140,15 +132,17 @@ static int open_target(const struct ctx *c, const char *path, int want_dir, int 
         name[len] = '\0';
         p += len;
         last = p[strspn(p, "/")] == '\0';
-        parent = openat2_(c->root, prefix[0] ? prefix : "/", O_PATH | O_DIRECTORY | O_CLOEXEC,
-                          RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS);
+        parent = openat2_resolve(c->root, prefix[0] ? prefix : "/",
+                                 O_PATH | O_DIRECTORY | O_CLOEXEC,
+                                 RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS);
         if (parent < 0) {
             *why = "its parent directory cannot be opened";
             return -1;
         }
         strcat(prefix, "/");
         strcat(prefix, name);
-        fd = openat2_(parent, name, O_PATH | O_CLOEXEC, RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS);
+        fd = openat2_resolve(parent, name, O_PATH | O_CLOEXEC,
+                             RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS);
         if (fd >= 0 || errno != ENOENT) {
             /* exists (maybe as a symlink: resolve it again inside the root below) */
             if (fd >= 0)
@@ -198,7 +192,8 @@ static int open_target(const struct ctx *c, const char *path, int want_dir, int 
         }
         close(parent);
     }
-    fd = openat2_(c->root, path, O_PATH | O_CLOEXEC, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS);
+    fd = openat2_resolve(c->root, path, O_PATH | O_CLOEXEC,
+                         RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS);
 done:
     if (fd < 0) {
         *why = errno == ENOENT ? "the destination does not exist" : strerror(errno);

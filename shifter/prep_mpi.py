@@ -117,11 +117,20 @@ class Patchelf:
     def rpath(self, path: Path) -> str:
         return self._run("--print-rpath", str(path)).strip()
 
-    def set_rpath(self, path: Path, dirs: list[str]) -> None:
+    def set_rpath(self, path: Path, dirs: list[str], *, force_rpath: bool = False) -> None:
+        """RUNPATH (or with ``force_rpath`` the older DT_RPATH, which also covers what
+        the program's libraries dlopen) to ``dirs``; none when empty."""
         if dirs:
-            self._run("--set-rpath", ":".join(dirs), str(path))
+            force = ["--force-rpath"] if force_rpath else []
+            self._run(*force, "--set-rpath", ":".join(dirs), str(path))
         else:
             self._run("--remove-rpath", str(path))
+
+    def interpreter(self, path: Path) -> str:
+        return self._run("--print-interpreter", str(path)).strip()
+
+    def set_interpreter(self, path: Path, interpreter: str) -> None:
+        self._run("--set-interpreter", interpreter, str(path))
 
 
 # -- finding libraries on the host --------------------------------------------------------

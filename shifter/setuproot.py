@@ -174,7 +174,7 @@ def plan_setup(opts: SetupOptions) -> list[str]:
     if opts.nodes is not None:
         argv += ["--nodes", opts.nodes]
     if opts.ssh_key is not None:
-        argv += ["--ssh-pubkey", opts.ssh_key]
+        argv += ["--ssh-pubkey", opts.ssh_key.strip()]  # a .pub file's line, newline and all
     return argv
 
 
