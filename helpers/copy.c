@@ -3,6 +3,13 @@
  * O_NOFOLLOW and checked with fstat on the opened fd; destinations are created
  * with O_EXCL|O_NOFOLLOW after removing what was there, so a planted symlink
  * can never redirect a write.  Data moves with copy_file_range (in-kernel).
+ *
+ * Trees (optUdiImage, module copyPaths, etcPath subdirectories) are root's: a large
+ * file there that is root-owned, not group/other writable, without set-id bits and
+ * already readable (and, if executable, executable) by all is bind-mounted read-only
+ * instead of copied.  Copying an MPI module (48 MiB) or the sshd tree (16 MiB) into
+ * every container cost 7-26 ms per launch; a bind costs microseconds and shows the
+ * same bytes with the same a+rX mode the copy would have had.
  */
 #define _GNU_SOURCE
 #include "copy.h"
@@ -13,12 +20,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "mnt.h"
 #include "util.h"
 
 #define MAX_DEPTH 64
+#define TREE_BIND_OVER (1024 * 1024)
 
 static void copy_data(int in, int out, off_t size, const char *name)
 {
@@ -116,6 +126,38 @@ void copy_symlink_at(int src_dir, const char *name, int dst_dir, const char *dst
     }
 }
 
+/* A file tree() may bind rather than copy (see the top of this file). */
+static int bindable(const struct stat *st)
+{
+    mode_t m = st->st_mode;
+
+    return st->st_size > TREE_BIND_OVER && st->st_uid == 0 && (m & 0022) == 0 &&
+           (m & 06000) == 0 && (m & 0444) == 0444 && ((m & 0111) == 0 || (m & 0111) == 0111);
+}
+
+static void bind_file_at(int src_dir, const char *name, int dst_dir)
+{
+    int src = openat(src_dir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC), f, dst, mfd;
+    struct stat st;
+
+    if (src < 0 || fstat(src, &st) != 0 || !bindable(&st))
+        die("Cannot bind %s: it changed while the tree was read", name);
+    if (unlinkat(dst_dir, name, 0) != 0 && errno != ENOENT)
+        die_errno("Cannot replace %s", name);
+    f = openat(dst_dir, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (f < 0)
+        die_errno("Cannot create mount point %s", name);
+    close(f);
+    dst = openat(dst_dir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (dst < 0)
+        die_errno("Cannot open mount point %s", name);
+    mfd = mnt_clone(src, 0, ATTR_RO | ATTR_NOSUID | ATTR_NODEV, name);
+    mnt_attach(mfd, dst, MS_PRIVATE, name);
+    close(mfd);
+    close(dst);
+    close(src);
+}
+
 static void tree(int src, int dst, const char *what, int depth)
 {
     int rfd;
@@ -134,7 +176,9 @@ static void tree(int src, int dst, const char *what, int depth)
             continue;
         if (fstatat(rfd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0)
             die_errno("Cannot stat %s in %s", e->d_name, what);
-        if (S_ISREG(st.st_mode)) {
+        if (S_ISREG(st.st_mode) && bindable(&st)) {
+            bind_file_at(rfd, e->d_name, dst);
+        } else if (S_ISREG(st.st_mode)) {
             copy_file_at(rfd, e->d_name, dst, e->d_name, 0, 0);
         } else if (S_ISLNK(st.st_mode)) {
             copy_symlink_at(rfd, e->d_name, dst, e->d_name);
@@ -189,7 +233,8 @@ static void rx(int dir, int depth)
             close(s);
         } else if (S_ISREG(st.st_mode)) {
             mode_t m = (st.st_mode & 07777) | 0444 | ((st.st_mode & 0111) ? 0111 : 0);
-            if (fchmodat(rfd, e->d_name, m, 0) != 0)
+            /* Only when it changes: a bound file (already a+rX) is read-only. */
+            if (m != (st.st_mode & 07777) && fchmodat(rfd, e->d_name, m, 0) != 0)
                 die_errno("chmod a+rX: %s", e->d_name);
         }
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -294,8 +295,12 @@ def test_bind_variant_prints_site_fs_lines(tmp_path):
         "module_mpich_siteEnvPrepend=LD_LIBRARY_PATH=/opt/site-mpich/lib64",
         "module_mpich_userhook=/opt/site-mpich/bin/check-abi",
     ]
-    res = prep("--out", str(tmp_path / "n"), "--bind")  # default: the same path inside
-    assert f"module_mpich_siteFs={tmp_path / 'n'}:{tmp_path / 'n'}:ro" in res.stdout
+    # Default: the same path inside (under /tmp: a path under /var would be refused as a
+    # siteFs destination, whatever pytest's basetemp is).
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        n = Path(tmp) / "n"
+        res = prep("--out", str(n), "--bind")
+        assert f"module_mpich_siteFs={n}:{n}:ro" in res.stdout
 
 
 @pytest.mark.parametrize("args, words", [

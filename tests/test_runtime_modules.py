@@ -268,6 +268,46 @@ def test_copy_path_is_copied_readable_and_module_env_points_at_it(site, image):
     ]
 
 
+def test_large_copy_path_files_are_bound_read_only_only_when_safe(site, image):
+    """Files over 1 MiB that are root's, not writable by others, set-id free and already
+    a+r(X) are bind-mounted read-only (a launch need not copy a 48 MiB MPI); any other
+    large file is still copied and given a+rX without set-id bits, like small ones."""
+    mod = site_dir(site, "bigmod")
+    big = b"x" * (2 * 1024 * 1024 + 1)
+    cases = {"shared.so": 0o644, "tool": 0o755, "private.so": 0o600, "setid": 0o4755,
+             "groupw.so": 0o664, "partial-x": 0o744}
+    for name, mode in cases.items():
+        (mod / name).write_bytes(big)
+        os.chmod(mod / name, mode)
+    (mod / "alice.so").write_bytes(big)
+    os.chown(mod / "alice.so", *map(int, ids(ALICE)))
+    os.chmod(mod / "alice.so", 0o644)
+    site.write_conf(module_big_copyPath=str(mod))
+    m = "/opt/udiImage/modules/big"
+    names = [*cases, "alice.so"]
+    res = site.shifter(ALICE, f"--image=id:{image}", "--module=big", "sh", "-c",
+                       f"cd {m} && stat -c '%n %a %s %U' {' '.join(names)}; "
+                       f"grep ' {m}/' /proc/mounts; echo y > shared.so || echo write-refused")
+    assert res.returncode == 0, res.stderr
+    stats = {line.split()[0]: line.split()[1:] for line in res.stdout.splitlines()
+             if line.split()[0] in names}
+    size = str(len(big))
+    assert stats == {
+        "shared.so": ["644", size, "root"], "tool": ["755", size, "root"],
+        "private.so": ["644", size, "root"], "setid": ["755", size, "root"],
+        "groupw.so": ["664", size, "root"], "partial-x": ["755", size, "root"],
+        "alice.so": ["644", size, "root"],
+    }
+    bound = {line.split()[1].rsplit("/", 1)[1]: line.split()[3].split(",")
+             for line in res.stdout.splitlines()
+             if len(line.split()) >= 4 and line.split()[1].startswith(m + "/")}
+    assert set(bound) == {"shared.so", "tool"}
+    for opts in bound.values():
+        assert {"ro", "nosuid", "nodev"} <= set(opts)
+    assert "write-refused" in res.stdout
+    assert (mod / "shared.so").read_bytes() == big  # the host's file is untouched
+
+
 # -- the build order: root hooks, siteFs, /etc, copyPath, image ------------------------------
 
 
