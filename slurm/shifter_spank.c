@@ -40,6 +40,7 @@
 #include <string.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <slurm/slurm.h>
@@ -152,6 +153,8 @@ static char *opt_volume; /* every --volume joined with ';' */
 static char *opt_module;
 static int opt_ccm;
 static int made_allocation; /* local/allocator: no job existed when we started */
+static time_t started_at;
+static void show_allocation_failure(void);
 
 static int replace(char **dst, const char *value)
 {
@@ -475,6 +478,10 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
         return 0;
     if (ctx == S_CTX_LOCAL && already_pinned())
         return 0;
+    started_at = time(NULL) - 1;
+    if (made_allocation && strcmp(program_invocation_short_name, "sbatch") != 0 &&
+        atexit(show_allocation_failure) != 0)
+        slurm_error("shifter: cannot register the exit handler");
     return submit_check(sp);
 }
 
@@ -817,34 +824,31 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 
 /* -- srun/salloc exit: show why the allocation failed ----------------------------------- */
 
-int slurm_spank_exit(spank_t sp, int ac, char **av)
+/* An srun or salloc that makes its own allocation waits for the prolog and, when it
+ * fails, exits with Slurm's "Prolog failure on node X" and nothing else. At exit (an
+ * atexit handler: no SPANK callback runs on that path), find the allocation this
+ * process made (same user and session, submitted after we started; slurmctld records
+ * the submitting host by the name it resolved, not ours) and print the reason the
+ * prolog put in its Comment. */
+static void show_allocation_failure(void)
 {
-    spank_context_t ctx = spank_context();
     job_info_msg_t *msg = NULL;
-    job_info_t *job;
-    const char *id_text;
-    uint32_t job_id = 0;
+    const job_info_t *best = NULL;
+    uint32_t sid = (uint32_t)getsid(0), i;
 
-    (void)ac;
-    (void)av;
-    if ((ctx != S_CTX_LOCAL && ctx != S_CTX_ALLOCATOR) || !made_allocation)
-        return 0;
-    if (strcmp(program_invocation_short_name, "sbatch") == 0)
-        return 0; /* the job has not started yet */
-    if (!(opt_image || opt_ccm) || spank_remote(sp))
-        return 0;
-    if (spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS || job_id == 0) {
-        id_text = getenv("SLURM_JOB_ID");
-        if (id_text == NULL)
-            return 0;
-        job_id = (uint32_t)strtoul(id_text, NULL, 10);
+    if (slurm_load_job_user(&msg, getuid(), SHOW_ALL) != SLURM_SUCCESS || msg == NULL)
+        return;
+    for (i = 0; i < msg->record_count; i++) {
+        const job_info_t *job = &msg->job_array[i];
+
+        if (job->alloc_sid != sid || job->submit_time < started_at || job->comment == NULL ||
+            strncmp(job->comment, "shifter: ", 9) != 0)
+            continue;
+        if (best == NULL || job->submit_time >= best->submit_time)
+            best = job;
     }
-    if (job_id == 0)
-        return 0;
-    job = load_job(job_id, &msg);
-    if (job && job->comment && strncmp(job->comment, "shifter: ", 9) == 0)
-        slurm_spank_log("%s", job->comment);
-    if (msg)
-        slurm_free_job_info_msg(msg);
-    return 0;
+    if (best)
+        fprintf(stderr, "%s: error: job %u: %s\n", program_invocation_short_name, best->job_id,
+                best->comment);
+    slurm_free_job_info_msg(msg);
 }

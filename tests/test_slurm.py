@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from world.slurm import NODE, SlurmCluster, build_plugin, plugstack_line, write_
 
 ALICE = "shifter-alice"
 REPO = "slurm/app"
+PULL_AGAIN_AFTER = 3
 
 
 class World:
@@ -101,7 +101,9 @@ def world(test_users, munged, registry, tmp_path_factory):
     gateway = Gateway(base / "gw", munge_socket=munged.socket, registry=registry,
                       extra={"Platforms": {"testsys": {
                           "mungeSocketPath": munged.socket, "accesstype": "local",
-                          "admins": ["root"], "local": {"imageDir": str(site.image_dir)}}}})
+                          "admins": ["root"], "local": {"imageDir": str(site.image_dir)}}},
+                          # a READY tag pulled over 3 s ago pulls again (re-pull test)
+                          "PullUpdateTimeout": PULL_AGAIN_AFTER})
     plugin = build_plugin("ubsan")
     cluster = SlurmCluster(base / "cluster", munge_socket=munged.socket,
                            plugstack=plugstack_line(plugin, bindir, TEST_CONF,
@@ -120,6 +122,7 @@ def healthy_node(world):
     yield
     if not world.cluster.node_state().startswith("IDLE"):
         world.cluster.admin("scancel", "--full", "--user", ALICE)
+        world.cluster.settle()
         world.cluster.resume()
     assert world.site.our_mounts() == [], "a mount of ours is left after the job"
 
@@ -172,3 +175,154 @@ def test_srun_with_image_outside_a_job(world, v1):
     assert "ID=slurm-one" in res.stdout
     world.cluster.settle()  # srun returns before the epilog has run
     assert world.site.our_mounts() == []
+
+
+def test_tasks_of_a_job_do_not_ask_the_gateway(world, tmp_path):
+    """The tag resolves once, at submit: with the tag index unavailable the checker asks
+    the gateway (one lookup); the job's six tasks run the pinned id and ask nothing."""
+    world.push("gwonly", "slurm-gwonly", tmp_path)
+    image_id = world.pull("gwonly")
+    from shifter.frontend import quote_tag
+
+    (world.site.image_dir / "tags" / "docker" / quote_tag(world.tag("gwonly"))).unlink()
+    script = "#!/bin/sh\nfor i in 1 2 3; do srun -n2 shifter cat /etc/os-release; done\n"
+    res = world.sbatch(script, f"--image={world.tag('gwonly')}", "--exclusive", "-n2")
+    assert res.returncode == 0, res
+    assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+    assert world.output(res.job_id).count("ID=slurm-gwonly") == 6
+    rows = world.gateway.request("GET", "/api/metrics/testsys/?limit=100", user="root").json()
+    lookups = [r for r in rows if r.get("tag", "").endswith(f"{REPO}:gwonly")]
+    assert len(lookups) == 1 and lookups[0]["id"] == image_id, rows
+
+
+def test_a_job_keeps_its_image_when_the_tag_is_pulled_again(world, v1, tmp_path):
+    """Job A runs while the tag is re-pulled to a new image; job B waits in the queue
+    meanwhile. Both run the image the tag named when they were submitted; job C,
+    submitted after the pull, runs the new one."""
+    world.push("moving", "slurm-before", tmp_path / "a")
+    before = world.pull("moving")
+    pulled_at = time.monotonic()
+    go = world.jobdir / "go"
+    script = (f"#!/bin/sh\nsrun shifter cat /etc/os-release\n"
+              f"while [ ! -e {go} ]; do sleep 0.1; done\n"
+              "srun shifter cat /etc/os-release\n")
+    tag = world.tag("moving")
+    a = world.sbatch(script, f"--image={tag}", "--exclusive")
+    assert a.returncode == 0, a
+    world.cluster.wait_until(a.job_id, lambda j: j.get("JobState") == "RUNNING")
+    b = world.sbatch("#!/bin/sh\nsrun shifter cat /etc/os-release\n", f"--image={tag}",
+                     "--exclusive")
+    assert b.returncode == 0, b
+    assert world.cluster.state(b.job_id) == "PENDING"
+    try:
+        world.push("moving", "slurm-after", tmp_path / "b")
+        time.sleep(max(0.0, pulled_at + PULL_AGAIN_AFTER + 0.5 - time.monotonic()))
+        after = world.pull("moving")
+        assert after != before
+    finally:
+        go.write_text("")
+        os.chmod(go, 0o644)
+    c = world.sbatch("#!/bin/sh\nsrun shifter cat /etc/os-release\n", f"--image={tag}",
+                     "--exclusive")
+    for job in (a, b, c):
+        assert world.cluster.wait(job.job_id) == "COMPLETED", world.output(job.job_id)
+    os.unlink(go)
+    assert world.output(a.job_id).count("ID=slurm-before") == 2
+    assert "ID=slurm-after" not in world.output(a.job_id)
+    assert "ID=slurm-before" in world.output(b.job_id)
+    assert "ID=slurm-after" in world.output(c.job_id)
+
+
+def test_a_job_without_the_whole_node_builds_per_task_containers(world, v1):
+    """No --exclusive: nothing is prepared (another job may share the node); each task
+    builds its own container (its own mount namespace), of the pinned image."""
+    script = ("#!/bin/sh\nsrun shifter readlink /proc/self/ns/mnt\n"
+              "srun shifter cat /etc/os-release\n")
+    res = world.sbatch(script, f"--image={world.tag('v1')}", "-n1")
+    assert res.returncode == 0, res
+    assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+    namespace, os_id = world.output(res.job_id).splitlines()[:2]
+    assert namespace.startswith("mnt:[") and namespace != os.readlink("/proc/self/ns/mnt")
+    assert os_id == "ID=slurm-one"
+    assert f"job {res.job_id} is not exclusive" in world.cluster.slurmd_log()
+
+
+# -- refused at submit ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--volume=/tmp:/data"], "Cannot specify shifter volumes without specifying the image first!"),
+    (["--image=IMAGE", "--volume=relative/path:/data"], "relative/path"),
+    (["--image=IMAGE", "--volume=/tmp:/etc/x"], "/etc/x"),
+    (["--image=IMAGE", "--module=nosuch"], "Unknown shifter module: nosuch"),
+    (["--image=docker:127.0.0.1:1/no/such:image"], "FAILED to find requested image."),
+    (["--image=id:" + "0" * 64], "FAILED to find requested image."),
+    (["--image=docker:bad chars!"], "Invalid character U+0020 in docker image tag"),
+])
+def test_bad_submissions_are_refused_with_the_reason(world, v1, args, message):
+    args = [a.replace("IMAGE", world.tag("v1")) for a in args]
+    before = world.cluster.admin("squeue", "-h", "-t", "all").stdout
+    res = world.sbatch("#!/bin/sh\ntrue\n", *args)
+    assert res.returncode != 0 and res.job_id is None, res
+    assert message in res.stderr
+    assert world.cluster.admin("squeue", "-h", "-t", "all").stdout == before
+
+
+def test_srun_and_salloc_refuse_bad_options_too(world, v1):
+    res = world.cluster.srun(ALICE, "--volume=/tmp:/data", "true", env=world.env())
+    assert res.returncode != 0
+    assert "Cannot specify shifter volumes without specifying the image first!" in res.stderr
+    res = world.cluster.as_user(ALICE, ["salloc", f"--image={world.tag('v1')}",
+                                        "--module=nosuch", "true"], env=world.env())
+    assert res.returncode != 0 and "Unknown shifter module: nosuch" in res.stderr
+
+
+def test_a_bad_plugstack_argument_is_named(world, tmp_path):
+    """A typo in plugstack.conf stops every submission with the argument named."""
+    stack = tmp_path / "plugstack.conf"
+    line = world.cluster.plugstack_conf.read_text().strip()
+    stack.write_text(line + " enable_sshd=yes\n")
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(world.cluster.conf.read_text().replace(
+        str(world.cluster.plugstack_conf), str(stack)))
+    for path in (tmp_path, stack, conf):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    res = world.cluster.sbatch(ALICE, "#!/bin/sh\ntrue\n", env=world.env(SLURM_CONF=str(conf)))
+    assert res.returncode != 0 and res.job_id is None
+    assert "enable_sshd must be 0 or 1, not 'yes'" in res.stderr
+
+
+# -- setupRoot fails on the node -------------------------------------------------------------
+
+
+def test_a_failing_setup_root_fails_the_job_and_says_why(world, v1):
+    res = world.sbatch("#!/bin/sh\necho the job ran\n", f"--image={world.tag('v1')}",
+                       "--volume=/nonexistent-source:/data", "--exclusive")
+    assert res.returncode == 0, res  # a path on the compute node: only the node can tell
+    try:
+        assert world.cluster.wait(res.job_id) == "HELD"
+        out = world.output(res.job_id)
+        assert "the job ran" not in out
+        assert "setupRoot failed" in out and "/nonexistent-source" in out, out
+        job = world.cluster.job(res.job_id)
+        assert job["Comment"].startswith(f"shifter: setupRoot failed on {NODE}:"), job
+        assert "/nonexistent-source" in job["Comment"]
+        assert "/nonexistent-source" in world.cluster.slurmd_log()
+        assert world.cluster.node_state().startswith("DRAIN")  # Slurm's rule for a failed prolog
+        assert world.site.our_mounts() == []
+    finally:
+        world.cluster.admin("scancel", str(res.job_id))
+        world.cluster.resume()
+    assert world.cluster.node_state().startswith("IDLE")
+
+
+def test_srun_shows_why_its_allocation_failed(world, v1):
+    res = world.cluster.srun(ALICE, f"--image={world.tag('v1')}", "--exclusive",
+                             "--volume=/nonexistent-source:/data", "true", env=world.env(),
+                             cwd=world.jobdir)
+    try:
+        assert res.returncode != 0
+        assert "shifter: setupRoot failed" in res.stderr and "/nonexistent-source" in res.stderr
+    finally:
+        world.cluster.settle()
+        world.cluster.resume()
