@@ -11,9 +11,12 @@ what is left mounted afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,6 +77,22 @@ class World:
         return self.cluster.sbatch(ALICE, script, f"--output={self.jobdir}/%j.out", *args,
                                    env=self.env(), cwd=self.jobdir)
 
+    def setuproot_argv(self) -> list[str]:
+        """The argv the plugin ran setupRoot with, for the last prepared job."""
+        text = (self.site.base.parent / "setupRoot.argv").read_text()
+        return text.split("\0")[:-1]
+
+    @contextlib.contextmanager
+    def plugstack_args(self, *words: str) -> Iterator[None]:
+        """plugstack.conf with more arguments (Slurm re-reads it for every job)."""
+        path = self.cluster.plugstack_conf
+        saved = path.read_text()
+        path.write_text(saved.rstrip("\n") + " " + " ".join(words) + "\n")
+        try:
+            yield
+        finally:
+            path.write_text(saved)
+
     def output(self, job_id: int) -> str:
         try:
             return (self.jobdir / f"{job_id}.out").read_text()
@@ -98,6 +117,11 @@ def world(test_users, munged, registry, tmp_path_factory):
     extern = base / "extern_setup.sh"
     extern.write_text(f'#!/bin/sh\necho "$SLURM_JOB_ID" >> {marker}\n')
     os.chmod(extern, 0o755)
+    # setupRoot as the plugin runs it, its argv kept (NUL-separated) for the tests to read
+    logged = bindir / "setupRoot-logged"
+    logged.write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" > {base}/setupRoot.argv\n'
+                      f'exec {bindir}/setupRoot "$@"\n')
+    os.chmod(logged, 0o755)
     gateway = Gateway(base / "gw", munge_socket=munged.socket, registry=registry,
                       extra={"Platforms": {"testsys": {
                           "mungeSocketPath": munged.socket, "accesstype": "local",
@@ -105,8 +129,10 @@ def world(test_users, munged, registry, tmp_path_factory):
                           # a READY tag pulled over 3 s ago pulls again (re-pull test)
                           "PullUpdateTimeout": PULL_AGAIN_AFTER})
     plugin = build_plugin("ubsan")
+    # tests that change plugstack.conf put this back (slurm re-reads it per job)
     cluster = SlurmCluster(base / "cluster", munge_socket=munged.socket,
                            plugstack=plugstack_line(plugin, bindir, TEST_CONF,
+                                                    setuproot=str(logged),
                                                     extern_setup=str(extern)))
     with gateway:
         site.write_conf(imageGateway=gateway.url)
@@ -165,6 +191,11 @@ def test_batch_job_runs_its_tasks_in_the_pinned_prepared_container(world, v1):
     assert f"SHIFTER_IMAGEREQUEST={world.tag('v1')}" in lines
     assert world.site.our_mounts() == []  # the epilog ran unsetupRoot
     assert "container prepared" in world.cluster.slurmd_log()
+    assert world.setuproot_argv() == [
+        "-U", str(uid), "-G", str(gid), "-u", ALICE, "-N", f"{NODE}/{world.cluster.cpus}",
+        "-v", f"{world.data}:/data", "--", "id", v1]
+    # extern_setup ran after setupRoot, as root, with the job's id
+    assert str(res.job_id) in (world.site.base.parent / "extern-setup-ran").read_text().split()
 
 
 def test_srun_with_image_outside_a_job(world, v1):
@@ -245,6 +276,54 @@ def test_a_job_without_the_whole_node_builds_per_task_containers(world, v1):
     assert namespace.startswith("mnt:[") and namespace != os.readlink("/proc/self/ns/mnt")
     assert os_id == "ID=slurm-one"
     assert f"job {res.job_id} is not exclusive" in world.cluster.slurmd_log()
+
+
+def test_enable_sshd_gives_setup_root_the_users_job_key(world, v1):
+    """enable_sshd=1: the user's job key (~/.shifter/id_ed25519, made at submit if
+    missing) goes to setupRoot -s for the container's sshd (§6.15)."""
+    home = Path(f"/home/{ALICE}")
+    subprocess.run(["rm", "-rf", str(home / ".shifter")], check=True)
+    with world.plugstack_args("enable_sshd=1"):
+        res = world.sbatch("#!/bin/sh\nsrun shifter true\n", f"--image={world.tag('v1')}",
+                           "--exclusive")
+        assert res.returncode == 0, res
+        assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+    key = home / ".shifter" / "id_ed25519"
+    st = key.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (world.site.spawn_kwargs(ALICE)["user"], 0o600)
+    public = (home / ".shifter" / "id_ed25519.pub").read_text().strip()
+    assert public.startswith("ssh-ed25519 ")
+    argv = world.setuproot_argv()
+    assert argv[argv.index("-s") + 1] == public
+    # Without enable_sshd nothing is made and no key is passed.
+    subprocess.run(["rm", "-rf", str(home / ".shifter")], check=True)
+    res = world.sbatch("#!/bin/sh\ntrue\n", f"--image={world.tag('v1')}", "--exclusive")
+    assert world.cluster.wait(res.job_id) == "COMPLETED"
+    assert "-s" not in world.setuproot_argv() and not (home / ".shifter").exists()
+
+
+def test_ccm_runs_the_nodes_own_root_when_enabled(world):
+    """enable_ccm=1 adds --ccm: the job's container is the node's own root (local:/),
+    which the site must allow (allowLocalChroot=1)."""
+    res = world.sbatch("#!/bin/sh\ntrue\n", "--ccm")
+    assert res.returncode != 0 and "unrecognized option '--ccm'" in res.stderr
+    with world.plugstack_args("enable_ccm=1"):
+        res = world.sbatch("#!/bin/sh\ntrue\n", "--ccm", f"--image={world.tag('v1')}")
+        assert res.returncode != 0 and "Cannot specify --ccm mode with --image" in res.stderr
+        res = world.sbatch("#!/bin/sh\ntrue\n", "--ccm")
+        assert res.returncode != 0 and "allowLocalChroot is not 1" in res.stderr, res
+        world.site.write_conf(imageGateway=world.gateway.url, allowLocalChroot="1")
+        try:
+            res = world.sbatch("#!/bin/sh\nsrun shifter cat /etc/os-release\n"
+                               "echo $SHIFTER_IMAGETYPE:$SHIFTER_IMAGE\n", "--ccm", "--exclusive")
+            assert res.returncode == 0, res
+            assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+        finally:
+            world.site.write_conf(imageGateway=world.gateway.url)
+    out = world.output(res.job_id)
+    assert Path("/etc/os-release").read_text().splitlines()[0] in out.splitlines()
+    assert "local:/" in out.splitlines()
+    assert world.setuproot_argv()[-3:] == ["--", "local", "/"]
 
 
 # -- refused at submit ---------------------------------------------------------------------
