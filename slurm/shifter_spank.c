@@ -649,15 +649,18 @@ static void report_failure(uint32_t job_id, job_info_t *job, uid_t uid, gid_t gi
 
 static char *const root_env_plain[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", NULL};
 
-static int root_env(char *buf, size_t size, char *env[3])
+/* setupRoot's and unsetupRoot's environment: fixed, plus the configuration path and the
+ * helper installed with this plugin (the front ends default to /usr/local's). */
+static int root_env(char *buf, size_t size, char *env[4])
 {
     env[0] = root_env_plain[0];
-    env[1] = NULL;
+    env[1] = "SHIFTER_HELPER=" SHIFTER_PREFIX "/libexec/shifter/shifter-helper";
     env[2] = NULL;
+    env[3] = NULL;
     if (cfg.shifter_config[0]) {
         if (snprintf(buf, size, "SHIFTER_UDIROOT_CONF=%s", cfg.shifter_config) >= (int)size)
             return -1;
-        env[1] = buf;
+        env[2] = buf;
     }
     return 0;
 }
@@ -681,7 +684,7 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
     const char *image = getenv("SPANK_SHIFTER_IMAGE"), *type = getenv("SPANK_SHIFTER_IMAGETYPE");
     const char *volume = getenv("SPANK_SHIFTER_VOLUME"), *module = getenv("SPANK_SHIFTER_MODULE");
     const char *key = getenv("SPANK_SHIFTER_SSH_PUBKEY");
-    char uid_s[16], gid_s[16], conf_buf[PATH_MAX + 32], *env[3], *argv[24], *out = NULL;
+    char uid_s[16], gid_s[16], conf_buf[PATH_MAX + 32], *env[4], *argv[24], *out = NULL;
     char *nodes = NULL, pwbuf[4096];
     struct passwd pw, *found = NULL;
     job_info_msg_t *msg = NULL;
@@ -784,7 +787,7 @@ done:
 int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 {
     const char *image = getenv("SPANK_SHIFTER_IMAGE");
-    char conf_buf[PATH_MAX + 32], *env[3], *argv[] = {cfg.unsetuproot, NULL}, *out;
+    char conf_buf[PATH_MAX + 32], *env[4], *argv[] = {cfg.unsetuproot, NULL}, *out;
     job_info_msg_t *msg = NULL;
     job_info_t *job;
     uint32_t job_id;

@@ -351,9 +351,9 @@ def build_plugin(variant: str = "ubsan") -> Path:
 def write_launchers(bindir: Path, helper: Path) -> Path:
     """The programs ``make install`` puts in place, as launchers of this checkout:
     ``setupRoot``, ``unsetupRoot``, ``shifter-spank``, ``shifter`` (``python3 -IS``, like
-    the installed ones) and ``shifterimg`` (the venv's). They use ``helper`` (the test
-    build of the setuid helper) unless ``SHIFTER_HELPER`` says otherwise: the plugin runs
-    setupRoot with a fixed environment, as it would the installed one."""
+    the installed ones) and ``shifterimg`` (the venv's). ``setupRoot`` and ``unsetupRoot``
+    always use ``helper`` (the test build of the setuid helper), whatever the plugin's
+    fixed environment says (it names the helper installed with the plugin)."""
     bindir.mkdir(parents=True, exist_ok=True)
     os.chmod(bindir, 0o755)
     mains = {"setupRoot": ("shifter.setuproot", "main"),
@@ -362,7 +362,7 @@ def write_launchers(bindir: Path, helper: Path) -> Path:
              "shifter": ("shifter.launch", "main")}
     for name, (module, fn) in mains.items():
         default_helper = "" if name in ("shifter", "shifter-spank") else (
-            f"import os\nos.environ.setdefault('SHIFTER_HELPER', {str(helper)!r})\n")
+            f"import os\nos.environ['SHIFTER_HELPER'] = {str(helper)!r}\n")
         (bindir / name).write_text(
             f"#!{PYTHON} -IS\n{default_helper}import sys\nsys.path.insert(0, {str(REPO)!r})\n"
             f"from {module} import {fn}\nsys.exit({fn}())\n")
