@@ -278,6 +278,16 @@ def test_a_job_without_the_whole_node_builds_per_task_containers(world, v1):
     assert f"job {res.job_id} is not exclusive" in world.cluster.slurmd_log()
 
 
+def test_a_partition_of_whole_nodes_gets_prepared_containers(world, v1):
+    """OverSubscribe=EXCLUSIVE on the partition counts as --exclusive."""
+    res = world.sbatch("#!/bin/sh\nsrun shifter readlink /proc/self/ns/mnt\n",
+                       f"--image={world.tag('v1')}", "--partition=whole")
+    assert res.returncode == 0, res
+    assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+    assert world.output(res.job_id).strip() == os.readlink("/proc/self/ns/mnt")
+    assert f"job {res.job_id}: container prepared" in world.cluster.slurmd_log()
+
+
 def test_enable_sshd_gives_setup_root_the_users_job_key(world, v1):
     """enable_sshd=1: the user's job key (~/.shifter/id_ed25519, made at submit if
     missing) goes to setupRoot -s for the container's sshd (§6.15)."""

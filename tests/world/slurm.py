@@ -11,7 +11,8 @@ Everything lives in ``workdir`` (slurm.conf, plugstack.conf, state, spool, logs)
 daemons run as root in the foreground as children of the test process (``setpriv
 --pdeathsig KILL``), on free loopback ports, authenticated by the given munged. The node
 is this host (its short name), with ``PrologFlags=alloc`` so the SPANK job prolog runs
-when the allocation is made. Clients run as the named user through ``runuser`` with
+when the allocation is made, in two partitions: ``debug`` (the default) and ``whole``
+(``OverSubscribe=EXCLUSIVE``: every job gets whole nodes). Clients run as the named user through ``runuser`` with
 ``SLURM_CONF`` set: exactly what a user on a login node types.
 
 ``ld_preload`` (e.g. libasan) goes into the daemons' and the clients' environment, for a
@@ -116,6 +117,7 @@ PrologFlags=alloc
 PlugStackConfig={self.plugstack_conf}
 NodeName={NODE} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
+PartitionName=whole Nodes={NODE} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=UP
 """)
         self.plugstack_conf.write_text(self.plugstack + "\n")
         for path in (self.conf, self.plugstack_conf):
