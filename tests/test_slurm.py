@@ -2,9 +2,12 @@
 real one-node Slurm (slurmctld + slurmd, PrologFlags=alloc), a real gateway and registry,
 jobs submitted with real ``sbatch``/``srun`` by the unprivileged test user.
 
-The plugin is the UBSan build (``make -C slurm sanitize``; a finding aborts the program
-that loaded it, which fails the test); the runtime is the test site's (the sanitized
-setuid helper and its root-owned udiRoot.conf). Checks are what a user or an admin looks
+The plugin is a sanitizer build (``make -C slurm sanitize``; a finding aborts the program
+that loaded it, which fails the test): ASan + UBSan in the clients (sbatch, salloc, srun,
+also inside jobs), which run with libasan preloaded and their own plugstack.conf; UBSan in
+slurmd's prolog and epilog, which Slurm starts with an environment of its own (no
+preload, so an ASan build cannot load there). The runtime is the test site's (the
+sanitized setuid helper and its root-owned udiRoot.conf). Checks are what a user or an admin looks
 at: job output, exit codes, ``scontrol show job``, the node's state and slurmd log, and
 what is left mounted afterwards.
 """
@@ -23,7 +26,14 @@ import pytest
 from world.gateway import Gateway
 from world.imagebuild import File, Symlink, build_layer, push_image
 from world.runtime import HELPER, TEST_CONF, RuntimeSite
-from world.slurm import NODE, SlurmCluster, build_plugin, plugstack_line, write_launchers
+from world.slurm import (
+    NODE,
+    SlurmCluster,
+    asan_runtime,
+    build_plugin,
+    plugstack_line,
+    write_launchers,
+)
 
 ALICE = "shifter-alice"
 REPO = "slurm/app"
@@ -85,13 +95,15 @@ class World:
     @contextlib.contextmanager
     def plugstack_args(self, *words: str) -> Iterator[None]:
         """plugstack.conf with more arguments (Slurm re-reads it for every job)."""
-        path = self.cluster.plugstack_conf
-        saved = path.read_text()
-        path.write_text(saved.rstrip("\n") + " " + " ".join(words) + "\n")
+        paths = (self.cluster.plugstack_conf, self.cluster.client_plugstack_conf)
+        saved = [path.read_text() for path in paths]
+        for path, text in zip(paths, saved, strict=True):
+            path.write_text(text.rstrip("\n") + " " + " ".join(words) + "\n")
         try:
             yield
         finally:
-            path.write_text(saved)
+            for path, text in zip(paths, saved, strict=True):
+                path.write_text(text)
 
     def output(self, job_id: int) -> str:
         try:
@@ -128,12 +140,12 @@ def world(test_users, munged, registry, tmp_path_factory):
                           "admins": ["root"], "local": {"imageDir": str(site.image_dir)}}},
                           # a READY tag pulled over 3 s ago pulls again (re-pull test)
                           "PullUpdateTimeout": PULL_AGAIN_AFTER})
-    plugin = build_plugin("ubsan")
-    # tests that change plugstack.conf put this back (slurm re-reads it per job)
-    cluster = SlurmCluster(base / "cluster", munge_socket=munged.socket,
-                           plugstack=plugstack_line(plugin, bindir, TEST_CONF,
-                                                    setuproot=str(logged),
-                                                    extern_setup=str(extern)))
+    args = {"setuproot": str(logged), "extern_setup": str(extern)}
+    cluster = SlurmCluster(
+        base / "cluster", munge_socket=munged.socket,
+        plugstack=plugstack_line(build_plugin("ubsan"), bindir, TEST_CONF, **args),
+        client_plugstack=plugstack_line(build_plugin("asan"), bindir, TEST_CONF, **args),
+        client_preload=asan_runtime())
     with gateway:
         site.write_conf(imageGateway=gateway.url)
         with cluster:
@@ -369,11 +381,11 @@ def test_srun_and_salloc_refuse_bad_options_too(world, v1):
 def test_a_bad_plugstack_argument_is_named(world, tmp_path):
     """A typo in plugstack.conf stops every submission with the argument named."""
     stack = tmp_path / "plugstack.conf"
-    line = world.cluster.plugstack_conf.read_text().strip()
+    line = world.cluster.client_plugstack_conf.read_text().strip()
     stack.write_text(line + " enable_sshd=yes\n")
     conf = tmp_path / "slurm.conf"
-    conf.write_text(world.cluster.conf.read_text().replace(
-        str(world.cluster.plugstack_conf), str(stack)))
+    conf.write_text(world.cluster.client_conf.read_text().replace(
+        str(world.cluster.client_plugstack_conf), str(stack)))
     for path in (tmp_path, stack, conf):
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
     res = world.cluster.sbatch(ALICE, "#!/bin/sh\ntrue\n", env=world.env(SLURM_CONF=str(conf)))

@@ -12,11 +12,16 @@ daemons run as root in the foreground as children of the test process (``setpriv
 --pdeathsig KILL``), on free loopback ports, authenticated by the given munged. The node
 is this host (its short name), with ``PrologFlags=alloc`` so the SPANK job prolog runs
 when the allocation is made, in two partitions: ``debug`` (the default) and ``whole``
-(``OverSubscribe=EXCLUSIVE``: every job gets whole nodes). Clients run as the named user through ``runuser`` with
-``SLURM_CONF`` set: exactly what a user on a login node types.
+(``OverSubscribe=EXCLUSIVE``: every job gets whole nodes). Clients run as the named user
+through ``runuser`` with ``SLURM_CONF`` set: exactly what a user on a login node types.
 
-``ld_preload`` (e.g. libasan) goes into the daemons' and the clients' environment, for a
-sanitizer build of a plugin.
+``client_plugstack`` gives the clients (sbatch, salloc, srun: ``client_env()``) their own
+plugstack.conf through their own copy of slurm.conf, with ``client_preload`` (e.g.
+libasan) in their environment: an ASan build of a plugin can only be loaded by programs
+that have the ASan runtime preloaded, and slurmd starts the job prolog and epilog
+(``slurmstepd spank prolog``) with an environment of its own making, so there only a
+build without ASan loads. Slurm forwards a job's environment to its tasks, so a
+``srun`` inside a job is a client too.
 """
 
 from __future__ import annotations
@@ -67,14 +72,21 @@ class Submitted:
 
 class SlurmCluster:
     def __init__(self, workdir: Path, *, munge_socket: str, plugstack: str = "",
-                 ld_preload: str | None = None, cpus: int | None = None) -> None:
+                 client_plugstack: str | None = None, client_preload: str | None = None,
+                 cpus: int | None = None) -> None:
         self.workdir = Path(workdir)
         self.munge_socket = munge_socket
         self.plugstack = plugstack
-        self.ld_preload = ld_preload
+        self.client_plugstack = client_plugstack
+        self.client_preload = client_preload
         self.cpus = cpus or os.cpu_count() or 1
         self.conf = self.workdir / "slurm.conf"
         self.plugstack_conf = self.workdir / "plugstack.conf"
+        self.client_conf = self.conf
+        self.client_plugstack_conf = self.plugstack_conf
+        if client_plugstack is not None:
+            self.client_conf = self.workdir / "client-slurm.conf"
+            self.client_plugstack_conf = self.workdir / "client-plugstack.conf"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._owner = os.getpid()
 
@@ -120,14 +132,28 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 PartitionName=whole Nodes={NODE} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=UP
 """)
         self.plugstack_conf.write_text(self.plugstack + "\n")
-        for path in (self.conf, self.plugstack_conf):
+        if self.client_plugstack is not None:
+            self.client_conf.write_text(self.conf.read_text().replace(
+                f"PlugStackConfig={self.plugstack_conf}",
+                f"PlugStackConfig={self.client_plugstack_conf}"))
+            self.client_plugstack_conf.write_text(self.client_plugstack + "\n")
+        for path in (self.conf, self.plugstack_conf, self.client_conf,
+                     self.client_plugstack_conf):
             os.chmod(path, 0o644)
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The daemons' and the admin commands' environment."""
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8",
                "SLURM_CONF": str(self.conf)}
-        if self.ld_preload:
-            env["LD_PRELOAD"] = self.ld_preload
+        env.update(extra or {})
+        return env
+
+    def client_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """A user's environment for sbatch/salloc/srun (``extra`` wins)."""
+        env = self.env({"SLURM_CONF": str(self.client_conf)})
+        if self.client_preload:
+            env["LD_PRELOAD"] = self.client_preload
+            # a finding fails the client (and so the test); leaks are not findings here
             env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=0:exitcode=86"
         env.update(extra or {})
         return env
@@ -218,7 +244,7 @@ PartitionName=whole Nodes={NODE} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=
     def as_user(self, user: str, argv: list[str], *, env: dict[str, str] | None = None,
                 cwd: str | Path | None = None, timeout: float = 120) -> Client:
         """``argv`` as ``user`` (runuser: their uid, gid and groups), SLURM_CONF set."""
-        full = self.env(env)
+        full = self.client_env(env)
         cmd = ["runuser", "-u", user, "--", "env", "-i",
                *[f"{k}={v}" for k, v in full.items()], *argv]
         if user == "root":
@@ -230,7 +256,7 @@ PartitionName=whole Nodes={NODE} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=
     def sbatch(self, user: str, script: str, *args: str, env: dict[str, str] | None = None,
                cwd: str | Path | None = None) -> Submitted:
         """``sbatch ARGS`` with ``script`` on stdin; ``job_id`` when it was accepted."""
-        full = self.env(env)
+        full = self.client_env(env)
         cmd = ["runuser", "-u", user, "--", "env", "-i",
                *[f"{k}={v}" for k, v in full.items()], "sbatch", "--parsable", *args]
         proc = subprocess.run(cmd, input=script, capture_output=True, text=True, timeout=120,
@@ -369,8 +395,11 @@ def write_launchers(bindir: Path, helper: Path) -> Path:
             f"#!{PYTHON} -IS\n{default_helper}import sys\nsys.path.insert(0, {str(REPO)!r})\n"
             f"from {module} import {fn}\nsys.exit({fn}())\n")
         os.chmod(bindir / name, 0o755)
+    # No libasan for the gateway client (clients of an ASan plugin have it preloaded): it
+    # frees libmunge's credential with libc's free() through ctypes, which the preloaded
+    # allocator cannot take.
     (bindir / "shifterimg").write_text(
-        f'#!/bin/sh\nexec {REPO}/.venv/bin/shifterimg "$@"\n')
+        f'#!/bin/sh\nunset LD_PRELOAD\nexec {REPO}/.venv/bin/shifterimg "$@"\n')
     os.chmod(bindir / "shifterimg", 0o755)
     return bindir
 
