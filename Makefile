@@ -9,9 +9,10 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make \
 	docker-registry skopeo umoci apache2-utils busybox-static \
 	munge libmunge-dev openssh-server openssh-client attr \
 	bubblewrap charliecloud squashfuse fuse3 kmod libcap2-bin \
-	mpich libmpich-dev patchelf
+	mpich libmpich-dev patchelf slurm-wlm libslurm-dev
 
-.PHONY: setup apt venv install helper udiimage demo test lint bench-pull bench-launch clean
+.PHONY: setup apt venv install helper udiimage slurm demo test lint bench-pull bench-launch \
+	bench-slurm clean
 
 setup: apt venv
 
@@ -43,6 +44,8 @@ $(VENV)/.installed: pyproject.toml
 #        as /opt/udiImage): Debian's sshd and ssh with their libraries, runnable in any
 #        image (`make udiimage`; replaced on every install)
 #   $(PREFIX)/bin/shifterimg                  the gateway client, from the project's venv
+#   $(PREFIX)/lib/shifter/shifter_slurm.so    the Slurm SPANK plugin (slurm/; README "Slurm")
+#   $(PREFIX)/libexec/shifter/shifter-spank   its submit-time checker, a `python3 -I -S` launcher
 PREFIX  ?= /usr/local
 PYLIB   := $(PREFIX)/lib/shifter/python
 UDIIMAGE ?= /opt/shifter/udiImage
@@ -58,8 +61,13 @@ udiimage: setup
 	$(PYTHON_SYS) -I -c 'import sys; sys.path.insert(0, "$(CURDIR)"); \
 		from shifter.prep_udiimage import main; sys.exit(main())' --out $(UDIIMAGE) --force
 
-install: setup helper udiimage
+slurm:
+	$(MAKE) -C slurm PREFIX=$(PREFIX)
+
+install: setup helper udiimage slurm
 	$(MAKE) -C helpers install PREFIX=$(PREFIX)
+	$(MAKE) -C slurm install PREFIX=$(PREFIX)
+	mkdir -p $(PREFIX)/bin
 	rm -rf $(PYLIB).new && mkdir -p $(PYLIB).new
 	cp -r udiroot shifter $(PYLIB).new/
 	find $(PYLIB).new -name __pycache__ -prune -exec rm -rf {} +
@@ -75,6 +83,10 @@ install: setup helper udiimage
 	done
 	printf '#!/bin/sh\nexec %s/$(VENV)/bin/shifterimg "$$@"\n' $(CURDIR) > $(PREFIX)/bin/shifterimg
 	chmod 755 $(PREFIX)/bin/shifterimg
+	printf '#!%s -IS\nimport sys\nsys.path.insert(0, "%s")\nfrom shifter.spank import main\nsys.exit(main())\n' \
+		$(PYTHON_SYS) $(PYLIB) > $(PREFIX)/libexec/shifter/shifter-spank.new
+	chmod 755 $(PREFIX)/libexec/shifter/shifter-spank.new
+	mv $(PREFIX)/libexec/shifter/shifter-spank.new $(PREFIX)/libexec/shifter/shifter-spank
 
 demo: install
 	$(PY) tests/world/demo.py
@@ -91,6 +103,9 @@ bench-pull: setup
 
 bench-launch: install
 	$(PYTHON_SYS) bench/launch
+
+bench-slurm: install
+	$(PY) bench/slurm
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,219 @@
+"""``shifter-spank``: the Slurm plugin's submit-time half (behaviour spec §7).
+
+    shifter-spank check [--image=TYPE:TAG] [--volume=LIST]… [--module=LIST] [--ccm]
+                        [--ssh-key]
+
+The SPANK plugin (``slurm/shifter_spank.c``) runs this as the submitting user, in
+``sbatch``/``salloc``/``srun`` (allocator and local contexts), with the values of its
+options. It checks them with the runtime's own rules (the same code ``shifter`` and
+``setupRoot`` run later, so a submission is refused exactly when the job would fail),
+resolves a tag to its image id once (the gateway's tag index in ``imagePath``, else
+``shifterimg lookup``), checks the image exists and its ACL lets the user in, and prints
+what the job carries, one ``NAME=VALUE`` per line on stdout::
+
+    SHIFTER_IMAGE=<id>
+    SHIFTER_IMAGETYPE=id
+    SHIFTER_IMAGEREQUEST=<the --image value as given>
+    SHIFTER_VOLUME=<the --volume values joined with ;>     (when given)
+    SHIFTER_MODULE=<the --module value>                      (when given)
+    SHIFTER_SSH_PUBKEY=<the user's job key>                  (with --ssh-key)
+
+Any problem is one message on stderr (it reaches the user's terminal as it is) and exit
+status 1, and nothing on stdout. The plugin only passes strings and reads these lines.
+``--ssh-key`` (plugstack ``enable_sshd=1``) makes ``~/.shifter/id_ed25519`` with
+``ssh-keygen`` if it is missing and prints its public half, for ``setupRoot -s``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from shifter.frontend import (
+    NO_ARG,
+    NOT_FOUND,
+    REQUIRED,
+    Failure,
+    UsageError,
+    getopt_long,
+    meta_path,
+    resolve_id,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+NO_IMAGE_FOR_VOLUMES = "Cannot specify shifter volumes without specifying the image first!"
+NO_IMAGE_FOR_MODULES = "Cannot specify shifter modules without specifying the image first!"
+CCM_AND_IMAGE = "Cannot specify --ccm mode with --image: CCM runs the node's own root"
+KEY_NAME = "id_ed25519"
+
+LONG = {"image": REQUIRED, "volume": REQUIRED, "module": REQUIRED, "ccm": NO_ARG,
+        "ssh-key": NO_ARG, "help": NO_ARG}
+
+USAGE = """\
+Usage: shifter-spank check [--image=TYPE:TAG] [--volume=LIST]... [--module=LIST]
+                           [--ccm] [--ssh-key]
+
+Check the Shifter options of a Slurm submission and print the job's NAME=VALUE lines
+(run by the Shifter SPANK plugin as the submitting user).
+"""
+
+
+class Request:
+    __slots__ = ("image", "volumes", "module", "ccm", "ssh_key", "help")
+
+    def __init__(self) -> None:
+        self.image: str | None = None
+        self.volumes: list[str] = []
+        self.module: str | None = None
+        self.ccm = False
+        self.ssh_key = False
+        self.help = False
+
+
+def parse_args(argv: Sequence[str]) -> Request:
+    if not argv or argv[0] != "check":
+        if argv and argv[0] in ("-h", "--help"):
+            req = Request()
+            req.help = True
+            return req
+        raise UsageError("expected the subcommand 'check'")
+    pairs, rest = getopt_long(argv[1:], {}, LONG)
+    if rest:
+        raise UsageError(f"unexpected argument '{rest[0]}'")
+    req = Request()
+    for name, value in pairs:
+        if name == "image":
+            req.image = value or ""
+        elif name == "volume":
+            req.volumes.append(value or "")
+        elif name == "module":
+            req.module = value or ""
+        elif name == "ccm":
+            req.ccm = True
+        elif name == "ssh-key":
+            req.ssh_key = True
+        elif name == "help":
+            req.help = True
+    return req
+
+
+def check(req: Request) -> list[tuple[str, str]]:
+    """The job's variables, in order. Raises :class:`Failure` or a rule module's
+    ``ValueError`` with the message to print."""
+    from udiroot.config import load_or_exit
+    from udiroot.descriptor import NO_IMAGE, parse_descriptor
+    from udiroot.meta import ACL_DENIED, MetaError, image_allows, read_meta
+    from udiroot.modules import select_modules
+    from udiroot.volumes import parse_user_volumes
+
+    volumes = [v for v in req.volumes if v.strip()]
+    if req.ccm and req.image is not None:
+        raise Failure(CCM_AND_IMAGE)
+    image = "local:/" if req.ccm else req.image
+    if image is None:
+        if volumes:
+            raise Failure(NO_IMAGE_FOR_VOLUMES)
+        if req.module is not None:
+            raise Failure(NO_IMAGE_FOR_MODULES)
+        return []
+    if not image.strip():
+        raise Failure(NO_IMAGE)
+
+    cfg = load_or_exit()
+    request = parse_descriptor(image, cfg.get("defaultImageType"), cfg.flag("allowLocalChroot"))
+    volume_text = ";".join(volumes)
+    if volume_text:
+        parse_user_volumes(volume_text)
+    if req.module is not None:
+        select_modules(cfg, req.module)
+
+    out: list[tuple[str, str]] = []
+    if request.type == "local":
+        out += [("SHIFTER_IMAGE", request.tag), ("SHIFTER_IMAGETYPE", "local")]
+    else:
+        image_id = resolve_id(cfg, request)
+        try:
+            meta = read_meta(meta_path(cfg, image_id))
+        except MetaError as exc:
+            if str(exc) == NOT_FOUND:
+                raise Failure(f"{NOT_FOUND} ({request})") from None
+            raise
+        if not image_allows(meta, os.getuid(), os.getgid(), os.getgroups()):
+            raise Failure(f"{ACL_DENIED} ({request})")
+        out += [("SHIFTER_IMAGE", image_id), ("SHIFTER_IMAGETYPE", "id")]
+    out.append(("SHIFTER_IMAGEREQUEST", image))
+    if volume_text:
+        out.append(("SHIFTER_VOLUME", volume_text))
+    if req.module is not None:
+        out.append(("SHIFTER_MODULE", req.module))
+    if req.ccm:
+        out.append(("SHIFTER_CCM", "1"))
+    if req.ssh_key:
+        out.append(("SHIFTER_SSH_PUBKEY", job_public_key()))
+    for name, value in out:
+        if "\n" in value or "\0" in value:
+            raise Failure(f"shifter: {name} cannot contain a newline")
+    return out
+
+
+def job_public_key(home: str | None = None) -> str:
+    """``~/.shifter/id_ed25519.pub``, made with ``ssh-keygen`` (no passphrase) when the
+    key pair is missing: the key the container's sshd accepts (§6.15)."""
+    import subprocess
+
+    home = home or os.path.expanduser("~")
+    keydir = os.path.join(home, ".shifter")
+    key = os.path.join(keydir, KEY_NAME)
+    try:
+        os.makedirs(keydir, mode=0o700, exist_ok=True)
+        if not (os.path.isfile(key) and os.path.isfile(key + ".pub")):
+            for path in (key, key + ".pub"):
+                if os.path.lexists(path):
+                    os.unlink(path)
+            proc = subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "shifter job key",
+                 "-f", key], stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise Failure(f"shifter: cannot make the job ssh key {key}: "
+                              f"{proc.stderr.strip() or 'ssh-keygen failed'}")
+        with open(key + ".pub", encoding="ascii", errors="replace") as f:
+            text = f.read().strip()
+    except OSError as exc:
+        raise Failure(f"shifter: cannot make the job ssh key {key}: {exc.strerror}; "
+                      "check that your home directory is writable") from None
+    if not text or "\n" in text:
+        raise Failure(f"shifter: {key}.pub is not one public key line; remove it and resubmit")
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Returns 0 after printing the job's variables, 1 on any problem."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        req = parse_args(args)
+        if req.help:
+            sys.stdout.write(USAGE)
+            return 0
+        lines = check(req)
+    except UsageError as exc:
+        print(f"shifter-spank: {exc}\n{USAGE}", file=sys.stderr, end="")
+        return 1
+    except Failure as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        if not type(exc).__module__.startswith("udiroot."):
+            raise
+        print(exc, file=sys.stderr)
+        return 1
+    except SystemExit as exc:  # load_or_exit: the message is already out
+        return exc.code if isinstance(exc.code, int) else 1
+    sys.stdout.write("".join(f"{name}={value}\n" for name, value in lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

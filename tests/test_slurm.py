@@ -1,0 +1,429 @@
+"""Slurm integration end to end (behaviour spec §6.5, §6.14, §7): the SPANK plugin in a
+real one-node Slurm (slurmctld + slurmd, PrologFlags=alloc), a real gateway and registry,
+jobs submitted with real ``sbatch``/``srun`` by the unprivileged test user.
+
+The plugin is a sanitizer build (``make -C slurm sanitize``; a finding aborts the program
+that loaded it, which fails the test): ASan + UBSan in the clients (sbatch, salloc, srun,
+also inside jobs), which run with libasan preloaded and their own plugstack.conf; UBSan in
+slurmd's prolog and epilog, which Slurm starts with an environment of its own (no
+preload, so an ASan build cannot load there). The runtime is the test site's (the
+sanitized setuid helper and its root-owned udiRoot.conf). Checks are what a user or an admin looks
+at: job output, exit codes, ``scontrol show job``, the node's state and slurmd log, and
+what is left mounted afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from world.gateway import Gateway
+from world.imagebuild import File, Symlink, build_layer, push_image
+from world.runtime import HELPER, TEST_CONF, RuntimeSite
+from world.slurm import (
+    NODE,
+    SlurmCluster,
+    asan_runtime,
+    build_plugin,
+    plugstack_line,
+    write_launchers,
+)
+
+ALICE = "shifter-alice"
+REPO = "slurm/app"
+PULL_AGAIN_AFTER = 3
+
+
+class World:
+    def __init__(self, site: RuntimeSite, cluster: SlurmCluster, gateway: Gateway,
+                 registry, munge_socket: str, bindir: Path, jobdir: Path, data: Path) -> None:
+        self.site = site
+        self.cluster = cluster
+        self.gateway = gateway
+        self.registry = registry
+        self.munge_socket = munge_socket
+        self.bindir = bindir
+        self.jobdir = jobdir
+        self.data = data
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The user's login environment: shifter on PATH, the test helper and config."""
+        env = {"PATH": f"{self.bindir}:/usr/local/bin:/usr/bin:/bin",
+               "HOME": f"/home/{ALICE}", "USER": ALICE,
+               "SHIFTER_HELPER": str(HELPER), "SHIFTER_UDIROOT_CONF": str(TEST_CONF),
+               "MUNGE_SOCKET": self.munge_socket}
+        env.update(extra)
+        return env
+
+    def tag(self, name: str) -> str:
+        return f"{self.registry.host}/{REPO}:{name}"
+
+    def push(self, name: str, os_id: str, tmp: Path) -> None:
+        entries = [File("bin/busybox", Path("/bin/busybox").read_bytes(), mode=0o755)]
+        entries += [Symlink(f"bin/{n}", "busybox")
+                    for n in ("sh", "cat", "id", "ls", "echo", "readlink", "true", "test",
+                              "sleep")]
+        entries += [File("etc/os-release", f'ID={os_id}\nPRETTY_NAME="{os_id} image"\n')]
+        push_image(self.registry, REPO, name, [build_layer(entries, "gzip", tmp)],
+                   {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]})
+
+    def pull(self, name: str) -> str:
+        """``shifterimg pull`` as the user, then the id the tag index holds."""
+        res = self.site.run(ALICE, [str(self.bindir / "shifterimg"), "pull", self.tag(name)],
+                            env=self.env(), timeout=120)
+        assert res.returncode == 0 and "READY" in res.stdout, res
+        from shifter.frontend import quote_tag
+
+        index = self.site.image_dir / "tags" / "docker" / quote_tag(self.tag(name))
+        return index.read_text().strip()
+
+    def sbatch(self, script: str, *args: str):
+        return self.cluster.sbatch(ALICE, script, f"--output={self.jobdir}/%j.out", *args,
+                                   env=self.env(), cwd=self.jobdir)
+
+    def setuproot_argv(self) -> list[str]:
+        """The argv the plugin ran setupRoot with, for the last prepared job."""
+        text = (self.site.base.parent / "setupRoot.argv").read_text()
+        return text.split("\0")[:-1]
+
+    @contextlib.contextmanager
+    def plugstack_args(self, *words: str) -> Iterator[None]:
+        """plugstack.conf with more arguments (Slurm re-reads it for every job)."""
+        paths = (self.cluster.plugstack_conf, self.cluster.client_plugstack_conf)
+        saved = [path.read_text() for path in paths]
+        for path, text in zip(paths, saved, strict=True):
+            path.write_text(text.rstrip("\n") + " " + " ".join(words) + "\n")
+        try:
+            yield
+        finally:
+            for path, text in zip(paths, saved, strict=True):
+                path.write_text(text)
+
+    def output(self, job_id: int) -> str:
+        try:
+            return (self.jobdir / f"{job_id}.out").read_text()
+        except FileNotFoundError:
+            return ""
+
+
+@pytest.fixture(scope="module")
+def world(test_users, munged, registry, tmp_path_factory):
+    base = Path(tmp_path_factory.mktemp("slurm", numbered=True))
+    for d in (base.parent, base.parent.parent, base):
+        os.chmod(d, 0o755)
+    site = RuntimeSite.create(base / "site")
+    bindir = write_launchers(base / "bin", HELPER)
+    uid, gid = test_users[ALICE]
+    jobdir, data = base / "jobs", base / "data"
+    for d in (jobdir, data):
+        d.mkdir()
+        os.chown(d, uid, gid)
+    (data / "from-the-host").write_text("volume content\n")
+    marker = base / "extern-setup-ran"
+    extern = base / "extern_setup.sh"
+    extern.write_text(f'#!/bin/sh\necho "$SLURM_JOB_ID" >> {marker}\n')
+    os.chmod(extern, 0o755)
+    # setupRoot as the plugin runs it, its argv kept (NUL-separated) for the tests to read
+    logged = bindir / "setupRoot-logged"
+    logged.write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" > {base}/setupRoot.argv\n'
+                      f'exec {bindir}/setupRoot "$@"\n')
+    os.chmod(logged, 0o755)
+    gateway = Gateway(base / "gw", munge_socket=munged.socket, registry=registry,
+                      extra={"Platforms": {"testsys": {
+                          "mungeSocketPath": munged.socket, "accesstype": "local",
+                          "admins": ["root"], "local": {"imageDir": str(site.image_dir)}}},
+                          # a READY tag pulled over 3 s ago pulls again (re-pull test)
+                          "PullUpdateTimeout": PULL_AGAIN_AFTER})
+    args = {"setuproot": str(logged), "extern_setup": str(extern)}
+    cluster = SlurmCluster(
+        base / "cluster", munge_socket=munged.socket,
+        plugstack=plugstack_line(build_plugin("ubsan"), bindir, TEST_CONF, **args),
+        client_plugstack=plugstack_line(build_plugin("asan"), bindir, TEST_CONF, **args),
+        client_preload=asan_runtime())
+    with gateway:
+        site.write_conf(imageGateway=gateway.url)
+        with cluster:
+            yield World(site, cluster, gateway, registry, munged.socket, bindir, jobdir, data)
+        site.write_conf()
+    assert site.our_mounts() == [] and site.our_loops() == []
+
+
+@pytest.fixture(autouse=True)
+def healthy_node(world):
+    """Each test starts and ends with the node idle and nothing of ours mounted."""
+    yield
+    if not world.cluster.node_state().startswith("IDLE"):
+        world.cluster.admin("scancel", "--full", "--user", ALICE)
+        world.cluster.settle()
+        world.cluster.resume()
+    assert world.site.our_mounts() == [], "a mount of ours is left after the job"
+
+
+@pytest.fixture(scope="module")
+def v1(world, tmp_path_factory) -> str:
+    world.push("v1", "slurm-one", tmp_path_factory.mktemp("layer"))
+    return world.pull("v1")
+
+
+# -- the main job --------------------------------------------------------------------------
+
+JOB = """#!/bin/sh
+srun shifter cat /etc/os-release
+srun shifter id
+srun shifter ls /data
+srun shifter cat /var/shifterConfig.json; echo
+srun shifter readlink /proc/self/ns/mnt
+echo "SHIFTER_IMAGE=$SHIFTER_IMAGE SHIFTER_IMAGETYPE=$SHIFTER_IMAGETYPE"
+echo "SHIFTER_IMAGEREQUEST=$SHIFTER_IMAGEREQUEST"
+"""
+
+
+def test_batch_job_runs_its_tasks_in_the_pinned_prepared_container(world, v1):
+    res = world.sbatch(JOB, f"--image={world.tag('v1')}", f"--volume={world.data}:/data",
+                       "--exclusive")
+    assert res.returncode == 0 and res.job_id, res
+    assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+    lines = world.output(res.job_id).splitlines()
+    assert "ID=slurm-one" in lines
+    uid, gid = world.site.spawn_kwargs(ALICE)["user"], world.site.spawn_kwargs(ALICE)["group"]
+    assert any(line.startswith(f"uid={uid}({ALICE}) gid={gid}({ALICE})") for line in lines)
+    assert "from-the-host" in lines
+    config = json.loads(next(line for line in lines if line.startswith("{")))
+    assert config == {"identifier": v1, "user": ALICE, "volMap": f"{world.data}:/data",
+                      "modules": ""}
+    # The tasks entered the container setupRoot built in the node's own namespace.
+    assert os.readlink("/proc/self/ns/mnt") in lines
+    assert f"SHIFTER_IMAGE={v1} SHIFTER_IMAGETYPE=id" in lines
+    assert f"SHIFTER_IMAGEREQUEST={world.tag('v1')}" in lines
+    assert world.site.our_mounts() == []  # the epilog ran unsetupRoot
+    assert "container prepared" in world.cluster.slurmd_log()
+    assert world.setuproot_argv() == [
+        "-U", str(uid), "-G", str(gid), "-u", ALICE, "-N", f"{NODE}/{world.cluster.cpus}",
+        "-v", f"{world.data}:/data", "--", "id", v1]
+    # extern_setup ran after setupRoot, as root, with the job's id
+    assert str(res.job_id) in (world.site.base.parent / "extern-setup-ran").read_text().split()
+
+
+def test_srun_with_image_outside_a_job(world, v1):
+    res = world.cluster.srun(ALICE, f"--image={world.tag('v1')}", "--exclusive",
+                             f"{world.bindir}/shifter", "cat", "/etc/os-release",
+                             env=world.env(), cwd=world.jobdir)
+    assert res.returncode == 0, res
+    assert "ID=slurm-one" in res.stdout
+    world.cluster.settle()  # srun returns before the epilog has run
+    assert world.site.our_mounts() == []
+
+
+def test_tasks_of_a_job_do_not_ask_the_gateway(world, tmp_path):
+    """The tag resolves once, at submit: with the tag index unavailable the checker asks
+    the gateway (one lookup); the job's six tasks run the pinned id and ask nothing."""
+    world.push("gwonly", "slurm-gwonly", tmp_path)
+    image_id = world.pull("gwonly")
+    from shifter.frontend import quote_tag
+
+    (world.site.image_dir / "tags" / "docker" / quote_tag(world.tag("gwonly"))).unlink()
+    script = "#!/bin/sh\nfor i in 1 2 3; do srun -n2 shifter cat /etc/os-release; done\n"
+    res = world.sbatch(script, f"--image={world.tag('gwonly')}", "--exclusive", "-n2")
+    assert res.returncode == 0, res
+    assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+    assert world.output(res.job_id).count("ID=slurm-gwonly") == 6
+    rows = world.gateway.request("GET", "/api/metrics/testsys/?limit=100", user="root").json()
+    lookups = [r for r in rows if r.get("tag", "").endswith(f"{REPO}:gwonly")]
+    assert len(lookups) == 1 and lookups[0]["id"] == image_id, rows
+
+
+def test_a_job_keeps_its_image_when_the_tag_is_pulled_again(world, v1, tmp_path):
+    """Job A runs while the tag is re-pulled to a new image; job B waits in the queue
+    meanwhile. Both run the image the tag named when they were submitted; job C,
+    submitted after the pull, runs the new one."""
+    world.push("moving", "slurm-before", tmp_path / "a")
+    before = world.pull("moving")
+    pulled_at = time.monotonic()
+    go = world.jobdir / "go"
+    script = (f"#!/bin/sh\nsrun shifter cat /etc/os-release\n"
+              f"while [ ! -e {go} ]; do sleep 0.1; done\n"
+              "srun shifter cat /etc/os-release\n")
+    tag = world.tag("moving")
+    a = world.sbatch(script, f"--image={tag}", "--exclusive")
+    assert a.returncode == 0, a
+    world.cluster.wait_until(a.job_id, lambda j: j.get("JobState") == "RUNNING")
+    b = world.sbatch("#!/bin/sh\nsrun shifter cat /etc/os-release\n", f"--image={tag}",
+                     "--exclusive")
+    assert b.returncode == 0, b
+    assert world.cluster.state(b.job_id) == "PENDING"
+    try:
+        world.push("moving", "slurm-after", tmp_path / "b")
+        time.sleep(max(0.0, pulled_at + PULL_AGAIN_AFTER + 0.5 - time.monotonic()))
+        after = world.pull("moving")
+        assert after != before
+    finally:
+        go.write_text("")
+        os.chmod(go, 0o644)
+    c = world.sbatch("#!/bin/sh\nsrun shifter cat /etc/os-release\n", f"--image={tag}",
+                     "--exclusive")
+    for job in (a, b, c):
+        assert world.cluster.wait(job.job_id) == "COMPLETED", world.output(job.job_id)
+    os.unlink(go)
+    assert world.output(a.job_id).count("ID=slurm-before") == 2
+    assert "ID=slurm-after" not in world.output(a.job_id)
+    assert "ID=slurm-before" in world.output(b.job_id)
+    assert "ID=slurm-after" in world.output(c.job_id)
+
+
+def test_a_job_without_the_whole_node_builds_per_task_containers(world, v1):
+    """No --exclusive: nothing is prepared (another job may share the node); each task
+    builds its own container (its own mount namespace), of the pinned image."""
+    script = ("#!/bin/sh\nsrun shifter readlink /proc/self/ns/mnt\n"
+              "srun shifter cat /etc/os-release\n")
+    res = world.sbatch(script, f"--image={world.tag('v1')}", "-n1")
+    assert res.returncode == 0, res
+    assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+    namespace, os_id = world.output(res.job_id).splitlines()[:2]
+    assert namespace.startswith("mnt:[") and namespace != os.readlink("/proc/self/ns/mnt")
+    assert os_id == "ID=slurm-one"
+    assert f"job {res.job_id} is not exclusive" in world.cluster.slurmd_log()
+
+
+def test_a_partition_of_whole_nodes_gets_prepared_containers(world, v1):
+    """OverSubscribe=EXCLUSIVE on the partition counts as --exclusive."""
+    res = world.sbatch("#!/bin/sh\nsrun shifter readlink /proc/self/ns/mnt\n",
+                       f"--image={world.tag('v1')}", "--partition=whole")
+    assert res.returncode == 0, res
+    assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+    assert world.output(res.job_id).strip() == os.readlink("/proc/self/ns/mnt")
+    assert f"job {res.job_id}: container prepared" in world.cluster.slurmd_log()
+
+
+def test_enable_sshd_gives_setup_root_the_users_job_key(world, v1):
+    """enable_sshd=1: the user's job key (~/.shifter/id_ed25519, made at submit if
+    missing) goes to setupRoot -s for the container's sshd (§6.15)."""
+    home = Path(f"/home/{ALICE}")
+    subprocess.run(["rm", "-rf", str(home / ".shifter")], check=True)
+    with world.plugstack_args("enable_sshd=1"):
+        res = world.sbatch("#!/bin/sh\nsrun shifter true\n", f"--image={world.tag('v1')}",
+                           "--exclusive")
+        assert res.returncode == 0, res
+        assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+    key = home / ".shifter" / "id_ed25519"
+    st = key.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (world.site.spawn_kwargs(ALICE)["user"], 0o600)
+    public = (home / ".shifter" / "id_ed25519.pub").read_text().strip()
+    assert public.startswith("ssh-ed25519 ")
+    argv = world.setuproot_argv()
+    assert argv[argv.index("-s") + 1] == public
+    # Without enable_sshd nothing is made and no key is passed.
+    subprocess.run(["rm", "-rf", str(home / ".shifter")], check=True)
+    res = world.sbatch("#!/bin/sh\ntrue\n", f"--image={world.tag('v1')}", "--exclusive")
+    assert world.cluster.wait(res.job_id) == "COMPLETED"
+    assert "-s" not in world.setuproot_argv() and not (home / ".shifter").exists()
+
+
+def test_ccm_runs_the_nodes_own_root_when_enabled(world):
+    """enable_ccm=1 adds --ccm: the job's container is the node's own root (local:/),
+    which the site must allow (allowLocalChroot=1)."""
+    res = world.sbatch("#!/bin/sh\ntrue\n", "--ccm")
+    assert res.returncode != 0 and "unrecognized option '--ccm'" in res.stderr
+    with world.plugstack_args("enable_ccm=1"):
+        res = world.sbatch("#!/bin/sh\ntrue\n", "--ccm", f"--image={world.tag('v1')}")
+        assert res.returncode != 0 and "Cannot specify --ccm mode with --image" in res.stderr
+        res = world.sbatch("#!/bin/sh\ntrue\n", "--ccm")
+        assert res.returncode != 0 and "allowLocalChroot is not 1" in res.stderr, res
+        world.site.write_conf(imageGateway=world.gateway.url, allowLocalChroot="1")
+        try:
+            res = world.sbatch("#!/bin/sh\nsrun shifter cat /etc/os-release\n"
+                               "echo $SHIFTER_IMAGETYPE:$SHIFTER_IMAGE\n", "--ccm", "--exclusive")
+            assert res.returncode == 0, res
+            assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+        finally:
+            world.site.write_conf(imageGateway=world.gateway.url)
+    out = world.output(res.job_id)
+    assert Path("/etc/os-release").read_text().splitlines()[0] in out.splitlines()
+    assert "local:/" in out.splitlines()
+    assert world.setuproot_argv()[-3:] == ["--", "local", "/"]
+
+
+# -- refused at submit ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--volume=/tmp:/data"], "Cannot specify shifter volumes without specifying the image first!"),
+    (["--image=IMAGE", "--volume=relative/path:/data"], "relative/path"),
+    (["--image=IMAGE", "--volume=/tmp:/etc/x"], "/etc/x"),
+    (["--image=IMAGE", "--module=nosuch"], "Unknown shifter module: nosuch"),
+    (["--image=docker:127.0.0.1:1/no/such:image"], "FAILED to find requested image."),
+    (["--image=id:" + "0" * 64], "FAILED to find requested image."),
+    (["--image=docker:bad chars!"], "Invalid character U+0020 in docker image tag"),
+])
+def test_bad_submissions_are_refused_with_the_reason(world, v1, args, message):
+    args = [a.replace("IMAGE", world.tag("v1")) for a in args]
+    before = world.cluster.admin("squeue", "-h", "-t", "all").stdout
+    res = world.sbatch("#!/bin/sh\ntrue\n", *args)
+    assert res.returncode != 0 and res.job_id is None, res
+    assert message in res.stderr
+    assert world.cluster.admin("squeue", "-h", "-t", "all").stdout == before
+
+
+def test_srun_and_salloc_refuse_bad_options_too(world, v1):
+    res = world.cluster.srun(ALICE, "--volume=/tmp:/data", "true", env=world.env())
+    assert res.returncode != 0
+    assert "Cannot specify shifter volumes without specifying the image first!" in res.stderr
+    res = world.cluster.as_user(ALICE, ["salloc", f"--image={world.tag('v1')}",
+                                        "--module=nosuch", "true"], env=world.env())
+    assert res.returncode != 0 and "Unknown shifter module: nosuch" in res.stderr
+
+
+def test_a_bad_plugstack_argument_is_named(world, tmp_path):
+    """A typo in plugstack.conf stops every submission with the argument named."""
+    stack = tmp_path / "plugstack.conf"
+    line = world.cluster.client_plugstack_conf.read_text().strip()
+    stack.write_text(line + " enable_sshd=yes\n")
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(world.cluster.client_conf.read_text().replace(
+        str(world.cluster.client_plugstack_conf), str(stack)))
+    for path in (tmp_path, stack, conf):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    res = world.cluster.sbatch(ALICE, "#!/bin/sh\ntrue\n", env=world.env(SLURM_CONF=str(conf)))
+    assert res.returncode != 0 and res.job_id is None
+    assert "enable_sshd must be 0 or 1, not 'yes'" in res.stderr
+
+
+# -- setupRoot fails on the node -------------------------------------------------------------
+
+
+def test_a_failing_setup_root_fails_the_job_and_says_why(world, v1):
+    res = world.sbatch("#!/bin/sh\necho the job ran\n", f"--image={world.tag('v1')}",
+                       "--volume=/nonexistent-source:/data", "--exclusive")
+    assert res.returncode == 0, res  # a path on the compute node: only the node can tell
+    try:
+        assert world.cluster.wait(res.job_id) == "HELD"
+        out = world.output(res.job_id)
+        assert "the job ran" not in out
+        assert "setupRoot failed" in out and "/nonexistent-source" in out, out
+        job = world.cluster.job(res.job_id)
+        assert job["Comment"].startswith(f"shifter: setupRoot failed on {NODE}:"), job
+        assert "/nonexistent-source" in job["Comment"]
+        assert "/nonexistent-source" in world.cluster.slurmd_log()
+        assert world.cluster.node_state().startswith("DRAIN")  # Slurm's rule for a failed prolog
+        assert world.site.our_mounts() == []
+    finally:
+        world.cluster.admin("scancel", str(res.job_id))
+        world.cluster.resume()
+    assert world.cluster.node_state().startswith("IDLE")
+
+
+def test_srun_shows_why_its_allocation_failed(world, v1):
+    res = world.cluster.srun(ALICE, f"--image={world.tag('v1')}", "--exclusive",
+                             "--volume=/nonexistent-source:/data", "true", env=world.env(),
+                             cwd=world.jobdir)
+    try:
+        assert res.returncode != 0
+        assert "shifter: setupRoot failed" in res.stderr and "/nonexistent-source" in res.stderr
+    finally:
+        world.cluster.settle()
+        world.cluster.resume()
