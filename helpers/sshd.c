@@ -237,9 +237,11 @@ static void write_configs(struct ctx *c, int etc, const char *key)
     text = xasprintf(
         "# ssh inside the container (" UDI "/bin/ssh): the job's other nodes run the\n"
         "# container's sshd on port %d with fresh host keys; the job's key is\n"
-        "# ~/.udiRoot/id_rsa.key (what Shifter's Slurm plugin writes) or a usual one.\n"
+        "# ~/.shifter/id_ed25519 (what our Slurm plugin makes), ~/.udiRoot/id_rsa.key\n"
+        "# (Shifter's) or a usual one.\n"
         "Host *\n"
         "    Port %d\n"
+        "    IdentityFile ~/.shifter/id_ed25519\n"
         "    IdentityFile ~/.udiRoot/id_rsa.key\n"
         "    IdentityFile ~/.ssh/id_ed25519\n"
         "    IdentityFile ~/.ssh/id_ecdsa\n"

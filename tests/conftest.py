@@ -61,6 +61,19 @@ def munged() -> Iterator[object]:
         yield daemon
 
 
+@pytest.fixture(scope="session")
+def udiimage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tree ``make install`` puts at optUdiImage (Debian's sshd and ssh, runnable in any
+    image), written once by the real ``shifter-prep-udiimage``."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("udiimage") / "udiImage"
+    tool = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "shifter-prep-udiimage"
+    res = subprocess.run([str(tool), "--out", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
 TEST_USERS = ("shifter-alice", "shifter-bob")
 
 

@@ -30,7 +30,6 @@ ALICE = "shifter-alice"
 BOB = "shifter-bob"
 PORT = 1204
 HOST = socket.gethostname()  # resolves through /etc/hosts, which the container copies
-REPO = Path(__file__).resolve().parents[1]
 CLIENT = ["-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o",
           "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
           "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
@@ -105,16 +104,6 @@ def keypair(path: Path, owner: str) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def udiimage(tmp_path_factory) -> Path:
-    """The tree ``make install`` puts at optUdiImage, written by the real tool."""
-    out = tmp_path_factory.mktemp("udiimage") / "udiImage"
-    res = subprocess.run([str(REPO / ".venv/bin/shifter-prep-udiimage"), "--out", str(out)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
 def site(test_users, tmp_path_factory, udiimage) -> Iterator[RuntimeSite]:
     base = Path(tmp_path_factory.mktemp("sshd", numbered=True))
     for d in (base.parent.parent, base.parent, base):
@@ -154,16 +143,17 @@ def keys(site) -> dict[str, tuple[Path, str]]:
 @pytest.fixture(scope="module")
 def alice_home(site, keys) -> Path:
     """Alice's home for the job (mounted at /home/shifter-alice): the job key where the
-    container's ssh client config looks for it, ~/.udiRoot/id_rsa.key."""
+    container's ssh client config looks for it first, ~/.shifter/id_ed25519 (where the
+    Slurm plugin makes it)."""
     home = site.base / "alice-home"
-    (home / ".udiRoot").mkdir(parents=True, exist_ok=True)
-    key = home / ".udiRoot" / "id_rsa.key"
+    (home / ".shifter").mkdir(parents=True, exist_ok=True)
+    key = home / ".shifter" / "id_ed25519"
     key.write_bytes(keys["alice"][0].read_bytes())
     pw = pwd.getpwnam(ALICE)
-    for p in (home, home / ".udiRoot", key):
+    for p in (home, home / ".shifter", key):
         os.chown(p, pw.pw_uid, pw.pw_gid)
     os.chmod(home, 0o755)
-    os.chmod(home / ".udiRoot", 0o700)
+    os.chmod(home / ".shifter", 0o700)
     os.chmod(key, 0o600)
     return home
 
@@ -220,7 +210,7 @@ def test_ssh_lands_in_the_prepared_container(site, image, keys, job):
 
 def test_ssh_from_a_task_to_the_node_name(site, image, job):
     """A task runs `ssh <node>` with the container's client config (port 1204, the job
-    key in ~/.udiRoot) through the injected ssh, in an image that has no ssh and no libc."""
+    key in ~/.shifter) through the injected ssh, in an image that has no ssh and no libc."""
     res = site.shifter(ALICE, f"--image=id:{image}", job, "sh", "-c",
                        f"command -v ssh; ssh {HOST} 'echo REMOTE $(id -un); "
                        "stat -c %d:%i /; wc -l < /var/hostsfile'; stat -c %d:%i /")

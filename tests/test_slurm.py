@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -300,16 +301,26 @@ def test_a_partition_of_whole_nodes_gets_prepared_containers(world, v1):
     assert f"job {res.job_id}: container prepared" in world.cluster.slurmd_log()
 
 
-def test_enable_sshd_gives_setup_root_the_users_job_key(world, v1):
-    """enable_sshd=1: the user's job key (~/.shifter/id_ed25519, made at submit if
-    missing) goes to setupRoot -s for the container's sshd (§6.15)."""
+def test_enable_sshd_ssh_from_a_task_lands_in_the_jobs_container(world, v1, udiimage):
+    """enable_sshd=1 (§6.15): the user's job key (~/.shifter/id_ed25519, made at submit if
+    missing) goes to setupRoot -s; the container's sshd runs as the user on port 1204, and
+    `ssh <node>` from a task (the injected ssh, in an image without one) lands in the same
+    prepared container. The epilog stops it."""
     home = Path(f"/home/{ALICE}")
     subprocess.run(["rm", "-rf", str(home / ".shifter")], check=True)
-    with world.plugstack_args("enable_sshd=1"):
-        res = world.sbatch("#!/bin/sh\nsrun shifter true\n", f"--image={world.tag('v1')}",
-                           "--exclusive")
-        assert res.returncode == 0, res
-        assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+    world.site.write_conf(imageGateway=world.gateway.url, optUdiImage=str(udiimage),
+                          siteEnvPrepend="PATH=/opt/udiImage/bin")
+    script = (f"#!/bin/sh\nsrun shifter readlink /proc/self/ns/mnt\n"
+              f"srun shifter ssh {NODE} 'echo REMOTE $(id -un); cat /var/shifterConfig.json; "
+              f"echo; readlink /proc/self/ns/mnt'\n")
+    try:
+        with world.plugstack_args("enable_sshd=1"):
+            res = world.sbatch(script, f"--image={world.tag('v1')}", "--exclusive",
+                               f"--volume={home}:{home}")
+            assert res.returncode == 0, res
+            assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+    finally:
+        world.site.write_conf(imageGateway=world.gateway.url)
     key = home / ".shifter" / "id_ed25519"
     st = key.stat()
     assert (st.st_uid, st.st_mode & 0o777) == (world.site.spawn_kwargs(ALICE)["user"], 0o600)
@@ -317,6 +328,15 @@ def test_enable_sshd_gives_setup_root_the_users_job_key(world, v1):
     assert public.startswith("ssh-ed25519 ")
     argv = world.setuproot_argv()
     assert argv[argv.index("-s") + 1] == public
+    lines = world.output(res.job_id).splitlines()
+    task_ns = lines[0]
+    assert f"REMOTE {ALICE}" in lines, world.output(res.job_id)
+    config = json.loads(next(line for line in lines if line.startswith("{")))
+    assert config["identifier"] == v1 and config["user"] == ALICE
+    assert lines[-1] == task_ns  # the ssh session is in the task's (prepared) container
+    # The epilog's unsetupRoot stopped the job's sshd: nothing listens on 1204.
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", 1204)) != 0
     # Without enable_sshd nothing is made and no key is passed.
     subprocess.run(["rm", "-rf", str(home / ".shifter")], check=True)
     res = world.sbatch("#!/bin/sh\ntrue\n", f"--image={world.tag('v1')}", "--exclusive")
