@@ -334,31 +334,6 @@ static void site_steps(struct ctx *c)
 
 /* ---- step 6: image content -------------------------------------------------------- */
 
-static void bind_entry(int src_dir, int dst_dir, const char *name, int is_dir)
-{
-    int src = openat(src_dir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-    int dst, mfd;
-
-    if (src < 0)
-        die_errno("Cannot open image entry %s", name);
-    if (is_dir) {
-        mkdir_at(dst_dir, name, 0755);
-    } else {
-        int f = openat(dst_dir, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
-        if (f < 0)
-            die_errno("Cannot create mount point for image file %s", name);
-        close(f);
-    }
-    dst = openat(dst_dir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-    if (dst < 0)
-        die_errno("Cannot open mount point %s", name);
-    mfd = mnt_clone(src, 0, ATTR_RO | ATTR_NOSUID | ATTR_NODEV, name);
-    mnt_attach(mfd, dst, MS_PRIVATE, name);
-    close(mfd);
-    close(dst);
-    close(src);
-}
-
 static int is_merged_dir(const char *name)
 {
     return strcmp(name, "etc") == 0 || strcmp(name, "var") == 0 || strcmp(name, "opt") == 0;
@@ -396,11 +371,11 @@ static void merge(int src, int dst, int top)
         if (errno != ENOENT)
             die_errno("Cannot stat %s in the container", name);
         if (S_ISDIR(st.st_mode))
-            bind_entry(rfd, dst, name, 1);
+            mnt_bind_at(rfd, name, dst, 1);
         else if (S_ISLNK(st.st_mode))
             copy_symlink_at(rfd, name, dst, name);
         else if (S_ISREG(st.st_mode) && st.st_size > BIND_FILE_OVER)
-            bind_entry(rfd, dst, name, 0);
+            mnt_bind_at(rfd, name, dst, 0);
         else if (S_ISREG(st.st_mode))
             copy_file_at(rfd, name, dst, name, 0, 1);
         /* devices, fifos, sockets: never from an image */

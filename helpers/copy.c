@@ -20,7 +20,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -135,29 +134,6 @@ static int bindable(const struct stat *st)
            (m & 06000) == 0 && (m & 0444) == 0444 && ((m & 0111) == 0 || (m & 0111) == 0111);
 }
 
-static void bind_file_at(int src_dir, const char *name, int dst_dir)
-{
-    int src = openat(src_dir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC), f, dst, mfd;
-    struct stat st;
-
-    if (src < 0 || fstat(src, &st) != 0 || !bindable(&st))
-        die("Cannot bind %s: it changed while the tree was read", name);
-    if (unlinkat(dst_dir, name, 0) != 0 && errno != ENOENT)
-        die_errno("Cannot replace %s", name);
-    f = openat(dst_dir, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
-    if (f < 0)
-        die_errno("Cannot create mount point %s", name);
-    close(f);
-    dst = openat(dst_dir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-    if (dst < 0)
-        die_errno("Cannot open mount point %s", name);
-    mfd = mnt_clone(src, 0, ATTR_RO | ATTR_NOSUID | ATTR_NODEV, name);
-    mnt_attach(mfd, dst, MS_PRIVATE, name);
-    close(mfd);
-    close(dst);
-    close(src);
-}
-
 static void tree(int src, int dst, const char *what, int depth)
 {
     int rfd;
@@ -177,7 +153,9 @@ static void tree(int src, int dst, const char *what, int depth)
         if (fstatat(rfd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0)
             die_errno("Cannot stat %s in %s", e->d_name, what);
         if (S_ISREG(st.st_mode) && bindable(&st)) {
-            bind_file_at(rfd, e->d_name, dst);
+            if (unlinkat(dst, e->d_name, 0) != 0 && errno != ENOENT)
+                die_errno("Cannot replace %s in %s", e->d_name, what);
+            mnt_bind_at(rfd, e->d_name, dst, 0);
         } else if (S_ISREG(st.st_mode)) {
             copy_file_at(rfd, e->d_name, dst, e->d_name, 0, 0);
         } else if (S_ISLNK(st.st_mode)) {

@@ -103,6 +103,31 @@ void mnt_attach(int mfd, int dst_fd, unsigned long propagation, const char *what
         mnt_set(mfd, 0, 0, propagation, what);
 }
 
+void mnt_bind_at(int src_dir, const char *name, int dst_dir, int is_dir)
+{
+    int src = openat(src_dir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    int dst, mfd;
+
+    if (src < 0)
+        die_errno("Cannot open %s", name);
+    if (is_dir) {
+        mkdir_at(dst_dir, name, 0755);
+    } else {
+        int f = openat(dst_dir, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+        if (f < 0)
+            die_errno("Cannot create mount point for %s", name);
+        close(f);
+    }
+    dst = openat(dst_dir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (dst < 0)
+        die_errno("Cannot open mount point %s", name);
+    mfd = mnt_clone(src, 0, ATTR_RO | ATTR_NOSUID | ATTR_NODEV, name);
+    mnt_attach(mfd, dst, MS_PRIVATE, name);
+    close(mfd);
+    close(dst);
+    close(src);
+}
+
 uint64_t mnt_id(int fd)
 {
     struct statx stx;

@@ -29,6 +29,11 @@ void mnt_attach(int mfd, int dst_fd, unsigned long propagation, const char *what
 /* Set (recursively when rec) attrs on an attached mount. */
 void mnt_set(int mfd, int rec, unsigned attrs, unsigned long propagation, const char *what);
 
+/* Bind src_dir/name (not followed if a symlink) read-only, nosuid, nodev onto a new
+ * mount point dst_dir/name (a directory when is_dir, else an empty file; it must not
+ * exist), private. */
+void mnt_bind_at(int src_dir, const char *name, int dst_dir, int is_dir);
+
 /* Unmount (MNT_DETACH) every mount at or below each prefix, deepest first.  0, or -1
  * when something stayed (message printed). */
 int mnt_unmount_under(const char *const prefixes[], int n);
