@@ -4,12 +4,13 @@
  * with O_EXCL|O_NOFOLLOW after removing what was there, so a planted symlink
  * can never redirect a write.  Data moves with copy_file_range (in-kernel).
  *
- * Trees (optUdiImage, module copyPaths, etcPath subdirectories) are root's: a large
- * file there that is root-owned, not group/other writable, without set-id bits and
+ * Trees (optUdiImage, module copyPaths, etcPath subdirectories) are root's: a file
+ * over 64 KiB there that is root-owned, not group/other writable, without set-id bits and
  * already readable (and, if executable, executable) by all is bind-mounted read-only
  * instead of copied.  Copying an MPI module (48 MiB) or the sshd tree (16 MiB) into
  * every container cost 7-26 ms per launch; a bind costs microseconds and shows the
- * same bytes with the same a+rX mode the copy would have had.
+ * same bytes with the same a+rX mode the copy would have had.  (64 KiB: below it a copy
+ * into the tmpfs is about as cheap as a mount, and keeps the mount table short.)
  */
 #define _GNU_SOURCE
 #include "copy.h"
@@ -27,7 +28,7 @@
 #include "util.h"
 
 #define MAX_DEPTH 64
-#define TREE_BIND_OVER (1024 * 1024)
+#define TREE_BIND_OVER (64 * 1024)
 
 static void copy_data(int in, int out, off_t size, const char *name)
 {
