@@ -18,6 +18,7 @@
 #include <elf.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,6 +26,7 @@
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include "container.h"
@@ -364,20 +366,31 @@ static void bind_fd(int src, int dst, unsigned attrs, int rec, const char *what)
     close(mfd);
 }
 
-/* A copy of the device node dir/name in the container's dev (same type, numbers, owner
- * and mode).  Missing nodes are skipped. */
+/* A copy of the device node dir/name in the container's dev (same type, numbers, owner,
+ * mode and POSIX ACL).  Missing nodes are skipped.  The ACL must come along: with one,
+ * the group bits of the mode are its mask, not the owning group's rights, so a copy with
+ * the mode alone could give the owning group a device the host's ACL denies it. */
 static void copy_node(int src_dir, const char *name, int dev)
 {
     struct stat st;
+    char src[64 + NAME_MAX], dst[64 + NAME_MAX], acl[4096];
+    ssize_t acl_len;
 
     if (fstatat(src_dir, name, &st, AT_SYMLINK_NOFOLLOW) != 0 ||
         !(S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode)))
         return;
+    snprintf(src, sizeof src, "/proc/self/fd/%d/%s", src_dir, name);
+    snprintf(dst, sizeof dst, "/proc/self/fd/%d/%s", dev, name);
+    acl_len = lgetxattr(src, "system.posix_acl_access", acl, sizeof acl);
+    if (acl_len < 0 && errno != ENODATA && errno != EOPNOTSUPP)
+        die_errno("Cannot read the ACL of device %s", name);
     if (mknodat(dev, name, st.st_mode & (S_IFMT | 0777), st.st_rdev) != 0 && errno != EEXIST)
         die_errno("Cannot create /dev/%s in the container", name);
     if (fchownat(dev, name, st.st_uid, st.st_gid, AT_SYMLINK_NOFOLLOW) != 0 ||
         fchmodat(dev, name, st.st_mode & 0777, 0) != 0)
         die_errno("Cannot set the owner and mode of /dev/%s in the container", name);
+    if (acl_len > 0 && lsetxattr(dst, "system.posix_acl_access", acl, (size_t)acl_len, 0) != 0)
+        die_errno("Cannot set the ACL of /dev/%s in the container", name);
 }
 
 void gpu_mount_dev(struct ctx *c)

@@ -408,24 +408,30 @@ static void stop_all(pid_t pid, unsigned long long start, const struct sshd_id *
     for (int round = 0; round < 10; round++) {
         DIR *d = opendir("/proc");
         struct dirent *e;
-        size_t before = n;
+        int found = 0;
 
         if (d == NULL) {
             warn("shifter-helper: cannot read /proc: %s", strerror(errno));
             break;
         }
-        while ((e = readdir(d)) != NULL && n < sizeof fds / sizeof fds[0]) {
+        while ((e = readdir(d)) != NULL) {
             char *end;
             long p = strtol(e->d_name, &end, 10);
             int fd;
 
             if (*end != '\0' || p <= 0 || p == pid)
                 continue;
-            if ((fd = kill_if_ours((pid_t)p, want, 0, 0)) >= 0)
-                fds[n++] = fd;
+            if ((fd = kill_if_ours((pid_t)p, want, 0, 0)) < 0)
+                continue;
+            found = 1;
+            if (n == sizeof fds / sizeof fds[0]) { /* full: wait for these, go on killing */
+                wait_gone(fds, n);
+                n = 0;
+            }
+            fds[n++] = fd;
         }
         closedir(d);
-        if (n == before)
+        if (!found)
             break;
     }
     wait_gone(fds, n);

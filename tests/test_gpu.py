@@ -11,6 +11,8 @@ Everything runs as an unprivileged user through the real front end and setuid he
 from __future__ import annotations
 
 import os
+import pwd
+import stat
 import subprocess
 
 import pytest
@@ -276,3 +278,33 @@ def _uid(user: str) -> int:
 
 def _gid(user: str) -> int:
     return int(subprocess.run(["id", "-g", user], capture_output=True, text=True).stdout)
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A system.posix_acl_access value: version 2, then (tag, perm, id) entries."""
+    import struct
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_a_device_acl_is_not_widened_by_the_copy(site, image, host):
+    """Attack: a device node whose POSIX ACL denies its owning group (group::---, a named
+    user rw, so the mask and the mode's group bits are rw). The container's /dev copy got
+    the mode alone (0660), which gave the owning group, alice's, the device."""
+    node = host.dev / "nvidia-uvm-tools"
+    gid = pwd.getpwnam(ALICE).pw_gid
+    os.mknod(node, 0o660 | stat.S_IFCHR, os.makedev(1, 3))  # the null device's numbers
+    try:
+        os.chown(node, 0, gid)
+        nobody = 0xFFFFFFFF
+        os.setxattr(node, "system.posix_acl_access",
+                    _acl((0x01, 6, nobody), (0x02, 6, 0), (0x04, 0, nobody),
+                         (0x10, 6, nobody), (0x20, 0, nobody)))
+        assert stat.S_IMODE(os.stat(node).st_mode) == 0o660
+        outside = site.run(ALICE, ["sh", "-c", f"echo x > {node}"])
+        assert outside.returncode != 0 and "ermission denied" in outside.stderr
+        res = shifter(site, image, "--gpu=0", "sh", "-c",
+                      "ls /dev/nvidia-uvm-tools && echo x > /dev/nvidia-uvm-tools && echo WROTE")
+        assert "WROTE" not in res.stdout, "the container's copy gave alice the device"
+        assert "nvidia-uvm-tools" in res.stdout, res.stderr
+    finally:
+        node.unlink()

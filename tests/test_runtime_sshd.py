@@ -408,3 +408,79 @@ def test_a_forged_record_cannot_make_unsetup_kill_another_process(
             victim.kill()
             victim.wait()
         site.root_tool("unsetupRoot")
+
+
+# Many session processes at once; each ends by itself after argv[1] seconds.
+CROWD = r"""
+#include <stdlib.h>
+#include <unistd.h>
+int main(int argc, char **argv)
+{
+    int n = atoi(argv[2]);
+    for (int i = 0; i < n; i++) {
+        if (fork() == 0) {
+            alarm((unsigned)atoi(argv[1]));
+            for (;;)
+                pause();
+        }
+    }
+    alarm((unsigned)atoi(argv[1]));
+    for (;;)
+        pause();
+}
+"""
+
+
+def count_procs(uid: int, argv0: str) -> int:
+    n = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[0] != argv0.encode():
+                    continue
+            if proc_status(int(entry))["Uid"].split()[0] == str(uid) and alive(int(entry)):
+                n += 1
+        except (OSError, KeyError):
+            continue
+    return n
+
+
+def test_unsetup_stops_more_session_processes_than_it_can_track_at_once(
+        site, image, keys, alice_home, tmp_path):
+    """Attack: alice starts 1500 processes through the container's sshd. unsetupRoot kept
+    a pidfd for each process it killed, in a table of 1024, and stopped scanning when it
+    was full: the rest outlived the job (they are not in the job's cgroup)."""
+    uid = pwd.getpwnam(ALICE).pw_uid
+    crowd = alice_home / "crowd"
+    compile_static(CROWD, tmp_path / "crowd")
+    crowd.write_bytes((tmp_path / "crowd").read_bytes())
+    os.chown(crowd, uid, pwd.getpwnam(ALICE).pw_gid)
+    os.chmod(crowd, 0o755)
+    argv0 = f"/home/{ALICE}/crowd"
+    lifetime, count = 60, 1500
+    res = site.root_tool("setupRoot", *setup_args(image, keys["alice"][1],
+                                                  "-v", f"{alice_home}:/home/{ALICE}"))
+    try:
+        assert res.returncode == 0, res.stderr
+        started = ssh(site, ALICE, keys["alice"][0],
+                      f"{argv0} {lifetime} {count} </dev/null >/dev/null 2>&1 &")
+        assert started.returncode == 0, started.stderr
+        deadline = time.monotonic() + 20
+        while count_procs(uid, argv0) <= count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert count_procs(uid, argv0) == count + 1, "the processes did not start"
+        done = site.root_tool("unsetupRoot", timeout=120)
+        assert done.returncode == 0, done.stderr
+        time.sleep(0.5)
+        left = count_procs(uid, argv0)
+        assert left == 0, f"{left} session processes outlived unsetupRoot"
+        assert not port_open()
+    finally:
+        site.root_tool("unsetupRoot", timeout=120)
+        # They end by themselves (alarm): wait for them rather than signal anything.
+        deadline = time.monotonic() + lifetime + 5
+        while count_procs(uid, argv0) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        crowd.unlink()
