@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from world.runtime import RuntimeSite, busybox_tree, mksquashfs
+from world.runtime import RuntimeSite, busybox_tree, mksquashfs, reachable_temp_dir
 
 ALICE = "shifter-alice"
 BOB = "shifter-bob"
@@ -31,10 +31,7 @@ def site(test_users, tmp_path_factory):
     if subprocess.run(["getent", "group", TEAM], capture_output=True).returncode != 0:
         subprocess.run(["groupadd", TEAM], check=True)
     subprocess.run(["usermod", "-a", "-G", TEAM, ALICE], check=True)
-    base = Path(tmp_path_factory.mktemp("runtime", numbered=True))
-    os.chmod(base.parent, 0o755)
-    os.chmod(base.parent.parent, 0o755)
-    os.chmod(base, 0o755)
+    base = reachable_temp_dir(tmp_path_factory, "runtime")
     site = RuntimeSite.create(base / "site")
     yield site
     assert site.our_mounts() == [] and site.our_loops() == []

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from world.runtime import RuntimeSite, busybox_tree, compile_static, mksquashfs
+from world.runtime import RuntimeSite, busybox_tree, compile_static, mksquashfs, reachable_temp_dir
 
 ALICE = "shifter-alice"
 BOB = "shifter-bob"
@@ -105,9 +105,7 @@ def keypair(path: Path, owner: str) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def site(test_users, tmp_path_factory, udiimage) -> Iterator[RuntimeSite]:
-    base = Path(tmp_path_factory.mktemp("sshd", numbered=True))
-    for d in (base.parent.parent, base.parent, base):
-        os.chmod(d, 0o755)
+    base = reachable_temp_dir(tmp_path_factory, "sshd")
     site = RuntimeSite.create(base / "site")
     # Alice's login shell is bash, which the busybox image does not have.
     passwd = site.etc_dir / "passwd"

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from world.gateway import Gateway
 from world.imagebuild import File, Symlink, build_layer, push_image
-from world.runtime import HELPER, TEST_CONF, RuntimeSite
+from world.runtime import HELPER, TEST_CONF, RuntimeSite, reachable_temp_dir
 from world.slurm import (
     NODE,
     SlurmCluster,
@@ -115,9 +115,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(test_users, munged, registry, tmp_path_factory):
-    base = Path(tmp_path_factory.mktemp("slurm", numbered=True))
-    for d in (base.parent, base.parent.parent, base):
-        os.chmod(d, 0o755)
+    base = reachable_temp_dir(tmp_path_factory, "slurm")
     site = RuntimeSite.create(base / "site")
     bindir = write_launchers(base / "bin", HELPER)
     uid, gid = test_users[ALICE]

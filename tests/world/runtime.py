@@ -273,13 +273,25 @@ class RuntimeSite:
         return [line for line in text.splitlines() if str(self.base) in line]
 
 
+def reachable_temp_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A fresh pytest temp dir that the test users can reach: it, pytest's basetemp and
+    (only when it is pytest's own ``pytest-of-<user>``) the basetemp's parent become 0755.
+    Never anything above: with ``--basetemp=/tmp/x`` that would be /tmp itself."""
+    base = Path(tmp_path_factory.mktemp(name, numbered=True))
+    root = tmp_path_factory.getbasetemp().resolve()
+    dirs = [base, *[p for p in base.parents if p == root or root in p.parents]]
+    if root.parent.name.startswith("pytest-of-"):
+        dirs.append(root.parent)
+    for d in dirs:
+        os.chmod(d, 0o755)
+    return base
+
+
 @contextmanager
 def module_site(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[RuntimeSite]:
     """A site for one test module, in a fresh pytest temp dir every user can reach;
     afterwards nothing of ours may be mounted (a module-scoped fixture's body)."""
-    base = Path(tmp_path_factory.mktemp(name, numbered=True))
-    for d in (base.parent.parent, base.parent, base):
-        os.chmod(d, 0o755)
+    base = reachable_temp_dir(tmp_path_factory, name)
     site = RuntimeSite.create(base / "site")
     yield site
     assert site.our_mounts() == [] and site.our_loops() == []
