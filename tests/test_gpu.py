@@ -53,8 +53,7 @@ def gpu_conf(site, host):
     site.write_conf(**host.conf())
     yield
     site.write_conf()
-    assert site.our_mounts() == [], "a mount of ours is left in the root namespace"
-    assert site.our_loops() == [], "a loop device of ours is left"
+    site.assert_nothing_left()
 
 
 def shifter(site: RuntimeSite, image: str, *args: str, env: dict[str, str] | None = None):

@@ -112,8 +112,7 @@ def clean_conf(site):
     site.write_conf()
     yield
     site.write_conf()
-    assert site.our_mounts() == [], "a mount of ours is left in the root namespace"
-    assert site.our_loops() == [], "a loop device of ours is left"
+    site.assert_nothing_left()
 
 
 def libmpi_of(stdout: str) -> dict[int, str]:

@@ -53,11 +53,11 @@ class Result:
 def install_helper() -> Path:
     """Build the sanitized helper and install it setuid root; returns its path."""
     subprocess.run(["make", "-s", "-C", str(HELPERS), "sanitize",
-                    f"TEST_CONF_PATH={TEST_CONF}"], check=True)
+                    f"TEST_CONF_PATH={TEST_CONF}", f"SLOT={SLOT}"], check=True)
     HELPER_DIR.mkdir(parents=True, exist_ok=True)
     os.chmod(HELPER_DIR, 0o755)
     tmp = HELPER_DIR / ".shifter-helper.new"
-    shutil.copyfile(HELPERS / "build" / "shifter-helper-san", tmp)
+    shutil.copyfile(HELPERS / "build" / f"shifter-helper-san{SLOT}", tmp)
     os.chown(tmp, 0, 0)
     os.chmod(tmp, 0o4755)
     os.replace(tmp, HELPER)
@@ -266,6 +266,11 @@ class RuntimeSite:
                 if any(point == r or point.startswith(r + "/") for r in roots):
                     out.append(point)
         return out
+
+    def assert_nothing_left(self) -> None:
+        """What every runtime test ends with: no mount and no loop device of ours."""
+        assert self.our_mounts() == [], "a mount of ours is left in the root namespace"
+        assert self.our_loops() == [], "a loop device of ours is left"
 
     def our_loops(self) -> list[str]:
         """Loop devices backed by this site's images or cache files."""
