@@ -427,17 +427,7 @@ void gpu_mount_dev(struct ctx *c)
             int src = openat(host, name, O_PATH | O_NOFOLLOW | O_CLOEXEC), t;
             if (src < 0)
                 continue;
-            if (S_ISDIR(st.st_mode)) {
-                mkdir_at(dev, name, st.st_mode & 0777);
-            } else {
-                int f = openat(dev, name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-                if (f < 0)
-                    die_errno("Cannot create /dev/%s in the container", name);
-                close(f);
-            }
-            t = openat(dev, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-            if (t < 0)
-                die_errno("Cannot open /dev/%s in the container", name);
+            t = mnt_point_at(dev, name, S_ISDIR(st.st_mode), st.st_mode & 0777);
             bind_fd(src, t, ATTR_NOSUID, S_ISDIR(st.st_mode), name);
             close(t);
             close(src);

@@ -103,15 +103,12 @@ void mnt_attach(int mfd, int dst_fd, unsigned long propagation, const char *what
         mnt_set(mfd, 0, 0, propagation, what);
 }
 
-void mnt_bind_at(int src_dir, const char *name, int dst_dir, int is_dir)
+int mnt_point_at(int dst_dir, const char *name, int is_dir, unsigned dir_mode)
 {
-    int src = openat(src_dir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-    int dst, mfd;
+    int dst;
 
-    if (src < 0)
-        die_errno("Cannot open %s", name);
     if (is_dir) {
-        mkdir_at(dst_dir, name, 0755);
+        mkdir_at(dst_dir, name, (mode_t)dir_mode);
     } else {
         int f = openat(dst_dir, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
         if (f < 0)
@@ -121,6 +118,17 @@ void mnt_bind_at(int src_dir, const char *name, int dst_dir, int is_dir)
     dst = openat(dst_dir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
     if (dst < 0)
         die_errno("Cannot open mount point %s", name);
+    return dst;
+}
+
+void mnt_bind_at(int src_dir, const char *name, int dst_dir, int is_dir)
+{
+    int src = openat(src_dir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    int dst, mfd;
+
+    if (src < 0)
+        die_errno("Cannot open %s", name);
+    dst = mnt_point_at(dst_dir, name, is_dir, 0755);
     mfd = mnt_clone(src, 0, ATTR_RO | ATTR_NOSUID | ATTR_NODEV, name);
     mnt_attach(mfd, dst, MS_PRIVATE, name);
     close(mfd);

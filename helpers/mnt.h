@@ -29,6 +29,10 @@ void mnt_attach(int mfd, int dst_fd, unsigned long propagation, const char *what
 /* Set (recursively when rec) attrs on an attached mount. */
 void mnt_set(int mfd, int rec, unsigned attrs, unsigned long propagation, const char *what);
 
+/* Create the mount point dst_dir/name (a directory of mode dir_mode when is_dir, else an
+ * empty file; a directory may already exist, a file must not) and return it O_PATH. */
+int mnt_point_at(int dst_dir, const char *name, int is_dir, unsigned dir_mode);
+
 /* Bind src_dir/name (not followed if a symlink) read-only, nosuid, nodev onto a new
  * mount point dst_dir/name (a directory when is_dir, else an empty file; it must not
  * exist), private. */

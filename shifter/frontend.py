@@ -363,3 +363,21 @@ def _shell_word(text: str) -> str:
 def fail(message: str) -> int:
     print(message, file=sys.stderr)
     return 1
+
+
+# What a front end's main() catches around its work; error_status() says what to do.
+EXPECTED_ERRORS = (Failure, ValueError, SystemExit, KeyboardInterrupt)
+
+
+def error_status(exc: BaseException) -> int:
+    """The exit status for an expected error, its message printed. The rule modules'
+    errors (DescriptorError, VolumeError, ModuleError, EnvError, MetaError, GpuError, …)
+    carry the message Shifter prints; any other ValueError is a bug and is raised again.
+    ``SystemExit`` comes from ``load_or_exit``, whose message is already out."""
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 1
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, ValueError) and not type(exc).__module__.startswith("udiroot."):
+        raise exc
+    return fail(str(exc))

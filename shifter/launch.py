@@ -25,6 +25,7 @@ import sys
 
 from shifter import __version__
 from shifter.frontend import (
+    EXPECTED_ERRORS,
     NO_ARG,
     NOT_FOUND,
     OPTIONAL,
@@ -33,8 +34,8 @@ from shifter.frontend import (
     UsageError,
     caller_environ,
     env_fd,
+    error_status,
     exec_helper,
-    fail,
     getopt_long,
     helper_path,
     meta_path,
@@ -328,18 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"shifter {__version__}")
             return 0
         helper_argv = plan(opts, caller_environ())
-    except Failure as exc:
-        return fail(str(exc))
-    except ValueError as exc:
-        # The rule modules' errors (DescriptorError, VolumeError, ModuleError, EnvError,
-        # MetaError, CommandError) carry the message Shifter prints; anything else is a bug.
-        if not type(exc).__module__.startswith("udiroot."):
-            raise
-        return fail(str(exc))
-    except SystemExit as exc:  # load_or_exit: the message is already out
-        return exc.code if isinstance(exc.code, int) else 1
-    except KeyboardInterrupt:
-        return 130
+    except EXPECTED_ERRORS as exc:
+        return error_status(exc)
     return exec_helper(helper_argv, opts.verbose)
 
 

@@ -21,13 +21,14 @@ import os
 import sys
 
 from shifter.frontend import (
+    EXPECTED_ERRORS,
     NO_ARG,
     NOT_FOUND,
     REQUIRED,
     Failure,
     UsageError,
+    error_status,
     exec_helper,
-    fail,
     getopt_long,
     helper_path,
     meta_path,
@@ -202,16 +203,8 @@ def _run(argv: Sequence[str] | None, name: str, body: Callable[[list[str]], int]
     except UsageError as exc:
         print(f"{name}: {exc}\nTry '{name} -h' for more information.", file=sys.stderr)
         return 1
-    except Failure as exc:
-        return fail(str(exc))
-    except ValueError as exc:
-        if not type(exc).__module__.startswith("udiroot."):
-            raise
-        return fail(str(exc))
-    except SystemExit as exc:  # load_or_exit: the message is already out
-        return exc.code if isinstance(exc.code, int) else 1
-    except KeyboardInterrupt:
-        return 130
+    except EXPECTED_ERRORS as exc:
+        return error_status(exc)
 
 
 def _setup(args: list[str]) -> int:

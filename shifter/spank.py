@@ -30,11 +30,13 @@ import os
 import sys
 
 from shifter.frontend import (
+    EXPECTED_ERRORS,
     NO_ARG,
     NOT_FOUND,
     REQUIRED,
     Failure,
     UsageError,
+    error_status,
     getopt_long,
     meta_path,
     resolve_id,
@@ -201,16 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"shifter-spank: {exc}\n{USAGE}", file=sys.stderr, end="")
         return 1
-    except Failure as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        if not type(exc).__module__.startswith("udiroot."):
-            raise
-        print(exc, file=sys.stderr)
-        return 1
-    except SystemExit as exc:  # load_or_exit: the message is already out
-        return exc.code if isinstance(exc.code, int) else 1
+    except EXPECTED_ERRORS as exc:
+        return error_status(exc)
     sys.stdout.write("".join(f"{name}={value}\n" for name, value in lines))
     return 0
 
