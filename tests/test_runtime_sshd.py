@@ -19,6 +19,7 @@ import os
 import pwd
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -269,14 +270,18 @@ def test_what_sshd_trusts_is_root_s(site, image, job):
     etc = site.udi_mount / "opt/udiImage/etc"
     pw = pwd.getpwnam(ALICE)
     for path in (etc / "sshd_config", etc / "authorized_keys", etc / "ssh_config",
+                 etc / "ssh_known_hosts",
                  site.udi_mount / "var/run/shifter-sshd", site.udi_mount / "etc/passwd"):
         st = path.stat()
         assert st.st_uid == 0 and st.st_mode & 0o022 == 0, path
     st = (etc / "ssh_host_ed25519_key").stat()
     assert (st.st_uid, st.st_mode & 0o777) == (pw.pw_uid, 0o600)
     assert "AllowUsers shifter-alice\n" in (etc / "sshd_config").read_text()
+    client = (etc / "ssh_config").read_text()
+    assert "StrictHostKeyChecking yes\n" in client and "StrictHostKeyChecking no" not in client
     attempts = (f"echo evil >> {etc}/authorized_keys", f"rm -f {etc}/sshd_config",
                 f"echo 1 1 > {site.udi_mount}/var/run/shifter-sshd",
+                f"echo '* ssh-ed25519 AAAA' >> {etc}/ssh_known_hosts",
                 f"mv {etc}/ssh_host_ed25519_key {etc}/x",
                 f"chmod 644 {etc}/ssh_host_ed25519_key", f"touch {etc}/new")
     for cmd in attempts:
@@ -482,3 +487,154 @@ def test_unsetup_stops_more_session_processes_than_it_can_track_at_once(
         while count_procs(uid, argv0) and time.monotonic() < deadline:
             time.sleep(0.5)
         crowd.unlink()
+
+
+# -- squatters (issue 10, hole 6) ------------------------------------------------------------
+
+
+SQUAT_V4 = """
+import socket, sys
+s = socket.socket(socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 1204))
+s.listen()
+print("LISTENING", flush=True)
+sys.stdin.read()
+"""
+
+
+def container_sshds() -> list[int]:
+    """Live processes running a container's copy of sshd (any container of this site)."""
+    out = subprocess.run(["pgrep", "-f", "^/opt/udiImage/sbin/sshd"], capture_output=True,
+                         text=True).stdout.split()
+    return [int(p) for p in out if alive(int(p))]
+
+
+def test_setup_fails_when_another_user_holds_port_1204_on_one_family(site, image, keys):
+    """Attack: bob listens on 0.0.0.0:1204 (IPv4 only) before the prolog runs. sshd still
+    binds [::]:1204 and listens, so the old start check passed, and bob received every
+    IPv4 ssh connection of alice's job. setupRoot must fail, name bob's socket, and leave
+    nothing mounted or running."""
+    bob_uid = pwd.getpwnam(BOB).pw_uid
+    squatter = subprocess.Popen([sys.executable, "-I", "-c", SQUAT_V4], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, **site.spawn_kwargs(BOB))
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == "LISTENING\n"
+        res = site.root_tool("setupRoot", *setup_args(image, keys["alice"][1]))
+        assert res.returncode == 1, "setupRoot accepted an sshd that bob squats on IPv4"
+        assert "Failed to start sshd in the container" in res.stderr, res.stderr
+        assert "0.0.0.0:1204" in res.stderr and f"uid {bob_uid}" in res.stderr, res.stderr
+        assert f"pid {squatter.pid}" in res.stderr, res.stderr
+        assert site.our_mounts() == [] and site.our_loops() == []
+        assert container_sshds() == []
+        with socket.socket(socket.AF_INET6) as probe:  # sshd's [::]:1204 is gone too
+            assert probe.connect_ex(("::1", PORT)) != 0
+    finally:
+        squatter.kill()
+        squatter.wait()
+        site.root_tool("unsetupRoot")
+
+
+def squatter_sshd(site: RuntimeSite, directory: Path) -> subprocess.Popen[bytes]:
+    """bob's own sshd on port 1204 (both families), with bob's own host key."""
+    directory.mkdir()
+    host_key, _ = keypair(directory / "host_key", BOB)
+    config = directory / "sshd_config"
+    config.write_text(f"Port {PORT}\nListenAddress 0.0.0.0\nListenAddress ::\n"
+                      f"HostKey {host_key}\nAuthorizedKeysFile {directory}/authorized_keys\n"
+                      "PidFile none\nStrictModes no\nUsePAM no\nLogLevel VERBOSE\n")
+    os.chmod(directory, 0o755)
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd insists on it
+    log = open(directory / "log", "wb")  # noqa: SIM115 - the child's
+    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                            **site.spawn_kwargs(BOB))
+    log.close()
+    deadline = time.monotonic() + 10
+    while not port_open():
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            (directory / "log").read_text()
+        time.sleep(0.05)
+    return proc
+
+
+def test_ssh_to_a_squatter_sshd_is_refused_by_host_key_checking(
+        site, image, keys, alice_home, tmp_path_factory):
+    """Attack: the job's sshd is gone from a node (it died, or never got the port) and bob
+    runs his own sshd on port 1204 there. A task's `ssh <node>` used to connect with host
+    key checking off and offer alice's name and key to bob's server. Now the container's
+    client trusts only the job's host key and stops before authenticating."""
+    bob_dir = reachable_temp_dir(tmp_path_factory, "squatter") / "bob-sshd"
+    res = site.root_tool("setupRoot", *setup_args(image, keys["alice"][1],
+                                                  "-v", f"{alice_home}:/home/{ALICE}"))
+    squatter = None
+    try:
+        assert res.returncode == 0, res.stderr
+        pid = recorded_pid(site)
+        os.kill(pid, 9)  # alice's sshd dies in the middle of the job
+        deadline = time.monotonic() + 10
+        while port_open() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        squatter = squatter_sshd(site, bob_dir)
+        res = site.shifter(ALICE, f"--image=id:{image}", f"--volume={alice_home}:/home/{ALICE}",
+                           "ssh", HOST, "echo REMOTE")
+        assert "REMOTE" not in res.stdout
+        assert res.returncode == 255, res.stderr
+        assert "Host key verification failed" in res.stderr, res.stderr
+        log = (bob_dir / "log").read_text()
+        assert "Connection from" in log, log  # it did reach bob's sshd ...
+        assert ALICE not in log, log  # ... and never told it who it is
+    finally:
+        if squatter is not None:
+            squatter.kill()
+            squatter.wait()
+        site.root_tool("unsetupRoot")
+    assert site.our_mounts() == []
+
+
+def openssh_private_body(path: Path) -> str:
+    """The one-line form of a private key file that SHIFTER_SSH_HOSTKEY carries: the
+    base64 between the BEGIN and END lines, joined."""
+    lines = path.read_text().split()
+    return "".join(w for w in lines if not w.startswith("-----") and w not in
+                   ("BEGIN", "END", "OPENSSH", "PRIVATE", "KEY-----"))
+
+
+def test_the_job_host_key_is_the_containers_and_the_only_one_trusted(
+        site, image, keys, alice_home, tmp_path):
+    """The Slurm plugin's job host key (SHIFTER_SSH_HOSTKEY, in setupRoot's environment:
+    never in an argv) is the container's host key on every node of the job, and the one
+    key the container's ssh client trusts (a root-owned known_hosts, checking on)."""
+    host_key = tmp_path / "job_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "job host",
+                    "-f", str(host_key)], check=True, stdin=subprocess.DEVNULL)
+    public = host_key.with_name("job_host_key.pub").read_text().split()[:2]
+    env = {"SHIFTER_SSH_HOSTKEY": openssh_private_body(host_key)}
+    res = site.root_tool("setupRoot", *setup_args(image, keys["alice"][1],
+                                                  "-v", f"{alice_home}:/home/{ALICE}"),
+                         env=env)
+    try:
+        assert res.returncode == 0, res.stderr
+        etc = site.udi_mount / "opt/udiImage/etc"
+        assert (etc / "ssh_host_ed25519_key").read_text() == host_key.read_text()
+        scan = subprocess.run(["ssh-keyscan", "-p", str(PORT), "-t", "ed25519", "127.0.0.1"],
+                              capture_output=True, text=True, timeout=30)
+        assert scan.stdout.split()[1:3] == public, scan
+        known = (etc / "ssh_known_hosts").read_text().split("\n")
+        entries = [line.split()[1:3] for line in known if line and not line.startswith("#")]
+        assert entries == [public]
+        ok = site.shifter(ALICE, f"--image=id:{image}", f"--volume={alice_home}:/home/{ALICE}",
+                          "ssh", HOST, "echo REMOTE")
+        assert ok.returncode == 0 and ok.stdout == "REMOTE\n", ok.stderr
+    finally:
+        site.root_tool("unsetupRoot")
+    assert site.our_mounts() == []
+
+
+def test_a_bad_job_host_key_is_refused_with_a_clear_message(site, image, keys):
+    for bad in ("", "not base64!", "AAAA", "b3BlbnNzaC1rZXktdjEAAAAA"):
+        res = site.root_tool("setupRoot", *setup_args(image, keys["alice"][1]),
+                             env={"SHIFTER_SSH_HOSTKEY": bad})
+        assert res.returncode == 1, bad
+        assert "SHIFTER_SSH_HOSTKEY" in res.stderr, (bad, res.stderr)
+        assert site.our_mounts() == [] and not port_open()
