@@ -525,7 +525,9 @@ def test_setup_fails_when_another_user_holds_port_1204_on_one_family(site, image
         assert "Failed to start sshd in the container" in res.stderr, res.stderr
         assert "0.0.0.0:1204" in res.stderr and f"uid {bob_uid}" in res.stderr, res.stderr
         assert f"pid {squatter.pid}" in res.stderr, res.stderr
-        assert site.our_mounts() == [] and site.our_loops() == []
+        assert site.our_mounts() == []
+        wait_loops_released(site)  # the loop goes with the killed sshd's last reference
+        assert site.our_loops() == []
         assert container_sshds() == []
         with socket.socket(socket.AF_INET6) as probe:  # sshd's [::]:1204 is gone too
             assert probe.connect_ex(("::1", PORT)) != 0
