@@ -15,10 +15,13 @@
  *   job_script (slurmd's prolog, epilog; root):
  *     prolog: for an exclusive job with SPANK_SHIFTER_IMAGE set, run
  *         setupRoot -U uid -G gid -u user -N "host/cpus …" [-v vol] [-m mods] [-s key] -- type id
+ *     (with -s, the job's sshd host key in setupRoot's environment, SHIFTER_SSH_HOSTKEY)
  *     and then extern_setup if configured; on failure the message goes to slurmd's log,
  *     to the job's Comment and (batch jobs) to the job's error/output file, and the
  *     prolog fails (Slurm then drains the node and requeues the job held).
  *     epilog: unsetupRoot.
+ *   remote (slurmstepd, user_init): the job's private sshd host key is removed from the
+ *     tasks' environment (Slurm copies the job control environment there).
  *   local, at exit: an srun/salloc that made its own allocation and saw it fail prints
  *     the job's Comment when the prolog put a Shifter message there.
  *
@@ -241,6 +244,26 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
     return 0;
 }
 
+/* Slurm gives the job control environment to every step as SLURM_SPANK_<name>. The
+ * job's private sshd host key is the prolog's alone: it leaves the tasks' environment
+ * (a job script's `env` would print it into an output file others may read). */
+int slurm_spank_user_init(spank_t sp, int ac, char **av)
+{
+    spank_err_t rc;
+
+    (void)ac;
+    (void)av;
+    if (spank_context() != S_CTX_REMOTE)
+        return 0;
+    rc = spank_unsetenv(sp, "SLURM_SPANK_SHIFTER_SSH_HOSTKEY");
+    if (rc != ESPANK_SUCCESS) {
+        slurm_error("shifter: cannot remove the job's ssh host key from the tasks' "
+                    "environment: %s", spank_strerror(rc));
+        return -1;
+    }
+    return 0;
+}
+
 /* -- running programs ------------------------------------------------------------------ */
 
 static void copy_out(char *out, size_t *len, const char *buf, size_t n)
@@ -336,8 +359,15 @@ static int already_pinned(void)
 
 static const char *const job_vars[] = {
     "SHIFTER_IMAGE",  "SHIFTER_IMAGETYPE", "SHIFTER_IMAGEREQUEST", "SHIFTER_VOLUME",
-    "SHIFTER_MODULE", "SHIFTER_CCM",       "SHIFTER_SSH_PUBKEY",
+    "SHIFTER_MODULE", "SHIFTER_CCM",       "SHIFTER_SSH_PUBKEY", "SHIFTER_SSH_HOSTKEY",
 };
+
+/* For the prolog only, never in the tasks' environment: the job key's public half and
+ * the private host key of the job's sshd. */
+static int prolog_only(const char *name)
+{
+    return strcmp(name, "SHIFTER_SSH_PUBKEY") == 0 || strcmp(name, "SHIFTER_SSH_HOSTKEY") == 0;
+}
 
 static int known_var(const char *name)
 {
@@ -381,7 +411,7 @@ static int apply_line(spank_t sp, char *line)
         slurm_error("shifter: the checker printed an unexpected variable %s", line);
         return -1;
     }
-    if (strcmp(line, "SHIFTER_SSH_PUBKEY") != 0 && setenv(line, eq + 1, 1) != 0) {
+    if (!prolog_only(line) && setenv(line, eq + 1, 1) != 0) {
         slurm_error("shifter: cannot set %s: %s", line, strerror(errno));
         return -1;
     }
@@ -651,12 +681,13 @@ static char *const root_env_plain[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", NUL
 
 /* setupRoot's and unsetupRoot's environment: fixed, plus the configuration path and the
  * helper installed with this plugin (the front ends default to /usr/local's). */
-static int root_env(char *buf, size_t size, char *env[4])
+static int root_env(char *buf, size_t size, char *env[5])
 {
     env[0] = root_env_plain[0];
     env[1] = "SHIFTER_HELPER=" SHIFTER_PREFIX "/libexec/shifter/shifter-helper";
     env[2] = NULL;
     env[3] = NULL;
+    env[4] = NULL; /* room for the prolog's SHIFTER_SSH_HOSTKEY */
     if (cfg.shifter_config[0]) {
         if (snprintf(buf, size, "SHIFTER_UDIROOT_CONF=%s", cfg.shifter_config) >= (int)size)
             return -1;
@@ -684,7 +715,9 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
     const char *image = getenv("SPANK_SHIFTER_IMAGE"), *type = getenv("SPANK_SHIFTER_IMAGETYPE");
     const char *volume = getenv("SPANK_SHIFTER_VOLUME"), *module = getenv("SPANK_SHIFTER_MODULE");
     const char *key = getenv("SPANK_SHIFTER_SSH_PUBKEY");
-    char uid_s[16], gid_s[16], conf_buf[PATH_MAX + 32], *env[4], *argv[24], *out = NULL;
+    const char *host_key = getenv("SPANK_SHIFTER_SSH_HOSTKEY");
+    char uid_s[16], gid_s[16], conf_buf[PATH_MAX + 32], *env[5], *argv[24], *out = NULL;
+    char *host_key_var = NULL;
     char *nodes = NULL, pwbuf[4096];
     struct passwd pw, *found = NULL;
     job_info_msg_t *msg = NULL;
@@ -746,6 +779,16 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
     if (cfg.enable_sshd && key && key[0]) {
         argv[argc++] = "-s";
         argv[argc++] = (char *)key;
+        /* The job's sshd host key, the same on every node: in setupRoot's environment
+         * (root's to read, like this prolog's), never in its argv (anybody's). */
+        if (host_key && host_key[0]) {
+            if (asprintf(&host_key_var, "SHIFTER_SSH_HOSTKEY=%s", host_key) < 0) {
+                host_key_var = NULL;
+                report_failure(job_id, job, uid, gid, "setupRoot", "out of memory");
+                goto done;
+            }
+            env[env[2] ? 3 : 2] = host_key_var;
+        }
     }
     argv[argc++] = "--";
     argv[argc++] = (char *)type;
@@ -777,6 +820,7 @@ undo: {
             slurm_error("shifter: unsetupRoot failed on %s: %s", hostname, out);
     }
 done:
+    free(host_key_var);
     free(nodes);
     free(out);
     if (msg)
@@ -787,7 +831,7 @@ done:
 int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 {
     const char *image = getenv("SPANK_SHIFTER_IMAGE");
-    char conf_buf[PATH_MAX + 32], *env[4], *argv[] = {cfg.unsetuproot, NULL}, *out;
+    char conf_buf[PATH_MAX + 32], *env[5], *argv[] = {cfg.unsetuproot, NULL}, *out;
     job_info_msg_t *msg = NULL;
     job_info_t *job;
     uint32_t job_id;
