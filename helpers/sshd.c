@@ -2,18 +2,22 @@
  * sshd.c - the per-container sshd of spec 6.15 (setup --ssh-pubkey KEY).
  *
  * sshd_start (setup, after the user volumes, while the container root is still writable):
- *   1 opt/udiImage/etc: a fresh host key (the host's ssh-keygen, run as root), then
- *     chowned to the user (a non-root sshd must read it); authorized_keys holding exactly
- *     KEY; sshd_config (port 1204, AllowUsers the user, public key only, no PAM); the
- *     client's ssh_config (port 1204), used by the ssh wrapper of optUdiImage
+ *   1 opt/udiImage/etc: the job's host key (setup --ssh-hostkey-fd) or a fresh one (the
+ *     host's ssh-keygen, run as root), chowned to the user (a non-root sshd must read
+ *     it); authorized_keys holding exactly KEY; sshd_config (port 1204 on 0.0.0.0 and ::,
+ *     AllowUsers the user, public key only, no PAM); ssh_known_hosts holding the host key
+ *     under one alias, and the client's ssh_config (port 1204, strict host key checking
+ *     against that file alone), used by the ssh wrapper of optUdiImage
  *   2 the user's login shell must exist in the container (sshd runs commands with it):
  *     if it does not, the user's line of the container's /etc/passwd gets /bin/sh
  *   3 fork: the child becomes the user inside the container exactly as enter_user()
  *     does (chroot, no capabilities, the user's ids, no_new_privs) and execs
  *     /opt/udiImage/sbin/sshd -D -e in its own session, stderr in a memfd; the parent
- *     waits until that very process listens on port 1204 (its socket inode in
- *     /proc/PID/net/tcp*), then records "pid starttime" in var/run/shifter-sshd
- *     (root's, on the container's root, read-only afterwards)
+ *     waits until that very process listens on port 1204 on every address family of
+ *     the node (its socket inodes in /proc/PID/net/tcp*), failing at once, with the
+ *     squatter named, if any other socket listens on that port; then records
+ *     "pid starttime" in var/run/shifter-sshd (root's, on the container's root,
+ *     read-only afterwards)
  *
  * sshd_stop (unsetup, and a setup that fails after sshd_start): first the recorded pid,
  * if it still runs this container's sshd (its executable is the container's own copy of
