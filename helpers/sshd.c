@@ -715,37 +715,57 @@ static pid_t socket_owner(unsigned long inode)
 
 enum start_state { START_WAIT, START_OK, START_TAKEN };
 
+__attribute__((noreturn)) static void fail_with_log(int log, const char *what)
+{
+    char buf[2048];
+    ssize_t n = pread(log, buf, sizeof buf - 1, 0);
+
+    buf[n > 0 ? n : 0] = '\0';
+    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
+        buf[--n] = '\0';
+    die("Failed to start sshd in the container: %s%s%s", what, buf[0] ? ":\n" : "", buf);
+}
+
 /* Where the start stands: OK once sshd (pid) itself listens on port 1204 on the wildcard
  * address of every family the node has (fams); TAKEN as soon as anything else listens on
  * that port, on any address of any family: it would get the job's ssh connections (a
- * more specific address wins; sshd skips an address it cannot bind and serves the rest),
- * and why then names it.  pid 0: sshd is gone, every listener is someone else's. */
-static enum start_state start_state(pid_t pid, int fams, int *have, char *why, size_t len)
+ * more specific address wins; sshd skips an address it cannot bind and serves the rest);
+ * *other is then that socket.  *have: the families sshd holds.  pid 0: sshd is gone,
+ * every listener is someone else's. */
+static enum start_state start_state(pid_t pid, int fams, int *have, struct listener *other)
 {
     struct listener l[32];
     size_t n = port_listeners(pid > 0 ? pid : getpid(), l, sizeof l / sizeof l[0]);
 
+    int taken = 0;
+
     *have = 0;
-
     for (size_t i = 0; i < n; i++) {
-        pid_t owner;
-
         if (pid > 0 && holds_socket(pid, l[i].inode)) {
             *have |= l[i].wildcard ? l[i].fam : 0;
-            continue;
+        } else if (!taken) {
+            *other = l[i];
+            taken = 1;
         }
-        owner = socket_owner(l[i].inode);
-        if (owner > 0)
-            snprintf(why, len, "port %d is taken: %s is a listening socket of uid %lu "
-                     "(pid %d), which would receive the job's ssh connections; stop it",
-                     SSHD_PORT, l[i].addr, l[i].uid, (int)owner);
-        else
-            snprintf(why, len, "port %d is taken: %s is a listening socket of uid %lu, "
-                     "which would receive the job's ssh connections; stop it",
-                     SSHD_PORT, l[i].addr, l[i].uid);
-        return START_TAKEN;
     }
+    if (taken)
+        return START_TAKEN;
     return (*have & fams) == fams ? START_OK : START_WAIT;
+}
+
+/* Fail naming the squatter: its address, its uid and (a scan of every process's fds,
+ * done once) its pid. */
+__attribute__((noreturn)) static void fail_taken(int log, const struct listener *other)
+{
+    char why[512], pid[32] = "";
+    pid_t owner = socket_owner(other->inode);
+
+    if (owner > 0)
+        snprintf(pid, sizeof pid, " (pid %d)", (int)owner);
+    snprintf(why, sizeof why, "port %d is taken: %s is a listening socket of uid %lu%s, "
+             "which would receive the job's ssh connections; stop it", SSHD_PORT,
+             other->addr, other->uid, pid);
+    fail_with_log(log, why);
 }
 
 /* The child: its own session, stdin/stdout /dev/null, stderr the log; the user inside the
@@ -797,21 +817,12 @@ static void record(struct ctx *c, pid_t pid)
     close(run);
 }
 
-static void fail_with_log(int log, const char *what)
-{
-    char buf[2048];
-    ssize_t n = pread(log, buf, sizeof buf - 1, 0);
-
-    buf[n > 0 ? n : 0] = '\0';
-    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
-        buf[--n] = '\0';
-    die("Failed to start sshd in the container: %s%s%s", what, buf[0] ? ":\n" : "", buf);
-}
 
 void sshd_start(struct ctx *c, const char *key)
 {
     int udi, etc, log, fams = node_families(), have;
-    char why[512], *host_pub;
+    struct listener other;
+    char *host_pub;
     struct stat st;
     pid_t pid;
 
@@ -853,11 +864,11 @@ void sshd_start(struct ctx *c, const char *key)
 
         if (w < 0)
             die_errno("Cannot start sshd: waitpid");
-        state = start_state(w == pid ? 0 : pid, fams, &have, why, sizeof why);
+        state = start_state(w == pid ? 0 : pid, fams, &have, &other);
         /* Taken: fail once sshd is done binding (it exited, or it serves what it could
          * bind), so that its log says which bind failed. */
         if (state == START_TAKEN && (w == pid || have || waited >= START_TIMEOUT_MS))
-            fail_with_log(log, why);
+            fail_taken(log, &other);
         if (w == pid && WIFEXITED(status))
             fail_with_log(log, WEXITSTATUS(status) == 1 ? "it could not be started"
                                                         : "sshd exited");

@@ -307,8 +307,15 @@ def test_unsetup_stops_sshd_and_its_sessions(site, image, keys, job):
         assert session.stdout is not None and session.stdout.readline() == "STARTED\n"
         per_connection = [p for p in in_container(site, sshd_only=True) if p != pid]
         assert per_connection, "no per-connection sshd found"
-        inside = in_container(site)
-        sleeper = [p for p in inside if open(f"/proc/{p}/cmdline").read() == "sleep\x00120\x00"]
+        # The shell prints STARTED before its child has become sleep: give it a moment.
+        deadline = time.monotonic() + 5
+        while True:
+            inside = in_container(site)
+            sleeper = [p for p in inside
+                       if open(f"/proc/{p}/cmdline").read() == "sleep\x00120\x00"]
+            if sleeper or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert len(sleeper) == 1, "the session's command is not running in the container"
         res = site.root_tool("unsetupRoot")
         assert res.returncode == 0, res.stderr
@@ -492,11 +499,14 @@ def test_unsetup_stops_more_session_processes_than_it_can_track_at_once(
 # -- squatters (issue 10, hole 6) ------------------------------------------------------------
 
 
-SQUAT_V4 = """
+SQUAT = """
 import socket, sys
-s = socket.socket(socket.AF_INET)
+addr = sys.argv[1]
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 1204))
+if ":" in addr:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+s.bind((addr, 1204))
 s.listen()
 print("LISTENING", flush=True)
 sys.stdin.read()
@@ -504,33 +514,51 @@ sys.stdin.read()
 
 
 def container_sshds() -> list[int]:
-    """Live processes running a container's copy of sshd (any container of this site)."""
+    """Live processes running a container's copy of sshd in this network namespace (other
+    checkouts may run their tests in their own)."""
     out = subprocess.run(["pgrep", "-f", "^/opt/udiImage/sbin/sshd"], capture_output=True,
                          text=True).stdout.split()
-    return [int(p) for p in out if alive(int(p))]
+    ours = os.readlink("/proc/self/ns/net")
+    found = []
+    for pid in map(int, out):
+        try:
+            if os.readlink(f"/proc/{pid}/ns/net") == ours and alive(pid):
+                found.append(pid)
+        except OSError:
+            continue
+    return found
 
 
-def test_setup_fails_when_another_user_holds_port_1204_on_one_family(site, image, keys):
-    """Attack: bob listens on 0.0.0.0:1204 (IPv4 only) before the prolog runs. sshd still
-    binds [::]:1204 and listens, so the old start check passed, and bob received every
-    IPv4 ssh connection of alice's job. setupRoot must fail, name bob's socket, and leave
-    nothing mounted or running."""
+@pytest.mark.parametrize(("address", "shown", "other"), [
+    ("0.0.0.0", "0.0.0.0:1204", ("::1", socket.AF_INET6)),
+    ("::", "[::]:1204", ("127.0.0.1", socket.AF_INET)),
+    ("127.0.0.1", "127.0.0.1:1204", ("::1", socket.AF_INET6)),
+])
+def test_setup_fails_when_another_user_holds_port_1204_on_one_family(
+        site, image, keys, address, shown, other):
+    """Attack: bob listens on 0.0.0.0:1204 (IPv4 only; or [::]:1204 IPv6 only, or just
+    127.0.0.1:1204, which wins over a wildcard) before the prolog runs. sshd skips the
+    address it cannot bind and listens on the other family, so the old start check passed,
+    and bob received those ssh connections of alice's job. setupRoot must fail, name bob's
+    socket, and leave nothing mounted or running."""
     bob_uid = pwd.getpwnam(BOB).pw_uid
-    squatter = subprocess.Popen([sys.executable, "-I", "-c", SQUAT_V4], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True, **site.spawn_kwargs(BOB))
+    squatter = subprocess.Popen([sys.executable, "-I", "-c", SQUAT, address],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                **site.spawn_kwargs(BOB))
     try:
         assert squatter.stdout is not None and squatter.stdout.readline() == "LISTENING\n"
         res = site.root_tool("setupRoot", *setup_args(image, keys["alice"][1]))
-        assert res.returncode == 1, "setupRoot accepted an sshd that bob squats on IPv4"
+        assert res.returncode == 1, "setupRoot accepted an sshd while bob holds part of port 1204"
         assert "Failed to start sshd in the container" in res.stderr, res.stderr
-        assert "0.0.0.0:1204" in res.stderr and f"uid {bob_uid}" in res.stderr, res.stderr
+        assert shown in res.stderr and f"uid {bob_uid}" in res.stderr, res.stderr
         assert f"pid {squatter.pid}" in res.stderr, res.stderr
         assert site.our_mounts() == []
         wait_loops_released(site)  # the loop goes with the killed sshd's last reference
         assert site.our_loops() == []
         assert container_sshds() == []
-        with socket.socket(socket.AF_INET6) as probe:  # sshd's [::]:1204 is gone too
-            assert probe.connect_ex(("::1", PORT)) != 0
+        with socket.socket(other[1]) as probe:  # sshd's listener on the other family is gone
+            probe.settimeout(2)
+            assert probe.connect_ex((other[0], PORT)) != 0
     finally:
         squatter.kill()
         squatter.wait()
