@@ -26,7 +26,8 @@ static const char *const required_keys[] = {
 /* Every key config.py knows besides the required ones: tool paths and optional keys. */
 static const char *const other_keys[] = {
     "modprobePath", "insmodPath", "cpPath", "mvPath", "chmodPath", "ddPath",
-    "perNodeCachePath", "perNodeCacheSizeLimit", "perNodeCacheAllowedFsType",
+    "perNodeCachePath", "perNodeCacheSizeLimit", "perNodeCacheTotalSizeLimit",
+    "perNodeCacheAllowedFsType",
     "usersToImport", "sitePreMountHook", "sitePostMountHook", "optUdiImage",
     "allowLocalChroot", "allowLibcPwdCalls", "populateEtcDynamically",
     "mountUdiRootWritable", "maxGroupCount", "mountPropagationStyle", "mkfsXfsPath",

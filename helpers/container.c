@@ -405,6 +405,7 @@ void container_build(struct ctx *c, const char *signature)
         if (fd >= 0)
             close(fd);
     }
+    volmount_check_caches(c);
     if (!c->setup_mode) {
         if (unshare(CLONE_NEWNS) != 0)
             die_errno("Cannot create a private mount namespace");
