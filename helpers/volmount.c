@@ -287,15 +287,28 @@ void volmount_check_caches(const struct ctx *c)
 }
 
 /* ftruncate the cache file to size.  The caller's RLIMIT_FSIZE (ours in run mode) is a
- * limit on the user's own files; this one is root's, and its size the site's limit
- * checked, so it is lifted for the call and put back for the user's command. */
+ * limit on the user's own files; this file is root's and its size the site's limit
+ * checked, so the limit is lifted for the call (the hard one too where root may) and put
+ * back for the user's command.  A hard limit below the size is refused with a message
+ * (exceeding it would kill us with SIGXFSZ). */
 static void size_cache_file(int fd, uint64_t size)
 {
-    struct rlimit saved, none = {RLIM_INFINITY, RLIM_INFINITY};
+    struct rlimit saved, none = {RLIM_INFINITY, RLIM_INFINITY}, soft;
     int rc, e;
 
-    if (getrlimit(RLIMIT_FSIZE, &saved) != 0 || setrlimit(RLIMIT_FSIZE, &none) != 0)
+    if (getrlimit(RLIMIT_FSIZE, &saved) != 0)
+        die_errno("Cannot read the file size limit");
+    soft.rlim_cur = soft.rlim_max = saved.rlim_max;
+    if (setrlimit(RLIMIT_FSIZE, &none) != 0 && setrlimit(RLIMIT_FSIZE, &soft) != 0)
         die_errno("Cannot lift the file size limit for the perNodeCache file");
+    if (getrlimit(RLIMIT_FSIZE, &soft) != 0 ||
+        (soft.rlim_cur != RLIM_INFINITY && soft.rlim_cur < size)) {
+        if (setrlimit(RLIMIT_FSIZE, &saved) != 0)
+            die_errno("Cannot restore the file size limit");
+        die("Cannot create a perNodeCache of %llu bytes: your hard file size limit is %llu "
+            "bytes (ulimit -H -f). Raise it or ask for a smaller cache.",
+            (unsigned long long)size, (unsigned long long)soft.rlim_cur);
+    }
     rc = fchmod(fd, 0600) == 0 && ftruncate(fd, (off_t)size) == 0 ? 0 : -1;
     e = errno;
     if (setrlimit(RLIMIT_FSIZE, &saved) != 0)

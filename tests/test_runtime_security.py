@@ -495,20 +495,26 @@ def test_per_node_cache_backing_file_never_appears(site, image):
     assert list(site.cache_dir.iterdir()) == []
 
 
+# Shell builtins only: the hook reads its own state (dash blocks every signal while it
+# waits for a child, so a cat of /proc/$$ would show the shell waiting, not the hook).
 HOOK_STATE = r"""#!/bin/sh
 out=OUT
-cat /proc/$$/status > $out.status
-cat /proc/$$/limits > $out.limits
-cat /proc/$$/stat > $out.stat
-readlink /proc/$$/fd/0 > $out.stdin
+save() { while IFS= read -r line; do printf '%s\n' "$line"; done < /proc/$$/$1 > $out.$1; }
+save status
+save limits
+save stat
+echo "$(readlink /proc/$$/fd/0)" > $out.stdin
 """
 
-# Alice's launcher wrapper: small limits, signals ignored and blocked, a terminal of hers
-# as the controlling tty and stdin; then the real front end.
+
+# Alice's launcher wrapper: small limits (argv[1]: "soft", or "hard" to lower the hard
+# file size limit too), signals ignored and blocked, a terminal of hers as the
+# controlling tty and stdin; then the real front end.
 HOSTILE_CALLER = r"""
 import fcntl, os, resource, signal, sys, termios
-resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1] if sys.argv[1] == "soft" else 1 << 20
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGHUP})
@@ -517,8 +523,20 @@ os.set_inheritable(master, True)
 os.setsid()
 fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
 os.dup2(slave, 0)
-os.execv(sys.argv[1], sys.argv[1:])
+os.execv(sys.argv[2], sys.argv[2:])
 """
+
+
+def root_may_raise_limits() -> bool:
+    """CAP_SYS_RESOURCE in the bounding set (some nodes, like containers, lack it)."""
+    bnd = next(line for line in Path("/proc/self/status").read_text().splitlines()
+               if line.startswith("CapBnd:"))
+    return bool(int(bnd.split()[1], 16) >> 24 & 1)
+
+
+def hostile_launch(site: RuntimeSite, image: str, limits: str, *args: str):
+    return site.run(ALICE, ["/usr/bin/python3", "-c", HOSTILE_CALLER, limits,
+                            str(site.launcher), f"--image=id:{image}", *args])
 
 
 def test_root_hooks_and_mkfs_do_not_inherit_the_callers_state(site, image):
@@ -530,9 +548,8 @@ def test_root_hooks_and_mkfs_do_not_inherit_the_callers_state(site, image):
     hook.write_text(HOOK_STATE.replace("OUT", str(out)))
     os.chmod(hook, 0o755)
     site.write_conf(sitePreMountHook=str(hook))
-    res = site.run(ALICE, ["/usr/bin/python3", "-c", HOSTILE_CALLER, str(site.launcher),
-                           f"--image=id:{image}", "--volume=/tmp:/cache:perNodeCache=size=64M",
-                           "sh", "-c", "grep -c ' /cache ' /proc/mounts"])
+    res = hostile_launch(site, image, "soft", "--volume=/tmp:/cache:perNodeCache=size=64M",
+                         "sh", "-c", "grep -c ' /cache ' /proc/mounts")
     assert res.returncode == 0 and res.stdout.strip() == "1", res
     status = dict(line.split(":\t", 1) for line in
                   Path(f"{out}.status").read_text().splitlines() if ":\t" in line)
@@ -543,12 +560,43 @@ def test_root_hooks_and_mkfs_do_not_inherit_the_callers_state(site, image):
     assert files.split()[3:5] == ["unlimited", "unlimited"], files
     nofile = next(line for line in limits.splitlines() if line.startswith("Max open files"))
     assert nofile.split()[3:5] == ["1024", "4096"], nofile
+    core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"], core
     stat = Path(f"{out}.stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()
     pid = stat.split()[0]
     assert fields[3] == pid, f"the hook is not the leader of its own session: {stat}"
     assert fields[4] == "0", f"the hook has a controlling terminal: {stat}"
     assert Path(f"{out}.stdin").read_text().strip() == "/dev/null"
+
+
+def test_a_hard_limit_root_cannot_raise_is_named(site, image):
+    """A hard file size limit of 1 MiB: where root may raise it (CAP_SYS_RESOURCE), the
+    hook and the cache work; where it may not, the launch stops with a message that names
+    the limit, before root's program runs, and nothing is left."""
+    out = site.base / "hookstate-hard"
+    Path(f"{out}.limits").unlink(missing_ok=True)
+    hook = site.base / "state-hook-hard.sh"
+    hook.write_text(HOOK_STATE.replace("OUT", str(out)))
+    os.chmod(hook, 0o755)
+    site.write_conf(sitePreMountHook=str(hook))
+    res = hostile_launch(site, image, "hard", "true")
+    if root_may_raise_limits():
+        assert res.returncode == 0, res
+        assert "Max file size" in Path(f"{out}.limits").read_text()
+    else:
+        assert res.returncode == 1, res
+        assert "file size (ulimit -f)" in res.stderr and "ulimit -H" in res.stderr, res.stderr
+        assert not Path(f"{out}.limits").exists(), "the hook ran with the user's limit"
+    site.write_conf()
+    res = hostile_launch(site, image, "hard", "--volume=/tmp:/cache:perNodeCache=size=64M",
+                         "true")
+    if root_may_raise_limits():
+        assert res.returncode == 0, res
+    else:
+        assert res.returncode == 1, res
+        assert "Cannot create a perNodeCache of 67108864 bytes" in res.stderr, res.stderr
+    assert site.our_mounts() == [] and site.our_loops() == []
 
 
 LOCAL_ROOT_FILES = {"etc/passwd": "root:x:0:0:root:/root:/bin/sh\n"}
