@@ -363,8 +363,17 @@ def test_teardown_never_follows_a_symlink_swapped_into_a_nested_volume(site, ima
     fake_parent = site.base / "fakehost" / "home"
     (fake_parent / "inner").mkdir(parents=True, exist_ok=True)
     body = r"""
+subprocess.run(["mount", "--make-rshared", "/"], check=True)  # host-like propagation
 subprocess.run(["mount", "-t", "tmpfs", "fakehome", FAKE + "/inner"], check=True)
 open(FAKE + "/inner/host-file", "w").write("host\n")
+def table():
+    # The system's mounts and this test's; not other tests' under /tmp, whose mounts here
+    # go when they delete their directories.
+    with open("/proc/self/mountinfo") as f:
+        rows = [line.split(" - ")[0].split()[3:6] for line in f]
+    ours = [r for r in rows if not r[1].startswith("/tmp/") or r[1].startswith(BASE + "/")]
+    return sorted(r for r in ours if r[1] not in mounts_under(UDI, LOOP))
+before = table()
 racer_code = (
     "import ctypes, os\n"
     f"sub = {SUB!r}; link = sub + '.link'; target = {FAKE!r}; stop = {STOP!r}\n"
@@ -394,19 +403,23 @@ while time.monotonic() < end and not lost:
 open(STOP, "w").close()
 racer.wait()
 final = as_root([HELPER, "unsetup"])
+after = table()
 print(json.dumps({"runs": runs, "built": built, "lost": lost, "unsetup": final.returncode,
-                  "left": mounts_under(UDI, LOOP)}))
+                  "left": mounts_under(UDI, LOOP), "same": before == after,
+                  "gone": [r for r in before if r not in after],
+                  "new": [r for r in after if r not in before]}))
 """
     stop = site.base / "nest-stop"
     stop.unlink(missing_ok=True)
     out = in_namespace(site, ns_script(
         site, ALICE, body, USER=ALICE, IMAGE=image, FAKE=str(fake_parent),
-        SUB=str(nest / "sub"), STOP=str(stop), UDI=str(site.udi_mount),
+        SUB=str(nest / "sub"), STOP=str(stop), UDI=str(site.udi_mount), BASE=str(site.base),
         LOOP=str(site.loop_mount), VOLUMES=f"{nest}:/data;{inner_src}:/data/sub/inner"))
     stop.unlink(missing_ok=True)
     assert not out["lost"], f"root detached the host mount through alice's symlink: {out}"
     assert out["runs"] >= 10 and out["built"] >= 3, out
     assert out["unsetup"] == 0 and out["left"] == [], out
+    assert out["same"], f"the namespace's mount table changed: {out}"
 
 
 def test_container_proc_keeps_the_hosts_hidepid(site, image):
@@ -447,6 +460,10 @@ def test_per_node_caches_have_a_total_per_launch(site, image):
             res.stderr and "125829120" in res.stderr and "104857600" in res.stderr, res.stderr
         assert "mkfs" not in res.stderr
         assert site.our_mounts() == [] and site.our_loops() == []
+    # The front end refuses on its own, before it would exec any helper.
+    res = site.shifter(ALICE, f"--image=id:{image}", f"--volume={vols}", "true",
+                       env={"SHIFTER_HELPER": "/nonexistent/helper"})
+    assert res.returncode == 1 and "perNodeCacheTotalSizeLimit" in res.stderr, res.stderr
     two = ";".join(f"/tmp:/c{i}:perNodeCache=size=40M" for i in range(2))
     res = site.shifter(ALICE, f"--image=id:{image}", f"--volume={two}", "true")
     assert res.returncode == 0, res.stderr
