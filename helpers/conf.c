@@ -19,13 +19,20 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static const char *const required_keys[] = {
-    "udiMount", "loopMount", "imagePath", "udiRootPath", "etcPath", "rootfsType",
+/*
+ * The key tables: conf.h says what each means.  udiroot/config.py holds the same
+ * tables (REQUIRED, TOOL_PATHS, OPTIONAL, DEPRECATED, MODULE_KEYS) and
+ * tests/test_helper_rules.py compares them through the test driver.
+ */
+const char *const conf_required_keys[] = {
+    "udiMount", "loopMount", "imagePath", "udiRootPath", "etcPath", "rootfsType", NULL,
 };
 
-/* Every key config.py knows besides the required ones: tool paths and optional keys. */
-static const char *const other_keys[] = {
-    "modprobePath", "insmodPath", "cpPath", "mvPath", "chmodPath", "ddPath",
+const char *const conf_tool_keys[] = {
+    "modprobePath", "insmodPath", "cpPath", "mvPath", "chmodPath", "ddPath", NULL,
+};
+
+const char *const conf_optional_keys[] = {
     "perNodeCachePath", "perNodeCacheSizeLimit", "perNodeCacheAllowedFsType",
     "usersToImport", "sitePreMountHook", "sitePostMountHook", "optUdiImage",
     "allowLocalChroot", "allowLibcPwdCalls", "populateEtcDynamically",
@@ -33,19 +40,17 @@ static const char *const other_keys[] = {
     "gatewayTimeout", "siteEnv", "siteEnvAppend", "siteEnvPrepend", "siteEnvUnset",
     "siteResources", "imageGateway", "batchType", "system", "defaultImageType",
     "defaultModules", "gpuLibraries", "gpuBinaries", "gpuBinaryPath", "gpuLdCache",
-    "gpuDeviceDir", "cdiSpecDirs", "allowCdiHooks",
+    "gpuDeviceDir", "cdiSpecDirs", "allowCdiHooks", NULL,
 };
 
-static const char *const deprecated_keys[] = {
-    "autoLoadKernelModule", "kmodBasePath", "kmodCacheFile", "optionalSshdAsRoot",
+const char *const conf_deprecated_keys[] = {
+    "autoLoadKernelModule", "kmodBasePath", "kmodCacheFile", "optionalSshdAsRoot", NULL,
 };
 
-static const char *const module_subkeys[] = {
+const char *const conf_module_subkeys[] = {
     "siteFs", "siteEnv", "siteEnvAppend", "siteEnvPrepend", "siteEnvUnset",
-    "copyPath", "roothook", "userhook", "conflict", "enabled",
+    "copyPath", "roothook", "userhook", "conflict", "enabled", NULL,
 };
-
-#define COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
 /* Always returns -1 so callers can write "return set_err(...)". */
 __attribute__((format(printf, 3, 4))) static int set_err(char *err, size_t errlen,
@@ -81,9 +86,9 @@ static int is_break(unsigned char c)
            c == 0x1e;
 }
 
-static int in_list(const char *key, const char *const *list, size_t n)
+static int in_list(const char *key, const char *const *list)
 {
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; list[i] != NULL; i++)
         if (strcmp(key, list[i]) == 0)
             return 1;
     return 0;
@@ -99,10 +104,10 @@ static int is_module_key(const char *key)
         return 0;
     rest = key + 7;
     rlen = strlen(rest);
-    for (size_t i = 0; i < COUNT(module_subkeys); i++) {
-        size_t slen = strlen(module_subkeys[i]);
+    for (size_t i = 0; conf_module_subkeys[i] != NULL; i++) {
+        size_t slen = strlen(conf_module_subkeys[i]);
         if (rlen > slen + 1 && rest[rlen - slen - 1] == '_' &&
-            strcmp(rest + rlen - slen, module_subkeys[i]) == 0)
+            strcmp(rest + rlen - slen, conf_module_subkeys[i]) == 0)
             return 1;
     }
     return 0;
@@ -113,6 +118,20 @@ const char *conf_get(const struct udiroot_conf *conf, const char *key)
     for (size_t i = 0; i < conf->n_entries; i++)
         if (strcmp(conf->entries[i].key, key) == 0)
             return conf->entries[i].value;
+    return NULL;
+}
+
+const char *module_get(const struct udiroot_conf *conf, const char *name, const char *sub)
+{
+    size_t nlen = strlen(name);
+
+    /* Matched in place rather than built into a buffer: no name is too long to look up. */
+    for (size_t i = 0; i < conf->n_entries; i++) {
+        const char *k = conf->entries[i].key;
+        if (strncmp(k, "module_", 7) == 0 && strncmp(k + 7, name, nlen) == 0 &&
+            k[7 + nlen] == '_' && strcmp(k + 8 + nlen, sub) == 0)
+            return conf->entries[i].value;
+    }
     return NULL;
 }
 
@@ -186,7 +205,7 @@ static int handle_line(struct udiroot_conf *conf, char *line, char *err, size_t 
         end--;
     *end = '\0';
 
-    if (in_list(key, deprecated_keys, COUNT(deprecated_keys))) {
+    if (in_list(key, conf_deprecated_keys)) {
         /* A file full of deprecated keys is odd but harmless: keep the first warnings. */
         if (conf->n_warnings >= CONF_MAX_WARNINGS)
             return 0;
@@ -198,8 +217,8 @@ static int handle_line(struct udiroot_conf *conf, char *line, char *err, size_t 
     if (strcmp(key, "siteFs") == 0)
         return add_string(conf->site_fs, &conf->n_site_fs, CONF_MAX_SITEFS, "siteFs lines",
                           value, err, errlen);
-    if (in_list(key, required_keys, COUNT(required_keys)) ||
-        in_list(key, other_keys, COUNT(other_keys)) || is_module_key(key))
+    if (in_list(key, conf_required_keys) || in_list(key, conf_tool_keys) ||
+        in_list(key, conf_optional_keys) || is_module_key(key))
         return set_value(conf, key, value, err, errlen);
     return set_err(err, errlen, "Couldn't understand key: %s", key);
 }
@@ -286,11 +305,11 @@ int conf_parse_text(const char *text, size_t len, struct udiroot_conf *conf, cha
         conf_free(conf);
         return -1;
     }
-    for (size_t i = 0; i < COUNT(required_keys); i++) {
-        const char *v = conf_get(conf, required_keys[i]);
+    for (size_t i = 0; conf_required_keys[i] != NULL; i++) {
+        const char *v = conf_get(conf, conf_required_keys[i]);
         if (v == NULL || v[0] == '\0') {
             conf_free(conf);
-            return set_err(err, errlen, "required key %s is missing", required_keys[i]);
+            return set_err(err, errlen, "required key %s is missing", conf_required_keys[i]);
         }
     }
     style = conf_get(conf, "mountPropagationStyle");

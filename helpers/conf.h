@@ -33,6 +33,23 @@ struct udiroot_conf {
     size_t n_warnings;
 };
 
+/*
+ * The keys udiRoot.conf may set, each table ending in NULL.  udiroot/config.py
+ * has the same tables; tests/test_helper_rules.py checks that they agree.
+ *   conf_required_keys   must be set and non-empty
+ *   conf_tool_keys       Shifter's external tool paths: accepted and ignored, because
+ *                        this implementation runs none of those tools (a site's
+ *                        existing file names them; a node need not have them)
+ *   conf_optional_keys   every other plain key (siteFs, which accumulates, aside)
+ *   conf_deprecated_keys accepted with an "IGNORING parameter" warning
+ *   conf_module_subkeys  the <sub> of module_<name>_<sub>
+ */
+extern const char *const conf_required_keys[];
+extern const char *const conf_tool_keys[];
+extern const char *const conf_optional_keys[];
+extern const char *const conf_deprecated_keys[];
+extern const char *const conf_module_subkeys[];
+
 /* All functions return 0 on success, -1 with a message in err on failure. */
 
 /* Parse text (len bytes, need not be NUL-terminated); no ownership checks. */
@@ -47,6 +64,9 @@ int conf_load(const char *path, struct udiroot_conf *conf, char *err, size_t err
 
 /* The value of a plain or module key, or NULL. */
 const char *conf_get(const struct udiroot_conf *conf, const char *key);
+
+/* The value of module_<name>_<sub>, or NULL. */
+const char *module_get(const struct udiroot_conf *conf, const char *name, const char *sub);
 
 /* Free everything conf_parse_text allocated; conf is left empty and reusable. */
 void conf_free(struct udiroot_conf *conf);

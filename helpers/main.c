@@ -60,16 +60,6 @@ static void usage(void)
         "       shifter-helper unsetup");
 }
 
-static int valid_image_id(const char *id)
-{
-    size_t n = strlen(id);
-
-    if (n == 0 || n > 128 || strspn(id, ID_CHARS) != n || id[0] == '.' || id[0] == '+' ||
-        id[0] == '-' || strstr(id, "..") != NULL)
-        return 0;
-    return 1;
-}
-
 static void parse_options(int argc, char **argv, int first, int is_run, struct options *o)
 {
     size_t vlen = 0;
@@ -180,12 +170,10 @@ list:
             die("Unknown shifter module: %s", w);
         enabled = module_get(&conf, w, "enabled");
         {
-            static const char *const subs[] = {"siteFs", "siteEnv", "siteEnvAppend",
-                                               "siteEnvPrepend", "siteEnvUnset", "copyPath",
-                                               "roothook", "userhook", "conflict", "enabled"};
+            /* A module exists when udiRoot.conf sets any of its keys. */
             int exists = 0;
-            for (size_t s = 0; s < sizeof subs / sizeof subs[0]; s++)
-                exists |= module_get(&conf, w, subs[s]) != NULL;
+            for (size_t s = 0; conf_module_subkeys[s] != NULL; s++)
+                exists |= module_get(&conf, w, conf_module_subkeys[s]) != NULL;
             if (!exists || (enabled != NULL && (strcmp(enabled, "0") == 0 ||
                                                 strcasecmp(enabled, "false") == 0 ||
                                                 strcasecmp(enabled, "no") == 0)))
@@ -263,7 +251,7 @@ static void common_checks(struct options *o)
 {
     char err[VOL_ERR_LEN];
 
-    if (ctx.image_id != NULL && !valid_image_id(ctx.image_id))
+    if (ctx.image_id != NULL && !meta_valid_image_id(ctx.image_id))
         die("FAILED to find requested image. (invalid image id)");
     if (ctx.local_path != NULL) {
         if (!config_flag(conf_get(&conf, "allowLocalChroot"), 0))
@@ -315,18 +303,6 @@ static void canonical(const char *key, char *out, size_t len)
     free(r);
 }
 
-static void check_tools(void)
-{
-    static const char *const tools[] = {"modprobePath", "insmodPath", "cpPath",
-                                        "mvPath",       "chmodPath",  "ddPath"};
-    for (size_t i = 0; i < sizeof tools / sizeof tools[0]; i++) {
-        const char *p = conf_get(&conf, tools[i]);
-        if (p == NULL || p[0] != '/' || access(p, X_OK) != 0)
-            die("FAILED to parse udiRoot configuration. (%s %s is not an executable)",
-                tools[i], p ? p : "is missing and");
-    }
-}
-
 static void teardown(void)
 {
     sshd_stop(&ctx);
@@ -362,7 +338,7 @@ int main(int argc, char **argv)
         die("FAILED to parse udiRoot configuration. (%s)", err);
     for (size_t i = 0; i < conf.n_warnings; i++)
         warn("%s", conf.warnings[i]);
-    check_tools();
+    /* Shifter's tool paths (conf_tool_keys) are not checked: nothing here runs them. */
     canonical("udiMount", ctx.udi, sizeof ctx.udi);
     canonical("loopMount", ctx.loop, sizeof ctx.loop);
     ctx.conf = &conf;
