@@ -1,21 +1,28 @@
 /*
- * test_conf_volume - drives conf.c and volume.c from the command line so
- * tests/test_helper_rules.py can compare them with the Python rules.
+ * test_conf_volume - drives conf.c, volume.c and meta.c from the command line
+ * so tests/test_helper_rules.py can compare them with the Python rules.
  *
  *   test_conf_volume conf FILE         key=value lines (sorted), then siteFs lines
  *                                      in file order; warnings on stderr
  *   test_conf_volume volume SPEC       signature of a user volume list
  *   test_conf_volume site-volume SPEC  signature of a siteFs volume list
  *   test_conf_volume size TEXT         the size in bytes
+ *   test_conf_volume tables -          "<table> <key>" for each key table of conf.h
+ *   test_conf_volume image-id ID       "valid" or "invalid" (meta_valid_image_id)
+ *   test_conf_volume meta FILE         FORMAT=, USERACL=, GROUPACL= lines (ids
+ *                                      comma-separated) of a .meta file
  *
  * Errors go to stderr and exit 1.  Not installed; the helper proper links the
- * same two files.
+ * same files.
  */
+#define _GNU_SOURCE
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "conf.h"
+#include "meta.h"
 #include "volume.h"
 
 static int compare_entries(const void *a, const void *b)
@@ -77,12 +84,53 @@ static int run_size(const char *text)
     return 0;
 }
 
+static void print_table(const char *name, const char *const *keys)
+{
+    for (size_t i = 0; keys[i] != NULL; i++)
+        printf("%s %s\n", name, keys[i]);
+}
+
+static int run_tables(void)
+{
+    print_table("required", conf_required_keys);
+    print_table("tool", conf_tool_keys);
+    print_table("optional", conf_optional_keys);
+    print_table("deprecated", conf_deprecated_keys);
+    print_table("module", conf_module_subkeys);
+    return 0;
+}
+
+static void print_ids(const char *key, const unsigned long *ids, size_t n)
+{
+    printf("%s=", key);
+    for (size_t i = 0; i < n; i++)
+        printf("%s%lu", i ? "," : "", ids[i]);
+    printf("\n");
+}
+
+static int run_meta(const char *path)
+{
+    static struct image_meta meta; /* large: keep it off the stack */
+    static char err[8192];
+
+    if (meta_load_at(AT_FDCWD, path, &meta, err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    printf("FORMAT=%s\n", meta.format);
+    print_ids("USERACL", meta.user_acl, meta.n_user_acl);
+    print_ids("GROUPACL", meta.group_acl, meta.n_group_acl);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     int rc;
 
     if (argc != 3) {
-        fprintf(stderr, "usage: %s conf FILE | volume SPEC | site-volume SPEC | size TEXT\n",
+        fprintf(stderr,
+                "usage: %s conf FILE | volume SPEC | site-volume SPEC | size TEXT | tables - "
+                "| image-id ID | meta FILE\n",
                 argv[0]);
         return 2;
     }
@@ -94,6 +142,13 @@ int main(int argc, char **argv)
         rc = run_volume(argv[2], 1);
     else if (strcmp(argv[1], "size") == 0)
         rc = run_size(argv[2]);
+    else if (strcmp(argv[1], "tables") == 0)
+        rc = run_tables();
+    else if (strcmp(argv[1], "image-id") == 0) {
+        printf("%s\n", meta_valid_image_id(argv[2]) ? "valid" : "invalid");
+        rc = 0;
+    } else if (strcmp(argv[1], "meta") == 0)
+        rc = run_meta(argv[2]);
     else {
         fprintf(stderr, "unknown mode %s\n", argv[1]);
         return 2;
