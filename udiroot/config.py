@@ -18,9 +18,13 @@ import sys
 
 DEFAULT_PATH = "/etc/shifter/udiRoot.conf"
 
+# The key tables. helpers/conf.c has the same ones (conf_required_keys, conf_tool_keys,
+# conf_optional_keys, conf_deprecated_keys, conf_module_subkeys), in the same order;
+# tests/test_helper_rules.py compares them.
 REQUIRED = ("udiMount", "loopMount", "imagePath", "udiRootPath", "etcPath", "rootfsType")
-# Shifter's external tool paths: read and kept, but this implementation needs none of
-# them, so a site file naming a tool a node lacks does not stop the runtime.
+# Shifter's external tool paths: read and kept, but this implementation runs none of
+# those tools (nor does the helper), so none is required and a site file naming a tool
+# a node lacks does not stop the runtime.
 TOOL_PATHS = ("modprobePath", "insmodPath", "cpPath", "mvPath", "chmodPath", "ddPath")
 OPTIONAL = (
     "perNodeCachePath",
