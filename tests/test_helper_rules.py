@@ -347,6 +347,12 @@ CONF_TEXTS = {
     "lone_backslash": BASE + "siteFs=/a:/a\\\n\\\n/b:/b\n",
     "no_final_newline": BASE + "system=x",
     "utf8_value": BASE + "system=clusté\n",
+    # Only ASCII blanks and breaks count (Python's str.strip()/splitlines() also take
+    # NBSP, U+3000, U+0085, U+2028...; the helper reads bytes).
+    "unicode_blanks": BASE + "system=\u00a0x\u3000\n",
+    "unicode_blank_key": BASE + "\u00a0system=x\n",
+    "unicode_breaks": BASE + "system=x\u2028batchType=y\x85z\u2029w\n",
+    "unicode_blank_continued": BASE + "siteFs=/a:/a;\\\u00a0\n/b:/b\n",
     "style_private": BASE + "mountPropagationStyle=private\n",
     "style_bad": BASE + "mountPropagationStyle=shared\n",
     "style_empty": BASE + "mountPropagationStyle=\n",

@@ -75,6 +75,12 @@ MODULE_KEYS = (
     "enabled",
 )
 _KNOWN = frozenset(REQUIRED + TOOL_PATHS + OPTIONAL + ACCUMULATING)
+# What the helper (reading bytes) takes for blanks and line breaks: the ASCII ones that
+# str.strip() and str.splitlines() know. Theirs also include NBSP, U+3000, U+0085,
+# U+2028...: a value ending in NBSP must mean the same path to both readers.
+_BLANKS = " \t\n\v\f\r\x1c\x1d\x1e\x1f"
+_BREAKS = "\n\r\v\f\x1c\x1d\x1e"
+_OTHER_BREAKS = ("\x85", "\u2028", "\u2029")
 
 
 class ConfigError(Exception):
@@ -186,7 +192,7 @@ def parse_text(text: str, path: str = DEFAULT_PATH) -> UdiRootConfig:
     for line in _logical_lines(text):
         if line.startswith("#") or "=" not in line:
             continue
-        key, value = (part.strip() for part in line.split("=", 1))
+        key, value = (part.strip(_BLANKS) for part in line.split("=", 1))
         if key in DEPRECATED:
             warnings.append(f"IGNORING parameter {key}, deprecated.")
         elif key in ACCUMULATING:
@@ -220,16 +226,34 @@ def _logical_lines(text: str) -> list[str]:
     """Physical lines with trailing-backslash continuations joined by one space."""
     out: list[str] = []
     pending = ""
-    for raw in text.splitlines():
-        line = raw.rstrip("\r")
-        if line.rstrip().endswith("\\"):
-            pending += line.rstrip()[:-1].rstrip() + " "
+    for line in _split_lines(text):
+        if line.rstrip(_BLANKS).endswith("\\"):
+            pending += line.rstrip(_BLANKS)[:-1].rstrip(_BLANKS) + " "
             continue
-        out.append(pending + line.lstrip() if pending else line)
+        out.append(pending + line.lstrip(_BLANKS) if pending else line)
         pending = ""
     if pending:
-        out.append(pending.rstrip())
+        out.append(pending.rstrip(_BLANKS))
     return out
+
+
+def _split_lines(text: str) -> list[str]:
+    """``str.splitlines()`` with only the ASCII breaks (``\\r\\n`` is one break)."""
+    if not any(c in text for c in _OTHER_BREAKS):
+        return text.splitlines()  # the common case, and fast
+    lines: list[str] = []
+    start = i = 0
+    n = len(text)
+    while i < n:
+        if text[i] in _BREAKS:
+            lines.append(text[start:i])
+            i += 2 if text[i] == "\r" and text[i + 1 : i + 2] == "\n" else 1
+            start = i
+        else:
+            i += 1
+    if start < n:
+        lines.append(text[start:])
+    return lines
 
 
 _S_IFMT, _S_IFREG = 0o170000, 0o100000
