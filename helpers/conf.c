@@ -135,6 +135,112 @@ const char *module_get(const struct udiroot_conf *conf, const char *name, const 
     return NULL;
 }
 
+/* ---- module selection (udiroot/modules.py select_modules is the same rule) ---- */
+
+#define MODULE_NAME_CHARS "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.+-"
+
+static int is_tab_space(char c)
+{
+    return c == ' ' || c == '\t';
+}
+
+/* word is one of the space/tab-separated words of list. */
+static int in_words(const char *word, const char *list)
+{
+    size_t wl = strlen(word);
+
+    while (*list) {
+        size_t n;
+        while (is_tab_space(*list))
+            list++;
+        n = strcspn(list, " \t");
+        if (n == wl && n > 0 && strncmp(list, word, n) == 0)
+            return 1;
+        list += n;
+    }
+    return 0;
+}
+
+/* "none" alone (any case), blanks around it allowed. */
+static int is_none(const char *t)
+{
+    while (is_tab_space(*t))
+        t++;
+    if (strncasecmp(t, "none", 4) != 0)
+        return 0;
+    for (t += 4; *t; t++)
+        if (!is_tab_space(*t))
+            return 0;
+    return 1;
+}
+
+/* A module exists when udiRoot.conf sets any of its keys; enabled=0/false/no hides it. */
+static int module_usable(const struct udiroot_conf *conf, const char *name)
+{
+    const char *enabled = module_get(conf, name, "enabled");
+    int exists = 0;
+
+    for (size_t s = 0; conf_module_subkeys[s] != NULL; s++)
+        exists |= module_get(conf, name, conf_module_subkeys[s]) != NULL;
+    return exists && (enabled == NULL || (strcmp(enabled, "0") != 0 &&
+                                          strcasecmp(enabled, "false") != 0 &&
+                                          strcasecmp(enabled, "no") != 0));
+}
+
+/* Check one trimmed, not yet listed name against conf and the modules before it. */
+static int add_module(const struct udiroot_conf *conf, struct conf_modules *out, const char *w,
+                      char *err, size_t errlen)
+{
+    const char *mine;
+
+    if (strlen(w) > CONF_MAX_MODULE_NAME || strspn(w, MODULE_NAME_CHARS) != strlen(w) ||
+        !module_usable(conf, w))
+        return set_err(err, errlen, "Unknown shifter module: %s", w);
+    mine = module_get(conf, w, "conflict");
+    for (size_t k = 0; k < out->n; k++) {
+        const char *theirs = module_get(conf, out->names[k], "conflict");
+        if ((mine && in_words(out->names[k], mine)) || (theirs && in_words(w, theirs)))
+            return set_err(err, errlen, "ERROR: cannot load conflicting modules %s and %s", w,
+                           out->names[k]);
+    }
+    if (out->n >= CONF_MAX_MODULES)
+        return set_err(err, errlen, "more than %d modules requested", CONF_MAX_MODULES);
+    out->names[out->n++] = w;
+    return 0;
+}
+
+int conf_select_modules(const struct udiroot_conf *conf, const char *text,
+                        struct conf_modules *out, char *err, size_t errlen)
+{
+    size_t n = strlen(text);
+    char *save = NULL;
+
+    out->n = 0;
+    if (n >= sizeof out->buf)
+        return set_err(err, errlen, "module list longer than %zu bytes", sizeof out->buf - 1);
+    memcpy(out->buf, text, n + 1);
+    if (is_none(out->buf))
+        return 0;
+    for (char *w = strtok_r(out->buf, ",", &save); w != NULL; w = strtok_r(NULL, ",", &save)) {
+        char *e;
+        size_t k;
+
+        while (is_tab_space(*w))
+            w++;
+        e = w + strlen(w);
+        while (e > w && is_tab_space(e[-1]))
+            e--;
+        *e = '\0';
+        for (k = 0; k < out->n && strcmp(out->names[k], w) != 0; k++)
+            ;
+        if (*w == '\0' || k < out->n) /* empty, or listed already: order is the first's */
+            continue;
+        if (add_module(conf, out, w, err, errlen) != 0)
+            return -1;
+    }
+    return 0;
+}
+
 /* Later lines override earlier ones, as in a Python dict. */
 static int set_value(struct udiroot_conf *conf, const char *key, const char *value, char *err,
                      size_t errlen)

@@ -38,7 +38,6 @@
 #define MAX_ENV_BYTES (4 * 1024 * 1024)
 #define MAX_ENV_RECORDS 65536
 #define MAX_ARG 65536 /* bytes in one option value */
-#define ID_CHARS "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.+-"
 
 static struct udiroot_conf conf;
 static struct ctx ctx;
@@ -131,65 +130,17 @@ static void parse_options(int argc, char **argv, int first, int is_run, struct o
         die("shifter-helper: no command given (run ... -- CMD [ARG...])");
 }
 
-/* Module list: "none"/empty = none; names trimmed, repeats ignored; each must exist, be
- * enabled and not conflict with an earlier one. */
+/* The module list (conf_select_modules says the rules); names stay valid for good. */
 static void select_modules(const char *text)
 {
-    static char buf[MAX_MODULES * (MAX_MODULE_NAME + 1) + 64];
-    char *save = NULL, *t;
-    size_t n = strlen(text);
+    static struct conf_modules mods;
+    static char err[CONF_ERR_LEN];
 
-    if (n >= sizeof buf)
-        die("shifter-helper: module list too long");
-    memcpy(buf, text, n + 1);
-    t = buf + strspn(buf, " \t");
-    if (strcasecmp(t, "none") == 0 || strncasecmp(t, "none ", 5) == 0) {
-        for (char *p = t + 4; *p; p++)
-            if (*p != ' ' && *p != '\t')
-                goto list;
-        return;
-    }
-list:
-    for (char *w = strtok_r(buf, ",", &save); w != NULL; w = strtok_r(NULL, ",", &save)) {
-        char *e;
-        const char *enabled, *mine;
-        size_t k;
-
-        w += strspn(w, " \t");
-        e = w + strlen(w);
-        while (e > w && (e[-1] == ' ' || e[-1] == '\t'))
-            e--;
-        *e = '\0';
-        if (*w == '\0')
-            continue;
-        for (k = 0; k < ctx.n_modules && strcmp(ctx.modules[k], w) != 0; k++)
-            ;
-        if (k < ctx.n_modules)
-            continue;
-        if (strlen(w) > MAX_MODULE_NAME || strspn(w, ID_CHARS) != strlen(w))
-            die("Unknown shifter module: %s", w);
-        enabled = module_get(&conf, w, "enabled");
-        {
-            /* A module exists when udiRoot.conf sets any of its keys. */
-            int exists = 0;
-            for (size_t s = 0; conf_module_subkeys[s] != NULL; s++)
-                exists |= module_get(&conf, w, conf_module_subkeys[s]) != NULL;
-            if (!exists || (enabled != NULL && (strcmp(enabled, "0") == 0 ||
-                                                strcasecmp(enabled, "false") == 0 ||
-                                                strcasecmp(enabled, "no") == 0)))
-                die("Unknown shifter module: %s", w);
-        }
-        mine = module_get(&conf, w, "conflict");
-        for (k = 0; k < ctx.n_modules; k++) {
-            const char *theirs = module_get(&conf, ctx.modules[k], "conflict");
-            if ((mine && str_in_words(ctx.modules[k], mine)) ||
-                (theirs && str_in_words(w, theirs)))
-                die("ERROR: cannot load conflicting modules %s and %s", w, ctx.modules[k]);
-        }
-        if (ctx.n_modules >= MAX_MODULES)
-            die("shifter-helper: more than %d modules", MAX_MODULES);
-        ctx.modules[ctx.n_modules++] = w;
-    }
+    if (conf_select_modules(&conf, text, &mods, err, sizeof err) != 0)
+        die("%s", err);
+    for (size_t i = 0; i < mods.n; i++)
+        ctx.modules[i] = mods.names[i];
+    ctx.n_modules = mods.n;
 }
 
 /* The command's environment from --env-fd: NUL-terminated NAME=VALUE records. */

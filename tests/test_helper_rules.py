@@ -698,3 +698,117 @@ def test_random_meta_texts_agree(driver, tmp_path):
         accepted += c[0]
     # The generator must reach both sides of the rules, or the comparison proves little.
     assert 30 < accepted < 170, accepted
+
+
+# --- module lists and flags -----------------------------------------------------------
+
+MODULE_CONF = BASE + "".join(
+    [
+        "module_demo_siteEnv=DEMO=1\n",
+        "module_other_siteEnv=OTHER=1\n",
+        "module_other_conflict=demo\n",
+        "module_tabbed_conflict=x\tdemo\n",
+        "module_vt_conflict=x\vdemo\n",
+        "module_off_enabled=0\n",
+        "module_offF_enabled=FALSE\n",
+        "module_offNo_enabled=No\n",
+        "module_offSpaced_enabled=no \\\n\n",
+        "module_on_enabled=yes\n",
+        "module_empty_enabled=\n",
+        "module_nbsp_enabled=0\u00a0\n",
+        "module_my@mod_siteEnv=1\n",
+        "module_none_siteEnv=1\n",
+        f"module_{'a' * 64}_siteEnv=1\n",
+        f"module_{'b' * 65}_siteEnv=1\n",
+        "module_\u00e9t\u00e9_siteEnv=1\n",
+    ]
+    + [f"module_m{i}_siteEnv=1\n" for i in range(33)]
+)
+MODULE_LISTS = [
+    "",
+    "none",
+    "NONE",
+    " none \t",
+    "none\n",
+    "none,demo",
+    "none ,",
+    "demo",
+    "demo,other",
+    "other,demo",
+    "demo,demo",
+    " demo ,\tother",
+    "demo,tabbed",
+    "demo,vt",
+    "demo\n",
+    "demo\u00a0",
+    ",,,",
+    " , ,",
+    "off",
+    "offF",
+    "offNo",
+    "offSpaced",
+    "on",
+    "empty",
+    "nbsp",
+    "my@mod",
+    "a" * 64,
+    "b" * 65,
+    "\u00e9t\u00e9",
+    "nosuch",
+    "Demo",
+    ",".join(f"m{i}" for i in range(32)),
+    ",".join(f"m{i}" for i in range(33)),
+    ",".join(f"m{i}" for i in range(32)) + ",m0,demo",
+    " " * 3000 + "demo",
+]
+
+
+def test_module_lists_agree(driver, tmp_path):
+    """The modules a --module list selects (the front end's select_modules, and the
+    helper's, which re-checks the list it is handed): same names or same message."""
+    from udiroot.modules import ModuleError, select_modules
+
+    path = write_conf(tmp_path, "udiRoot.conf", MODULE_CONF)
+    cfg = load(str(path))
+
+    def py(text: str) -> tuple[bool, str]:
+        try:
+            return True, "".join(m.name + "\n" for m in select_modules(cfg, text))
+        except ModuleError as exc:
+            return False, str(exc)
+
+    def c(text: str) -> tuple[bool, str]:
+        # Not run_c: a name with a newline is echoed in the message, on both sides.
+        proc = subprocess.run([str(driver), "modules", str(path), text], capture_output=True,
+                              env=SAN_ENV, timeout=60)
+        out = proc.stdout.decode("utf-8", "surrogateescape")
+        err = proc.stderr.decode("utf-8", "surrogateescape")
+        assert "Sanitizer" not in err and "runtime error" not in err, err
+        assert proc.returncode in (0, 1), (text, proc.returncode, err)
+        return (True, out) if proc.returncode == 0 else (False, err[:-1])
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 4) as pool:
+        c_results = list(pool.map(c, MODULE_LISTS))
+    assert [(t, py(t)) for t in MODULE_LISTS] == list(zip(MODULE_LISTS, c_results, strict=True))
+
+
+FLAG_VALUES = ["", " ", "1", "0", "true", "TRUE", "True", "yes", "YES", "on", "On", "off",
+               "no", "false", "2", "1 x", "1 # enabled", "yes\t", " on", "truexxxx", "yes!",
+               "1\u00a0", "\u00a0yes", "y", "t", "enabled"]
+
+
+def test_config_flags_agree(driver):
+    """allowLocalChroot, allowLibcPwdCalls, mountUdiRootWritable... mean the same to both
+    (default 0 and default 1)."""
+    from udiroot.config import UdiRootConfig
+
+    def py(value: str) -> str:
+        cfg = UdiRootConfig({"k": value}, [], {})
+        return f"{int(cfg.flag('k', False))}{int(cfg.flag('k', True))}\n"
+
+    def c(value: str) -> str:
+        ok, out, _ = run_c(driver, "flag", value)
+        assert ok
+        return out
+
+    assert [(v, py(v)) for v in FLAG_VALUES] == [(v, c(v)) for v in FLAG_VALUES]

@@ -109,8 +109,9 @@ class Module:
 
     @property
     def enabled(self) -> bool:
-        # As the helper reads it: 0, false or no, in any case, disable the module.
-        return self.values.get("enabled", "1").strip().lower() not in ("0", "false", "no")
+        # As the helper reads it: exactly 0, false or no (ASCII, any case) disables.
+        value = self.values.get("enabled", "1")
+        return not (value.isascii() and value.lower() in ("0", "false", "no"))
 
 
 class UdiRootConfig:
@@ -147,10 +148,12 @@ class UdiRootConfig:
         return self.values.get(key, default)
 
     def flag(self, key: str, default: bool = False) -> bool:
-        value = self.values.get(key)
-        if value is None or value == "":
+        """1, true, yes or on (ASCII, any case; the whole value) is true; empty or unset
+        is ``default``; anything else is false. ``config_flag`` in the helper is the same."""
+        value = (self.values.get(key) or "").strip(" \t")
+        if value == "":
             return default
-        return value.strip().lower() in ("1", "true", "yes", "on")
+        return value.isascii() and value.lower() in ("1", "true", "yes", "on")
 
     def number(self, key: str, default: int = 0) -> int:
         value = self.values.get(key)
