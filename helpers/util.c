@@ -343,8 +343,9 @@ int child_reset_state(const char *prog)
     for (size_t i = 0; i < sizeof child_limits / sizeof child_limits[0]; i++)
         if (set_child_limit(i, prog) != 0)
             return -1;
-    /* The caller's nice value must not slow root's work. */
-    if (setpriority(PRIO_PROCESS, 0, 0) != 0)
+    /* The caller's nice value must not slow root's work; where root may not lower it
+     * (no CAP_SYS_NICE) the work is only slower, so that is no reason to stop. */
+    if (setpriority(PRIO_PROCESS, 0, 0) != 0 && errno != EACCES && errno != EPERM)
         return -1;
     return 0;
 }
