@@ -144,17 +144,16 @@ int sshd_check_key(const char *key, char *err, size_t len)
 
 int sshd_check_host_key(const char *pem, const char *pub, char *err, size_t len)
 {
-    size_t n = strlen(pem), body;
+    size_t n = strlen(pem), head = strlen(PEM_BEGIN), tail = strlen(PEM_END);
 
     if (sshd_check_key(pub, err, len) != 0)
         return -1;
-    body = n - (n >= strlen(PEM_BEGIN) + strlen(PEM_END) ? strlen(PEM_END) : 0);
     /* What ssh-keygen writes: the two marker lines around lines of base64. Nothing is
      * parsed as root beyond that; sshd (the user's) reads the key. */
-    if (n > MAX_KEY || n < strlen(PEM_BEGIN) + strlen(PEM_END) + 4 ||
-        strncmp(pem, PEM_BEGIN, strlen(PEM_BEGIN)) != 0 || strcmp(pem + body, PEM_END) != 0 ||
-        strspn(pem + strlen(PEM_BEGIN), "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-                                        "0123456789+/=\n") != body - strlen(PEM_BEGIN)) {
+    if (n > MAX_KEY || n < head + tail + 4 || strncmp(pem, PEM_BEGIN, head) != 0 ||
+        strcmp(pem + n - tail, PEM_END) != 0 || pem[n - tail - 1] != '\n' ||
+        strspn(pem + head, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                           "0123456789+/=\n") != n - head - tail) {
         snprintf(err, len, "Invalid job ssh host key: expected an OpenSSH private key file "
                  "(at most %d bytes)", MAX_KEY);
         return -1;

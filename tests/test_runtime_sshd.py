@@ -25,7 +25,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from world.runtime import RuntimeSite, busybox_tree, compile_static, mksquashfs, reachable_temp_dir
+from world.runtime import (
+    HELPER,
+    RuntimeSite,
+    busybox_tree,
+    compile_static,
+    mksquashfs,
+    reachable_temp_dir,
+)
 
 ALICE = "shifter-alice"
 BOB = "shifter-bob"
@@ -667,4 +674,49 @@ def test_a_bad_job_host_key_is_refused_with_a_clear_message(site, image, keys):
                              env={"SHIFTER_SSH_HOSTKEY": bad})
         assert res.returncode == 1, bad
         assert "SHIFTER_SSH_HOSTKEY" in res.stderr, (bad, res.stderr)
+        assert site.our_mounts() == [] and not port_open()
+
+
+def test_the_helper_checks_the_job_host_key_it_is_given(site, image, keys, tmp_path):
+    """The helper's own checks of --ssh-hostkey-fd/--ssh-host-pubkey (setupRoot checks
+    first; the helper trusts no front end): each refusal names the problem, builds nothing."""
+    host_key = tmp_path / "key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)],
+                   check=True, stdin=subprocess.DEVNULL)
+    good, public = host_key.read_bytes(), host_key.with_name("key.pub").read_text().strip()
+    pw = pwd.getpwnam(ALICE)
+    base = [str(HELPER), "setup", "--user", ALICE, "--uid", str(pw.pw_uid), "--gid",
+            str(pw.pw_gid), "--image-id", image, "--modules", "none",
+            "--ssh-pubkey", keys["alice"][1]]
+    cases = [
+        (good.replace(b"-----END", b"ju!k\n-----END"), public, "Invalid job ssh host key"),
+        (good.replace(b"\n-----END", b"-----END"), public, "Invalid job ssh host key"),
+        (b"ssh-ed25519 AAAA\n", public, "Invalid job ssh host key"),
+        (good, "ssh-ed25519 AAAA", "Invalid ssh public key"),
+        (good, None, "--ssh-hostkey-fd and --ssh-host-pubkey go together"),
+        (None, public, "--ssh-hostkey-fd and --ssh-host-pubkey go together"),
+        (b"pipe", public, "must be a regular file (memfd)"),
+    ]
+    for content, pub, message in cases:
+        argv, fds = list(base), []
+        if content == b"pipe":
+            r, w = os.pipe()
+            os.write(w, good)
+            os.close(w)
+            fds.append(r)
+        elif content is not None:
+            fds.append(os.memfd_create("key", 0))
+            os.write(fds[0], content)
+        if fds:
+            argv += ["--ssh-hostkey-fd", str(fds[0])]
+        if pub is not None:
+            argv += ["--ssh-host-pubkey", pub]
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                                 env=site.user_env("root"), pass_fds=fds,
+                                 stdin=subprocess.DEVNULL)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        assert res.returncode == 1 and message in res.stderr, (message, res.stderr)
         assert site.our_mounts() == [] and not port_open()
