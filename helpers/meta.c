@@ -138,13 +138,13 @@ void meta_read(int image_dir, const char *id, struct image_meta *meta)
     snprintf(name, sizeof name, "%s.meta", id);
     if (read_small_file_at(image_dir, name, 0, &text, &len) != 0) {
         if (errno == ENOENT)
-            die("FAILED to find requested image.");
-        die("FAILED to find requested image. (%s: %s)", name, strerror(errno));
+            die_user("FAILED to find requested image.");
+        die_user("FAILED to find requested image. (%s: %s)", name, strerror(errno));
     }
     if (memchr(text, '\0', len) != NULL)
-        die("FAILED to find requested image. (%s: contains a NUL byte)", name);
+        die_user("FAILED to find requested image. (%s: contains a NUL byte)", name);
     if (meta_parse(text, meta, err, sizeof err) != 0)
-        die("%s", err);
+        die_user("%s", err);
     free(text);
 }
 

@@ -15,15 +15,24 @@
  *   job_script (slurmd's prolog, epilog; root):
  *     prolog: for an exclusive job with SPANK_SHIFTER_IMAGE set, run
  *         setupRoot -U uid -G gid -u user -N "host/cpus …" [-v vol] [-m mods] [-s key] -- type id
- *     and then extern_setup if configured; on failure the message goes to slurmd's log,
- *     to the job's Comment and (batch jobs) to the job's error/output file, and the
- *     prolog fails (Slurm then drains the node and requeues the job held).
- *     epilog: unsetupRoot.
+ *     and then extern_setup if configured. setupRoot's exit status says whose fault a
+ *     failure is. 2, the user's (an image they may not use, a volume source that is
+ *     gone): the message goes to slurmd's log, the job's Comment and a root-only record
+ *     <state_dir>/<job id>, and the prolog succeeds, so the node stays in service; the
+ *     job's steps then fail (task_init_privileged, below). Anything else is the node's:
+ *     the message goes to slurmd's log, the Comment and (batch jobs) the job's
+ *     error/output file if it is a regular file, and the prolog fails (Slurm drains the
+ *     node and requeues the job held).
+ *     epilog: unsetupRoot; the record is removed.
+ *   remote (slurmstepd), task_init_privileged: a task of a job with such a record
+ *     prints it on its stderr (the job's output file, srun's stderr) and fails, so the
+ *     job ends FAILED with the reason where the user looks.
  *   local, at exit: an srun/salloc that made its own allocation and saw it fail prints
  *     the job's Comment when the prolog put a Shifter message there.
  *
  * plugstack.conf arguments: shifter_config= enable_sshd=0|1 enable_ccm=0|1 extern_setup=
- * extern_cgroup=0|1 memory_cgroup= setuproot= unsetuproot= spank_tool= (README, "Slurm").
+ * extern_cgroup=0|1 memory_cgroup= setuproot= unsetuproot= spank_tool= state_dir=
+ * (README, "Slurm").
  */
 
 #define _GNU_SOURCE
@@ -38,6 +47,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -54,6 +64,8 @@ SPANK_PLUGIN(shifter, 1);
 
 #define OUT_MAX 16384 /* bytes kept of a child's output */
 #define MSG_MAX 2048  /* bytes of a failure message put in the job's Comment */
+#define USER_ERROR 2  /* setupRoot: the user's request cannot be served (not the node's fault) */
+#define JOB_FILE_SECONDS 10 /* at most this long writing the failure note to the job's file */
 
 extern char **environ;
 
@@ -66,6 +78,7 @@ static struct {
     char setuproot[PATH_MAX];
     char unsetuproot[PATH_MAX];
     char spank_tool[PATH_MAX];
+    char state_dir[PATH_MAX]; /* root-only records of refused jobs */
     int enable_sshd;
     int enable_ccm;
     int extern_cgroup;
@@ -103,6 +116,7 @@ static int parse_config(int ac, char **av)
     strcpy(cfg.setuproot, SHIFTER_PREFIX "/bin/setupRoot");
     strcpy(cfg.unsetuproot, SHIFTER_PREFIX "/bin/unsetupRoot");
     strcpy(cfg.spank_tool, SHIFTER_PREFIX "/libexec/shifter/shifter-spank");
+    strcpy(cfg.state_dir, "/run/shifter");
     for (i = 0; i < ac; i++) {
         const char *eq = strchr(av[i], '=');
         size_t klen = eq ? (size_t)(eq - av[i]) : 0;
@@ -124,6 +138,8 @@ static int parse_config(int ac, char **av)
             rc = set_path(cfg.unsetuproot, "unsetuproot", value);
         else if (KEY("spank_tool"))
             rc = set_path(cfg.spank_tool, "spank_tool", value);
+        else if (KEY("state_dir"))
+            rc = set_path(cfg.state_dir, "state_dir", value);
         else if (KEY("enable_sshd"))
             rc = set_flag(&cfg.enable_sshd, "enable_sshd", value);
         else if (KEY("enable_ccm"))
@@ -133,7 +149,7 @@ static int parse_config(int ac, char **av)
         else {
             slurm_error("shifter: plugstack.conf: unknown argument '%s' (known: shifter_config= "
                         "enable_sshd= enable_ccm= extern_setup= extern_cgroup= memory_cgroup= "
-                        "setuproot= unsetuproot= spank_tool=)", av[i]);
+                        "setuproot= unsetuproot= spank_tool= state_dir=)", av[i]);
             return -1;
         }
 #undef KEY
@@ -584,6 +600,56 @@ static void one_line(char *dst, const char *src)
     dst[n] = '\0';
 }
 
+/* The child of tell_job_file(): as the job's user, append text to path if it is a regular
+ * file. O_NONBLOCK and the fstat on the fd: a FIFO (or a device) named as the output file
+ * is skipped instead of blocking the prolog; the alarm bounds a write to a slow file. */
+static void write_job_file(const job_info_t *job, uid_t uid, gid_t gid, const char *path,
+                           const char *text)
+{
+    sigset_t none;
+    struct stat st;
+    int fd;
+
+    sigemptyset(&none);
+    if (sigprocmask(SIG_SETMASK, &none, NULL) != 0 || signal(SIGALRM, SIG_DFL) == SIG_ERR)
+        _exit(1);
+    alarm(JOB_FILE_SECONDS);
+    if (setgroups(1, &gid) != 0 || setresgid(gid, gid, gid) != 0 || setresuid(uid, uid, uid) != 0)
+        _exit(1);
+    if (path[0] != '/' && (job->work_dir == NULL || chdir(job->work_dir) != 0))
+        _exit(2);
+    fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC,
+              0644);
+    if (fd < 0)
+        _exit(3);
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+        _exit(4);
+    if (write(fd, text, strlen(text)) != (ssize_t)strlen(text))
+        _exit(5);
+    _exit(close(fd) == 0 ? 0 : 6);
+}
+
+/* Wait for pid at most seconds; then kill it. Returns its status, or -1 (timed out). */
+static int wait_bounded(pid_t pid, int seconds)
+{
+    struct timespec tick = {0, 50 * 1000 * 1000};
+    int status, i;
+
+    for (i = 0; i < seconds * 20; i++) {
+        pid_t r = waitpid(pid, &status, WNOHANG);
+
+        if (r == pid)
+            return status;
+        if (r < 0 && errno != EINTR)
+            return -1;
+        nanosleep(&tick, NULL);
+    }
+    kill(pid, SIGKILL);
+    if (waitpid(pid, &status, WNOHANG) == pid)
+        return status;
+    return -1; /* stuck in the kernel: left to be reaped when slurmstepd exits */
+}
+
 /* Append the message to the batch job's error file (its output file unless -e was
  * given), as the job's user: a prolog failure otherwise leaves the user nothing. */
 static void tell_job_file(job_info_t *job, uid_t uid, gid_t gid, const char *text)
@@ -602,49 +668,154 @@ static void tell_job_file(job_info_t *job, uid_t uid, gid_t gid, const char *tex
         slurm_error("shifter: cannot fork to write %s: %s", path, strerror(errno));
         return;
     }
-    if (pid == 0) {
-        int fd;
-
-        if (setgroups(1, &gid) != 0 || setresgid(gid, gid, gid) != 0 ||
-            setresuid(uid, uid, uid) != 0)
-            _exit(1);
-        if (path[0] != '/' && (job->work_dir == NULL || chdir(job->work_dir) != 0))
-            _exit(2);
-        fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
-        if (fd < 0)
-            _exit(3);
-        if (write(fd, text, strlen(text)) != (ssize_t)strlen(text))
-            _exit(4);
-        _exit(close(fd) == 0 ? 0 : 5);
-    }
-    while (waitpid(pid, &status, 0) < 0)
-        if (errno != EINTR)
-            return;
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        slurm_error("shifter: could not write the failure to %s as uid %u", path, (unsigned)uid);
+    if (pid == 0)
+        write_job_file(job, uid, gid, path, text);
+    status = wait_bounded(pid, JOB_FILE_SECONDS + 1);
+    if (status < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        slurm_error("shifter: could not write the failure to %s as uid %u (%s)", path,
+                    (unsigned)uid,
+                    status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 4
+                        ? "not a regular file"
+                        : "cannot open or write it in time");
 }
 
+/* -- refused jobs: <state_dir>/<job id>, root's ---------------------------------------- */
+
+/* The state directory, made root-only if missing; refused unless it is a real directory
+ * of root's that nobody else can write. -1 when it cannot be used (logged). */
+static int open_state_dir(int create)
+{
+    struct stat st;
+    int fd;
+
+    if (create && mkdir(cfg.state_dir, 0700) != 0 && errno != EEXIST) {
+        slurm_error("shifter: cannot make %s: %s", cfg.state_dir, strerror(errno));
+        return -1;
+    }
+    fd = open(cfg.state_dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        if (create || errno != ENOENT)
+            slurm_error("shifter: cannot open %s: %s", cfg.state_dir, strerror(errno));
+        return -1;
+    }
+    if (fstat(fd, &st) != 0 || st.st_uid != 0 || (st.st_mode & 022) != 0) {
+        slurm_error("shifter: %s must be a directory of root's that only root can write",
+                    cfg.state_dir);
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static void record_name(char *name, size_t size, uint32_t job_id)
+{
+    snprintf(name, size, "%u", job_id);
+}
+
+/* Remember why the job cannot run, for its steps. 0, or -1 (logged). */
+static int record_refusal(uint32_t job_id, const char *text)
+{
+    char name[16];
+    int dir = open_state_dir(1), fd, rc = -1;
+
+    if (dir < 0)
+        return -1;
+    record_name(name, sizeof(name), job_id);
+    fd = openat(dir, name, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd >= 0 && write(fd, text, strlen(text)) == (ssize_t)strlen(text))
+        rc = 0;
+    if (fd >= 0 && close(fd) != 0)
+        rc = -1;
+    if (rc != 0)
+        slurm_error("shifter: cannot write %s/%s: %s", cfg.state_dir, name, strerror(errno));
+    close(dir);
+    return rc;
+}
+
+static void forget_refusal(uint32_t job_id)
+{
+    char name[16];
+    int dir = open_state_dir(0);
+
+    if (dir < 0)
+        return;
+    record_name(name, sizeof(name), job_id);
+    if (unlinkat(dir, name, 0) != 0 && errno != ENOENT)
+        slurm_error("shifter: cannot remove %s/%s: %s", cfg.state_dir, name, strerror(errno));
+    close(dir);
+}
+
+/* The record of a refused job into out (OUT_MAX): 1 when there is one, 0 when not. */
+static int read_refusal(uint32_t job_id, char *out)
+{
+    char name[16];
+    int dir = open_state_dir(0), fd;
+    ssize_t n;
+
+    if (dir < 0)
+        return 0;
+    record_name(name, sizeof(name), job_id);
+    fd = openat(dir, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    close(dir);
+    if (fd < 0)
+        return 0;
+    n = read(fd, out, OUT_MAX - 1);
+    close(fd);
+    out[n > 0 ? n : 0] = '\0';
+    return 1;
+}
+
+static void set_comment(uint32_t job_id, const char *comment)
+{
+    job_desc_msg_t update;
+
+    slurm_init_job_desc_msg(&update);
+    update.job_id = job_id;
+    update.comment = (char *)comment;
+    if (slurm_update_job(&update) != SLURM_SUCCESS)
+        slurm_error("shifter: cannot set the Comment of job %u: %s", job_id,
+                    slurm_strerror(slurm_get_errno()));
+}
+
+/* A node fault: slurmd's log, the Comment, the batch job's file; the prolog then fails. */
 static void report_failure(uint32_t job_id, job_info_t *job, uid_t uid, gid_t gid,
                            const char *what, const char *output)
 {
     char line[MSG_MAX], comment[MSG_MAX + 512], *text = NULL;
-    job_desc_msg_t update;
 
     one_line(line, output[0] ? output : "(no message)");
     slurm_error("shifter: %s failed for job %u on %s: %s", what, job_id, hostname, line);
     snprintf(comment, sizeof(comment), "shifter: %s failed on %s: %s", what, hostname, line);
-    slurm_init_job_desc_msg(&update);
-    update.job_id = job_id;
-    update.comment = comment;
-    if (slurm_update_job(&update) != SLURM_SUCCESS)
-        slurm_error("shifter: cannot set the Comment of job %u: %s", job_id,
-                    slurm_strerror(slurm_get_errno()));
+    set_comment(job_id, comment);
     if (job && asprintf(&text, "shifter: %s failed on %s for job %u, the job did not start:\n%s%s",
                         what, hostname, job_id, output,
                         output[0] && output[strlen(output) - 1] == '\n' ? "" : "\n") >= 0) {
         tell_job_file(job, uid, gid, text);
         free(text);
     }
+}
+
+/* A user error: slurmd's log, the Comment and the record the job's steps fail with; the
+ * node stays in service. -1 when the record cannot be written (then it is the node's). */
+static int report_refusal(uint32_t job_id, const char *output)
+{
+    char line[MSG_MAX], comment[MSG_MAX + 512], *text = NULL;
+    int rc;
+
+    one_line(line, output[0] ? output : "(no message)");
+    if (asprintf(&text, "shifter: setupRoot refused job %u on %s, the job did not start:\n%s%s",
+                 job_id, hostname, output,
+                 output[0] && output[strlen(output) - 1] == '\n' ? "" : "\n") < 0)
+        return -1;
+    rc = record_refusal(job_id, text);
+    free(text);
+    if (rc != 0)
+        return -1;
+    slurm_info("shifter: setupRoot refused job %u on %s (the user's request; the job fails, the "
+               "node stays in service): %s", job_id, hostname, line);
+    snprintf(comment, sizeof(comment), "shifter: setupRoot refused on %s: %s", hostname, line);
+    set_comment(job_id, comment);
+    return 0;
 }
 
 static char *const root_env_plain[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", NULL};
@@ -713,6 +884,7 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
     }
     if (cfg.extern_cgroup || cfg.memory_cgroup[0])
         slurm_info("shifter: extern_cgroup/memory_cgroup are accepted but not implemented");
+    forget_refusal(job_id); /* a job id used again after a lost epilog */
     out = malloc(OUT_MAX);
     nodes = node_list(job);
     if (out == NULL || nodes == NULL || root_env(conf_buf, sizeof(conf_buf), env) != 0) {
@@ -752,6 +924,10 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
     argv[argc++] = (char *)image;
     argv[argc] = NULL;
     status = run(argv, env, 1, out);
+    if (status == USER_ERROR && report_refusal(job_id, out) == 0) {
+        rc = 0; /* the job fails in its steps; the node is fine */
+        goto done;
+    }
     if (status != 0) {
         report_failure(job_id, job, uid, gid, "setupRoot", out);
         goto done;
@@ -799,6 +975,7 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
         return 0;
     if (parse_config(ac, av) != 0 || job_ids(sp, &job_id, &uid, &gid) != 0)
         return -1;
+    forget_refusal(job_id);
     job = load_job(job_id, &msg);
     if (job != NULL && job->shared != 0) {
         slurm_free_job_info_msg(msg);
@@ -823,6 +1000,34 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
     }
     free(out);
     return 0;
+}
+
+/* -- the job's steps: fail every task of a refused job --------------------------------- */
+
+/* In each task (slurmstepd's child, root, before exec; its stderr is the task's: the batch
+ * job's output file or srun's stderr): a job whose setupRoot the prolog found to be the
+ * user's mistake prints why and fails, so Slurm ends the job FAILED. */
+int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
+{
+    uint32_t job_id;
+    char *text;
+
+    (void)ac;
+    (void)av;
+    if (spank_context() != S_CTX_REMOTE ||
+        spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS)
+        return 0;
+    text = malloc(OUT_MAX);
+    if (text == NULL)
+        return 0;
+    if (!read_refusal(job_id, text)) {
+        free(text);
+        return 0;
+    }
+    if (write(STDERR_FILENO, text, strlen(text)) < 0)
+        slurm_error("%s", text);
+    free(text);
+    return -1;
 }
 
 /* -- srun/salloc exit: show why the allocation failed ----------------------------------- */

@@ -405,8 +405,11 @@ def write_launchers(bindir: Path, helper: Path) -> Path:
 
 
 def plugstack_line(plugin: Path, bindir: Path, shifter_config: Path, **args: str) -> str:
-    """``required <plugin> shifter_config=… setuproot=… unsetuproot=… spank_tool=… …``."""
+    """``required <plugin> shifter_config=… setuproot=… unsetuproot=… spank_tool=…
+    state_dir=… …`` (the state dir beside ``bindir``: clusters of other checkouts on this
+    machine number their jobs from 1 too)."""
     words = [f"shifter_config={shifter_config}", f"setuproot={bindir}/setupRoot",
-             f"unsetuproot={bindir}/unsetupRoot", f"spank_tool={bindir}/shifter-spank"]
+             f"unsetuproot={bindir}/unsetupRoot", f"spank_tool={bindir}/shifter-spank",
+             f"state_dir={bindir.parent}/shifter-state"]
     words += [f"{k}={v}" for k, v in args.items()]
     return f"required {plugin} " + " ".join(words)
