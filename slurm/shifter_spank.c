@@ -24,6 +24,11 @@
  *     error/output file if it is a regular file, and the prolog fails (Slurm drains the
  *     node and requeues the job held).
  *     epilog: unsetupRoot; the record is removed.
+ *   remote (slurmstepd), the job's extern step (PrologFlags=contain), task_post_fork, with
+ *     extern_cgroup=1 (the default): the container's sshd, which the prolog started in
+ *     slurmd's cgroups with slurmd's rlimits, is moved into every cgroup of the extern
+ *     step's task and given that task's rlimits, so ssh sessions are held to the job's
+ *     limits and killed with it.
  *   remote (slurmstepd), task_init_privileged: a task of a job with such a record
  *     prints it on its stderr (the job's output file, srun's stderr) and fails, so the
  *     job ends FAILED with the reason where the user looks.
@@ -47,7 +52,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -74,7 +82,6 @@ extern char **environ;
 static struct {
     char shifter_config[PATH_MAX]; /* "" = the front end's default */
     char extern_setup[PATH_MAX];
-    char memory_cgroup[PATH_MAX];
     char setuproot[PATH_MAX];
     char unsetuproot[PATH_MAX];
     char spank_tool[PATH_MAX];
@@ -98,6 +105,17 @@ static int set_path(char *dst, const char *key, const char *value)
     return 0;
 }
 
+/* memory_cgroup= named Shifter's memory cgroup mount; the cgroups are now read from the
+ * kernel (mountinfo, /proc/PID/cgroup), so a value is refused rather than ignored. */
+static int refuse_memory_cgroup(const char *value)
+{
+    if (value[0] == '\0')
+        return 0;
+    slurm_error("shifter: plugstack.conf: memory_cgroup is not supported: the job's cgroups "
+                "(every controller) are read from /proc; remove memory_cgroup=%s", value);
+    return -1;
+}
+
 static int set_flag(int *dst, const char *key, const char *value)
 {
     if (strcmp(value, "0") != 0 && strcmp(value, "1") != 0) {
@@ -117,6 +135,7 @@ static int parse_config(int ac, char **av)
     strcpy(cfg.unsetuproot, SHIFTER_PREFIX "/bin/unsetupRoot");
     strcpy(cfg.spank_tool, SHIFTER_PREFIX "/libexec/shifter/shifter-spank");
     strcpy(cfg.state_dir, "/run/shifter");
+    cfg.extern_cgroup = 1;
     for (i = 0; i < ac; i++) {
         const char *eq = strchr(av[i], '=');
         size_t klen = eq ? (size_t)(eq - av[i]) : 0;
@@ -131,7 +150,7 @@ static int parse_config(int ac, char **av)
         else if (KEY("extern_setup"))
             rc = value[0] ? set_path(cfg.extern_setup, "extern_setup", value) : 0;
         else if (KEY("memory_cgroup"))
-            rc = value[0] ? set_path(cfg.memory_cgroup, "memory_cgroup", value) : 0;
+            rc = refuse_memory_cgroup(value);
         else if (KEY("setuproot"))
             rc = set_path(cfg.setuproot, "setuproot", value);
         else if (KEY("unsetuproot"))
@@ -882,8 +901,6 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
         rc = 0;
         goto done;
     }
-    if (cfg.extern_cgroup || cfg.memory_cgroup[0])
-        slurm_info("shifter: extern_cgroup/memory_cgroup are accepted but not implemented");
     forget_refusal(job_id); /* a job id used again after a lost epilog */
     out = malloc(OUT_MAX);
     nodes = node_list(job);
@@ -1028,6 +1045,310 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
         slurm_error("%s", text);
     free(text);
     return -1;
+}
+
+/* -- the job's extern step: the container's sshd joins the job -------------------------- */
+
+/* ppid, real uid and start time (clock ticks after boot) of pid; -1 when it is gone. */
+static int proc_info(pid_t pid, pid_t *ppid, uid_t *uid, unsigned long long *start)
+{
+    char path[64], buf[4096], *p;
+    unsigned long real;
+    int fd, n;
+
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    n = (int)read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = '\0';
+    p = strrchr(buf, ')'); /* the command name may hold anything */
+    if (p == NULL || sscanf(p + 1, " %*s %d %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s"
+                                   " %*s %*s %*s %*s %llu", ppid, start) != 2)
+        return -1;
+    /* the owner of /proc/PID is not the uid of a process that is not dumpable (sshd) */
+    snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    n = (int)read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = '\0';
+    p = strstr(buf, "\nUid:");
+    if (p == NULL || sscanf(p + 5, "%lu", &real) != 1)
+        return -1;
+    *uid = (uid_t)real;
+    return 0;
+}
+
+/* pid is the sshd a Shifter container records (root's var/run/shifter-sshd in the
+ * process's own root names it with its start time) and runs as uid? */
+static int is_container_sshd(pid_t pid, uid_t uid)
+{
+    char path[96], buf[128];
+    unsigned long long start, recorded;
+    long rpid;
+    struct stat st;
+    pid_t ppid;
+    uid_t owner;
+    int fd, n;
+
+    if (proc_info(pid, &ppid, &owner, &start) != 0 || owner != uid || uid == 0)
+        return 0;
+    snprintf(path, sizeof(path), "/proc/%d/root/var/run/shifter-sshd", (int)pid);
+    fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    n = (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == 0)
+            ? (int)read(fd, buf, sizeof(buf) - 1) : -1;
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = '\0';
+    return sscanf(buf, "%ld %llu", &rpid, &recorded) == 2 && rpid == (long)pid &&
+           recorded == start;
+}
+
+/* The mount point of the cgroup hierarchy of a /proc/PID/cgroup line's controller field
+ * ("memory", "cpu,cpuacct", "name=systemd"; "" for v2), from mountinfo; 0 when found. */
+static int cgroup_mount(const char *controllers, char *out, size_t size)
+{
+    FILE *f = fopen("/proc/self/mountinfo", "re");
+    char *line = NULL;
+    size_t cap = 0;
+    int found = -1;
+
+    if (f == NULL)
+        return -1;
+    while (found != 0 && getline(&line, &cap, f) > 0) {
+        char mnt[PATH_MAX], root[PATH_MAX], fstype[64], opts[1024], *dash = strstr(line, " - ");
+        char want[256], *tok, *save = NULL;
+        int all = 1;
+
+        if (dash == NULL || sscanf(line, "%*s %*s %*s %4095s %4095s", root, mnt) != 2 ||
+            sscanf(dash + 3, "%63s %*s %1023s", fstype, opts) != 2 || strcmp(root, "/") != 0)
+            continue;
+        if (controllers[0] == '\0') {
+            if (strcmp(fstype, "cgroup2") != 0)
+                continue;
+        } else {
+            if (strcmp(fstype, "cgroup") != 0 || strlen(controllers) >= sizeof(want))
+                continue;
+            strcpy(want, controllers);
+            for (tok = strtok_r(want, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+                char needle[300];
+
+                snprintf(needle, sizeof(needle), ",%s,", tok);
+                {
+                    char hay[1100];
+
+                    snprintf(hay, sizeof(hay), ",%s,", opts);
+                    all &= strstr(hay, needle) != NULL;
+                }
+            }
+            if (!all)
+                continue;
+        }
+        if (strchr(mnt, '\\') == NULL && strlen(mnt) < size) { /* no escaped characters */
+            strcpy(out, mnt);
+            found = 0;
+        }
+    }
+    free(line);
+    fclose(f);
+    return found;
+}
+
+/* Put pid into every cgroup task is in (all hierarchies of /proc/TASK/cgroup). */
+static int join_cgroups(pid_t pid, pid_t task)
+{
+    char path[64], *line = NULL;
+    size_t cap = 0;
+    int rc = 0, n = 0;
+    FILE *f;
+
+    snprintf(path, sizeof(path), "/proc/%d/cgroup", (int)task);
+    f = fopen(path, "re");
+    if (f == NULL)
+        return -1;
+    while (getline(&line, &cap, f) > 0) {
+        char *controllers = strchr(line, ':'), *cg, mnt[PATH_MAX], procs[2 * PATH_MAX];
+        int fd;
+
+        cg = controllers ? strchr(controllers + 1, ':') : NULL;
+        if (cg == NULL)
+            continue;
+        *cg++ = '\0';
+        controllers++;
+        cg[strcspn(cg, "\n")] = '\0';
+        if (cgroup_mount(controllers, mnt, sizeof(mnt)) != 0) {
+            slurm_error("shifter: no mount of the cgroup hierarchy '%s'", controllers);
+            rc = -1;
+            continue;
+        }
+        snprintf(procs, sizeof(procs), "%s%s/cgroup.procs", mnt, cg);
+        fd = open(procs, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0 || dprintf(fd, "%d\n", (int)pid) < 0) {
+            slurm_error("shifter: cannot move process %d into %s: %s", (int)pid, procs,
+                        strerror(errno));
+            rc = -1;
+        } else {
+            n++;
+        }
+        if (fd >= 0)
+            close(fd);
+    }
+    free(line);
+    fclose(f);
+    return rc == 0 && n > 0 ? 0 : -1;
+}
+
+/* Set pid's rlimits to lim[] from a child with the user's ids (allowed without
+ * CAP_SYS_RESOURCE, which root lacks on some machines, e.g. in containers): a hard
+ * limit above the process's current one cannot be raised that way and stays. */
+static int set_rlimits_as_user(pid_t pid, uid_t uid, gid_t gid, const struct rlimit *lim)
+{
+    pid_t child = fork();
+    int status, r;
+
+    if (child < 0)
+        return -1;
+    if (child == 0) {
+        if (setgroups(1, &gid) != 0 || setresgid(gid, gid, gid) != 0 ||
+            setresuid(uid, uid, uid) != 0)
+            _exit(1);
+        for (r = 0; r < RLIM_NLIMITS; r++) {
+            struct rlimit now, want = lim[r];
+
+            if (prlimit(pid, (enum __rlimit_resource)r, NULL, &now) != 0)
+                _exit(2);
+            if (want.rlim_max > now.rlim_max)
+                want.rlim_max = now.rlim_max;
+            if (want.rlim_cur > want.rlim_max)
+                want.rlim_cur = want.rlim_max;
+            if (prlimit(pid, (enum __rlimit_resource)r, &want, NULL) != 0)
+                _exit(3);
+        }
+        _exit(0);
+    }
+    while (waitpid(child, &status, 0) < 0)
+        if (errno != EINTR)
+            return -1;
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -1;
+}
+
+/* Give pid the rlimits of task (the job's: Slurm set them on its extern task). */
+static int copy_rlimits(pid_t pid, pid_t task, uid_t uid, gid_t gid)
+{
+    struct rlimit lim[RLIM_NLIMITS];
+    int r, denied = 0;
+
+    for (r = 0; r < RLIM_NLIMITS; r++)
+        if (prlimit(task, (enum __rlimit_resource)r, NULL, &lim[r]) != 0) {
+            slurm_error("shifter: cannot read the rlimits of the extern task %d: %s", (int)task,
+                        strerror(errno));
+            return -1;
+        }
+    for (r = 0; r < RLIM_NLIMITS && !denied; r++)
+        if (prlimit(pid, (enum __rlimit_resource)r, &lim[r], NULL) != 0)
+            denied = 1;
+    if (denied && set_rlimits_as_user(pid, uid, gid, lim) != 0) {
+        slurm_error("shifter: cannot give process %d the job's rlimits", (int)pid);
+        return -1;
+    }
+    return 0;
+}
+
+/* The process the extern step just forked (its "sleep"): a child of this slurmstepd. */
+static pid_t extern_task(void)
+{
+    DIR *d = opendir("/proc");
+    struct dirent *e;
+    pid_t found = -1;
+
+    if (d == NULL)
+        return -1;
+    while ((e = readdir(d)) != NULL && found < 0) {
+        unsigned long long start;
+        pid_t pid = (pid_t)atoi(e->d_name), ppid;
+        uid_t uid;
+
+        if (pid > 0 && proc_info(pid, &ppid, &uid, &start) == 0 && ppid == getpid())
+            found = pid;
+    }
+    closedir(d);
+    return found;
+}
+
+/* Every process of uid that is the container's sshd or a child of it (a session begun
+ * before the extern step existed): into the job's cgroups, with the job's rlimits. One
+ * that cannot be moved is killed: an sshd outside the job would let sessions escape. */
+static void contain_sshd(uint32_t job_id, uid_t uid, gid_t gid, pid_t task)
+{
+    DIR *d = opendir("/proc");
+    struct dirent *e;
+    pid_t sshd = -1;
+
+    if (d == NULL)
+        return;
+    while ((e = readdir(d)) != NULL && sshd < 0) {
+        pid_t pid = (pid_t)atoi(e->d_name);
+
+        if (pid > 0 && is_container_sshd(pid, uid))
+            sshd = pid;
+    }
+    if (sshd < 0) {
+        closedir(d);
+        return;
+    }
+    rewinddir(d);
+    while ((e = readdir(d)) != NULL) {
+        unsigned long long start;
+        pid_t pid = (pid_t)atoi(e->d_name), ppid;
+        uid_t owner;
+
+        if (pid <= 0 || proc_info(pid, &ppid, &owner, &start) != 0 || owner != uid ||
+            (pid != sshd && ppid != sshd))
+            continue;
+        if (join_cgroups(pid, task) != 0 || copy_rlimits(pid, task, uid, gid) != 0) {
+            slurm_error("shifter: job %u: the container's sshd (or session) %d cannot join "
+                        "the job's cgroups; killing it", job_id, (int)pid);
+            kill(pid, SIGKILL);
+            continue;
+        }
+        slurm_info("shifter: job %u: process %d of the container's sshd joined the job's "
+                   "extern step", job_id, (int)pid);
+    }
+    closedir(d);
+}
+
+int slurm_spank_task_post_fork(spank_t sp, int ac, char **av)
+{
+    uint32_t job_id, step_id;
+    uid_t uid;
+    gid_t gid;
+    pid_t task;
+
+    (void)ac;
+    (void)av;
+    if (spank_context() != S_CTX_REMOTE || !cfg.extern_cgroup ||
+        spank_get_item(sp, S_JOB_STEPID, &step_id) != ESPANK_SUCCESS ||
+        step_id != SLURM_EXTERN_CONT || spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS ||
+        spank_get_item(sp, S_JOB_UID, &uid) != ESPANK_SUCCESS ||
+        spank_get_item(sp, S_JOB_GID, &gid) != ESPANK_SUCCESS)
+        return 0;
+    task = extern_task();
+    if (task < 0) {
+        slurm_error("shifter: job %u: the extern step's task is not found", job_id);
+        return 0;
+    }
+    contain_sshd(job_id, uid, gid, task);
+    return 0;
 }
 
 /* -- srun/salloc exit: show why the allocation failed ----------------------------------- */

@@ -396,11 +396,17 @@ def test_srun_and_salloc_refuse_bad_options_too(world, v1):
     assert res.returncode != 0 and "Unknown shifter module: nosuch" in res.stderr
 
 
-def test_a_bad_plugstack_argument_is_named(world, tmp_path):
+@pytest.mark.parametrize("arg, message", [
+    ("enable_sshd=yes", "enable_sshd must be 0 or 1, not 'yes'"),
+    ("extern_cgroup=2", "extern_cgroup must be 0 or 1, not '2'"),
+    # Shifter's memory cgroup mount: the job's cgroups are read from /proc instead
+    ("memory_cgroup=/sys/fs/cgroup/memory", "memory_cgroup is not supported"),
+])
+def test_a_bad_plugstack_argument_is_named(world, tmp_path, arg, message):
     """A typo in plugstack.conf stops every submission with the argument named."""
     stack = tmp_path / "plugstack.conf"
     line = world.cluster.client_plugstack_conf.read_text().strip()
-    stack.write_text(line + " enable_sshd=yes\n")
+    stack.write_text(line + f" {arg}\n")
     conf = tmp_path / "slurm.conf"
     conf.write_text(world.cluster.client_conf.read_text().replace(
         str(world.cluster.client_plugstack_conf), str(stack)))
@@ -408,7 +414,7 @@ def test_a_bad_plugstack_argument_is_named(world, tmp_path):
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
     res = world.cluster.sbatch(ALICE, "#!/bin/sh\ntrue\n", env=world.env(SLURM_CONF=str(conf)))
     assert res.returncode != 0 and res.job_id is None
-    assert "enable_sshd must be 0 or 1, not 'yes'" in res.stderr
+    assert message in res.stderr, res.stderr
 
 
 # -- setupRoot fails on the node -------------------------------------------------------------

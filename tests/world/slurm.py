@@ -122,7 +122,7 @@ MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 ReturnToService=2
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
+SelectTypeParameters={"CR_Core_Memory" if self.cgroup else "CR_Core"}
 SchedulerParameters=sched_min_interval=0
 MinJobAge=600
 PrologFlags={"alloc,contain" if self.cgroup else "alloc"}
