@@ -837,6 +837,22 @@ static int report_refusal(uint32_t job_id, const char *output)
     return 0;
 }
 
+/* extern_cgroup=1 needs the extern step (PrologFlags=contain) and cgroup tracking: say
+ * so in slurmd's log when a container's sshd is started without them. */
+static void check_extern_step(uint32_t job_id)
+{
+    slurm_conf_t *conf = NULL;
+
+    if (slurm_load_ctl_conf((time_t)0, &conf) != SLURM_SUCCESS || conf == NULL)
+        return;
+    if (!(conf->prolog_flags & PROLOG_FLAG_CONTAIN) || conf->proctrack_type == NULL ||
+        strcmp(conf->proctrack_type, "proctrack/cgroup") != 0)
+        slurm_error("shifter: job %u: the container's sshd stays outside the job's cgroups: "
+                    "extern_cgroup=1 needs PrologFlags=contain and ProctrackType=proctrack/cgroup "
+                    "(unsetupRoot still stops it and its sessions at the end of the job)", job_id);
+    slurm_free_ctl_conf(conf);
+}
+
 static char *const root_env_plain[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", NULL};
 
 /* setupRoot's and unsetupRoot's environment: fixed, plus the configuration path and the
@@ -935,6 +951,8 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
     if (cfg.enable_sshd && key && key[0]) {
         argv[argc++] = "-s";
         argv[argc++] = (char *)key;
+        if (cfg.extern_cgroup)
+            check_extern_step(job_id);
     }
     argv[argc++] = "--";
     argv[argc++] = (char *)type;

@@ -332,6 +332,9 @@ def test_enable_sshd_ssh_from_a_task_lands_in_the_jobs_container(world, v1, udii
     config = json.loads(next(line for line in lines if line.startswith("{")))
     assert config["identifier"] == v1 and config["user"] == ALICE
     assert lines[-1] == task_ns  # the ssh session is in the task's (prepared) container
+    # this cluster has no extern step: the admin is told the sshd is outside the job
+    assert (f"shifter: job {res.job_id}: the container's sshd stays outside the job's cgroups"
+            in world.cluster.slurmd_log())
     # The epilog's unsetupRoot stopped the job's sshd: nothing listens on 1204.
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", 1204)) != 0
