@@ -36,8 +36,8 @@
  *     the job's Comment when the prolog put a Shifter message there.
  *
  * plugstack.conf arguments: shifter_config= enable_sshd=0|1 enable_ccm=0|1 extern_setup=
- * extern_cgroup=0|1 memory_cgroup= setuproot= unsetuproot= spank_tool= state_dir=
- * (README, "Slurm").
+ * extern_cgroup=0|1 setuproot= unsetuproot= spank_tool= state_dir= (README, "Slurm");
+ * memory_cgroup= (Shifter's) is refused with a message.
  */
 
 #define _GNU_SOURCE

@@ -450,8 +450,9 @@ def test_a_vanished_volume_source_fails_the_job_and_keeps_the_node(world, v1):
         assert f"Cannot mount from {source} to /data: the source does not exist" in out, out
         assert f"shifter: setupRoot refused job {res.job_id}" in out, out
         assert world.cluster.node_state().startswith("IDLE"), world.cluster.node_reason()
-        assert world.cluster.job(res.job_id)["Comment"].startswith(
-            f"shifter: setupRoot refused on {NODE}:")
+        job = world.cluster.job(res.job_id)
+        assert job["Comment"].startswith(f"shifter: setupRoot refused on {NODE}:"), job
+        assert job["ExitCode"] == "1:0", job
         assert str(source) in world.cluster.slurmd_log()
         assert world.site.our_mounts() == []
     finally:
