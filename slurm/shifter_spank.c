@@ -905,6 +905,7 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
     /* job_script context: slurm_spank_init is not called, the arguments come here. */
     if (parse_config(ac, av) != 0 || job_ids(sp, &job_id, &uid, &gid) != 0)
         return -1;
+    forget_refusal(job_id); /* a job id used again after a lost epilog */
     job = load_job(job_id, &msg);
     if (job == NULL) {
         slurm_error("shifter: job %u: not preparing a container (job unknown); tasks build "
@@ -917,7 +918,6 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
         rc = 0;
         goto done;
     }
-    forget_refusal(job_id); /* a job id used again after a lost epilog */
     out = malloc(OUT_MAX);
     nodes = node_list(job);
     if (out == NULL || nodes == NULL || root_env(conf_buf, sizeof(conf_buf), env) != 0) {
@@ -1132,47 +1132,50 @@ static int is_container_sshd(pid_t pid, uid_t uid)
            recorded == start;
 }
 
+/* Every comma-separated word of words is one of opts's ("rw,memory" holds "memory")? */
+static int has_all_words(const char *opts, const char *words)
+{
+    const char *w = words;
+
+    while (*w) {
+        size_t n = strcspn(w, ","), m;
+        const char *o = opts;
+        int found = 0;
+
+        while (*o && !found) {
+            m = strcspn(o, ",");
+            found = m == n && strncmp(o, w, n) == 0;
+            o += m + (o[m] == ',');
+        }
+        if (!found)
+            return 0;
+        w += n + (w[n] == ',');
+    }
+    return 1;
+}
+
 /* The mount point of the cgroup hierarchy of a /proc/PID/cgroup line's controller field
  * ("memory", "cpu,cpuacct", "name=systemd"; "" for v2), from mountinfo; 0 when found. */
 static int cgroup_mount(const char *controllers, char *out, size_t size)
 {
     FILE *f = fopen("/proc/self/mountinfo", "re");
-    char *line = NULL;
+    char *line = NULL, mnt[PATH_MAX], root[PATH_MAX], fstype[64], opts[1024];
     size_t cap = 0;
     int found = -1;
 
     if (f == NULL)
         return -1;
     while (found != 0 && getline(&line, &cap, f) > 0) {
-        char mnt[PATH_MAX], root[PATH_MAX], fstype[64], opts[1024], *dash = strstr(line, " - ");
-        char want[256], *tok, *save = NULL;
-        int all = 1;
+        const char *dash = strstr(line, " - ");
 
+        /* whole hierarchies only (root "/"), paths without escaped characters */
         if (dash == NULL || sscanf(line, "%*s %*s %*s %4095s %4095s", root, mnt) != 2 ||
-            sscanf(dash + 3, "%63s %*s %1023s", fstype, opts) != 2 || strcmp(root, "/") != 0)
+            sscanf(dash + 3, "%63s %*s %1023s", fstype, opts) != 2 || strcmp(root, "/") != 0 ||
+            strchr(mnt, '\\') != NULL || strlen(mnt) >= size)
             continue;
-        if (controllers[0] == '\0') {
-            if (strcmp(fstype, "cgroup2") != 0)
-                continue;
-        } else {
-            if (strcmp(fstype, "cgroup") != 0 || strlen(controllers) >= sizeof(want))
-                continue;
-            strcpy(want, controllers);
-            for (tok = strtok_r(want, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-                char needle[300];
-
-                snprintf(needle, sizeof(needle), ",%s,", tok);
-                {
-                    char hay[1100];
-
-                    snprintf(hay, sizeof(hay), ",%s,", opts);
-                    all &= strstr(hay, needle) != NULL;
-                }
-            }
-            if (!all)
-                continue;
-        }
-        if (strchr(mnt, '\\') == NULL && strlen(mnt) < size) { /* no escaped characters */
+        if (controllers[0] == '\0' ? strcmp(fstype, "cgroup2") == 0
+                                    : strcmp(fstype, "cgroup") == 0 &&
+                                          has_all_words(opts, controllers)) {
             strcpy(out, mnt);
             found = 0;
         }
@@ -1182,48 +1185,76 @@ static int cgroup_mount(const char *controllers, char *out, size_t size)
     return found;
 }
 
-/* Put pid into every cgroup task is in (all hierarchies of /proc/TASK/cgroup). */
+/* /proc/PID/cgroup as text (at most OUT_MAX bytes) into out; -1 when unreadable. */
+static int read_cgroups(pid_t pid, char *out)
+{
+    char path[64];
+    ssize_t n;
+    int fd;
+
+    snprintf(path, sizeof(path), "/proc/%d/cgroup", (int)pid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    n = read(fd, out, OUT_MAX - 1);
+    close(fd);
+    if (n < 0)
+        return -1;
+    out[n] = '\0';
+    return 0;
+}
+
+/* Move pid into the cgroup of one line of the task's /proc/PID/cgroup. */
+static int join_one(pid_t pid, char *line)
+{
+    char *controllers = strchr(line, ':'), *cg, mnt[PATH_MAX], procs[2 * PATH_MAX];
+    int fd, rc = 0;
+
+    cg = controllers ? strchr(controllers + 1, ':') : NULL;
+    if (cg == NULL)
+        return 0;
+    *cg++ = '\0';
+    controllers++;
+    if (cgroup_mount(controllers, mnt, sizeof(mnt)) != 0) {
+        slurm_error("shifter: no mount of the cgroup hierarchy '%s'", controllers);
+        return -1;
+    }
+    snprintf(procs, sizeof(procs), "%s%s/cgroup.procs", mnt, cg);
+    fd = open(procs, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 || dprintf(fd, "%d\n", (int)pid) < 0) {
+        slurm_error("shifter: cannot move process %d into %s: %s", (int)pid, procs,
+                    strerror(errno));
+        rc = -1;
+    }
+    if (fd >= 0)
+        close(fd);
+    return rc;
+}
+
+/* Put pid into every cgroup task is in (all hierarchies of /proc/TASK/cgroup), except
+ * those it is in already. */
 static int join_cgroups(pid_t pid, pid_t task)
 {
-    char path[64], *line = NULL;
-    size_t cap = 0;
-    int rc = 0, n = 0;
-    FILE *f;
+    char *want = malloc(OUT_MAX), *have = malloc(OUT_MAX), *line, *save = NULL;
+    int rc = -1;
 
-    snprintf(path, sizeof(path), "/proc/%d/cgroup", (int)task);
-    f = fopen(path, "re");
-    if (f == NULL)
-        return -1;
-    while (getline(&line, &cap, f) > 0) {
-        char *controllers = strchr(line, ':'), *cg, mnt[PATH_MAX], procs[2 * PATH_MAX];
-        int fd;
+    if (want == NULL || have == NULL || read_cgroups(task, want) != 0 ||
+        read_cgroups(pid, have) != 0)
+        goto done;
+    rc = 0;
+    for (line = strtok_r(want, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        char exact[PATH_MAX + 300];
 
-        cg = controllers ? strchr(controllers + 1, ':') : NULL;
-        if (cg == NULL)
-            continue;
-        *cg++ = '\0';
-        controllers++;
-        cg[strcspn(cg, "\n")] = '\0';
-        if (cgroup_mount(controllers, mnt, sizeof(mnt)) != 0) {
-            slurm_error("shifter: no mount of the cgroup hierarchy '%s'", controllers);
+        snprintf(exact, sizeof(exact), "\n%s\n", line);
+        if (strncmp(have, exact + 1, strlen(exact + 1)) == 0 || strstr(have, exact) != NULL)
+            continue; /* there already (the same hierarchy and path) */
+        if (join_one(pid, line) != 0)
             rc = -1;
-            continue;
-        }
-        snprintf(procs, sizeof(procs), "%s%s/cgroup.procs", mnt, cg);
-        fd = open(procs, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
-        if (fd < 0 || dprintf(fd, "%d\n", (int)pid) < 0) {
-            slurm_error("shifter: cannot move process %d into %s: %s", (int)pid, procs,
-                        strerror(errno));
-            rc = -1;
-        } else {
-            n++;
-        }
-        if (fd >= 0)
-            close(fd);
     }
-    free(line);
-    fclose(f);
-    return rc == 0 && n > 0 ? 0 : -1;
+done:
+    free(want);
+    free(have);
+    return rc;
 }
 
 /* Set pid's rlimits to lim[] from a child with the user's ids (allowed without
