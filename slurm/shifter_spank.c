@@ -167,7 +167,7 @@ static int parse_config(int ac, char **av)
             rc = set_flag(&cfg.extern_cgroup, "extern_cgroup", value);
         else {
             slurm_error("shifter: plugstack.conf: unknown argument '%s' (known: shifter_config= "
-                        "enable_sshd= enable_ccm= extern_setup= extern_cgroup= memory_cgroup= "
+                        "enable_sshd= enable_ccm= extern_setup= extern_cgroup= "
                         "setuproot= unsetuproot= spank_tool= state_dir=)", av[i]);
             return -1;
         }

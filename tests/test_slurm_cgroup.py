@@ -85,10 +85,9 @@ echo "MEMLIMIT $(cat /sys/fs/cgroup/memory${p%%/step_*}/memory.limit_in_bytes)"
 """
 
 
-def test_ssh_sessions_run_in_the_jobs_cgroup_with_its_memory_limit(cworld, image):
-    """A job with --mem: what runs over ssh in the job's container is in the job's own
-    cgroup (the extern step's), under the job's memory limit; not in slurmd's, where the
-    prolog started the container's sshd."""
+def probe_job(cworld) -> tuple[dict[str, str], str, dict[str, str], str, str]:
+    """A job with --mem runs PROBE in a task and over ``ssh <node>``: (the task's cgroups,
+    its output, the session's cgroups, its output, the job's cgroup dir)."""
     home = Path(f"/home/{ALICE}")
     subprocess.run(["rm", "-rf", str(home / ".shifter")], check=True)
     probe = home / "cgprobe.sh"
@@ -104,19 +103,34 @@ def test_ssh_sessions_run_in_the_jobs_cgroup_with_its_memory_limit(cworld, image
         assert cworld.cluster.wait(res.job_id) == "COMPLETED", cworld.output(res.job_id)
     finally:
         probe.unlink()
-    out = cworld.output(res.job_id)
-    task_cg, ssh_cg = out.split("\nSSH\n", 1)
-    task = _cgroups(task_cg.split("MEMLIMIT")[0])
-    session = _cgroups(ssh_cg.split("MEMLIMIT")[0])
+    task_out, ssh_out = cworld.output(res.job_id).split("\nSSH\n", 1)
+    task = _cgroups(task_out.split("MEMLIMIT")[0])
     # Slurm's own placement of a task: /slurm_<node>/uid_<uid>/job_<id>/step_0/task_0
-    job = f"/uid_{cworld.site.spawn_kwargs(ALICE)['user']}/job_{res.job_id}/"
+    job = f"/uid_{ids['user']}/job_{res.job_id}/"
     assert job in task["memory"], task
     job_dir = task["memory"][:task["memory"].index(job) + len(job)]
-    assert session["memory"] == f"{job_dir}step_extern", (session, out)
+    return task, task_out, _cgroups(ssh_out.split("MEMLIMIT")[0]), ssh_out, job_dir
+
+
+def test_ssh_sessions_run_in_the_jobs_cgroup_with_its_memory_limit(cworld, image):
+    """A job with --mem: what runs over ssh in the job's container is in the job's own
+    cgroup (the extern step's), under the job's memory limit; not in slurmd's, where the
+    prolog started the container's sshd."""
+    task, task_out, session, ssh_out, job_dir = probe_job(cworld)
+    assert session["memory"] == f"{job_dir}step_extern", (session, ssh_out)
     # every hierarchy Slurm tracks the job in (here memory and freezer)
-    tracked = [name for name, path in task.items() if job in path]
+    tracked = [name for name, path in task.items() if path.startswith(job_dir)]
     assert "freezer" in tracked, task
     for controller in tracked:
         assert session[controller].startswith(job_dir), (controller, session)
-    assert f"MEMLIMIT {MEM_MB << 20}" in ssh_cg, out  # the job's limit holds the session
-    assert f"MEMLIMIT {MEM_MB << 20}" in task_cg, out
+    assert f"MEMLIMIT {MEM_MB << 20}" in task_out, task_out
+    assert f"MEMLIMIT {MEM_MB << 20}" in ssh_out, ssh_out  # the job's limit holds the session
+
+
+def test_extern_cgroup_0_leaves_the_sshd_where_the_prolog_started_it(cworld, image):
+    """The switch: with extern_cgroup=0 the session stays in slurmd's cgroup (the state
+    the default fixes), outside the job."""
+    with cworld.plugstack_args("extern_cgroup=0"):
+        _, _, session, ssh_out, job_dir = probe_job(cworld)
+    assert not session["memory"].startswith(job_dir), ssh_out
+    assert session["memory"] == _cgroups(Path("/proc/self/cgroup").read_text())["memory"]
