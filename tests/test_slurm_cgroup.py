@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_slurm import ALICE, World
+from test_slurm import ALICE, World, assert_nothing_left
 from world.gateway import Gateway
 from world.runtime import HELPER, TEST_CONF, RuntimeSite, reachable_temp_dir
 from world.slurm import (
@@ -58,7 +58,7 @@ def cworld(test_users, munged, registry, udiimage, tmp_path_factory):
         with cluster:
             yield World(site, cluster, gateway, registry, munged.socket, bindir, jobdir, data)
         site.write_conf()
-    assert site.our_mounts() == [] and site.our_loops() == []
+    assert_nothing_left(site)
 
 
 @pytest.fixture(scope="module")
