@@ -281,7 +281,7 @@ void volmount_check_caches(const struct ctx *c)
                      "the perNodeCaches of this launch add up to %llu bytes, over the site "
                      "total of %llu (perNodeCacheTotalSizeLimit)",
                      (unsigned long long)sum, (unsigned long long)max);
-            die(DENIED, v->source, v->target, err);
+            die_user(DENIED, v->source, v->target, err);
         }
     }
 }
