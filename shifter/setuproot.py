@@ -5,6 +5,15 @@ job (behaviour spec §6.14; run by the Slurm prolog and epilog, §7).
               [-m modules] <type> <identifier>        (or one <type:identifier> word)
     unsetupRoot
 
+Exit status of ``setupRoot`` (the Slurm prolog tells the two apart): 0 when the container
+is ready; **2** (``USER_ERROR``) when the request cannot be served because of what the
+user asked for (an image that is missing or that the ACL denies them, a volume that does
+not parse or whose source they cannot open, an unknown or conflicting module, an invalid
+ssh key, ``--local`` not allowed, an image without a shell for sshd): the job fails, the
+node is fine; **1** for anything else, a fault of the node or its configuration (the
+prolog fails and Slurm drains the node). The helper's ``setup`` mode uses the same two
+statuses, and ``setupRoot`` becomes the helper, so its status is the helper's.
+
 ``SHIFTER_SSH_HOSTKEY`` in the environment (the Slurm plugin's job host key: the base64
 body of an unencrypted OpenSSH private key, its lines joined) makes that the container's
 sshd host key instead of a fresh one; it goes to the helper in a memfd, never in argv.
@@ -56,6 +65,12 @@ SHORT = {
 }
 LONG = {"help": NO_ARG}
 
+USER_ERROR = 2  # the user's request cannot be served (the helper's setup mode says 2 too)
+
+
+class UserError(Failure):
+    """A request that cannot be served because of the user's own input."""
+
 SETUP_USAGE = """\
 Usage: setupRoot [-v volmap]... [-s sshPubKey] [-u user] -U uid -G gid
                  [-N "host/n host/n ..."] [-m modules] <type> <identifier>
@@ -74,6 +89,7 @@ an unencrypted OpenSSH private key, its lines joined) is the sshd's host key on 
 node of the job; without it each container gets a fresh one.
 """
 HOSTKEY_VAR = "SHIFTER_SSH_HOSTKEY"
+KEYGEN = "/usr/bin/ssh-keygen"  # the helper's too
 HOSTKEY_MAX = 12000  # base64 characters: an RSA-8192 key file is about 6,600
 HOSTKEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
                  "ecdsa-sha2-nistp521", "ssh-rsa")
@@ -152,32 +168,39 @@ def plan_setup(opts: SetupOptions) -> list[str]:
     user = opts.user or _user_name(opts.uid)
 
     cfg = load_or_exit()
-    allow_local = cfg.flag("allowLocalChroot")
-    if len(opts.image) == 2:
-        request = make_request(opts.image[0], opts.image[1], allow_local)
-    else:
-        request = parse_descriptor(opts.image[0], cfg.get("defaultImageType"), allow_local)
-
-    volumes = [v for v in opts.volumes if v.strip()]
-    for text in volumes:
-        parse_user_volumes(text)
-    modules = select_modules(cfg, opts.modules)
     if opts.nodes is not None:
-        parse_node_list(opts.nodes)
+        parse_node_list(opts.nodes)  # Slurm's, not the user's
 
-    if request.type == "local":
-        target = ["--local", request.tag]
-    else:
-        image_id = resolve_id(cfg, request)
-        target = ["--image-id", image_id]
-        try:
-            meta = read_meta(meta_path(cfg, image_id))
-        except MetaError as exc:
-            if str(exc) == NOT_FOUND:
-                raise Failure(NOT_FOUND) from None
+    # From here on every check is of what the user asked for.
+    try:
+        allow_local = cfg.flag("allowLocalChroot")
+        if len(opts.image) == 2:
+            request = make_request(opts.image[0], opts.image[1], allow_local)
+        else:
+            request = parse_descriptor(opts.image[0], cfg.get("defaultImageType"), allow_local)
+        volumes = [v for v in opts.volumes if v.strip()]
+        for text in volumes:
+            parse_user_volumes(text)
+        modules = select_modules(cfg, opts.modules)
+        if request.type == "local":
+            target = ["--local", request.tag]
+        else:
+            image_id = resolve_id(cfg, request)
+            target = ["--image-id", image_id]
+            try:
+                meta = read_meta(meta_path(cfg, image_id))
+            except MetaError as exc:
+                if str(exc) == NOT_FOUND:
+                    raise Failure(NOT_FOUND) from None
+                raise
+            if not image_allows(meta, opts.uid, opts.gid, _groups(user, opts.gid)):
+                raise Failure(ACL_DENIED)
+    except Failure as exc:
+        raise UserError(str(exc)) from None
+    except ValueError as exc:
+        if not type(exc).__module__.startswith("udiroot."):
             raise
-        if not image_allows(meta, opts.uid, opts.gid, _groups(user, opts.gid)):
-            raise Failure(ACL_DENIED)
+        raise UserError(str(exc)) from None
 
     argv = [helper_path(os.environ), "setup", "--user", user, "--uid", str(opts.uid)]
     argv += ["--gid", str(opts.gid), *target]
@@ -201,11 +224,11 @@ def job_host_key(body: str) -> tuple[str, str]:
 
     problem = f"{HOSTKEY_VAR} is not the base64 of an unencrypted OpenSSH private key"
     if not 0 < len(body) <= HOSTKEY_MAX:
-        raise Failure(f"setupRoot: {problem} (empty or too long)")
+        raise UserError(f"setupRoot: {problem} (empty or too long)")
     try:
         blob = base64.b64decode(body, validate=True)
     except (binascii.Error, ValueError):
-        raise Failure(f"setupRoot: {problem} (not base64)") from None
+        raise UserError(f"setupRoot: {problem} (not base64)") from None
     magic = b"openssh-key-v1\0"
     fields: list[bytes] = []
     at = len(magic)
@@ -219,11 +242,11 @@ def job_host_key(body: str) -> tuple[str, str]:
         public = _ssh_string(blob, at + 4)
         kind = _ssh_string(public, 0).decode("ascii")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise Failure(f"setupRoot: {problem} ({exc})") from None
+        raise UserError(f"setupRoot: {problem} ({exc})") from None
     if fields[0] != b"none" or fields[1] != b"none":
-        raise Failure(f"setupRoot: {problem} (it has a passphrase)")
+        raise UserError(f"setupRoot: {problem} (it has a passphrase)")
     if count != 1 or kind not in HOSTKEY_TYPES:
-        raise Failure(f"setupRoot: {problem} (one key of type {', '.join(HOSTKEY_TYPES)})")
+        raise UserError(f"setupRoot: {problem} (one key of type {', '.join(HOSTKEY_TYPES)})")
     lines = [body[i:i + 70] for i in range(0, len(body), 70)]  # as ssh-keygen writes it
     pem = ("-----BEGIN OPENSSH PRIVATE KEY-----\n" + "\n".join(lines) +
            "\n-----END OPENSSH PRIVATE KEY-----\n")
@@ -240,14 +263,33 @@ def _ssh_string(blob: bytes, at: int) -> bytes:
     return blob[at + 4:at + 4 + n]
 
 
-def host_key_args(body: str) -> list[str]:
+def host_key_args(body: str, uid: int, gid: int) -> list[str]:
     """The helper's options for the job's host key: the private key in a memfd that the
-    helper inherits (argv is readable by anybody in /proc), the public line in argv."""
+    helper inherits (argv is readable by anybody in /proc), the public line in argv.
+    ``ssh-keygen -y``, run as the user, must read the same public key out of the private
+    part: a key sshd cannot load is the user's error (status 2), found before anything is
+    built, not a failed sshd that would drain the node."""
+    import subprocess
+
     pem, public = job_host_key(body)
-    fd = os.memfd_create("shifter-job-host-key", 0)  # inherited: no MFD_CLOEXEC
     data = pem.encode("ascii")
+    fd = os.memfd_create("shifter-job-host-key", 0)  # inherited by the helper
     if os.write(fd, data) != len(data):
-        raise Failure("setupRoot: cannot pass the job host key to the helper (short write)")
+        raise Failure("setupRoot: cannot pass the job host key on (short write)")
+    os.fchown(fd, uid, gid)  # ssh-keygen wants its key file the user's own, 0600
+    os.fchmod(fd, 0o600)
+    try:
+        proc = subprocess.run(
+            [KEYGEN, "-y", "-f", f"/proc/self/fd/{fd}"], pass_fds=(fd,), user=uid,
+            group=gid, extra_groups=[], env={"PATH": "/usr/bin:/bin"}, cwd="/",
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise Failure(f"setupRoot: cannot check the job's ssh host key with {KEYGEN}: "
+                      f"{exc}") from None
+    derived = proc.stdout.split()[:2]
+    if proc.returncode != 0 or derived != public.split():
+        raise UserError(f"setupRoot: {HOSTKEY_VAR} is not a usable ssh host key: "
+                        f"{proc.stderr.strip() or 'its private and public parts differ'}")
     return ["--ssh-hostkey-fd", str(fd), "--ssh-host-pubkey", public]
 
 
@@ -275,6 +317,9 @@ def _run(argv: Sequence[str] | None, name: str, body: Callable[[list[str]], int]
     except UsageError as exc:
         print(f"{name}: {exc}\nTry '{name} -h' for more information.", file=sys.stderr)
         return 1
+    except UserError as exc:
+        print(exc, file=sys.stderr)
+        return USER_ERROR
     except EXPECTED_ERRORS as exc:
         return error_status(exc)
 
@@ -289,7 +334,8 @@ def _setup(args: list[str]) -> int:
     host_key = os.environ.pop(HOSTKEY_VAR, None)  # not in the helper's environment either
     argv = plan_setup(opts)
     if host_key is not None and opts.ssh_key is not None:
-        argv += host_key_args(host_key)
+        assert opts.uid is not None and opts.gid is not None  # plan_setup checked them
+        argv += host_key_args(host_key, opts.uid, opts.gid)
     return exec_helper(argv)
 
 
@@ -306,7 +352,8 @@ def _unsetup(args: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``setupRoot``: returns 1 on any error; on success it does not return (exec)."""
+    """``setupRoot``: returns 2 for a user error, 1 for any other; on success it does not
+    return (exec), and the helper's status (0, 2 or 1) is setupRoot's."""
     return _run(argv, "setupRoot", _setup)
 
 

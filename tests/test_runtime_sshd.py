@@ -348,7 +348,7 @@ def test_bad_keys_are_refused_with_a_clear_message(site, image, keys):
                 f'command="/bin/sh" {good}', f"ssh-dss {blob}", rsa_named,
                 f"{good}\nssh-ed25519 {blob} second", f"{kind}  {blob}", f"{kind} {blob}\x07"):
         res = site.root_tool("setupRoot", *setup_args(image, key))
-        assert res.returncode == 1, key
+        assert res.returncode == 2, key  # the user's key: the job fails, not the node
         assert "Invalid ssh public key" in res.stderr, (key, res.stderr)
         assert site.our_mounts() == [] and not port_open()
 
@@ -675,11 +675,19 @@ def test_the_job_host_key_is_the_containers_and_the_only_one_trusted(
     assert site.our_mounts() == []
 
 
-def test_a_bad_job_host_key_is_refused_with_a_clear_message(site, image, keys):
-    for bad in ("", "not base64!", "AAAA", "b3BlbnNzaC1rZXktdjEAAAAA"):
+def test_a_bad_job_host_key_is_refused_with_a_clear_message(site, image, keys, tmp_path):
+    """The job host key comes from the user's submission: a bad one is the user's error
+    (status 2: the job fails, the node stays in service), found before anything is built,
+    also when only its private part is damaged (sshd could not load it)."""
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],
+                   check=True, stdin=subprocess.DEVNULL)
+    good = openssh_private_body(other)
+    damaged = good[:-60] + ("A" if good[-60] != "A" else "B") + good[-59:]
+    for bad in ("", "not base64!", "AAAA", "b3BlbnNzaC1rZXktdjEAAAAA", damaged):
         res = site.root_tool("setupRoot", *setup_args(image, keys["alice"][1]),
                              env={"SHIFTER_SSH_HOSTKEY": bad})
-        assert res.returncode == 1, bad
+        assert res.returncode == 2, (bad, res.stderr)
         assert "SHIFTER_SSH_HOSTKEY" in res.stderr, (bad, res.stderr)
         assert site.our_mounts() == [] and not port_open()
 
@@ -695,16 +703,17 @@ def test_the_helper_checks_the_job_host_key_it_is_given(site, image, keys, tmp_p
     base = [str(HELPER), "setup", "--user", ALICE, "--uid", str(pw.pw_uid), "--gid",
             str(pw.pw_gid), "--image-id", image, "--modules", "none",
             "--ssh-pubkey", keys["alice"][1]]
+    # The key's content is the user's (status 2); how the front end passes it is not (1).
     cases = [
-        (good.replace(b"-----END", b"ju!k\n-----END"), public, "Invalid job ssh host key"),
-        (good.replace(b"\n-----END", b"-----END"), public, "Invalid job ssh host key"),
-        (b"ssh-ed25519 AAAA\n", public, "Invalid job ssh host key"),
-        (good, "ssh-ed25519 AAAA", "Invalid ssh public key"),
-        (good, None, "--ssh-hostkey-fd and --ssh-host-pubkey go together"),
-        (None, public, "--ssh-hostkey-fd and --ssh-host-pubkey go together"),
-        (b"pipe", public, "must be a regular file (memfd)"),
+        (good.replace(b"-----END", b"ju!k\n-----END"), public, "Invalid job ssh host key", 2),
+        (good.replace(b"\n-----END", b"-----END"), public, "Invalid job ssh host key", 2),
+        (b"ssh-ed25519 AAAA\n", public, "Invalid job ssh host key", 2),
+        (good, "ssh-ed25519 AAAA", "Invalid ssh public key", 2),
+        (good, None, "--ssh-hostkey-fd and --ssh-host-pubkey go together", 1),
+        (None, public, "--ssh-hostkey-fd and --ssh-host-pubkey go together", 1),
+        (b"pipe", public, "must be a regular file (memfd)", 1),
     ]
-    for content, pub, message in cases:
+    for content, pub, message, status in cases:
         argv, fds = list(base), []
         if content == b"pipe":
             r, w = os.pipe()
@@ -725,5 +734,5 @@ def test_the_helper_checks_the_job_host_key_it_is_given(site, image, keys, tmp_p
         finally:
             for fd in fds:
                 os.close(fd)
-        assert res.returncode == 1 and message in res.stderr, (message, res.stderr)
+        assert res.returncode == status and message in res.stderr, (message, res.stderr)
         assert site.our_mounts() == [] and not port_open()
