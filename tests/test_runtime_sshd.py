@@ -14,6 +14,7 @@ process), and each leaves it closed.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pwd
@@ -683,7 +684,16 @@ def test_a_bad_job_host_key_is_refused_with_a_clear_message(site, image, keys, t
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],
                    check=True, stdin=subprocess.DEVNULL)
     good = openssh_private_body(other)
-    damaged = good[:-60] + ("A" if good[-60] != "A" else "B") + good[-59:]
+    # openssh-key-v1: magic, cipher, kdf, kdf options, key count, public key, then the
+    # private section, which opens with two equal check words: make them differ.
+    raw = bytearray(base64.b64decode(good))
+    at = len(b"openssh-key-v1\0")
+    for _ in range(3):
+        at += 4 + int.from_bytes(raw[at:at + 4], "big")
+    at += 4
+    at += 4 + int.from_bytes(raw[at:at + 4], "big")
+    raw[at + 4] ^= 0xFF
+    damaged = base64.b64encode(bytes(raw)).decode()
     for bad in ("", "not base64!", "AAAA", "b3BlbnNzaC1rZXktdjEAAAAA", damaged):
         res = site.root_tool("setupRoot", *setup_args(image, keys["alice"][1]),
                              env={"SHIFTER_SSH_HOSTKEY": bad})
