@@ -9,7 +9,7 @@ over HTTP with a real gunicorn, munge and registry. Here:
   dict of tag → image, places a stand-in squashfs and writes the ``.meta`` file with the
   real ``Pipeline.write_meta``, so what the runtime would read is the product's text;
 * worker jobs run synchronously (or are held back, to observe a pull in flight);
-* time is a fixture: ``imagegw.manager.time.time`` returns what the test says.
+* time is a fixture: the manager is given a clock that moves only when the test says so.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import pytest
 
 import imagegw.manager as manager_mod
 from imagegw.acl import Caller
+from imagegw.config import parse_config
 from imagegw.errors import ImageError, ImageNotFound
 from imagegw.fasthash import fasthash
 from imagegw.manager import BadRequest, Forbidden, GatewayError, ImageManager, NotFound
@@ -60,7 +61,8 @@ ROO = Caller("roo", 4242, "roo", 4242)  # a prefix of "root": must not be an adm
 
 
 class Clock:
-    """What ``time.time()`` answers in the manager; moves only when a test says so."""
+    """The manager's clock (``ImageManager(config, store, clock)``): moves only when a test
+    says so."""
 
     def __init__(self) -> None:
         self.now = T0
@@ -74,10 +76,8 @@ class Clock:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
-    monkeypatch.setattr(manager_mod.time, "time", c)
-    return c
+def clock() -> Clock:
+    return Clock()
 
 
 # -- the fake registry + pipeline ----------------------------------------------------------
@@ -251,7 +251,7 @@ def make_manager(
     def make(**overrides: Any) -> ImageManager:
         cfg = {**raw, **overrides}
         cfg = {k: v for k, v in cfg.items() if v is not None}
-        mgr = ImageManager(cfg, store)
+        mgr = ImageManager(parse_config(cfg), store, clock)
         made.append(mgr)
         return mgr
 
@@ -1139,18 +1139,26 @@ def test_import_while_another_runs_is_refused(mgr, tmp_path, jobs, store):
     assert store.get(first["_id"])["status"] == READY
 
 
-def test_failures_on_a_misconfigured_platform_are_recorded(make_manager, raw, tmp_path, store):
+def test_failures_on_a_misconfigured_platform_are_recorded(
+    make_manager, raw, registry, tmp_path, store
+):
     # Any failure ends FAILURE with the reason (spec §2.5): a worker that raised
     # something unexpected must not leave the record in flight (a polling client would
-    # wait for it for an hour).
-    platforms = dict(raw["Platforms"], tape={"accesstype": "tape"})
+    # wait for it for an hour). (A bad accesstype no longer gets this far: the config
+    # refuses it, tests/test_config.py.) Here the image dir is a file: every write fails.
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    platforms = dict(
+        raw["Platforms"], tape={"accesstype": "local", "local": {"imageDir": str(blocker)}}
+    )
     mgr = make_manager(Platforms=platforms)
+    registry.publish("app:1")
     pulled = mgr.pull(ALICE, "tape", "docker", "app:1")
-    assert pulled["status"] == FAILURE and "accesstype" in pulled["status_message"]
+    assert pulled["status"] == FAILURE and "not-a-dir" in pulled["status_message"]
     path = squashfs_file(tmp_path / "img.squashfs")
     imported = mgr.do_import(ALICE, "tape", "custom", "mine:1", import_body(path))
     rec = store.get(imported["_id"])
-    assert rec["status"] == FAILURE and "accesstype" in rec["status_message"]
+    assert rec["status"] == FAILURE and "not-a-dir" in rec["status_message"]
     assert store.claims() == []
 
 
