@@ -326,7 +326,8 @@ def check_config(
     *,
     gateway: bool = False,
 ) -> tuple[GatewayConfig | None, list[str], list[str]]:
-    """(the config or None, every error, every warning) of the decoded JSON. ``gateway``
+    """(the config, every error, every warning) of the decoded JSON; the config is None
+    only when the JSON is not an object, and usable only when there is no error. ``gateway``
     True: the service's file, which must name its ``Platforms``; a tool converting
     images by hand needs none."""
     if not isinstance(data, dict):
@@ -400,7 +401,8 @@ def check_config(
         layer_cache_max_age=r.duration("LayerCacheMaxAge", None),
         warnings=r.warnings,
     )
-    return (None if r.errors else cfg), r.errors, r.warnings
+    # With errors too: --check goes on to look at the directories and sockets it names.
+    return cfg, r.errors, r.warnings
 
 
 def parse_config(
@@ -412,7 +414,7 @@ def parse_config(
 ) -> GatewayConfig:
     """A :class:`GatewayConfig` from the decoded JSON, or ConfigError naming every error."""
     cfg, errors, _warnings = check_config(data, base_dir, source, gateway=gateway)
-    if cfg is None:
+    if errors or cfg is None:
         raise ConfigError("\n".join(errors))
     return cfg
 

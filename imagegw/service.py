@@ -109,8 +109,9 @@ def check_mongo(uri: str) -> str | None:
     try:
         client.admin.command("ping")
     except Exception as exc:  # noqa: BLE001 - any driver error is the admin's to read
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return f"MongoDBURI: cannot reach MongoDB within {MONGO_TIMEOUT_MS} ms: {first[:300]}"
+        # pymongo appends its whole topology description: the first clause is the reason.
+        first = (str(exc) or type(exc).__name__).splitlines()[0].split(" (configured")[0]
+        return f"MongoDBURI: cannot reach MongoDB within {MONGO_TIMEOUT_MS} ms: {first[:200]}"
     finally:
         client.close()
     return None
@@ -129,6 +130,8 @@ def check_environment(cfg: GatewayConfig, user: pwd.struct_passwd) -> list[str]:
         if plat.accesstype == "local" and plat.image_dir:
             dirs.append((f"Platforms.{name}.local.imageDir", Path(plat.image_dir), False))
     for what, path, create_ok in dirs:
+        if str(path) in ("", "."):
+            continue  # the key is missing: already an error of the file
         problem = check_directory(what, path, user, create_ok)
         if problem:
             problems.append(problem)
@@ -138,7 +141,7 @@ def check_environment(cfg: GatewayConfig, user: pwd.struct_passwd) -> list[str]:
             problems.append(problem)
     if cfg.authentication == "munge":
         for name, plat in cfg.platforms.items():
-            problem = check_munge_socket(name, plat.munge_socket or "")
+            problem = check_munge_socket(name, plat.munge_socket) if plat.munge_socket else None
             if problem:
                 problems.append(problem)
     if cfg.mongo_uri:

@@ -916,6 +916,39 @@ def test_metrics_limit_and_order(mgr, registry, clock):
         mgr.metrics(ALICE, SYS)
 
 
+def test_metrics_rows_are_capped_oldest_dropped(make_manager, registry, clock, store):
+    # MetricsRetention: the table keeps the newest N rows over all systems. The trim runs
+    # at most once a minute per process (lookups are the hot path), so between trims it
+    # may hold a few more; the clock here moves a minute per lookup.
+    mgr = make_manager(MetricsRetention=3)
+    registry.publish("app:1")
+    pull_ready(mgr, ALICE, "app:1")
+    for _ in range(6):
+        clock.advance(61)
+        mgr.lookup(ALICE, SYS, "docker", "app:1")
+    rows = store.last_metrics(100)
+    assert [r["time"] for r in rows] == [clock.now - 122, clock.now - 61, clock.now]
+    # Within the minute no trim: one row more, cut at the next trim.
+    clock.advance(1)
+    mgr.lookup(ALICE, SYS, "docker", "app:1")
+    assert len(store.last_metrics(100)) == 4
+    clock.advance(60)
+    mgr.lookup(ALICE, SYS, "docker", "app:1")
+    assert [r["time"] for r in store.last_metrics(100)] == [
+        clock.now - 61,
+        clock.now - 60,
+        clock.now,
+    ]
+
+
+def test_store_trims_metrics_by_insertion(store):
+    for i in range(5):
+        store.add_metric({"system": SYS if i % 2 else OTHER, "time": 100.0 - i, "n": i})
+    assert store.trim_metrics(10) == 0
+    assert store.trim_metrics(2) == 3
+    assert sorted(r["n"] for r in store.last_metrics(100)) == [3, 4]  # the last two added
+
+
 def test_no_metrics_rows_when_metrics_are_off(make_manager, registry, store):
     mgr = make_manager(Metrics=False)
     registry.publish("app:1")
