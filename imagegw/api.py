@@ -95,12 +95,14 @@ def create_app(manager: ImageManager, *, auth_method: str | None = None) -> Flas
 
     @app.errorhandler(AuthError)
     def auth_error(exc: AuthError):
+        # munge's own messages already start "authentication failed: ": said once.
+        reason = str(exc).removeprefix("authentication failed: ")
         telemetry.AUTH_FAILURES.inc()
         log.warning(
             "credential refused reason=%s peer=%s request=%s %s",
-            exc, peer(), request.method, request.path,
+            reason, peer(), request.method, request.path,
         )  # fmt: skip
-        return _error(401, f"authentication failed: {exc}")
+        return _error(401, f"authentication failed: {reason}")
 
     @app.errorhandler(AuthUnavailable)
     def auth_unavailable(exc: AuthUnavailable):

@@ -34,16 +34,25 @@ def _metrics_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+def _remove_counts(path: str) -> None:
+    # Only prometheus_client's own files: a site may point the variable at a shared dir.
+    import glob
+
+    for name in glob.glob(os.path.join(path, "*.db")):
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+
+
 def on_starting(server):
     """Empty the Prometheus directory: counts of a previous run must not be added in."""
-    import shutil
-
     path = _metrics_dir()
     if path is None:
         return
     try:
-        shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path, mode=0o700, exist_ok=True)
+        _remove_counts(path)
     except OSError as exc:
         # Workers fork from this process: without the variable they count per process.
         server.log.warning("no Prometheus directory %s (%s): /metrics per worker", path, exc)
@@ -60,8 +69,10 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    import shutil
-
     path = _metrics_dir()
     if path is not None:
-        shutil.rmtree(path, ignore_errors=True)
+        try:
+            _remove_counts(path)
+            os.rmdir(path)  # only if nothing else is in it
+        except OSError:
+            pass

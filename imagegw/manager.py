@@ -89,9 +89,10 @@ def normalize_tag(itype: str, tag: str) -> str:
     return tag if ":" in last else f"{tag}:latest"
 
 
-def _queued(owner: str, now: float, uacl: list[int], gacl: list[int]) -> dict[str, Any]:
-    """Fields of a record just claimed by ``owner`` and waiting for a worker."""
+def _queued(owner: str, now: float, uacl: list[int], gacl: list[int], user: str) -> dict[str, Any]:
+    """Fields of a record just claimed by ``owner`` for ``user``, waiting for a worker."""
     return {
+        "requester": user,  # for the log lines of a pull re-queued after a restart
         "status": "PENDING",
         "status_message": "Queued",
         "last_heartbeat": now,
@@ -365,7 +366,7 @@ class ImageManager:
             return None
         rid = None
         try:
-            fields = _queued(owner, now, uacl, gacl)
+            fields = _queued(owner, now, uacl, gacl, caller.user)
             if (
                 rec is not None
                 and rec.get("status") in (*INFLIGHT, FAILURE)
@@ -651,7 +652,7 @@ class ImageManager:
         try:
             rec = self.store.insert(
                 self._new_record(system, itype, tag)
-                | _queued(owner, now, uacl, gacl)
+                | _queued(owner, now, uacl, gacl, caller.user)
                 | {"remotetype": "import", "filepath": path}
             )
             log.info(
@@ -822,6 +823,7 @@ class ImageManager:
                 if now - float(rec.get("last_heartbeat") or 0) > self.pull_update_timeout:
                     self.store.delete(rec["_id"])
         telemetry.ADMIN_ACTIONS.labels("autoexpire").inc()
+        self.prune_cache()  # the autoexpire timer prunes by age even when nothing is pulled
         log.info(
             "autoexpire user=%s system=%s expired=%d ids=%s",
             caller.user, system, len(expired), ",".join(str(i) for i in expired) or "-",
@@ -911,7 +913,7 @@ class ImageManager:
             rec.get("userACL") or [],
             rec.get("groupACL") or [],
             {},
-            "-",
+            str(rec.get("requester") or "-"),
         )
         log.info(
             "pull requeued system=%s tag=%s record=%s", rec["system"], rec["pulltag"], rec["_id"]

@@ -136,7 +136,9 @@ def test_a_pull_logs_start_and_done_with_id_and_duration(gw, registry, tmp_path)
 
 
 def test_refused_credentials_and_admin_actions_are_logged(gw, registry, tmp_path):
-    gw.request("GET", f"/api/list/{SYS}/", header="MUNGE:refused-for-the-log:")
+    resp = gw.request("GET", f"/api/list/{SYS}/", header="MUNGE:refused-for-the-log:")
+    assert resp.status_code == 401
+    assert resp.json()["message"].count("authentication failed") == 1, resp.json()  # said once
     lines = wait_for(lambda: log_lines(gw, "credential refused", "peer=127.0.0.1"))
     assert lines and "reason=" in lines[-1] and f"GET /api/list/{SYS}/" in lines[-1]
     tag, _ = push(registry, tmp_path, "ops/expired", "expire me\n")
@@ -179,6 +181,8 @@ def test_log_level_decides_what_is_logged(tmp_path, munged, registry, test_users
         gateway.request("GET", f"/api/lookup/{SYS}/docker/ops/not-there:1/", user=ALICE)
         gateway.request("GET", f"/api/list/{SYS}/", header="MUNGE:garbage:")
         time.sleep(0.5)
+    # The service's Prometheus files went with it.
+    assert not (tmp_path / "state" / "prometheus").exists()
     lookup = log_lines(gateway, "lookup not found", f"user={ALICE}")
     refused = log_lines(gateway, "credential refused")
     if level == "DEBUG":

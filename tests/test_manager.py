@@ -32,6 +32,7 @@ from imagegw.acl import Caller
 from imagegw.config import parse_config
 from imagegw.errors import ImageError, ImageNotFound
 from imagegw.fasthash import fasthash
+from imagegw.layercache import LayerCache
 from imagegw.manager import BadRequest, Forbidden, GatewayError, ImageManager, NotFound
 from imagegw.pipeline import Pipeline as RealPipeline
 from imagegw.pipeline import PullResult
@@ -1047,6 +1048,22 @@ def test_autoexpire(mgr, registry, clock, tmp_path, store):
     assert mgr.autoexpire(ROOT, OTHER) == [ids["b:1"]]
     assert not (image_dir(tmp_path, OTHER) / f"{ids['b:1']}.squashfs").exists()
     assert store.get(stuck_b["_id"]) is None
+
+
+def test_autoexpire_also_prunes_layers_unused_for_the_max_age(make_manager, clock, tmp_path):
+    # The autoexpire timer is the cache's timer too: layers age out with no pull running.
+    mgr = make_manager(LayerCacheMaxAge="1:00:00:00")
+    cache = LayerCache(tmp_path / "cache")
+    old, recent = (hashlib.sha256(x).hexdigest() for x in (b"old", b"recent"))
+    for digest, data, used in (
+        (old, b"old", clock.now - 2 * DAY),
+        (recent, b"recent", clock.now - 3600),
+    ):
+        cache.get(f"sha256:{digest}", len(data), lambda f, d=data: f.write(d))
+        os.utime(cache.path_for(f"sha256:{digest}"), (used, used))
+    cache.unpin_all()
+    mgr.autoexpire(ROOT, SYS)
+    assert not cache.has(f"sha256:{old}") and cache.has(f"sha256:{recent}")
 
 
 def test_autoexpire_a_record_without_expiration_goes_by_its_pull_time(mgr, clock, store):
