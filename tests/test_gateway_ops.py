@@ -282,3 +282,17 @@ def test_layer_cache_is_pruned_to_its_size_least_recently_used_first(
         total = sum(os.stat(cache / b).st_size for b in blobs())
         assert total <= limit
         assert wait_for(lambda: log_lines(gateway, "layer cache pruned removed=1"))
+
+
+def test_the_launch_path_imports_nothing_of_the_gateway():
+    # shifter, shifterimg and the runtime's config code run on every node at every
+    # launch: the gateway's config, metrics and web stack must stay out of them.
+    code = (
+        "import sys, pkgutil, shifter.launch, shifter.shifterimg, udiroot\n"
+        "for m in pkgutil.iter_modules(udiroot.__path__): __import__('udiroot.' + m.name)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('imagegw', 'prometheus_client', 'flask', 'gunicorn', 'pymongo'))\n"
+        "assert not bad, bad\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
