@@ -35,33 +35,42 @@ static void vmsg(const char *prefix, const char *fmt, va_list ap, const char *su
     dprintf(STDERR_FILENO, "%s%s%s%s\n", prefix, buf, suffix ? ": " : "", suffix ? suffix : "");
 }
 
-void die(const char *fmt, ...)
+int g_user_error_status = 1;
+
+__attribute__((noreturn)) static void vdie(int status, const char *err, const char *fmt, va_list ap)
 {
-    va_list ap;
     void (*cleanup)(void) = g_cleanup;
 
-    va_start(ap, fmt);
-    vmsg("", fmt, ap, NULL);
-    va_end(ap);
+    vmsg("", fmt, ap, err);
     g_cleanup = NULL; /* a failure inside the cleanup must not recurse */
     if (cleanup != NULL)
         cleanup();
-    _exit(1);
+    _exit(status);
+}
+
+void die(const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vdie(1, NULL, fmt, ap);
 }
 
 void die_errno(const char *fmt, ...)
 {
     va_list ap;
     const char *err = strerror(errno);
-    void (*cleanup)(void) = g_cleanup;
 
     va_start(ap, fmt);
-    vmsg("", fmt, ap, err);
-    va_end(ap);
-    g_cleanup = NULL;
-    if (cleanup != NULL)
-        cleanup();
-    _exit(1);
+    vdie(1, err, fmt, ap);
+}
+
+void die_user(const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vdie(g_user_error_status, NULL, fmt, ap);
 }
 
 void verbose(const char *fmt, ...)
