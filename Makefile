@@ -91,9 +91,12 @@ install: setup helper udiimage slurm
 demo: install
 	$(PY) tests/world/demo.py
 
+# pytest's status is kept; the setuid audit runs whatever it was (and fails the target).
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	@rc=0; $(PY) -m pytest -q -rs $(PYTEST_ARGS) || rc=$$?; \
+	$(PY) tests/setuid_audit.py --prefix $(PREFIX) || { [ $$rc -ne 0 ] || rc=1; }; \
+	exit $$rc
 
 lint: venv
 	$(PY) -m ruff check .
