@@ -99,10 +99,12 @@ def setuid_hygiene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     in the image trees under pytest's temp dirs are cleared (pytest keeps those dirs)."""
     remove_helper()
     root = tmp_path_factory.getbasetemp().resolve()
-    for old in root.parent.glob("pytest-*"):
-        # Earlier sessions' dirs, but not those of sessions still running (other slots).
-        if old != root and not old.is_symlink() and old.is_dir() and not _in_use(old):
-            strip_setid_bits(old)
+    # Earlier sessions' numbered dirs beside ours (only pytest's own ``pytest-of-<user>``,
+    # not the parent of a --basetemp), but not those of sessions still running.
+    if root.parent.name.startswith("pytest-of-"):
+        for old in root.parent.glob("pytest-[0-9]*"):
+            if old != root and not old.is_symlink() and old.is_dir() and not _in_use(old):
+                strip_setid_bits(old)
     yield
     remove_helper()
     strip_setid_bits(root)

@@ -82,7 +82,10 @@ def testers_gid() -> int:
     try:
         grp.getgrnam(TESTERS)
     except KeyError:
-        subprocess.run(["groupadd", "--system", TESTERS], check=True)
+        # Not --system: a gid above the test users' other groups, appended last to
+        # /etc/group, keeps the group list that setup reads from etcPath ascending (the
+        # helper's privilege drop compares it, in order, with the kernel's sorted list).
+        subprocess.run(["groupadd", TESTERS], check=True)
     group = grp.getgrnam(TESTERS)
     if sorted(group.gr_mem) != sorted(TEST_USERS):
         subprocess.run(["gpasswd", "-M", ",".join(TEST_USERS), TESTERS], check=True,
