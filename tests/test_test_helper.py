@@ -157,3 +157,21 @@ def test_test_helper_removed_when_session_ends(how: str, tmp_path: Path) -> None
             proc.wait()
     assert proc.returncode != 0, out
     assert not inner_dir.exists(), f"{inner_dir} left after a session that ended by {how}"
+
+
+# -- the audit make test ends with ------------------------------------------------------
+
+def test_setuid_audit_lists_a_stray_setuid_file(tmp_path: Path) -> None:
+    stray = tmp_path / "stray-suid"
+    stray.write_bytes(b"x")
+    os.chmod(stray, 0o4755)
+    try:
+        res = subprocess.run([sys.executable, str(REPO / "tests" / "setuid_audit.py")],
+                             capture_output=True, text=True, timeout=600)
+    finally:
+        os.chmod(stray, 0o755)
+    assert res.returncode == 1
+    listed = [line.strip() for line in res.stderr.splitlines()[1:]]
+    assert str(stray) in listed
+    # What Debian installs set-id (merged /usr: dpkg knows /bin/su) is not ours.
+    assert "/usr/bin/su" not in listed and "/usr/bin/passwd" not in listed
