@@ -18,7 +18,9 @@
 
 #include "../util.h"
 
+#include <fcntl.h>
 #include <sanitizer/allocator_interface.h>
+#include <unistd.h>
 
 /* The keys conf.c requires, for harnesses that need a loaded udiRoot.conf. */
 #define FUZZ_BASE_CONF                                                                     \
@@ -29,10 +31,13 @@
 static jmp_buf fuzz_died;
 
 /*
- * What the code under test allocated while it may die(): in the helper, exit frees it;
- * here die() jumps back, and fuzz_release() frees what is still live, so a long run does
- * not grow and leak checking stays on.  Tracked through the sanitizer allocator's hooks.
+ * What the code under test allocated or opened while it may die(): in the helper, exit
+ * frees and closes it; here die() jumps back, and fuzz_release() frees the memory still
+ * live (tracked through the sanitizer allocator's hooks, so leak checking stays on) and
+ * closes the fds it left open (below FUZZ_MAX_FD), so a long run does not grow.
  */
+#define FUZZ_MAX_FD 64 /* fds are allocated lowest first: new ones are small */
+static unsigned char fuzz_fd_was_open[FUZZ_MAX_FD];
 #define FUZZ_MAX_LIVE 65536
 static void *fuzz_live[FUZZ_MAX_LIVE];
 static size_t fuzz_n_live;
@@ -64,10 +69,12 @@ static inline void fuzz_track(void)
     }
     fuzz_n_live = 0;
     fuzz_tracking = 1;
+    for (int fd = 0; fd < FUZZ_MAX_FD; fd++)
+        fuzz_fd_was_open[fd] = fcntl(fd, F_GETFD) != -1;
 }
 
-/* Free what the code under FUZZ_TRY allocated and left live, died or not (call it once
- * the harness is done with the results). */
+/* Free what the code under FUZZ_TRY allocated and left live, and close the fds it left
+ * open, died or not (call it once the harness is done with the results). */
 static inline void fuzz_release(void)
 {
     fuzz_tracking = 0;
@@ -75,6 +82,9 @@ static inline void fuzz_release(void)
         free(fuzz_live[i]);
     fuzz_n_live = 0;
     g_cleanup = NULL;
+    for (int fd = 0; fd < FUZZ_MAX_FD; fd++)
+        if (!fuzz_fd_was_open[fd] && fcntl(fd, F_GETFD) != -1)
+            close(fd);
 }
 
 static inline __attribute__((noreturn)) void fuzz_recover(void)

@@ -12,20 +12,17 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    static int fd, died;
+    static int fd;
     static char **envp;
 
     fd = memfd_create("fuzz-env", MFD_CLOEXEC);
     if (fd < 0 || write(fd, data, size) != (ssize_t)size)
         abort();
     envp = NULL;
-    died = 0;
     if (FUZZ_TRY)
         envp = read_env(fd); /* closes fd */
     else
-        died = 1;
-    if (died)
-        close(fd); /* read_env died before closing it */
+        close(fd); /* it died before closing it */
     if (envp != NULL)
         for (size_t i = 0; envp[i] != NULL; i++)
             if (strchr(envp[i], '=') == NULL)
