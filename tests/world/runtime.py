@@ -30,6 +30,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -136,18 +137,20 @@ def _guard_helper_install() -> None:
     _guarded = True
     atexit.register(remove_helper)
 
+    signalled = []
+
     def on_signal(signum: int, frame: object) -> None:
-        if getattr(on_signal, "seen", False):
+        if signalled:
             remove_helper()
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-        on_signal.seen = True  # type: ignore[attr-defined]
+        signalled.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    import threading
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, on_signal)
+            if signal.getsignal(signum) == signal.SIG_DFL:  # nohup's SIG_IGN stays
+                signal.signal(signum, on_signal)
 
 
 def strip_setid_bits(top: Path) -> list[Path]:
