@@ -12,8 +12,8 @@
 #include "meta.h"
 #include "volume.h"
 
-#define MAX_MODULES 32
-#define MAX_MODULE_NAME 64
+#define MAX_MODULES CONF_MAX_MODULES
+#define MAX_MODULE_NAME CONF_MAX_MODULE_NAME
 
 struct ctx {
     const struct udiroot_conf *conf;
@@ -47,8 +47,5 @@ void container_build(struct ctx *c, const char *signature);
 
 /* Unmount everything under udiMount and loopMount (unsetup, setup failures). */
 int container_teardown(const struct ctx *c);
-
-/* Modules: "module_<name>_<sub>" value or NULL. */
-const char *module_get(const struct udiroot_conf *conf, const char *name, const char *sub);
 
 #endif

@@ -7,6 +7,7 @@
 #include "ident.h"
 
 #include <errno.h>
+#include <grp.h>
 #include <fcntl.h>
 #include <pwd.h>
 #include <stdio.h>
@@ -195,36 +196,29 @@ void ident_from_caller(const struct udiroot_conf *conf, struct ident *id)
     lookup_name(conf, id);
 }
 
-/* Groups of name in <etcPath>/group: every group listing it as a member. */
-static void groups_from_etc(const struct udiroot_conf *conf, struct ident *id)
+/*
+ * setup mode (the caller is root): the user's supplementary groups as the host has them
+ * now (getgrouplist: /etc/group, LDAP, sssd, ...), not etcPath's copy of group, which is
+ * refreshed only now and then: a user just removed from a group must not keep reaching
+ * its files through a volume.  gid 0 becomes the primary gid, as for a caller's groups.
+ */
+static void groups_from_host(struct ident *id)
 {
-    int dfd = open_etc(conf);
-    char *text, *cursor, *line;
-    size_t tlen;
+    gid_t list[IDENT_MAX_GROUPS];
+    int n = IDENT_MAX_GROUPS;
 
+    if (getgrouplist(id->name, id->gid, list, &n) < 0)
+        die("%s is in more than %d groups; shifter cannot keep them all", id->name,
+            IDENT_MAX_GROUPS);
     id->groups[id->ngroups++] = id->gid;
-    if (read_small_file_at(dfd, "group", 1, &text, &tlen) != 0) {
-        close(dfd);
-        return; /* no group file: the primary group only */
+    for (int i = 0; i < n; i++) {
+        gid_t g = list[i] == 0 ? id->gid : list[i];
+        int seen = 0;
+        for (size_t k = 0; k < id->ngroups; k++)
+            seen |= id->groups[k] == g;
+        if (!seen)
+            id->groups[id->ngroups++] = g;
     }
-    close(dfd);
-    cursor = text;
-    while ((line = ident_next_line(&cursor)) != NULL) {
-        struct gr_fields f;
-
-        if (ident_parse_gr_line(line, &f) != 0 || f.gid == 0 || f.gid == id->gid)
-            continue;
-        for (char *m = f.members; *m;) {
-            size_t len = strcspn(m, ",");
-            if (len == strlen(id->name) && strncmp(m, id->name, len) == 0 &&
-                id->ngroups < IDENT_MAX_GROUPS)
-                id->groups[id->ngroups++] = (gid_t)f.gid;
-            m += len;
-            if (*m == ',')
-                m++;
-        }
-    }
-    free(text);
 }
 
 void ident_from_args(const struct udiroot_conf *conf, const char *name, const char *uid,
@@ -244,5 +238,6 @@ void ident_from_args(const struct udiroot_conf *conf, const char *name, const ch
     id->uid = (uid_t)u;
     id->gid = (gid_t)g;
     snprintf(id->name, sizeof id->name, "%s", name);
-    groups_from_etc(conf, id);
+    (void)conf; /* the groups come from the host, not etcPath (groups_from_host) */
+    groups_from_host(id);
 }

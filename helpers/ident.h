@@ -38,7 +38,8 @@ struct gr_fields {
  * <etcPath>/passwd (or libc with allowLibcPwdCalls=1).  Dies for uid/gid 0. */
 void ident_from_caller(const struct udiroot_conf *conf, struct ident *id);
 
-/* setup mode: the user named by root on the command line; groups from <etcPath>/group. */
+/* setup mode: the user named by root on the command line; groups from the host
+ * (getgrouplist), not from etcPath's copy of group, which may be stale. */
 void ident_from_args(const struct udiroot_conf *conf, const char *name, const char *uid,
                      const char *gid, struct ident *id);
 
