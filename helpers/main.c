@@ -272,11 +272,10 @@ static void common_checks(struct options *o)
         (o->host_pub != NULL && o->ssh_key == NULL))
         die("shifter-helper: --ssh-hostkey-fd and --ssh-host-pubkey go together, with "
             "--ssh-pubkey");
-    if (o->host_key_fd >= 0) {
-        char *pem = read_host_key(o->host_key_fd);
-        if (sshd_check_host_key(pem, o->host_pub, err, sizeof err) != 0)
+    if (o->host_pub != NULL) { /* the key was read from the fd by main() */
+        if (sshd_check_host_key(ctx.ssh_host_key ? ctx.ssh_host_key : "", o->host_pub, err,
+                                sizeof err) != 0)
             die_user("%s", err); /* it comes from the user's submission */
-        ctx.ssh_host_key = pem;
         ctx.ssh_host_pub = o->host_pub;
     }
     if (ctx.image_id != NULL) {
@@ -374,6 +373,8 @@ int main(int argc, char **argv)
         ident_from_args(&conf, o.user, o.uid, o.gid, &ctx.id);
         ctx.setup_mode = 1;
         g_user_error_status = 2; /* the prolog fails the job, not the node (PROTOCOL.md) */
+        if (o.host_key_fd >= 0) /* here, not in common_checks: the fuzzer reads no fd */
+            ctx.ssh_host_key = read_host_key(o.host_key_fd);
         common_checks(&o);
         sig = container_signature(&ctx);
         g_cleanup = teardown; /* from here on a failure unmounts what was built */
