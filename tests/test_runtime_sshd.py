@@ -125,7 +125,9 @@ def site(test_users, tmp_path_factory, udiimage) -> Iterator[RuntimeSite]:
     write_conf(site)
     yield site
     site.root_tool("unsetupRoot")
-    assert site.our_mounts() == [] and site.our_loops() == []
+    assert site.our_mounts() == []
+    wait_loops_released(site)  # the kernel clears a lazily unmounted loop asynchronously
+    assert site.our_loops() == []
 
 
 @pytest.fixture(scope="module")
