@@ -46,7 +46,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from udiroot.descriptor import ImageRequest
 
 # Shifter's getopt string is "hvV:i:e:w:m:" (+E): -w takes an argument; only the long
 # --workdir has the bare form, as only --entrypoint exists for the entrypoint.
@@ -278,7 +277,7 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
 
     env = build_environment(
         environ,
-        image_request=_request_text(request, environ),
+        image_request=_request_text(opts.image, environ),
         image_id=image_id,
         clearenv=opts.clearenv,
         image_env=meta.env,
@@ -304,14 +303,24 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
     return argv
 
 
-def _request_text(request: ImageRequest, environ: Mapping[str, str]) -> str:
-    """``SHIFTER_IMAGEREQUEST``: the tag as the user asked for it (what job scripts compare
-    with the name they passed to ``--image``). When Slurm already resolved the request to
-    an id (§7: ``SHIFTER_IMAGETYPE=id`` plus the original in ``SHIFTER_IMAGEREQUEST``),
-    the original is kept."""
-    if request.type == "id" and environ.get("SHIFTER_IMAGEREQUEST"):
-        return environ["SHIFTER_IMAGEREQUEST"]
-    return request.tag
+def _request_text(option: str | None, environ: Mapping[str, str]) -> str | None:
+    """``SHIFTER_IMAGEREQUEST`` as Shifter sets it: the ``--image`` value exactly as
+    given (``id:<id>``, ``docker:ubuntu:22.04``, ``ubuntu:22.04``); without ``--image``,
+    the caller's ``SHIFTER_IMAGEREQUEST`` (else ``SLURM_SPANK_SHIFTER_IMAGEREQUEST``),
+    which the Slurm plugin set to the job's original request when it pinned the id;
+    else, when the image came from ``$SHIFTER``, that value. An image chosen by the
+    ``SHIFTER_IMAGETYPE``/``SHIFTER_IMAGE`` pair alone sets none (``None``), as in
+    Shifter."""
+    if option is not None:
+        return option
+    for name in ("SHIFTER_IMAGEREQUEST", "SLURM_SPANK_SHIFTER_IMAGEREQUEST"):
+        if name in environ:
+            return environ[name]
+    pair = (environ.get("SHIFTER_IMAGETYPE") or environ.get("SLURM_SPANK_SHIFTER_IMAGETYPE"),
+            environ.get("SHIFTER_IMAGE") or environ.get("SLURM_SPANK_SHIFTER_IMAGE"))
+    if pair[0] and pair[1]:
+        return None
+    return environ.get("SHIFTER") or environ.get("SLURM_SPANK_SHIFTER") or None
 
 
 def _cwd() -> str:

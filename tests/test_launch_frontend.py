@@ -362,7 +362,7 @@ def test_exact_helper_argv_and_env_for_an_id_image(site: Site) -> None:
     assert env["CALLER"] == "here"
     assert not [name for name in env if name.startswith("LD_")]
     assert env["SHIFTER_IMAGE"] == iid
-    assert env["SHIFTER_IMAGEREQUEST"] == iid
+    assert env["SHIFTER_IMAGEREQUEST"] == f"id:{iid}"  # the request as given, as Shifter
     assert env["FROM_IMAGE"] == "1"
     assert env["PATH"] == "/usr/bin"  # the image's PATH wins over the caller's
     assert env["SHIFTER_HELPER"] == str(site.helper)  # the caller's own variables stay
@@ -419,7 +419,8 @@ def test_clearenv(site: Site) -> None:
     iid = site.add_image("clear", "ENV: IMG=1\n")
     res = site.shifter(f"--image=id:{iid}", "-E", "-e", "X=1", "env", env={"CALLER": "x"})
     assert res.returncode == 0, res.stderr
-    assert res.env == {"SHIFTER_IMAGEREQUEST": iid, "SHIFTER_IMAGE": iid, "IMG": "1", "X": "1"}
+    assert res.env == {"SHIFTER_IMAGEREQUEST": f"id:{iid}", "SHIFTER_IMAGE": iid, "IMG": "1",
+                       "X": "1"}
 
 
 def test_env_file_errors(site: Site) -> None:
@@ -459,7 +460,7 @@ def test_tag_from_the_index(site: Site) -> None:
     assert res.returncode == 0, res.stderr
     assert res.option("--image-id") == [iid]
     assert res.option("--request") == ["docker:registry.test:5000/team/busybox:1.0"]
-    assert res.env["SHIFTER_IMAGEREQUEST"] == "registry.test:5000/team/busybox:1.0"
+    assert res.env["SHIFTER_IMAGEREQUEST"] == "docker:registry.test:5000/team/busybox:1.0"
     assert res.env["SHIFTER_IMAGE"] == iid
 
 

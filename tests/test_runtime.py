@@ -82,7 +82,7 @@ def test_tag_resolved_from_the_gateway_index_without_a_gateway(site, image):
     res = site.shifter(ALICE, "--image=docker:registry.test:5000/team/busybox:1.0",
                        "sh", "-c", "echo $SHIFTER_IMAGE $SHIFTER_IMAGEREQUEST")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == [image, "registry.test:5000/team/busybox:1.0"]
+    assert res.stdout.split() == [image, "docker:registry.test:5000/team/busybox:1.0"]
 
 
 def test_unknown_image_is_a_clear_error(site):
@@ -150,6 +150,40 @@ def test_environment_layers(site, image, tmp_path):
     res = site.shifter(ALICE, f"--image=id:{image}", "-E", "env", env={"CALLER": "caller"})
     assert "CALLER" not in res.stdout and f"SHIFTER_IMAGE={image}" in res.stdout
 
+
+
+def _container_environ(stdout: str) -> dict[str, str]:
+    """``cat /proc/self/environ`` output as a dict (NUL records: values may hold anything)."""
+    records = stdout.split("\0")
+    assert records[-1] == "", stdout[-80:]
+    return dict(record.split("=", 1) for record in records[:-1])
+
+
+def test_whole_environment_under_env_i_is_exactly_the_layers(site, image, tmp_path):
+    """Under ``env -i`` the front end's Python runs in the C locale and coerces it
+    (``LC_CTYPE=C.UTF-8`` in its own environment): the container must see only the
+    caller's variables (``LD_*`` gone), ``SHIFTER_IMAGEREQUEST`` as requested,
+    ``SHIFTER_IMAGE``, the image's ENV, ``--env``, the site's layer. Nothing else."""
+    site.tag("registry.test:5000/team/envi:1.0", image)
+    site.write_conf(siteEnv="SITEVAR=site", siteEnvAppend="PATH=/opt/udiImage/bin")
+    plumbing = {"SHIFTER_HELPER": str(site.user_env(ALICE)["SHIFTER_HELPER"]),
+                "SHIFTER_UDIROOT_CONF": site.user_env(ALICE)["SHIFTER_UDIROOT_CONF"]}
+    cases = [
+        ({}, [f"--image=id:{image}"], {"SHIFTER_IMAGEREQUEST": f"id:{image}"}),
+        ({"HOME": "/home/x", "TERM": "dumb", "ODD": "a b=c\tz", "LD_LIBRARY_PATH": "/nowhere",
+          "SHIFTER_IMAGETYPE": "id", "SHIFTER_IMAGE": image}, ["-e", "CLI=1"], {"CLI": "1"}),
+        ({"LANG": "C"}, ["--image=registry.test:5000/team/envi:1.0"],
+         {"SHIFTER_IMAGEREQUEST": "registry.test:5000/team/envi:1.0"}),
+    ]
+    for given, args, added in cases:
+        caller = {**plumbing, **given}
+        res = site.run(ALICE, ["env", "-i", *(f"{k}={v}" for k, v in caller.items()),
+                               str(site.launcher), *args, "cat", "/proc/self/environ"])
+        assert res.returncode == 0, res.stderr
+        expected = {k: v for k, v in caller.items() if not k.startswith("LD_")}
+        expected.update({"SHIFTER_IMAGE": image, "IMAGEVAR": "from-image",
+                         "PATH": "/usr/bin:/bin:/opt/udiImage/bin", "SITEVAR": "site", **added})
+        assert _container_environ(res.stdout) == expected, (given, args)
 
 def test_entrypoint_and_workdir(site, image):
     res = site.shifter(ALICE, f"--image=id:{image}", "--entrypoint")
