@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 DEFAULT_HELPER = "/usr/local/libexec/shifter/shifter-helper"
 HELPER_ENV = "SHIFTER_HELPER"
 NOT_FOUND = "FAILED to find requested image."
+# How `shifterimg lookup` begins its "no such image" line (shifter/shifterimg.py).
+LOOKUP_MISSING = "shifterimg: error: image "
 ENV_LIMIT = 4 << 20  # the helper refuses an --env-fd larger than 4 MiB
 
 NO_ARG, REQUIRED, OPTIONAL = 0, 1, 2
@@ -216,14 +218,22 @@ def gateway_lookup(type_: str, tag: str, verbose: bool = False) -> str | None:
 
     client = shifterimg_path()
     if client is None:
-        print("shifter: cannot ask the image gateway: no shifterimg found", file=sys.stderr)
+        print(
+            "shifter: error: cannot ask the image gateway: no shifterimg found "
+            "(install the runtime package, or put shifterimg on PATH)",
+            file=sys.stderr,
+        )
         return None
     argv = [client, *(["--verbose"] if verbose else []), "lookup", f"{type_}:{tag}"]
     try:
-        proc = subprocess.run(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL)
     except OSError as exc:
         print(f"shifter: cannot run {client}: {exc.strerror}", file=sys.stderr)
         return None
+    # Its words reach the user, but for "not available; pull it": we say that ourselves.
+    for line in proc.stderr.decode("utf-8", "replace").splitlines():
+        if not line.startswith(LOOKUP_MISSING):
+            print(line, file=sys.stderr)
     if proc.returncode != 0:
         return None
     lines = proc.stdout.decode("ascii", "replace").split()
@@ -245,7 +255,11 @@ def resolve_id(cfg: UdiRootConfig, request: ImageRequest, verbose: bool = False)
     if found is None:
         found = gateway_lookup(request.type, request.tag, verbose)
     if found is None:
-        raise Failure(f"FAILED to lookup {request.type} image {request.tag}\n{NOT_FOUND}")
+        # Shifter's two lines (scripts match them), then the next step.
+        raise Failure(
+            f"FAILED to lookup {request.type} image {request.tag}\n{NOT_FOUND}\n"
+            f"shifter: pull it first: shifterimg pull {request.type}:{request.tag}"
+        )
     return found
 
 

@@ -15,7 +15,8 @@ signals, stdin, the terminal and the exit status are the command's)::
         -- CMD [ARG…]
 
 The helper trusts none of it and re-checks what needs checking (helpers/PROTOCOL.md).
-Every error found here is one clear message on stderr and exit status 1, before exec.
+Every error found here is one clear message on stderr and exit status 1, before exec;
+a mistake on the command line exits 2 (``USAGE_STATUS``), as argparse-based tools do.
 """
 
 from __future__ import annotations
@@ -103,6 +104,9 @@ Options:
 
 Without a command: $SHELL, else /bin/sh. Options end at the first non-option.
 """
+
+
+USAGE_STATUS = 2
 
 
 class Options:
@@ -337,8 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             opts = parse_args(args)
         except UsageError as exc:
-            print(f"shifter: {exc}\nTry 'shifter --help' for more information.", file=sys.stderr)
-            return 1
+            print(f"shifter: error: {exc}\nTry 'shifter --help' for more information.",
+                  file=sys.stderr)
+            return USAGE_STATUS
         if opts.help:
             sys.stdout.write(USAGE)
             return 0

@@ -157,10 +157,13 @@ def prepare(out: Path, *, sshd: str = SSHD, ssh: str = SSH, force: bool = False,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shifter import __version__
+
     ap = argparse.ArgumentParser(
         prog="shifter-prep-udiimage",
         description="Build the optUdiImage tree (copied into every container as "
                     "/opt/udiImage) with the host's sshd and ssh, runnable in any image.")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     ap.add_argument("-o", "--out", required=True,
                     help="the tree to write (udiRoot.conf's optUdiImage)")
     ap.add_argument("--sshd", default=SSHD, help=f"sshd to inject (default {SSHD})")
