@@ -81,7 +81,10 @@ def create_app(manager: ImageManager, *, auth_method: str | None = None) -> Flas
 
     @app.errorhandler(AuthError)
     def auth_error(exc: AuthError):
-        return _error(401, f"authentication failed: {exc}")
+        message = str(exc)  # munge's refusals already begin so: say it once
+        if not message.startswith("authentication failed"):
+            message = f"authentication failed: {message}"
+        return _error(401, message)
 
     @app.errorhandler(AuthUnavailable)
     def auth_unavailable(exc: AuthUnavailable):

@@ -319,10 +319,11 @@ def test_version_and_help(site: Site) -> None:
     assert "--entrypoint[=CMD]" in res.stdout
 
 
-def test_usage_error_exits_1(site: Site) -> None:
+def test_usage_error_exits_2(site: Site) -> None:
     res = site.shifter("--nope", "true")
-    assert res.returncode == 1 and not res.helper_ran
-    assert "shifter: unrecognized option '--nope'" in res.stderr
+    assert res.returncode == 2 and not res.helper_ran
+    assert res.stderr == ("shifter: error: unrecognized option '--nope'\n"
+                          "Try 'shifter --help' for more information.\n")
     res = site.shifter("-i", "docker:x", "-e", "NOEQUALS", "true")
     assert res.returncode == 1
     assert "Improperly formatted environment variable: NOEQUALS" in res.stderr
@@ -484,6 +485,8 @@ def test_index_entry_without_meta_is_not_used(site: Site) -> None:
     assert res.returncode == 1 and not res.helper_ran
     assert "FAILED to lookup docker image gone:1" in res.stderr
     assert "FAILED to find requested image." in res.stderr
+    # ...and what to do about it, with the exact descriptor.
+    assert res.stderr.endswith("shifter: pull it first: shifterimg pull docker:gone:1\n")
 
 
 def test_index_entry_the_helper_would_refuse_is_not_used(site: Site) -> None:
@@ -544,7 +547,8 @@ def test_unknown_tag_without_a_shifterimg(site: Site) -> None:
     assert res.returncode == 1 and not res.helper_ran
     assert "no shifterimg found" in res.stderr
     assert res.stderr.endswith("FAILED to lookup docker image nosuch:1\n"
-                               "FAILED to find requested image.\n")
+                               "FAILED to find requested image.\n"
+                               "shifter: pull it first: shifterimg pull docker:nosuch:1\n")
 
 
 def test_unknown_tag_with_an_unreachable_gateway(site: Site, munged) -> None:
@@ -553,8 +557,11 @@ def test_unknown_tag_with_an_unreachable_gateway(site: Site, munged) -> None:
     env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "MUNGE_SOCKET": str(munged.socket)}
     res = site.shifter("--image=docker:nosuch:1", "true", env=env)
     assert res.returncode == 1 and not res.helper_ran
-    assert "ERROR: failed to contact the image gateway." in res.stderr
-    assert res.stderr.endswith("FAILED to find requested image.\n")
+    # Shifter's line, then which URL and why (shifterimg's words reach the user).
+    assert "ERROR: failed to contact the image gateway.\n" in res.stderr
+    assert "shifterimg: error: http://127.0.0.1:9: Connection refused\n" in res.stderr
+    assert res.stderr.endswith("FAILED to find requested image.\n"
+                               "shifter: pull it first: shifterimg pull docker:nosuch:1\n")
 
 
 class _LookupGateway(BaseHTTPRequestHandler):
@@ -605,8 +612,10 @@ def test_tag_not_in_the_index_is_looked_up_with_shifterimg(site, lookup_gateway,
     # Not found at the gateway either: exit 1 with Shifter's words.
     res = site.shifter("--image=docker:team/other:1", "true", env=env)
     assert res.returncode == 1 and not res.helper_ran
-    assert res.stderr.endswith("FAILED to lookup docker image team/other:1\n"
-                               "FAILED to find requested image.\n")
+    # shifterimg's own "not available" line is not repeated: shifter says the next step.
+    assert res.stderr == ("FAILED to lookup docker image team/other:1\n"
+                          "FAILED to find requested image.\n"
+                          "shifter: pull it first: shifterimg pull docker:team/other:1\n")
 
 
 def test_image_acl(site: Site) -> None:

@@ -152,6 +152,16 @@ def test_environment_layers(site, image, tmp_path):
 
 
 
+def test_shifter_site_file_with_nodecontextprefix_runs(site, image):
+    """Shifter's test configs keep a blank ``nodeContextPrefix=`` (defunct there): a site
+    file copied from them must launch, through the front end and the setuid helper, with
+    no warning."""
+    for value in ("", "/var/nodecontext"):
+        site.write_conf(nodeContextPrefix=value)
+        res = site.shifter(ALICE, f"--image=id:{image}", "true")
+        assert (res.returncode, res.stderr) == (0, ""), res
+
+
 def _container_environ(stdout: str) -> dict[str, str]:
     """``cat /proc/self/environ`` output as a dict (NUL records: values may hold anything)."""
     records = stdout.split("\0")
