@@ -319,6 +319,27 @@ def test_version_and_help(site: Site) -> None:
     assert "--entrypoint[=CMD]" in res.stdout
 
 
+def test_every_cli_says_its_version(site: Site) -> None:
+    """``--version`` on every command a site installs, the same version everywhere."""
+    import imagegw
+
+    assert imagegw.__version__ == __version__
+    for name in ("setupRoot", "unsetupRoot"):
+        res = site.run(name, "--version")
+        assert (res.returncode, res.stdout, res.helper_ran) == (0, f"{name} {__version__}\n",
+                                                                False), res.stderr
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project_scripts = project["scripts"]
+    assert {"shifterimg", "shifter-imagegw", "shifter-prep-mpi", "shifter-prep-udiimage",
+            "shifter-convert"} <= set(project_scripts)
+    for name in project_scripts:
+        if name in ("shifter", "setupRoot", "unsetupRoot"):
+            continue  # the python3 -I -S launchers above
+        proc = subprocess.run([str(VENV_BIN / name), "--version"], capture_output=True,
+                              text=True, timeout=60)
+        assert (proc.returncode, proc.stdout) == (0, f"{name} {__version__}\n"), proc.stderr
+
+
 def test_usage_error_exits_2(site: Site) -> None:
     res = site.shifter("--nope", "true")
     assert res.returncode == 2 and not res.helper_ran

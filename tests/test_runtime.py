@@ -428,6 +428,24 @@ def test_setup_root_then_shifter_reuses_it_then_unsetup(site, image):
     assert site.our_mounts() == [] and site.our_loops() == []
 
 
+def test_setup_root_dash_capital_v_is_shifters_verbose(site, image):
+    """``setupRoot -V`` (Shifter's verbose): what will be set up on stdout, then the
+    helper's progress on stderr; the container is built all the same."""
+    uid = subprocess.run(["id", "-u", ALICE], capture_output=True, text=True).stdout.strip()
+    gid = subprocess.run(["id", "-g", ALICE], capture_output=True, text=True).stdout.strip()
+    res = site.root_tool("setupRoot", "-V", "-U", uid, "-G", gid, "-u", ALICE, "id", image)
+    try:
+        assert res.returncode == 0, res.stderr
+        assert f"setupRoot: user {ALICE} uid {uid} gid {gid}\n" in res.stdout
+        assert f"setupRoot: image id:{image} = {image}\n" in res.stdout
+        assert "setup done" in res.stderr  # the helper's progress
+        assert (site.udi_mount / "var" / "shifterConfig.json").exists()
+    finally:
+        done = site.root_tool("unsetupRoot", "-V")
+    assert done.returncode == 0, done.stderr
+    assert site.our_mounts() == [] and site.our_loops() == []
+
+
 def test_setup_root_failure_leaves_nothing(site, image):
     res = site.root_tool("setupRoot", "-U", "1001", "-G", "1001", "-u", ALICE,
                          "-v", "/nonexistent-source:/data", "id", image)
