@@ -228,7 +228,7 @@ def gateway_lookup(type_: str, tag: str, verbose: bool = False) -> str | None:
     try:
         proc = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL)
     except OSError as exc:
-        print(f"shifter: cannot run {client}: {exc.strerror}", file=sys.stderr)
+        print(f"shifter: error: cannot run {client}: {exc.strerror}", file=sys.stderr)
         return None
     # Its words reach the user, but for "not available; pull it": we say that ourselves.
     for line in proc.stderr.decode("utf-8", "replace").splitlines():
@@ -239,7 +239,8 @@ def gateway_lookup(type_: str, tag: str, verbose: bool = False) -> str | None:
     lines = proc.stdout.decode("ascii", "replace").split()
     found = lines[-1] if lines else ""
     if not valid_id(found):
-        print(f"shifter: {client} answered an invalid image id: {found!r}", file=sys.stderr)
+        print(f"shifter: error: {client} answered an invalid image id: {found!r}",
+              file=sys.stderr)
         return None
     if verbose:
         print(f"shifter: {type_}:{tag} is {found} (image gateway)", file=sys.stderr)
@@ -331,11 +332,13 @@ def env_records(env: Mapping[str, str]) -> bytes:
     for name, value in env.items():
         record = fsencode(name) + b"=" + fsencode(value)
         if b"\0" in record:
-            raise Failure(f"Environment variable {name} contains a NUL character")
+            raise Failure(f"shifter: error: environment variable {name} contains a NUL "
+                          "character; remove it (or run with --clearenv)")
         out += record + b"\0"
     if len(out) > ENV_LIMIT:
         raise Failure(
-            f"The container environment is too large ({len(out)} bytes; the limit is 4 MiB)"
+            f"shifter: error: the container environment is too large ({len(out)} bytes; "
+            "the limit is 4 MiB): unset large variables or use --clearenv"
         )
     return bytes(out)
 
@@ -348,7 +351,7 @@ def env_fd(env: Mapping[str, str]) -> int:
     try:
         fd = posix.memfd_create("shifter-env", 0)
     except (AttributeError, OSError) as exc:
-        raise Failure(f"Cannot create the environment memfd: {exc}") from None
+        raise Failure(f"shifter: error: cannot create the environment memfd: {exc}") from None
     view = memoryview(data)
     while view:
         written = posix.write(fd, view)
@@ -370,8 +373,8 @@ def exec_helper(argv: list[str], verbose: bool = False) -> int:
         posix.execv(argv[0], argv)
     except OSError as exc:
         print(
-            f"Cannot run the shifter helper {argv[0]}: {exc.strerror} "
-            "(is it installed? run make install)",
+            f"shifter: error: cannot run the shifter helper {argv[0]}: {exc.strerror} "
+            "(is the runtime installed? a developer checkout: make install)",
             file=sys.stderr,
         )
     return 1
