@@ -70,6 +70,22 @@ def test_bash_completes_modes_and_options(out: Path) -> None:
     assert _complete(out, "shifterimg", ["--js"]) == ["--json"]
     assert _complete(out, "shifterimg", ["pull", "lo"]) == []  # one mode only
     assert _complete(out, "shifter", ["--ima"]) == ["--image"]
+    assert _complete(out, "shifter", ["-i", "ubuntu", "--w"]) == ["--workdir"]
+    # Options end at the command (Shifter's getopt): its own options are not shifter's.
+    assert _complete(out, "shifter", ["-i", "ubuntu", "ls", "--w"]) == []
+    assert _complete(out, "shifter", ["--", "--w"]) == []
+    # bash hands --opt=value over as three words
+    assert _complete(out, "shifter", ["--image", "=", "ubuntu", "--w"]) == ["--workdir"]
+    assert _complete(out, "shifter", ["--workdir", "=", "/x", "ls", "--w"]) == []
     assert _complete(out, "setupRoot", ["--vers"]) == ["--version"]
     for name in COMMANDS:
         assert (out / "completion" / "bash" / name).exists()
+
+
+def test_every_installed_command_has_a_page(out: Path) -> None:
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(COMMANDS) <= set(scripts)
+    pages = {p.name.removesuffix(".1") for p in (out / "man" / "man1").iterdir()}
+    assert pages == set(scripts)
