@@ -103,6 +103,8 @@ Options:
       --version             show the version
 
 Without a command: $SHELL, else /bin/sh. Options end at the first non-option.
+Exit status: the command's; 1 when shifter fails before the command starts;
+2 for a mistake on the command line.
 """
 
 
