@@ -547,6 +547,26 @@ def test_slurm_resolved_id_keeps_the_original_request(site: Site) -> None:
     assert res.env["SHIFTER_IMAGEREQUEST"] == "ubuntu:22.04" and res.env["SHIFTER_IMAGE"] == iid
 
 
+def test_image_request_is_set_as_shifter_sets_it(site: Site) -> None:
+    """``SHIFTER_IMAGEREQUEST``: the --image value as typed; else the caller's (the Slurm
+    plugin's pinned request), else ``$SHIFTER``'s value; not set when only the
+    SHIFTER_IMAGETYPE/SHIFTER_IMAGE pair chose the image (Shifter sets none then)."""
+    iid = site.add_image("req", tag="req:1")
+    cases = [
+        ({}, [f"--image=id:{iid}"], f"id:{iid}"),
+        ({}, ["--image=req:1"], "req:1"),
+        ({"SHIFTER_IMAGEREQUEST": "old"}, ["--image=docker:req:1"], "docker:req:1"),
+        ({"SHIFTER_IMAGETYPE": "docker", "SHIFTER_IMAGE": "req:1"}, [], None),
+        ({"SHIFTER": "req:1"}, [], "req:1"),
+        ({"SLURM_SPANK_SHIFTER_IMAGETYPE": "id", "SLURM_SPANK_SHIFTER_IMAGE": iid,
+          "SLURM_SPANK_SHIFTER_IMAGEREQUEST": "req:1"}, [], "req:1"),
+    ]
+    for env, args, expect in cases:
+        res = site.shifter(*args, "true", env=env)
+        assert res.returncode == 0, res.stderr
+        assert res.env.get("SHIFTER_IMAGEREQUEST") == expect, (env, args)
+
+
 def test_bad_descriptors(site: Site) -> None:
     res = site.shifter("--image=docker:ub$untu", "true")
     assert res.returncode == 1 and "Invalid character '$'" in res.stderr

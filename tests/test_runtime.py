@@ -184,6 +184,9 @@ def test_whole_environment_under_env_i_is_exactly_the_layers(site, image, tmp_pa
           "SHIFTER_IMAGETYPE": "id", "SHIFTER_IMAGE": image}, ["-e", "CLI=1"], {"CLI": "1"}),
         ({"LANG": "C"}, ["--image=registry.test:5000/team/envi:1.0"],
          {"SHIFTER_IMAGEREQUEST": "registry.test:5000/team/envi:1.0"}),
+        # The user's own LC_CTYPE=C, which Python's start-up would overwrite with C.UTF-8.
+        ({"LC_CTYPE": "C", "SHIFTER": "docker:registry.test:5000/team/envi:1.0"}, [],
+         {"SHIFTER_IMAGEREQUEST": "docker:registry.test:5000/team/envi:1.0"}),
     ]
     for given, args, added in cases:
         caller = {**plumbing, **given}
