@@ -492,9 +492,20 @@ def test_pull_with_shifterimg_then_run_with_shifter(site, registry, munged, tmp_
         text = "".join(f"{k}={v}\n" for k, v in site.conf.items())
         client_conf.write_text(text + f"imageGateway={gw.url}\n")
         os.chmod(client_conf, 0o644)
-        env = {"SHIFTER_UDIROOT_CONF": str(client_conf), "MUNGE_SOCKET": munged.socket}
-        shifterimg = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "shifterimg")
-        pulled = site.run(ALICE, [shifterimg, "pull", tag], env=env, timeout=120)
+        venv_bin = Path(__file__).resolve().parents[1] / ".venv" / "bin"
+        env = {"SHIFTER_UDIROOT_CONF": str(client_conf), "MUNGE_SOCKET": munged.socket,
+               "PATH": f"{venv_bin}:/usr/bin:/bin"}
+        shifterimg = str(venv_bin / "shifterimg")
+        # Not pulled yet: shifter asks the gateway, then says the command that fixes it...
+        res = site.shifter(ALICE, f"--image={tag}", "true", env=env)
+        assert res.returncode == 1, res
+        assert res.stderr == (f"FAILED to lookup docker image {tag}\n"
+                              "FAILED to find requested image.\n"
+                              f"shifter: pull it first: shifterimg pull docker:{tag}\n")
+        # ...and that very command works.
+        suggested = res.stderr.splitlines()[-1].split("pull it first: ", 1)[1].split()
+        assert suggested[:2] == ["shifterimg", "pull"]
+        pulled = site.run(ALICE, [shifterimg, *suggested[1:]], env=env, timeout=120)
         assert pulled.returncode == 0 and "READY" in pulled.stdout, pulled
         res = site.shifter(ALICE, f"--image={tag}", "sh", "-c",
                            "echo test; cat /etc/os-release; echo $FROM_CONFIG", env=env)
