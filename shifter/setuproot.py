@@ -164,7 +164,8 @@ def plan_setup(opts: SetupOptions) -> list[str]:
     if opts.uid is None or opts.gid is None:
         raise Failure("setupRoot: -U uid and -G gid are required")
     if opts.uid == 0 or opts.gid == 0:
-        raise Failure("Failed to lookup username or attempted to run as root.")
+        raise Failure("Failed to lookup username or attempted to run as root.\n"
+                      "setupRoot: containers never run as root: give the job owner's -U and -G")
     user = opts.user or _user_name(opts.uid)
 
     cfg = load_or_exit()

@@ -121,6 +121,16 @@ def test_unknown_key_names_file_line_and_the_nearest_key(tmp_path, capsys):
         assert first.endswith(f"; {hint})" if hint else f"line {line})"), first
 
 
+def test_unknown_key_line_is_where_its_logical_line_starts():
+    """The helper's message (no path: the tests compare both parsers' words) counts
+    physical lines, and a continued line is reported where it begins."""
+    start = len(BASE.splitlines()) + 3
+    with pytest.raises(ConfigError) as info:
+        parse_text(BASE + "# one\n\nsiteFS=/a:/a;\\\n/b:/b\nsystem=x\n")
+    assert str(info.value) == f"Couldn't understand key: siteFS (udiRoot.conf line {start})"
+    assert (info.value.key, info.value.line) == ("siteFS", start)
+
+
 def test_nodecontextprefix_is_accepted_silently_as_shifter_does():
     """Shifter's own test files carry a blank nodeContextPrefix= (a defunct key)."""
     for value in ("", "/var/udiMount/node", " x "):
