@@ -820,7 +820,8 @@ def test_setup_root_image_forms_and_modules(site: Site) -> None:
     ("args", "message", "status"),
     [
         (["-U", "1001", "-u", "u", "id", "IID"], "-U uid and -G gid are required", 1),
-        (["-U", "0", "-G", "0", "-u", "u", "id", "IID"], "attempted to run as root", 1),
+        (["-U", "0", "-G", "0", "-u", "u", "id", "IID"], "attempted to run as root.\n"
+         "setupRoot: containers never run as root: give the job owner's -U and -G\n", 1),
         (["-U", "abc", "-G", "1", "id", "IID"], "-U needs a numeric id, not 'abc'", 1),
         (["-U", "1001", "-G", "1001", "-u", "u", "-N", "bad", "id", "IID"],
          "Invalid node list entry 'bad'", 1),
