@@ -527,10 +527,10 @@ def main(argv: list[str] | None = None) -> int:
                        force=args.force, patchelf=args.patchelf, bind=args.bind,
                        inside=args.inside)
     except PrepError as e:
-        print(f"shifter-prep-mpi: {e}", file=sys.stderr)
+        print(f"shifter-prep-mpi: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"shifter-prep-mpi: {e}", file=sys.stderr)
+        print(f"shifter-prep-mpi: error: {e}", file=sys.stderr)
         return 1
     sys.stdout.write(text)
     return 0

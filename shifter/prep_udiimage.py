@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare(Path(args.out), sshd=args.sshd, ssh=args.ssh, force=args.force,
                 patchelf=args.patchelf)
     except (PrepError, OSError) as e:
-        print(f"shifter-prep-udiimage: {e}", file=sys.stderr)
+        print(f"shifter-prep-udiimage: error: {e}", file=sys.stderr)
         return 1
     print(f"optUdiImage={os.path.abspath(args.out)}")
     return 0
