@@ -272,7 +272,7 @@ def ca_trust(ca_file: str | None, conf_path: str) -> tuple[str | bool, str]:
     for path in SYSTEM_CA_FILES:
         if os.path.isfile(path):
             return path, f"the system CA store {path}"
-    return True, "the CAs that come with python3-requests (no system CA store found)"
+    return True, "requests' default CAs (no system CA store found)"
 
 
 def check_ca_file(ca_file: str, conf_path: str) -> None:
