@@ -1,5 +1,5 @@
-"""The image gateway as nodes and users see it: a real gunicorn gateway, real munge
-credentials made as real users, a real registry. Scenarios of behaviour spec §9."""
+"""The image gateway as nodes and users see it: a real gunicorn gateway, real munge credentials made
+as real users, a real registry. Scenarios of docs/behaviour.md, 'Scenarios the tests cover'."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Which image to run: ``--image``, the environment, and the ``type:tag`` descriptor.
 
-Rules (behaviour spec §6.3, §9 "character filtering"):
+Rules (docs/behaviour.md, 'Runtime: image selection'; the tag characters of 'Scenarios the
+tests cover'):
 
 * Precedence: ``--image``; else the pair ``SHIFTER_IMAGETYPE``/``SHIFTER_IMAGE`` (each
   falling back to its ``SLURM_SPANK_`` twin), used only when both are set; else the

@@ -1,4 +1,5 @@
-"""The container's ``/etc/passwd`` and ``/etc/group`` (spec §6.4, §6.6 steps 7 and 8).
+"""The container's ``/etc/passwd`` and ``/etc/group`` (docs/behaviour.md, 'Runtime: identity',
+'Runtime: building the container' steps 7 and 8).
 
 Group filter (step 8): every group keeps its name and gid; a group "contains the user"
 when the user is in its member list or the group has the user's name (a personal group);
@@ -94,7 +95,8 @@ def parse_group(text: str) -> list[GroupEntry]:
 
 
 def find_user(text: str, uid: int) -> PasswdEntry | None:
-    """The first passwd entry with ``uid`` (§6.4: the name comes from etcPath/passwd)."""
+    """The first passwd entry with ``uid`` (docs/behaviour.md, 'Runtime: identity': the name comes
+    from etcPath/passwd)."""
     for entry in parse_passwd(text):
         if entry.uid == uid:
             return entry
