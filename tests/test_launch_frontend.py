@@ -1,6 +1,6 @@
-"""The unprivileged front ends ``shifter``, ``setupRoot`` and ``unsetupRoot`` (
-docs/behaviour.md, 'Runtime: shifter options' to 'Runtime: modules', 'Runtime: setupRoot and
-unsetupRoot'; helpers/PROTOCOL.md for what they hand over).
+"""The unprivileged front ends ``shifter``, ``setupRoot`` and ``unsetupRoot`` (see
+docs/behaviour.md, 'Runtime: shifter options' to 'Runtime: modules', and 'Runtime: setupRoot
+and unsetupRoot'; helpers/PROTOCOL.md for what they hand over).
 
 They run for real, as the installed launcher runs them (``python3 -I -S``, no
 site-packages), and really ``execv`` the "helper": ``$SHIFTER_HELPER`` names a small
