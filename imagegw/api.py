@@ -52,7 +52,7 @@ def render(record: Mapping[str, Any]) -> dict[str, Any]:
         for k in RECORD_FIELDS
     }
     if record.get("progress"):
-        out["progress"] = record["progress"]  # BEYOND: layers and bytes done, for shifterimg
+        out["progress"] = record["progress"]  # beyond Shifter: progress for shifterimg
     return out
 
 

@@ -184,7 +184,7 @@ class ImageManager:
         return self._transfers[system]
 
     def is_admin(self, caller: Caller, system: str) -> bool:
-        return caller.user in self.platform(system).admins  # exact membership (FIX)
+        return caller.user in self.platform(system).admins  # exact membership (unlike Shifter)
 
     def _require_admin(self, caller: Caller, system: str, action: str) -> None:
         if not self.is_admin(caller, system):
@@ -242,7 +242,7 @@ class ImageManager:
     def queue(self, caller: Caller, system: str) -> list[dict[str, Any]]:
         self.platform(system)
         records = self.store.list(system, exclude_status=[READY, EXPIRED])
-        # BEYOND: the message too, so a client can say why an import or pull failed.
+        # Beyond Shifter: the message too, so a client can say why an import or pull failed.
         return [
             {
                 "status": r.get("status"),
@@ -604,7 +604,7 @@ class ImageManager:
         self._write_index(system, itype, tag, image_id)
 
     def _write_index(self, system: str, itype: str, tag: str, image_id: str | None) -> None:
-        """BEYOND: ``<imageDir>/tags/<type>/<tag>`` holds the id, so the runtime can start
+        """Beyond Shifter: ``<imageDir>/tags/<type>/<tag>`` holds the id, so the runtime can start
         an image without asking the gateway (and while it is down)."""
         name = f"tags/{itype}/{quote(tag, safe='')}"
         transfer = self.transfer(system)
@@ -817,7 +817,7 @@ class ImageManager:
         for rec in self.store.list(system):
             status = rec.get("status")
             if status == READY:
-                # FIX: an image pulled but never looked up expires from its pull time.
+                # Unlike Shifter: an image pulled but never looked up expires from its pull time.
                 when = rec.get("expiration") or float(rec.get("last_pull") or now) + self.expiration
                 if float(when) < now and self._expire(rec):
                     expired.append(rec.get("id"))

@@ -346,7 +346,7 @@ def test_pull_then_lookup(mgr, registry, tmp_path, clock):
     assert rec["format"] == "squashfs" and rec["remotetype"] == "dockerv2"
     assert (rec["os"], rec["arch"]) == ("linux", "amd64")
     assert rec["location"] == "index.docker.io"
-    # Files in this system's image dir only, plus the runtime's tag index (BEYOND).
+    # Files in this system's image dir only, plus the runtime's tag index (beyond Shifter).
     assert (image_dir(tmp_path) / f"{image_id}.squashfs").is_file()
     assert (image_dir(tmp_path) / f"{image_id}.meta").is_file()
     assert index_file(tmp_path, "ubuntu:22.04").read_text() == image_id + "\n"
@@ -615,7 +615,7 @@ def test_pullable_truth_table(mgr, rec, uacl, gacl, expected):
 
 
 def test_pull_update_timeout_is_honoured(make_manager):
-    # FIX: Shifter read the wrong key and always used 300 s.
+    # Unlike Shifter, which read the wrong key and always used 300 s.
     mgr = make_manager(PullUpdateTimeout=50)
     assert mgr._should_pull(rec_(READY, last_pull=NOW - 51), [], [], NOW) is True
     assert mgr._should_pull(rec_(READY, last_pull=NOW - 49), [], [], NOW) is False
@@ -859,7 +859,7 @@ def test_lookup_sets_expiration_without_rewriting_it_every_time(
 ):
     registry.publish("app:1")
     rec = pull_ready(mgr, ALICE, "app:1")
-    # FIX: a pull alone gives an expiration, from the pull time.
+    # Unlike Shifter: a pull alone gives an expiration, from the pull time.
     assert rec["expiration"] == T0 + EXPIRATION
     writes: list[dict[str, Any]] = []
     update = store.update
@@ -977,7 +977,7 @@ def test_a_refused_lookup_writes_no_metrics_row(mgr, registry, store):
 
 @pytest.mark.parametrize("admins", [["root"], "root", "root, ops"])
 def test_admin_is_exact_membership(make_manager, admins, tmp_path):
-    # FIX: Shifter's `user in admins` on a string made "roo" an admin of "root".
+    # Unlike Shifter, whose `user in admins` on a string made "roo" an admin of "root".
     raw_platforms = {
         SYS: {"admins": admins, "local": {"imageDir": str(image_dir(tmp_path))}},
         OTHER: {"local": {"imageDir": str(image_dir(tmp_path, OTHER))}},
@@ -1071,7 +1071,7 @@ def test_autoexpire_also_prunes_layers_unused_for_the_max_age(make_manager, cloc
 
 
 def test_autoexpire_a_record_without_expiration_goes_by_its_pull_time(mgr, clock, store):
-    # FIX: a record without an expiration (pulled, never looked up, as Shifter left them)
+    # Unlike Shifter: a record without an expiration (pulled, never looked up, as Shifter left them)
     # expires from its pull time instead of never.
     base = mgr._new_record(SYS, "docker", "legacy:1")
     legacy = store.insert(base | {"status": READY, "id": "c" * 64, "last_pull": T0, "tag": []})

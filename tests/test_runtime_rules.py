@@ -63,7 +63,7 @@ rootfsType=tmpfs
         ("/opt/myStuff", True),
         ("/input", True),
         ("/etc", False),
-        ("/etcx", True),  # FIX: component-wise
+        ("/etcx", True),  # Unlike Shifter: component-wise
         ("/variable", True),
         ("/opt/udiImage", False),
         ("/opt/udiImage/bin", False),
@@ -330,7 +330,7 @@ def test_image_selection_precedence():
     # mixed pair: type from SHIFTER_, tag from the SLURM twin
     mixed = {"SHIFTER_IMAGETYPE": "docker", "SLURM_SPANK_SHIFTER_IMAGE": "m:1"}
     assert select_image(None, mixed) == ImageRequest("docker", "m:1")
-    # half a pair is ignored; SHIFTER is honoured (FIX)
+    # half a pair is ignored; SHIFTER is honoured (unlike Shifter)
     assert select_image(None, {"SHIFTER_IMAGE": "x", **shifter}) == ImageRequest("docker", "c:3")
     assert select_image(None, {"SHIFTER": "ubuntu"}, "docker") == ImageRequest("docker", "ubuntu")
 
@@ -693,7 +693,7 @@ def test_group_filter_lists_only_the_user():
     assert filter_group(GROUP_FILE, "alice") == (
         "wheel:x:10:alice\n"
         "alice:x:1000:alice\n"
-        "staff:x:50:alice\n"  # empty password field parsed correctly (FIX)
+        "staff:x:50:alice\n"  # empty password field parsed correctly (unlike Shifter)
         "empty:x:60:\n"
         "nogroupmembers:x:70:\n"
         "users:x:100:\n"

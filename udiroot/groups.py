@@ -4,7 +4,7 @@
 Group filter (step 8): every group keeps its name and gid; a group "contains the user"
 when the user is in its member list or the group has the user's name (a personal group);
 such groups list only the user as member, up to ``maxGroupCount`` of them; all other
-groups list no members; gid 0 groups are dropped. **FIX**: ``maxGroupCount`` 0 or unset
+groups list no members; gid 0 groups are dropped. Unlike Shifter, ``maxGroupCount`` 0 or unset
 means no limit, and empty fields (``grp::100:``) are read as empty, not skipped.
 
 ``populateEtcDynamically=1`` (step 7): ``passwd`` holds the user plus ``usersToImport``,

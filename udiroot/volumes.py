@@ -10,7 +10,7 @@ perNodeCache'):
   as ``fs=`` so a normalised signature parses back). ``slave`` with ``private`` is an error.
 * Both paths absolute, no control characters, no ``..`` component. Paths are normalised
   (repeated ``/``, ``.`` components and a trailing ``/`` removed) before the destination
-  rules, which compare whole components: ``/etcx`` is not under ``/etc`` (**FIX**).
+  rules, which compare whole components: ``/etcx`` is not under ``/etc`` (unlike Shifter).
 * User volumes: ``to`` required; flags ``ro`` and ``perNodeCache`` only; exactly
   ``/var/tmp`` allowed; ``/`` and ``/opt`` forbidden; ``/etc``, ``/var``,
   ``/opt/udiImage`` and also ``/dev``, ``/proc``, ``/sys`` forbidden with everything under
@@ -345,7 +345,7 @@ def parse_size(text: str) -> int:
 def check_cache_policy(
     volumes: Iterable[Volume], size_limit: int | None, allowed_fs: Iterable[str] = ()
 ) -> None:
-    """``perNodeCacheSizeLimit`` and ``perNodeCacheAllowedFsType`` (**FIX**: enforced)."""
+    """``perNodeCacheSizeLimit`` and ``perNodeCacheAllowedFsType`` (enforced, unlike Shifter)."""
     allowed = [_lower(fs) for fs in allowed_fs]
     for vol in volumes:
         cache = vol.cache
