@@ -8,7 +8,7 @@
  *   5 site: dirs, pre-mount hook, siteFs, post-mount hook, module siteFs, /etc,
  *     /opt/udiImage, hostsfile, module roothooks, proc sys dev tmp var/tmp
  *   6 image content: top level of /, then /var, /opt and /etc, site entries win
- *   7 user volumes; setup --ssh-pubkey: the container's sshd (sshd.c, spec 6.15)
+ *   7 user volumes; then shifter-setup's sshd (its setup_step)
  *   8 var/shifterConfig.json; root read-only unless mountUdiRootWritable=1
  *
  * The container root is handled as a directory fd (the rootfs mount fd) from
@@ -32,7 +32,6 @@
 #include "etcfiles.h"
 #include "loop.h"
 #include "mnt.h"
-#include "sshd.h"
 #include "util.h"
 #include "volmount.h"
 
@@ -319,8 +318,8 @@ static void site_steps(struct ctx *c)
     etc_populate(c->root, c->conf, &c->id);
     verbose("etc populated");
     opt_udi_image(c);
-    if (c->nodes != NULL)
-        hosts_write(c->root, c->nodes);
+    if (c->setup_step != NULL)
+        c->setup_step(c, STEP_SITE_FILES);
     for (size_t i = 0; i < c->n_modules; i++) {
         const char *h = module_get(c->conf, c->modules[i], "roothook");
         if (h != NULL && *h != '\0') {
@@ -402,8 +401,8 @@ void container_build(struct ctx *c, const char *signature)
         if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0)
             die_errno("Cannot make / a slave mount");
     }
-    if (c->setup_mode)
-        sshd_stop(c); /* a previous job's, left by a missed unsetup */
+    if (c->setup_step != NULL)
+        c->setup_step(c, STEP_CLEAR);
     if (container_teardown(c) != 0)
         die("Cannot clear %s and %s", c->udi, c->loop);
     image = mount_image(c);
@@ -416,8 +415,8 @@ void container_build(struct ctx *c, const char *signature)
     close(image);
     verbose("image content added");
     volmount_user(c);
-    if (c->ssh_key != NULL)
-        sshd_start(c, c->ssh_key);
+    if (c->setup_step != NULL)
+        c->setup_step(c, STEP_USER_VOLUMES);
     {
         int var = open_dir_at(c->root, "var");
         if (var < 0)

@@ -1,39 +1,10 @@
 /*
- * container.h - the state of one container build and the steps of spec 6.6.
+ * container.h - the steps of spec 6.6: build, reuse and clear a container.
  */
 #ifndef SHIFTER_HELPERS_CONTAINER_H
 #define SHIFTER_HELPERS_CONTAINER_H
 
-#include <stdint.h>
-
-#include "conf.h"
-#include "gpu.h"
-#include "ident.h"
-#include "meta.h"
-#include "volume.h"
-
-#define MAX_MODULES 32
-#define MAX_MODULE_NAME 64
-
-struct ctx {
-    const struct udiroot_conf *conf;
-    int setup_mode;           /* setup: caller's namespace, root caller */
-    struct ident id;          /* the user the container is for */
-    const char *image_id;     /* --image-id, or NULL */
-    const char *local_path;   /* --local, or NULL */
-    struct image_meta meta;
-    struct volume_list vols;  /* user volumes, validated */
-    const char *modules[MAX_MODULES];
-    size_t n_modules;
-    const char *nodes;        /* setup --nodes, or NULL */
-    char udi[4096];           /* udiMount, canonical */
-    char loop[4096];          /* loopMount, canonical */
-    int root;                 /* container root (the rootfs mount), -1 until built */
-    unsigned long propagation; /* MS_SLAVE or MS_PRIVATE (mountPropagationStyle) */
-    struct gpu_plan gpu;      /* --gpu: what to inject (gpu.requested 0: nothing) */
-    const char *ssh_key;      /* setup --ssh-pubkey (validated), or NULL: no sshd */
-    int sshd_pidfd;           /* the sshd this setup started, -1 until then */
-};
+#include "ctx.h"
 
 /* The reuse signature of spec 6.5 (malloc'd). */
 char *container_signature(const struct ctx *c);

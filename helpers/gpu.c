@@ -29,7 +29,7 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
-#include "container.h"
+#include "ctx.h"
 #include "copy.h"
 #include "mnt.h"
 #include "util.h"

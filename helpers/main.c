@@ -327,6 +327,17 @@ static void check_tools(void)
     }
 }
 
+/* shifter-setup's own steps of the build (container.c calls them). */
+static void setup_step(struct ctx *c, enum build_step step)
+{
+    if (step == STEP_CLEAR)
+        sshd_stop(c); /* a previous job's, left by a missed unsetup */
+    else if (step == STEP_SITE_FILES && c->nodes != NULL)
+        hosts_write(c->root, c->nodes);
+    else if (step == STEP_USER_VOLUMES && c->ssh_key != NULL)
+        sshd_start(c, c->ssh_key);
+}
+
 static void teardown(void)
 {
     sshd_stop(&ctx);
@@ -389,6 +400,7 @@ int main(int argc, char **argv)
         parse_options(argc, argv, 2, 0, &o);
         ident_from_args(&conf, o.user, o.uid, o.gid, &ctx.id);
         ctx.setup_mode = 1;
+        ctx.setup_step = setup_step;
         common_checks(&o);
         sig = container_signature(&ctx);
         g_cleanup = teardown; /* from here on a failure unmounts what was built */

@@ -5,7 +5,7 @@
 #ifndef SHIFTER_HELPERS_VOLMOUNT_H
 #define SHIFTER_HELPERS_VOLMOUNT_H
 
-#include "container.h"
+#include "ctx.h"
 
 /* Mount a siteFs list (global or a module's); what names it in messages. */
 void volmount_site(struct ctx *c, const char *text, const char *what);
