@@ -94,9 +94,13 @@ static void drop_privileges(const struct ident *id, int lastcap)
     n = getgroups(IDENT_MAX_GROUPS + 1, groups);
     if (n < 0 || (size_t)n != id->ngroups)
         die("Failed to drop privileges: groups");
-    for (int i = 0; i < n; i++)
-        if (groups[i] != id->groups[i] || groups[i] == 0)
+    for (int i = 0; i < n; i++) { /* the kernel keeps them sorted, not in our order */
+        size_t k = 0;
+        while (k < id->ngroups && id->groups[k] != groups[i])
+            k++;
+        if (k == id->ngroups || groups[i] == 0)
             die("Failed to drop privileges: groups");
+    }
     caps(0);
     for (int cap = 0; cap <= lastcap; cap++)
         if (prctl(PR_CAPBSET_READ, cap, 0, 0, 0) != 0)

@@ -6,13 +6,14 @@ job (behaviour spec §6.14; run by the Slurm prolog and epilog, §7).
     unsetupRoot
 
 Root only. Like ``shifter`` they check what needs no privilege (options, image id,
-volumes, modules, node list) and become the helper, which builds the container in the
-caller's mount namespace and writes ``shifterConfig.json`` (``setup``) or unmounts it all
-(``unsetup``)::
+volumes, modules, node list) and become ``shifter-setup``, the root-only program installed
+beside the setuid ``shifter-helper`` (never setuid itself), which builds the container in
+the caller's mount namespace and writes ``shifterConfig.json`` (``setup``) or unmounts it
+all (``unsetup``)::
 
-    shifter-helper setup --user NAME --uid U --gid G (--image-id ID | --local PATH)
+    shifter-setup setup --user NAME --uid U --gid G (--image-id ID | --local PATH)
         [--volume LIST]… --modules LIST|none [--nodes "host/N …"] [--ssh-pubkey KEY]
-    shifter-helper unsetup
+    shifter-setup unsetup
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from shifter.frontend import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
 SHORT = {
     "h": NO_ARG,
@@ -167,7 +168,7 @@ def plan_setup(opts: SetupOptions) -> list[str]:
         if not image_allows(meta, opts.uid, opts.gid, _groups(user, opts.gid)):
             raise Failure(ACL_DENIED)
 
-    argv = [helper_path(os.environ), "setup", "--user", user, "--uid", str(opts.uid)]
+    argv = [setup_path(os.environ), "setup", "--user", user, "--uid", str(opts.uid)]
     argv += ["--gid", str(opts.gid), *target]
     for text in volumes:
         argv += ["--volume", text]
@@ -177,6 +178,12 @@ def plan_setup(opts: SetupOptions) -> list[str]:
     if opts.ssh_key is not None:
         argv += ["--ssh-pubkey", opts.ssh_key.strip()]  # a .pub file's line, newline and all
     return argv
+
+
+def setup_path(environ: Mapping[str, str]) -> str:
+    """``shifter-setup`` beside the helper (``$SHIFTER_HELPER`` or the installed path):
+    both are installed in one directory, and the test builds too."""
+    return os.path.join(os.path.dirname(helper_path(environ)), "shifter-setup")
 
 
 def _user_name(uid: int) -> str:
@@ -226,7 +233,7 @@ def _unsetup(args: list[str]) -> int:
         raise UsageError(f"unexpected argument '{rest[0]}'")
     if os.getuid() != 0:
         raise Failure("unsetupRoot: must be run as root")
-    return exec_helper([helper_path(os.environ), "unsetup"])
+    return exec_helper([setup_path(os.environ), "unsetup"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

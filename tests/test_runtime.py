@@ -353,13 +353,19 @@ def test_setup_root_failure_leaves_nothing(site, image):
 
 
 def test_setup_root_is_for_root_only(site, image):
-    from world.runtime import HELPER
+    """The setuid helper has no setup or unsetup mode; the program that has them is
+    root's alone and never setuid."""
+    from world.runtime import HELPER, SETUP
 
     res = site.run(ALICE, [str(HELPER), "setup", "--user", ALICE, "--uid", "1001",
                            "--gid", "1001", "--image-id", image])
-    assert res.returncode == 1 and res.stderr.strip()
+    assert res.returncode == 1 and "usage: shifter-helper run" in res.stderr
     res = site.run(ALICE, [str(HELPER), "unsetup"])
-    assert res.returncode == 1 and res.stderr.strip()
+    assert res.returncode == 1 and "usage: shifter-helper run" in res.stderr
+    st = SETUP.stat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o700)
+    res = site.run(ALICE, ["/bin/sh", "-c", 'exec "$0" unsetup', str(SETUP)])
+    assert res.returncode == 126 and "Permission denied" in res.stderr
 
 
 # -- the whole main job: registry → gateway → shifterimg pull → shifter ----------------------

@@ -37,6 +37,7 @@ TEST_CONF_DIR = Path(f"/etc/shifter-test{SLOT}")
 TEST_CONF = TEST_CONF_DIR / "udiRoot.conf"
 HELPER_DIR = Path(f"/usr/local/libexec/shifter-test{SLOT}")
 HELPER = HELPER_DIR / "shifter-helper"
+SETUP = HELPER_DIR / "shifter-setup"  # root-only, never setuid (setupRoot/unsetupRoot)
 PYTHON = "/usr/bin/python3"  # Debian's: every user can run it (pyenv's is root-only here)
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ("sh", "cat", "ls", "echo", "id", "env", "true", "false", "touch", "mkdir",
@@ -51,7 +52,8 @@ class Result:
 
 
 def install_helper() -> Path:
-    """Build the sanitized helper and install it setuid root; returns its path."""
+    """Build the sanitized helper and install it setuid root, and beside it the sanitized
+    ``shifter-setup``, root's only (0700, not setuid); returns the helper's path."""
     subprocess.run(["make", "-s", "-C", str(HELPERS), "sanitize",
                     f"TEST_CONF_PATH={TEST_CONF}", f"SLOT={SLOT}"], check=True)
     HELPER_DIR.mkdir(parents=True, exist_ok=True)
@@ -61,6 +63,11 @@ def install_helper() -> Path:
     os.chown(tmp, 0, 0)
     os.chmod(tmp, 0o4755)
     os.replace(tmp, HELPER)
+    tmp = HELPER_DIR / ".shifter-setup.new"
+    shutil.copyfile(HELPERS / "build" / f"shifter-setup-san{SLOT}", tmp)
+    os.chown(tmp, 0, 0)
+    os.chmod(tmp, 0o700)
+    os.replace(tmp, SETUP)
     return HELPER
 
 

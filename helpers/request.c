@@ -1,13 +1,8 @@
 /*
- * shifter-helper - the setuid-root part of Shifter in Python.
- *
- *   shifter-helper run [options] -- CMD [ARG...]   any user but root
- *   shifter-helper setup [options]                 root only
- *   shifter-helper unsetup                         root only
- *
- * PROTOCOL.md is the interface.  This file: clear the environment, load the
- * trusted configuration, parse and re-validate every argument, then hand over
- * to container.c (build) and enter.c (drop privileges, exec).
+ * request.c - what both programs do with a request before building: clear the
+ * environment, load the trusted configuration, parse and re-validate every argument.
+ * Linked into the setuid shifter-helper (run.c) and the root-only shifter-setup
+ * (setup.c); PROTOCOL.md is the interface of both.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -21,15 +16,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "conf.h"
+#include "request.h"
+
 #include "container.h"
-#include "enter.h"
-#include "etcfiles.h"
-#include "ident.h"
-#include "meta.h"
-#include "sshd.h"
 #include "util.h"
-#include "volume.h"
 
 #ifndef CONF_PATH
 #define CONF_PATH CONF_DEFAULT_PATH
@@ -40,25 +30,8 @@
 #define MAX_ARG 65536 /* bytes in one option value */
 #define ID_CHARS "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.+-"
 
-static struct udiroot_conf conf;
-static struct ctx ctx;
-
-struct options {
-    const char *workdir, *request, *modules, *user, *uid, *gid, *ssh_key, *gpu;
-    int env_fd;
-    char *volumes; /* concatenated --volume lists */
-    char **argv;   /* after "--" */
-};
-
-static void usage(void)
-{
-    die("usage: shifter-helper run [--image-id ID | --local PATH] [--volume LIST]... "
-        "[--modules LIST] [--gpu all|N,N] [--workdir DIR] [--env-fd N] [--request TEXT] [--verbose] -- CMD "
-        "[ARG...]\n"
-        "       shifter-helper setup --user NAME --uid U --gid G (--image-id ID | --local "
-        "PATH) [--volume LIST]... [--modules LIST] [--nodes LIST] [--ssh-pubkey KEY]\n"
-        "       shifter-helper unsetup");
-}
+struct udiroot_conf conf;
+struct ctx ctx;
 
 static int valid_image_id(const char *id)
 {
@@ -70,7 +43,7 @@ static int valid_image_id(const char *id)
     return 1;
 }
 
-static void parse_options(int argc, char **argv, int first, int is_run, struct options *o)
+void parse_options(int argc, char **argv, int first, int is_run, struct options *o)
 {
     size_t vlen = 0;
 
@@ -205,7 +178,7 @@ list:
 }
 
 /* The command's environment from --env-fd: NUL-terminated NAME=VALUE records. */
-static char **read_env(int fd)
+char **read_env(int fd)
 {
     char *data, **envp;
     size_t len = 0, n = 0, cap = 4096;
@@ -259,7 +232,7 @@ static char **read_env(int fd)
     return envp;
 }
 
-static void common_checks(struct options *o)
+void common_checks(struct options *o)
 {
     char err[VOL_ERR_LEN];
 
@@ -278,11 +251,6 @@ static void common_checks(struct options *o)
         select_modules(o->modules);
     if (o->gpu != NULL && gpu_parse(o->gpu, &ctx.gpu, err, sizeof err) != 0)
         die("%s", err);
-    if (ctx.nodes != NULL && hosts_validate(ctx.nodes, err, sizeof err) != 0)
-        die("%s", err);
-    if (o->ssh_key != NULL && sshd_check_key(o->ssh_key, err, sizeof err) != 0)
-        die("%s", err);
-    ctx.ssh_key = o->ssh_key;
     if (ctx.image_id != NULL) {
         const char *dir = conf_get(&conf, "imagePath");
         int fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
@@ -327,31 +295,9 @@ static void check_tools(void)
     }
 }
 
-/* shifter-setup's own steps of the build (container.c calls them). */
-static void setup_step(struct ctx *c, enum build_step step)
-{
-    if (step == STEP_CLEAR)
-        sshd_stop(c); /* a previous job's, left by a missed unsetup */
-    else if (step == STEP_SITE_FILES && c->nodes != NULL)
-        hosts_write(c->root, c->nodes);
-    else if (step == STEP_USER_VOLUMES && c->ssh_key != NULL)
-        sshd_start(c, c->ssh_key);
-}
-
-static void teardown(void)
-{
-    sshd_stop(&ctx);
-    container_teardown(&ctx);
-}
-
-int main(int argc, char **argv)
+void helper_init(int argc)
 {
     static char err[CONF_ERR_LEN];
-    struct options o;
-    const char *mode;
-    uid_t ruid = getuid();
-    char *sig;
-    int root;
 
     /* Nothing of the caller's environment is used, and its umask and signal
      * dispositions must not shape what root creates or how it waits. */
@@ -362,13 +308,10 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_DFL);
     if (chdir("/") != 0)
         die_errno("shifter-helper: chdir /");
-
     if (geteuid() != 0)
         die("shifter-helper must be installed setuid root (make install)");
     if (argc < 2)
         usage();
-    mode = argv[1];
-
     if (conf_load(CONF_PATH, &conf, err, sizeof err) != 0)
         die("FAILED to parse udiRoot configuration. (%s)", err);
     for (size_t i = 0; i < conf.n_warnings; i++)
@@ -383,56 +326,4 @@ int main(int argc, char **argv)
         const char *style = conf_get(&conf, "mountPropagationStyle");
         ctx.propagation = style != NULL && strcmp(style, "private") == 0 ? MS_PRIVATE : MS_SLAVE;
     }
-
-    if (strcmp(mode, "unsetup") == 0) {
-        if (ruid != 0)
-            die("unsetup is for root only");
-        if (argc == 3 && strcmp(argv[2], "--verbose") == 0)
-            g_verbose = 1;
-        else if (argc != 2)
-            usage();
-        sshd_stop(&ctx); /* first: it runs inside what is unmounted next */
-        return container_teardown(&ctx) == 0 ? 0 : 1;
-    }
-    if (strcmp(mode, "setup") == 0) {
-        if (ruid != 0)
-            die("setup is for root only");
-        parse_options(argc, argv, 2, 0, &o);
-        ident_from_args(&conf, o.user, o.uid, o.gid, &ctx.id);
-        ctx.setup_mode = 1;
-        ctx.setup_step = setup_step;
-        common_checks(&o);
-        sig = container_signature(&ctx);
-        g_cleanup = teardown; /* from here on a failure unmounts what was built */
-        container_build(&ctx, sig);
-        g_cleanup = NULL;
-        verbose("setup done");
-        return 0;
-    }
-    if (strcmp(mode, "run") == 0) {
-        char **envp;
-
-        ident_from_caller(&conf, &ctx.id);
-        /* Build as root:root; the real ids stay the caller's (they were read above). */
-        if (setresgid((gid_t)-1, 0, (gid_t)-1) != 0)
-            die_errno("shifter-helper: setresgid");
-        parse_options(argc, argv, 2, 1, &o);
-        /* The user's own path, resolved with the user's rights: ".." is harmless. */
-        if (o.workdir != NULL && (o.workdir[0] != '/' || strlen(o.workdir) >= HELPER_MAX_PATH))
-            die("shifter-helper: --workdir must be an absolute path");
-        verbose("start");
-        envp = read_env(o.env_fd);
-        common_checks(&o);
-        if (o.request != NULL)
-            verbose("image request %.256s", o.request);
-        sig = container_signature(&ctx);
-        root = container_prepared(&ctx, sig);
-        if (root < 0) {
-            container_build(&ctx, sig);
-            root = ctx.root;
-        }
-        free(sig);
-        enter(&ctx, root, o.workdir, o.argv, envp);
-    }
-    usage();
 }
