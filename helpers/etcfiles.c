@@ -20,8 +20,6 @@
 #include "copy.h"
 #include "util.h"
 
-#define MAX_HOST_COUNT 65536
-#define HOST_CHARS "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
 #define NSSWITCH                                                                         \
     "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\n"     \
     "protocols: files\nservices: files\nethers: files\nrpc: files\nnetgroup: files\n"
@@ -365,68 +363,4 @@ void etc_populate(int root, const struct udiroot_conf *conf, const struct ident 
     }
     write_file_at(etc, "shadow", "", 0, 0600);
     close(etc);
-}
-
-int hosts_validate(const char *text, char *err, size_t errlen)
-{
-    const char *p = text;
-
-    if (strlen(text) > 1024 * 1024) {
-        snprintf(err, errlen, "Node list too long");
-        return -1;
-    }
-    while (*p) {
-        size_t n = strcspn(p, " \t"), hl;
-        const char *slash;
-        unsigned long count = 0;
-
-        if (n == 0) {
-            p++;
-            continue;
-        }
-        slash = memchr(p, '/', n);
-        hl = slash ? (size_t)(slash - p) : 0;
-        if (slash == NULL || hl == 0 || hl > 250 || strspn(p, HOST_CHARS) != hl || n - hl - 1 == 0 ||
-            n - hl - 1 > 6 || strspn(slash + 1, "0123456789") != n - hl - 1)
-            goto bad;
-        for (const char *c = slash + 1; c < p + n; c++)
-            count = count * 10 + (unsigned long)(*c - '0');
-        if (count < 1 || count > MAX_HOST_COUNT)
-            goto bad;
-        p += n;
-        continue;
-    bad:
-        snprintf(err, errlen, "Invalid node list entry '%.*s': expected host/count, count 1..%d",
-                 (int)(n > 256 ? 256 : n), p, MAX_HOST_COUNT);
-        return -1;
-    }
-    return 0;
-}
-
-void hosts_write(int root, const char *text)
-{
-    struct buf out = {0};
-    const char *p = text;
-    int var = open_dir_at(root, "var");
-
-    if (var < 0)
-        die_errno("Cannot open the container's /var");
-    buf_add(&out, "");
-    while (*p) {
-        size_t n = strcspn(p, " \t");
-        if (n == 0) {
-            p++;
-            continue;
-        }
-        const char *slash = memchr(p, '/', n);
-        char host[256];
-        unsigned long count = strtoul(slash + 1, NULL, 10);
-        snprintf(host, sizeof host, "%.*s\n", (int)(slash - p > 250 ? 250 : slash - p), p);
-        for (unsigned long i = 0; i < count; i++)
-            buf_add(&out, host);
-        p += n;
-    }
-    write_file_at(var, "hostsfile", out.data, out.len, 0644);
-    free(out.data);
-    close(var);
 }

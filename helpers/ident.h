@@ -38,10 +38,6 @@ struct gr_fields {
  * <etcPath>/passwd (or libc with allowLibcPwdCalls=1).  Dies for uid/gid 0. */
 void ident_from_caller(const struct udiroot_conf *conf, struct ident *id);
 
-/* setup mode: the user named by root on the command line; groups from <etcPath>/group. */
-void ident_from_args(const struct udiroot_conf *conf, const char *name, const char *uid,
-                     const char *gid, struct ident *id);
-
 /* Decimal id as groups.py reads it: 1..10 digits, at most IDENT_MAX_ID; -1 if not. */
 int ident_parse_id(const char *text, size_t len, unsigned long *out);
 

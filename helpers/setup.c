@@ -10,14 +10,22 @@
  * mount namespace, the hostsfile, the per-container sshd (sshd.c) and the teardown.
  */
 #define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "container.h"
-#include "etcfiles.h"
+#include "ident.h"
 #include "request.h"
 #include "sshd.h"
 #include "util.h"
+
+#define NO_USER "Failed to lookup username or attempted to run as root."
+#define MAX_HOST_COUNT 65536
+#define HOST_CHARS "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
 
 void usage(void)
 {
@@ -26,6 +34,133 @@ void usage(void)
         "[--verbose]\n"
         "       shifter-setup unsetup [--verbose]");
 }
+
+/* ---- the user named by root (setup --user --uid --gid) ---------------------------- */
+
+/* Groups of name in <etcPath>/group: every group listing it as a member. */
+static void groups_from_etc(const struct udiroot_conf *conf, struct ident *id)
+{
+    const char *etc = conf_get(conf, "etcPath");
+    int dfd = open(etc, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    char *text, *cursor, *line;
+    size_t tlen;
+
+    if (dfd < 0)
+        die_errno("Cannot open etcPath %s", etc);
+    id->groups[id->ngroups++] = id->gid;
+    if (read_small_file_at(dfd, "group", 1, &text, &tlen) != 0) {
+        close(dfd);
+        return; /* no group file: the primary group only */
+    }
+    close(dfd);
+    cursor = text;
+    while ((line = ident_next_line(&cursor)) != NULL) {
+        struct gr_fields f;
+
+        if (ident_parse_gr_line(line, &f) != 0 || f.gid == 0 || f.gid == id->gid)
+            continue;
+        for (char *m = f.members; *m;) {
+            size_t len = strcspn(m, ",");
+            if (len == strlen(id->name) && strncmp(m, id->name, len) == 0 &&
+                id->ngroups < IDENT_MAX_GROUPS)
+                id->groups[id->ngroups++] = (gid_t)f.gid;
+            m += len;
+            if (*m == ',')
+                m++;
+        }
+    }
+    free(text);
+}
+
+static void ident_from_args(const struct udiroot_conf *conf, const char *name, const char *uid,
+                            const char *gid, struct ident *id)
+{
+    unsigned long u, g;
+
+    memset(id, 0, sizeof *id);
+    if (name == NULL || uid == NULL || gid == NULL)
+        die("setup needs --user NAME --uid UID --gid GID");
+    if (ident_parse_id(uid, strlen(uid), &u) != 0 || ident_parse_id(gid, strlen(gid), &g) != 0)
+        die("Invalid --uid or --gid (decimal ids expected)");
+    if (u == 0 || g == 0)
+        die(NO_USER);
+    if (!ident_name_ok(name))
+        die("Invalid user name '%s'", name);
+    id->uid = (uid_t)u;
+    id->gid = (gid_t)g;
+    snprintf(id->name, sizeof id->name, "%s", name);
+    groups_from_etc(conf, id);
+}
+
+/* ---- var/hostsfile from --nodes "host/N host/N" ------------------------------------ */
+
+/* 0 when text is a valid "host/N host/N" list, else -1 with a message in err. */
+static int hosts_validate(const char *text, char *err, size_t errlen)
+{
+    const char *p = text;
+
+    if (strlen(text) > 1024 * 1024) {
+        snprintf(err, errlen, "Node list too long");
+        return -1;
+    }
+    while (*p) {
+        size_t n = strcspn(p, " \t"), hl;
+        const char *slash;
+        unsigned long count = 0;
+
+        if (n == 0) {
+            p++;
+            continue;
+        }
+        slash = memchr(p, '/', n);
+        hl = slash ? (size_t)(slash - p) : 0;
+        if (slash == NULL || hl == 0 || hl > 250 || strspn(p, HOST_CHARS) != hl || n - hl - 1 == 0 ||
+            n - hl - 1 > 6 || strspn(slash + 1, "0123456789") != n - hl - 1)
+            goto bad;
+        for (const char *c = slash + 1; c < p + n; c++)
+            count = count * 10 + (unsigned long)(*c - '0');
+        if (count < 1 || count > MAX_HOST_COUNT)
+            goto bad;
+        p += n;
+        continue;
+    bad:
+        snprintf(err, errlen, "Invalid node list entry '%.*s': expected host/count, count 1..%d",
+                 (int)(n > 256 ? 256 : n), p, MAX_HOST_COUNT);
+        return -1;
+    }
+    return 0;
+}
+
+static void hosts_write(int root, const char *text)
+{
+    char *out = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&out, &len);
+    const char *p = text;
+    int var = open_dir_at(root, "var");
+
+    if (var < 0 || f == NULL)
+        die_errno("Cannot open the container's /var");
+    while (*p) {
+        size_t n = strcspn(p, " \t");
+        if (n == 0) {
+            p++;
+            continue;
+        }
+        const char *slash = memchr(p, '/', n);
+        unsigned long count = strtoul(slash + 1, NULL, 10);
+        for (unsigned long i = 0; i < count; i++)
+            fprintf(f, "%.*s\n", (int)(slash - p), p);
+        p += n;
+    }
+    if (fclose(f) != 0)
+        die("shifter-setup: out of memory");
+    write_file_at(var, "hostsfile", out, len, 0644);
+    free(out);
+    close(var);
+}
+
+/* ---- the build ----------------------------------------------------------------------- */
 
 /* shifter-setup's own steps of the build (container.c calls them). */
 static void setup_step(struct ctx *c, enum build_step step)
