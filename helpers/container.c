@@ -151,7 +151,7 @@ static int mount_image(struct ctx *c)
     int dst = open_config_dir(c->loop, "loopMount"), mfd;
 
     if (c->local_path != NULL) {
-        int src = volmount_open_as_user(&c->id, c->local_path);
+        int src = volmount_open_as_user(&c->id, c->local_path, 1);
         if (src < 0)
             die_errno("FAILED to use %s as the image root", c->local_path);
         mfd = mnt_clone(src, 0, ATTR_RO | ATTR_NOSUID | ATTR_NODEV, c->local_path);

@@ -85,7 +85,11 @@ void parse_options(int argc, char **argv, int first, int is_run, struct options 
             o->workdir = v;
         else if (strcmp(a, "--gpu") == 0 && is_run && o->gpu == NULL)
             o->gpu = v;
-        else if (strcmp(a, "--request") == 0 && is_run && o->request == NULL)
+        else if (strcmp(a, "--gpu-file") == 0 && is_run) {
+            char err[512];
+            if (gpu_add_file(v, &ctx.gpu, err, sizeof err) != 0)
+                die("%s", err);
+        } else if (strcmp(a, "--request") == 0 && is_run && o->request == NULL)
             o->request = v;
         else if (strcmp(a, "--env-fd") == 0 && is_run && o->env_fd < 0) {
             char *end;
@@ -251,6 +255,8 @@ void common_checks(struct options *o)
         select_modules(o->modules);
     if (o->gpu != NULL && gpu_parse(o->gpu, &ctx.gpu, err, sizeof err) != 0)
         die("%s", err);
+    if (o->gpu == NULL && ctx.gpu.n_files > 0)
+        die("shifter-helper: --gpu-file needs --gpu");
     if (ctx.image_id != NULL) {
         const char *dir = conf_get(&conf, "imagePath");
         int fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);

@@ -230,8 +230,9 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
     modules = select_modules(cfg, requested_modules(opts.module, environ))
     env_file = read_env_file(opts.env_file) if opts.env_file is not None else []
     gpus = None
+    gpu_files: list[str] = []
     if opts.use_gpu or environ.get("CUDA_VISIBLE_DEVICES"):
-        from udiroot.gpu import requested_gpus
+        from udiroot.gpu import driver_files, helper_argument, requested_gpus
 
         gpus = requested_gpus(opts.use_gpu, opts.gpu, environ)
 
@@ -249,6 +250,9 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
             raise
         if not image_allows(meta, posix.getuid(), posix.getgid(), posix.getgroups()):
             raise Failure(ACL_DENIED)
+
+    if gpus is not None:
+        gpu_files = driver_files(cfg.values)
 
     command = select_command(
         opts.command,
@@ -286,9 +290,9 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
         argv += ["--volume", text]
     argv += ["--modules", ",".join(m.name for m in modules) or "none"]
     if gpus is not None:
-        from udiroot.gpu import helper_argument
-
         argv += ["--gpu", helper_argument(gpus)]
+        for spec in gpu_files:
+            argv += ["--gpu-file", spec]
     argv += ["--workdir", workdir, "--request", str(request), "--env-fd", str(fd)]
     if opts.verbose:
         argv.append("--verbose")
