@@ -315,7 +315,7 @@ static void site_steps(struct ctx *c)
         if (fs != NULL && *fs != '\0')
             volmount_site(c, fs, c->modules[i]);
     }
-    etc_populate(c->root, c->conf, &c->id);
+    etc_populate(c->root, c->conf);
     verbose("etc populated");
     opt_udi_image(c);
     if (c->setup_step != NULL)
@@ -328,6 +328,8 @@ static void site_steps(struct ctx *c)
             run_root_hook(h, c->udi, what);
         }
     }
+    /* After the root hooks: root never runs anything on the front end's files. */
+    etc_write_files(c->root, c->etc_files);
     system_mounts(c);
 }
 

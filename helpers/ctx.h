@@ -37,6 +37,7 @@ struct ctx {
     int root;                 /* container root (the rootfs mount), -1 until built */
     unsigned long propagation; /* MS_SLAVE or MS_PRIVATE (mountPropagationStyle) */
     struct gpu_plan gpu;      /* --gpu: what to inject (gpu.requested 0: nothing) */
+    char **etc_files;         /* --etc-fd: the front end's passwd, group, nsswitch.conf */
     /* shifter-setup's steps (NULL in the setuid helper) */
     void (*setup_step)(struct ctx *c, enum build_step step);
     const char *nodes;        /* setup --nodes, or NULL */

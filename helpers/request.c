@@ -48,7 +48,7 @@ void parse_options(int argc, char **argv, int first, int is_run, struct options 
     size_t vlen = 0;
 
     memset(o, 0, sizeof *o);
-    o->env_fd = -1;
+    o->env_fd = o->etc_fd = -1;
     for (int i = first; i < argc; i++) {
         const char *a = argv[i], *v;
 
@@ -91,14 +91,15 @@ void parse_options(int argc, char **argv, int first, int is_run, struct options 
                 die("%s", err);
         } else if (strcmp(a, "--request") == 0 && is_run && o->request == NULL)
             o->request = v;
-        else if (strcmp(a, "--env-fd") == 0 && is_run && o->env_fd < 0) {
+        else if ((strcmp(a, "--env-fd") == 0 && is_run && o->env_fd < 0) ||
+                 (strcmp(a, "--etc-fd") == 0 && o->etc_fd < 0)) {
             char *end;
             long fd;
             errno = 0;
             fd = strtol(v, &end, 10);
             if (errno != 0 || *end != '\0' || end == v || fd < 0 || fd > INT_MAX)
-                die("shifter-helper: invalid --env-fd %s", v);
-            o->env_fd = (int)fd;
+                die("shifter-helper: invalid %s %s", a, v);
+            *(strcmp(a, "--env-fd") == 0 ? &o->env_fd : &o->etc_fd) = (int)fd;
         } else if (strcmp(a, "--user") == 0 && !is_run && o->user == NULL)
             o->user = v;
         else if (strcmp(a, "--uid") == 0 && !is_run && o->uid == NULL)
@@ -181,59 +182,32 @@ list:
     }
 }
 
-/* The command's environment from --env-fd: NUL-terminated NAME=VALUE records. */
-char **read_env(int fd)
+char **read_records(int fd, const char *what)
 {
-    char *data, **envp;
-    size_t len = 0, n = 0, cap = 4096;
+    char *data = NULL, **recs;
+    size_t len = 0, n = 0;
     struct stat st;
 
-    envp = xcalloc(1, sizeof *envp);
-    if (fd < 0)
-        return envp;
-    if (fstat(fd, &st) != 0)
-        die_errno("shifter-helper: --env-fd %d", fd);
-    if (!S_ISREG(st.st_mode) || st.st_size > MAX_ENV_BYTES)
-        die("shifter-helper: --env-fd must be a regular file (memfd) of at most %d bytes",
-            MAX_ENV_BYTES);
-    data = xmalloc(MAX_ENV_BYTES + 1);
-    for (;;) {
-        ssize_t r = pread(fd, data + len, MAX_ENV_BYTES + 1 - len, (off_t)len);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            die_errno("shifter-helper: cannot read --env-fd");
-        if (r == 0)
-            break;
-        len += (size_t)r;
-        if (len > MAX_ENV_BYTES)
-            die("shifter-helper: environment larger than %d bytes", MAX_ENV_BYTES);
+    if (fd >= 0) {
+        if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || lseek(fd, 0, SEEK_SET) != 0 ||
+            read_all_fd(fd, MAX_ENV_BYTES, &data, &len) != 0)
+            die("shifter-helper: cannot read the %s: a regular file (memfd) of at most %d "
+                "bytes is needed", what, MAX_ENV_BYTES);
+        close(fd);
+        if (len > 0 && data[len - 1] != '\0')
+            die("shifter-helper: the %s's last record is not NUL-terminated", what);
+        for (size_t off = 0; off < len; off += strlen(data + off) + 1)
+            if (++n > MAX_ENV_RECORDS)
+                die("shifter-helper: more than %d records in the %s", MAX_ENV_RECORDS, what);
     }
-    close(fd);
-    if (len > 0 && data[len - 1] != '\0')
-        die("shifter-helper: the environment's last record is not NUL-terminated");
-    free(envp);
-    envp = xcalloc(cap + 1, sizeof *envp);
-    for (size_t off = 0; off < len;) {
-        char *rec = data + off;
-        size_t rl = strlen(rec);
-        char *eq = strchr(rec, '=');
-        if (eq == NULL || eq == rec)
-            die("shifter-helper: invalid environment record '%.64s'", rec);
-        if (n >= MAX_ENV_RECORDS)
-            die("shifter-helper: more than %d environment variables", MAX_ENV_RECORDS);
-        if (n == cap) {
-            char **ne = realloc(envp, (cap * 2 + 1) * sizeof *envp);
-            if (ne == NULL)
-                die("shifter-helper: out of memory");
-            envp = ne;
-            cap *= 2;
-        }
-        envp[n++] = rec;
-        envp[n] = NULL;
-        off += rl + 1;
+    recs = xcalloc(n + 1, sizeof *recs);
+    n = 0;
+    for (size_t off = 0; off < len; off += strlen(data + off) + 1) {
+        if (data[off] == '=' || strchr(data + off, '=') == NULL)
+            die("shifter-helper: invalid record '%.64s' in the %s", data + off, what);
+        recs[n++] = data + off;
     }
-    return envp;
+    return recs;
 }
 
 void common_checks(struct options *o)

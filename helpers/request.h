@@ -14,7 +14,7 @@ extern struct ctx ctx;
 
 struct options {
     const char *workdir, *request, *modules, *user, *uid, *gid, *ssh_key, *gpu;
-    int env_fd;
+    int env_fd, etc_fd; /* --env-fd, --etc-fd, -1 when absent */
     char *volumes; /* concatenated --volume lists */
     char **argv;   /* after "--" */
 };
@@ -33,7 +33,9 @@ void parse_options(int argc, char **argv, int first, int is_run, struct options 
  * ACL for ctx.id; find the GPU files.  Dies with the user's message on any failure. */
 void common_checks(struct options *o);
 
-/* The command's environment from --env-fd: NUL-terminated NAME=VALUE records. */
-char **read_env(int fd);
+/* NUL-terminated NAME=VALUE records from a memfd (--env-fd: the command's environment,
+ * --etc-fd: the front end's /etc files), read from offset 0; what names it in messages.
+ * fd -1: none.  Returns a NULL-terminated list. */
+char **read_records(int fd, const char *what);
 
 #endif

@@ -22,8 +22,8 @@
 void usage(void)
 {
     die("usage: shifter-helper run [--image-id ID | --local PATH] [--volume LIST]... "
-        "[--modules LIST] [--gpu all|N,N] [--workdir DIR] [--env-fd N] [--request TEXT] "
-        "[--verbose] -- CMD [ARG...]");
+        "[--modules LIST] [--gpu all|N,N] [--gpu-file DIR/NAME=PATH]... [--workdir DIR] "
+        "[--env-fd N] [--etc-fd N] [--request TEXT] [--verbose] -- CMD [ARG...]");
 }
 
 int main(int argc, char **argv)
@@ -44,7 +44,8 @@ int main(int argc, char **argv)
     if (o.workdir != NULL && (o.workdir[0] != '/' || strlen(o.workdir) >= HELPER_MAX_PATH))
         die("shifter-helper: --workdir must be an absolute path");
     verbose("start");
-    envp = read_env(o.env_fd);
+    envp = read_records(o.env_fd, "environment (--env-fd)");
+    ctx.etc_files = read_records(o.etc_fd, "/etc files (--etc-fd)");
     common_checks(&o);
     if (o.request != NULL)
         verbose("image request %.256s", o.request);

@@ -31,7 +31,7 @@ void usage(void)
 {
     die("usage: shifter-setup setup --user NAME --uid U --gid G (--image-id ID | --local "
         "PATH) [--volume LIST]... [--modules LIST] [--nodes LIST] [--ssh-pubkey KEY] "
-        "[--verbose]\n"
+        "[--etc-fd N] [--verbose]\n"
         "       shifter-setup unsetup [--verbose]");
 }
 
@@ -200,6 +200,7 @@ int main(int argc, char **argv)
         usage();
     parse_options(argc, argv, 2, 0, &o);
     ident_from_args(&conf, o.user, o.uid, o.gid, &ctx.id);
+    ctx.etc_files = read_records(o.etc_fd, "/etc files (--etc-fd)");
     ctx.setup_mode = 1;
     ctx.setup_step = setup_step;
     common_checks(&o);

@@ -46,6 +46,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+    from udiroot.config import UdiRootConfig
     from udiroot.descriptor import ImageRequest
 
 # Shifter's getopt string is "hvV:i:e:w:m:" (+E): -w takes an argument; only the long
@@ -286,6 +287,9 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
     )
     fd = env_fd(env)
     argv = [helper_path(environ), "run", *target]
+    files = _etc_files(cfg)
+    if files:
+        argv += ["--etc-fd", str(env_fd(files, "shifter-etc"))]
     for text in volume_args:
         argv += ["--volume", text]
     argv += ["--modules", ",".join(m.name for m in modules) or "none"]
@@ -298,6 +302,35 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
         argv.append("--verbose")
     argv += ["--", *command]
     return argv
+
+
+def _etc_files(cfg: UdiRootConfig) -> dict[str, str]:
+    """The container's passwd/group for the caller (``udiroot.groups``). A caller the
+    site's passwd does not know gets none: the helper refuses them with its message."""
+    from udiroot.groups import container_files, find_user
+
+    uid = posix.getuid()
+    if cfg.flag("allowLibcPwdCalls"):
+        import pwd
+
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return {}
+    else:
+        try:
+            with open(f"{cfg.get('etcPath')}/passwd", encoding="utf-8",
+                      errors="surrogateescape") as f:
+                entry = find_user(f.read(), uid)
+        except OSError:
+            return {}
+        if entry is None:
+            return {}
+        user = entry.name
+    if uid == 0 or user == "" or any(c in user for c in ":,\n"):
+        return {}
+    gid = posix.getgid()
+    return container_files(cfg, user, gid, [g or gid for g in posix.getgroups()])
 
 
 def _request_text(request: ImageRequest, environ: Mapping[str, str]) -> str:
