@@ -238,7 +238,7 @@ static void opt_udi_image(struct ctx *c)
         die_errno("Cannot open opt/udiImage");
     if (opt != NULL && *opt != '\0') {
         int src = open_config_dir(opt, "optUdiImage");
-        copy_tree(src, dst, opt);
+        copy_tree(src, dst, opt, 1);
         close(src);
     }
     for (size_t i = 0; i < c->n_modules; i++) {
@@ -253,12 +253,11 @@ static void opt_udi_image(struct ctx *c)
         mdst = open_dir_at(mods, c->modules[i]);
         if (mdst < 0)
             die_errno("Cannot open opt/udiImage/modules/%s", c->modules[i]);
-        copy_tree(src, mdst, path);
+        copy_tree(src, mdst, path, 1);
         close(src);
         close(mdst);
         close(mods);
     }
-    chmod_a_rX(dst);
     close(dst);
 }
 

@@ -73,7 +73,7 @@ static void copy_etc_path(int etc, const struct udiroot_conf *conf)
             t = open_dir_at(etc, e->d_name);
             if (s < 0 || t < 0)
                 die_errno("Cannot copy %s/%s", path, e->d_name);
-            copy_tree(s, t, e->d_name);
+            copy_tree(s, t, e->d_name, 0);
             close(s);
             close(t);
         }
