@@ -9,7 +9,7 @@
  *     /opt/udiImage, hostsfile, module roothooks, proc sys dev tmp var/tmp
  *   6 image content: top level of /, then /var, /opt and /etc, site entries win
  *   7 user volumes; then shifter-setup's sshd (its setup_step)
- *   8 var/shifterConfig.json; root read-only unless mountUdiRootWritable=1
+ *   8 (shifter-setup) var/shifterConfig.json; root read-only unless mountUdiRootWritable=1
  *
  * The container root is handled as a directory fd (the rootfs mount fd) from
  * step 4 on; every entry is created relative to it without following links.
@@ -47,59 +47,49 @@ const char *module_get(const struct udiroot_conf *conf, const char *name, const 
 
 /* ---- signature ---------------------------------------------------------------- */
 
-static void json_add(char **p, const char *s)
+/* s as the inside of a JSON string. */
+static void json_add(FILE *f, const char *s)
 {
     for (; *s; s++) {
         unsigned char ch = (unsigned char)*s;
-        if (ch == '"' || ch == '\\') {
-            *(*p)++ = '\\';
-            *(*p)++ = (char)ch;
-        } else if (ch < 0x20) {
-            *p += sprintf(*p, "\\u%04x", ch);
-        } else {
-            *(*p)++ = (char)ch;
-        }
+        if (ch == '"' || ch == '\\')
+            fprintf(f, "\\%c", ch);
+        else if (ch < 0x20)
+            fprintf(f, "\\u%04x", ch);
+        else
+            fputc(ch, f);
     }
 }
 
 char *container_signature(const struct ctx *c)
 {
-    char *vols = vol_signature(&c->vols);
-    const char *ident = c->image_id ? c->image_id : c->local_path;
-    size_t mods_len = 1, size;
-    char *mods, *out, *p;
+    char *vols = vol_signature(&c->vols), *out = NULL;
+    size_t len;
+    FILE *f = open_memstream(&out, &len);
 
-    if (vols == NULL)
+    if (vols == NULL || f == NULL)
         die("shifter-helper: out of memory");
-    for (size_t i = 0; i < c->n_modules; i++)
-        mods_len += strlen(c->modules[i]) + 1;
-    mods = xmalloc(mods_len);
-    mods[0] = '\0';
+    fputs("{\"identifier\":\"", f);
+    json_add(f, c->image_id ? c->image_id : c->local_path);
+    fputs("\",\"user\":\"", f);
+    json_add(f, c->id.name);
+    fputs("\",\"volMap\":\"", f);
+    json_add(f, vols);
+    fputs("\",\"modules\":\"", f);
     for (size_t i = 0; i < c->n_modules; i++) {
-        strcat(mods, c->modules[i]);
-        strcat(mods, ",");
+        json_add(f, c->modules[i]);
+        fputc(',', f);
     }
-    /* Worst case every byte becomes \u00XX (6 bytes). */
-    size = 6 * (strlen(ident) + strlen(c->id.name) + strlen(vols) + strlen(mods)) + 64 +
-           GPU_MAX * 4;
-    out = p = xmalloc(size);
-    p += sprintf(p, "{\"identifier\":\"");
-    json_add(&p, ident);
-    p += sprintf(p, "\",\"user\":\"");
-    json_add(&p, c->id.name);
-    p += sprintf(p, "\",\"volMap\":\"");
-    json_add(&p, vols);
-    p += sprintf(p, "\",\"modules\":\"");
-    json_add(&p, mods);
     if (c->gpu.requested) {
         /* Only with --gpu, so that every other signature stays Shifter's byte for byte. */
         char gpus[GPU_MAX * 4];
         gpu_signature(&c->gpu, gpus, sizeof gpus);
-        p += sprintf(p, "\",\"gpus\":\"%s", gpus);
+        fprintf(f, "\",\"gpus\":\"%s", gpus);
     }
-    sprintf(p, "\"}");
+    fputs("\"}", f);
+    if (fclose(f) != 0)
+        die("shifter-helper: out of memory");
     free(vols);
-    free(mods);
     return out;
 }
 
@@ -387,7 +377,7 @@ static void merge(int src, int dst, int top)
 
 /* ---- the whole build ---------------------------------------------------------------- */
 
-void container_build(struct ctx *c, const char *signature)
+void container_build(struct ctx *c)
 {
     int image;
 
@@ -418,13 +408,6 @@ void container_build(struct ctx *c, const char *signature)
     volmount_user(c);
     if (c->setup_step != NULL)
         c->setup_step(c, STEP_USER_VOLUMES);
-    {
-        int var = open_dir_at(c->root, "var");
-        if (var < 0)
-            die_errno("Cannot open the container's /var");
-        write_file_at(var, "shifterConfig.json", signature, strlen(signature), 0644);
-        close(var);
-    }
     if (!config_flag(conf_get(c->conf, "mountUdiRootWritable"), 0))
         mnt_set(c->root, 0, ATTR_RO, 0, "the container root");
     verbose("container ready at %s", c->udi);

@@ -14,7 +14,7 @@ char *container_signature(const struct ctx *c);
 int container_prepared(const struct ctx *c, const char *signature);
 
 /* Build the container (spec 6.6 steps 1-8); sets c->root. */
-void container_build(struct ctx *c, const char *signature);
+void container_build(struct ctx *c);
 
 /* Unmount everything under udiMount and loopMount (unsetup, setup failures). */
 int container_teardown(const struct ctx *c);

@@ -19,7 +19,8 @@
 enum build_step {
     STEP_CLEAR,        /* before udiMount/loopMount are cleared: stop a leftover sshd */
     STEP_SITE_FILES,   /* /etc and /opt/udiImage written, roothooks not run: hostsfile */
-    STEP_USER_VOLUMES, /* user volumes mounted, root still writable: the sshd */
+    STEP_USER_VOLUMES, /* user volumes mounted, root still writable: the sshd and
+                        * var/shifterConfig.json, which lets others enter it */
 };
 
 struct ctx {

@@ -52,7 +52,7 @@ int main(int argc, char **argv)
     sig = container_signature(&ctx);
     root = container_prepared(&ctx, sig);
     if (root < 0) {
-        container_build(&ctx, sig);
+        container_build(&ctx);
         root = ctx.root;
     }
     free(sig);

@@ -162,6 +162,8 @@ static void hosts_write(int root, const char *text)
 
 /* ---- the build ----------------------------------------------------------------------- */
 
+static char *g_signature; /* written last: from then on shifter enters this container */
+
 /* shifter-setup's own steps of the build (container.c calls them). */
 static void setup_step(struct ctx *c, enum build_step step)
 {
@@ -169,8 +171,15 @@ static void setup_step(struct ctx *c, enum build_step step)
         sshd_stop(c); /* a previous job's, left by a missed unsetup */
     else if (step == STEP_SITE_FILES && c->nodes != NULL)
         hosts_write(c->root, c->nodes);
-    else if (step == STEP_USER_VOLUMES && c->ssh_key != NULL)
-        sshd_start(c, c->ssh_key);
+    else if (step == STEP_USER_VOLUMES) {
+        int var = open_dir_at(c->root, "var");
+        if (c->ssh_key != NULL)
+            sshd_start(c, c->ssh_key);
+        if (var < 0)
+            die_errno("Cannot open the container's /var");
+        write_file_at(var, "shifterConfig.json", g_signature, strlen(g_signature), 0644);
+        close(var);
+    }
 }
 
 static void teardown(void)
@@ -183,7 +192,6 @@ int main(int argc, char **argv)
 {
     char err[VOL_ERR_LEN];
     struct options o;
-    char *sig;
 
     if (getuid() != 0)
         die("shifter-setup is for root only (setupRoot, unsetupRoot)");
@@ -209,9 +217,9 @@ int main(int argc, char **argv)
     if (o.ssh_key != NULL && sshd_check_key(o.ssh_key, err, sizeof err) != 0)
         die("%s", err);
     ctx.ssh_key = o.ssh_key;
-    sig = container_signature(&ctx);
+    g_signature = container_signature(&ctx);
     g_cleanup = teardown; /* from here on a failure unmounts what was built */
-    container_build(&ctx, sig);
+    container_build(&ctx);
     g_cleanup = NULL;
     verbose("setup done");
     return 0;
