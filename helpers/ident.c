@@ -82,30 +82,6 @@ int ident_parse_pw_line(char *line, struct pw_fields *f)
     return 0;
 }
 
-int ident_parse_gr_line(char *line, struct gr_fields *f)
-{
-    char *field[4];
-    size_t n = 0;
-    char *p = line;
-
-    for (;;) {
-        if (n == 4)
-            return -1; /* a fifth field */
-        field[n++] = p;
-        p = strchr(p, ':');
-        if (p == NULL)
-            break;
-        *p++ = '\0';
-    }
-    if ((n != 3 && n != 4) || field[0][0] == '\0')
-        return -1;
-    if (ident_parse_id(field[2], strlen(field[2]), &f->gid) != 0)
-        return -1;
-    f->name = field[0];
-    f->members = n == 4 ? field[3] : field[2] + strlen(field[2]); /* "" when absent */
-    return 0;
-}
-
 int ident_name_ok(const char *name)
 {
     size_t n = strlen(name);

@@ -37,6 +37,37 @@ void usage(void)
 
 /* ---- the user named by root (setup --user --uid --gid) ---------------------------- */
 
+struct gr_fields {
+    const char *name;
+    unsigned long gid;
+    char *members; /* comma-separated, possibly empty */
+};
+
+/* Split one group line (3 or 4 fields, modified in place); 0 or -1 to skip it. */
+static int parse_gr_line(char *line, struct gr_fields *f)
+{
+    char *field[4];
+    size_t n = 0;
+    char *p = line;
+
+    for (;;) {
+        if (n == 4)
+            return -1; /* a fifth field */
+        field[n++] = p;
+        p = strchr(p, ':');
+        if (p == NULL)
+            break;
+        *p++ = '\0';
+    }
+    if ((n != 3 && n != 4) || field[0][0] == '\0')
+        return -1;
+    if (ident_parse_id(field[2], strlen(field[2]), &f->gid) != 0)
+        return -1;
+    f->name = field[0];
+    f->members = n == 4 ? field[3] : field[2] + strlen(field[2]); /* "" when absent */
+    return 0;
+}
+
 /* Groups of name in <etcPath>/group: every group listing it as a member. */
 static void groups_from_etc(const struct udiroot_conf *conf, struct ident *id)
 {
@@ -57,7 +88,7 @@ static void groups_from_etc(const struct udiroot_conf *conf, struct ident *id)
     while ((line = ident_next_line(&cursor)) != NULL) {
         struct gr_fields f;
 
-        if (ident_parse_gr_line(line, &f) != 0 || f.gid == 0 || f.gid == id->gid)
+        if (parse_gr_line(line, &f) != 0 || f.gid == 0 || f.gid == id->gid)
             continue;
         for (char *m = f.members; *m;) {
             size_t len = strcspn(m, ",");

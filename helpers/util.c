@@ -33,33 +33,33 @@ static void vmsg(const char *prefix, const char *fmt, va_list ap, const char *su
     dprintf(STDERR_FILENO, "%s%s%s%s\n", prefix, buf, suffix ? ": " : "", suffix ? suffix : "");
 }
 
-void die(const char *fmt, ...)
+__attribute__((noreturn, format(printf, 2, 0))) static void vdie(const char *suffix,
+                                                                   const char *fmt, va_list ap)
 {
-    va_list ap;
     void (*cleanup)(void) = g_cleanup;
 
-    va_start(ap, fmt);
-    vmsg("", fmt, ap, NULL);
-    va_end(ap);
+    vmsg("", fmt, ap, suffix);
     g_cleanup = NULL; /* a failure inside the cleanup must not recurse */
     if (cleanup != NULL)
         cleanup();
     _exit(1);
 }
 
+void die(const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vdie(NULL, fmt, ap);
+}
+
 void die_errno(const char *fmt, ...)
 {
     va_list ap;
     const char *err = strerror(errno);
-    void (*cleanup)(void) = g_cleanup;
 
     va_start(ap, fmt);
-    vmsg("", fmt, ap, err);
-    va_end(ap);
-    g_cleanup = NULL;
-    if (cleanup != NULL)
-        cleanup();
-    _exit(1);
+    vdie(err, fmt, ap);
 }
 
 void verbose(const char *fmt, ...)
