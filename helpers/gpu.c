@@ -52,10 +52,6 @@ int gpu_parse(const char *text, struct gpu_plan *g, char *err, size_t errlen)
 
     g->requested = 1;
     g->n_sel = 0;
-    if (strcmp(text, "all") == 0) {
-        g->n_sel = -1; /* every GPU of the node, found by gpu_discover */
-        return 0;
-    }
     while (*p) {
         int idx = 0, digits = 0;
         while (isdigit((unsigned char)*p) && digits < 3) {
@@ -142,59 +138,31 @@ static int gpu_index(const char *name)
     return *end == '\0' && n >= 0 && n < GPU_MAX ? (int)n : -1;
 }
 
-static void find_devices(const struct udiroot_conf *conf, struct gpu_plan *g)
-{
-    const char *dir = conf_or(conf, "gpuDeviceDir", "/dev");
-    int present[GPU_MAX] = {0}, fd;
-    char have[GPU_MAX * 4 + 1] = "";
-    DIR *d;
-    struct dirent *e;
-
-    if (!is_abs_clean_path(dir) || strlen(dir) >= sizeof g->dev_dir)
-        die("FAILED to parse udiRoot configuration. (gpuDeviceDir must be an absolute path)");
-    snprintf(g->dev_dir, sizeof g->dev_dir, "%s", dir);
-    fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0 || (d = fdopendir(fd)) == NULL)
-        die_errno("FAILED to set up GPU support: cannot read the device dir %s", dir);
-    while ((e = readdir(d)) != NULL) {
-        struct stat st;
-        int n = gpu_index(e->d_name);
-        if (n >= 0 && fstatat(fd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
-            S_ISCHR(st.st_mode))
-            present[n] = 1;
-    }
-    closedir(d);
-    for (int n = 0; n < GPU_MAX; n++)
-        if (present[n])
-            snprintf(have + strlen(have), sizeof have - strlen(have), "%s%d", *have ? "," : "",
-                     n);
-    if (*have == '\0')
-        die("FAILED to set up GPU support: GPUs were requested but this node has no GPU "
-            "devices (no %s/nvidiaN). Run without --gpu, or on a GPU node.",
-            dir);
-    if (g->n_sel < 0) {
-        g->n_sel = 0;
-        for (int n = 0; n < GPU_MAX; n++)
-            if (present[n])
-                g->sel[g->n_sel++] = n;
-        return;
-    }
-    for (int k = 0; k < g->n_sel; k++)
-        if (!present[g->sel[k]])
-            die("FAILED to set up GPU support: GPU %d was requested but this node has no "
-                "%s/nvidia%d (its GPUs: %s)",
-                g->sel[k], dir, g->sel[k], have);
-}
-
 void gpu_discover(const struct udiroot_conf *conf, struct gpu_plan *g)
 {
     const char *sr = conf_or(conf, "siteResources", "/opt/shifter/site-resources");
+    const char *dir = conf_or(conf, "gpuDeviceDir", "/dev");
+    int fd;
 
     if (!is_abs_clean_path(sr) || strcmp(sr, "/") == 0 || strlen(sr) >= sizeof g->resources)
         die("FAILED to parse udiRoot configuration. (siteResources must be an absolute "
             "path other than /)");
     snprintf(g->resources, sizeof g->resources, "%s", sr);
-    find_devices(conf, g);
+    if (!is_abs_clean_path(dir) || strlen(dir) >= sizeof g->dev_dir)
+        die("FAILED to parse udiRoot configuration. (gpuDeviceDir must be an absolute path)");
+    snprintf(g->dev_dir, sizeof g->dev_dir, "%s", dir);
+    fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        die_errno("FAILED to set up GPU support: cannot open the device dir %s", dir);
+    for (int k = 0; k < g->n_sel; k++) {
+        char name[32];
+        struct stat st;
+        snprintf(name, sizeof name, "nvidia%d", g->sel[k]);
+        if (fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISCHR(st.st_mode))
+            die("FAILED to set up GPU support: GPU %d was requested but this node has no "
+                "%s/%s", g->sel[k], dir, name);
+    }
+    close(fd);
 }
 
 /* ---- mounting ---------------------------------------------------------------------- */

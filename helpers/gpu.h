@@ -33,14 +33,15 @@ struct gpu_plan {
     char resources[4096];           /* siteResources, a path inside the container */
 };
 
-/* Parse --gpu: "all" or comma-separated indexes (no repeats).  0, or -1 with err. */
+/* Parse --gpu: comma-separated indexes (no repeats; the front end expands "all" to the
+ * node's GPUs).  0, or -1 with err. */
 int gpu_parse(const char *text, struct gpu_plan *g, char *err, size_t errlen);
 
 /* One --gpu-file "lib64|lib|bin/NAME=/PATH" (spec kept, not copied).  0, or -1 with err. */
 int gpu_add_file(const char *spec, struct gpu_plan *g, char *err, size_t errlen);
 
-/* Check siteResources and find the devices of a parsed request; dies with a clear
- * message when the node has no GPU or a requested GPU does not exist. */
+/* Check siteResources and gpuDeviceDir; dies with a clear message when a requested GPU
+ * is not a character device there. */
 void gpu_discover(const struct udiroot_conf *conf, struct gpu_plan *g);
 
 /* The selected GPUs as the reuse signature's text ("0,1"), in buf. */

@@ -22,7 +22,7 @@
 void usage(void)
 {
     die("usage: shifter-helper run [--image-id ID | --local PATH] [--volume LIST]... "
-        "[--modules LIST] [--gpu all|N,N] [--gpu-file DIR/NAME=PATH]... [--workdir DIR] "
+        "[--modules LIST] [--gpu N,N] [--gpu-file DIR/NAME=PATH]... [--workdir DIR] "
         "[--env-fd N] [--etc-fd N] [--request TEXT] [--verbose] -- CMD [ARG...]");
 }
 

@@ -232,8 +232,9 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
     env_file = read_env_file(opts.env_file) if opts.env_file is not None else []
     gpus = None
     gpu_files: list[str] = []
+    gpu_devices = ""
     if opts.use_gpu or environ.get("CUDA_VISIBLE_DEVICES"):
-        from udiroot.gpu import driver_files, helper_argument, requested_gpus
+        from udiroot.gpu import driver_files, helper_argument, node_gpus, requested_gpus
 
         gpus = requested_gpus(opts.use_gpu, opts.gpu, environ)
 
@@ -253,6 +254,7 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
             raise Failure(ACL_DENIED)
 
     if gpus is not None:
+        gpu_devices = helper_argument(node_gpus(gpus, cfg.values))
         gpu_files = driver_files(cfg.values)
 
     command = select_command(
@@ -294,7 +296,7 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
         argv += ["--volume", text]
     argv += ["--modules", ",".join(m.name for m in modules) or "none"]
     if gpus is not None:
-        argv += ["--gpu", helper_argument(gpus)]
+        argv += ["--gpu", gpu_devices]
         for spec in gpu_files:
             argv += ["--gpu-file", spec]
     argv += ["--workdir", workdir, "--request", str(request), "--env-fd", str(fd)]

@@ -94,6 +94,40 @@ def helper_argument(gpus: list[int] | str) -> str:
     return gpus if isinstance(gpus, str) else ",".join(str(i) for i in gpus)
 
 
+def node_gpus(gpus: list[int] | str, cfg: Mapping[str, str]) -> list[int]:
+    """The device indexes for the helper: ``all`` becomes every ``nvidiaN`` character
+    device of ``gpuDeviceDir`` (default ``/dev``); each index asked for must be one. The
+    helper checks each again; this gives the messages."""
+    where = cfg.get("gpuDeviceDir") or "/dev"
+    present = []
+    try:
+        names = posix.listdir(where)
+    except OSError as exc:
+        raise GpuError(f"{FAILED}: cannot read the device dir {where}: {exc.strerror}") from None
+    for name in names:
+        number = name[6:]
+        if not (name.startswith("nvidia") and number.isdigit() and number.isascii()
+                and str(int(number)) == number and int(number) < MAX_GPUS):
+            continue
+        try:
+            if stat.S_ISCHR(posix.lstat(f"{where}/{name}").st_mode):
+                present.append(int(number))
+        except OSError:
+            continue
+    present.sort()
+    if not present:
+        raise GpuError(f"{FAILED}: GPUs were requested but this node has no GPU devices "
+                       f"(no {where}/nvidiaN). Run without --gpu, or on a GPU node.")
+    if isinstance(gpus, str):
+        return present
+    for index in gpus:
+        if index not in present:
+            have = ",".join(str(n) for n in present)
+            raise GpuError(f"{FAILED}: GPU {index} was requested but this node has no "
+                           f"{where}/nvidia{index} (its GPUs: {have})")
+    return gpus
+
+
 def apply_gpu_env(env: dict[str, str], gpus: list[int] | str, site_resources: str | None) -> None:
     """The GPU layer of the environment (after ``--env``, before the modules and the site)."""
     base = (site_resources or DEFAULT_SITE_RESOURCES).rstrip("/") + "/gpu"
