@@ -19,13 +19,20 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static const char *const required_keys[] = {
-    "udiMount", "loopMount", "imagePath", "udiRootPath", "etcPath", "rootfsType",
+/*
+ * The key tables: conf.h says what each means.  udiroot/config.py holds the same
+ * tables (REQUIRED, TOOL_PATHS, OPTIONAL, DEPRECATED, MODULE_KEYS) and
+ * tests/test_helper_rules.py compares them through the test driver.
+ */
+const char *const conf_required_keys[] = {
+    "udiMount", "loopMount", "imagePath", "udiRootPath", "etcPath", "rootfsType", NULL,
 };
 
-/* Every key config.py knows besides the required ones: tool paths and optional keys. */
-static const char *const other_keys[] = {
-    "modprobePath", "insmodPath", "cpPath", "mvPath", "chmodPath", "ddPath",
+const char *const conf_tool_keys[] = {
+    "modprobePath", "insmodPath", "cpPath", "mvPath", "chmodPath", "ddPath", NULL,
+};
+
+const char *const conf_optional_keys[] = {
     "perNodeCachePath", "perNodeCacheSizeLimit", "perNodeCacheAllowedFsType",
     "usersToImport", "sitePreMountHook", "sitePostMountHook", "optUdiImage",
     "allowLocalChroot", "allowLibcPwdCalls", "populateEtcDynamically",
@@ -33,19 +40,17 @@ static const char *const other_keys[] = {
     "gatewayTimeout", "siteEnv", "siteEnvAppend", "siteEnvPrepend", "siteEnvUnset",
     "siteResources", "imageGateway", "batchType", "system", "defaultImageType",
     "defaultModules", "gpuLibraries", "gpuBinaries", "gpuBinaryPath", "gpuLdCache",
-    "gpuDeviceDir", "cdiSpecDirs", "allowCdiHooks",
+    "gpuDeviceDir", "cdiSpecDirs", "allowCdiHooks", NULL,
 };
 
-static const char *const deprecated_keys[] = {
-    "autoLoadKernelModule", "kmodBasePath", "kmodCacheFile", "optionalSshdAsRoot",
+const char *const conf_deprecated_keys[] = {
+    "autoLoadKernelModule", "kmodBasePath", "kmodCacheFile", "optionalSshdAsRoot", NULL,
 };
 
-static const char *const module_subkeys[] = {
+const char *const conf_module_subkeys[] = {
     "siteFs", "siteEnv", "siteEnvAppend", "siteEnvPrepend", "siteEnvUnset",
-    "copyPath", "roothook", "userhook", "conflict", "enabled",
+    "copyPath", "roothook", "userhook", "conflict", "enabled", NULL,
 };
-
-#define COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
 /* Always returns -1 so callers can write "return set_err(...)". */
 __attribute__((format(printf, 3, 4))) static int set_err(char *err, size_t errlen,
@@ -81,9 +86,9 @@ static int is_break(unsigned char c)
            c == 0x1e;
 }
 
-static int in_list(const char *key, const char *const *list, size_t n)
+static int in_list(const char *key, const char *const *list)
 {
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; list[i] != NULL; i++)
         if (strcmp(key, list[i]) == 0)
             return 1;
     return 0;
@@ -99,10 +104,10 @@ static int is_module_key(const char *key)
         return 0;
     rest = key + 7;
     rlen = strlen(rest);
-    for (size_t i = 0; i < COUNT(module_subkeys); i++) {
-        size_t slen = strlen(module_subkeys[i]);
+    for (size_t i = 0; conf_module_subkeys[i] != NULL; i++) {
+        size_t slen = strlen(conf_module_subkeys[i]);
         if (rlen > slen + 1 && rest[rlen - slen - 1] == '_' &&
-            strcmp(rest + rlen - slen, module_subkeys[i]) == 0)
+            strcmp(rest + rlen - slen, conf_module_subkeys[i]) == 0)
             return 1;
     }
     return 0;
@@ -114,6 +119,126 @@ const char *conf_get(const struct udiroot_conf *conf, const char *key)
         if (strcmp(conf->entries[i].key, key) == 0)
             return conf->entries[i].value;
     return NULL;
+}
+
+const char *module_get(const struct udiroot_conf *conf, const char *name, const char *sub)
+{
+    size_t nlen = strlen(name);
+
+    /* Matched in place rather than built into a buffer: no name is too long to look up. */
+    for (size_t i = 0; i < conf->n_entries; i++) {
+        const char *k = conf->entries[i].key;
+        if (strncmp(k, "module_", 7) == 0 && strncmp(k + 7, name, nlen) == 0 &&
+            k[7 + nlen] == '_' && strcmp(k + 8 + nlen, sub) == 0)
+            return conf->entries[i].value;
+    }
+    return NULL;
+}
+
+/* ---- module selection (udiroot/modules.py select_modules is the same rule) ---- */
+
+#define MODULE_NAME_CHARS "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.+-"
+
+static int is_tab_space(char c)
+{
+    return c == ' ' || c == '\t';
+}
+
+/* word is one of the space/tab-separated words of list. */
+static int in_words(const char *word, const char *list)
+{
+    size_t wl = strlen(word);
+
+    while (*list) {
+        size_t n;
+        while (is_tab_space(*list))
+            list++;
+        n = strcspn(list, " \t");
+        if (n == wl && n > 0 && strncmp(list, word, n) == 0)
+            return 1;
+        list += n;
+    }
+    return 0;
+}
+
+/* "none" alone (any case), blanks around it allowed. */
+static int is_none(const char *t)
+{
+    while (is_tab_space(*t))
+        t++;
+    if (strncasecmp(t, "none", 4) != 0)
+        return 0;
+    for (t += 4; *t; t++)
+        if (!is_tab_space(*t))
+            return 0;
+    return 1;
+}
+
+/* A module exists when udiRoot.conf sets any of its keys; enabled=0/false/no hides it. */
+static int module_usable(const struct udiroot_conf *conf, const char *name)
+{
+    const char *enabled = module_get(conf, name, "enabled");
+    int exists = 0;
+
+    for (size_t s = 0; conf_module_subkeys[s] != NULL; s++)
+        exists |= module_get(conf, name, conf_module_subkeys[s]) != NULL;
+    return exists && (enabled == NULL || (strcmp(enabled, "0") != 0 &&
+                                          strcasecmp(enabled, "false") != 0 &&
+                                          strcasecmp(enabled, "no") != 0));
+}
+
+/* Check one trimmed, not yet listed name against conf and the modules before it. */
+static int add_module(const struct udiroot_conf *conf, struct conf_modules *out, const char *w,
+                      char *err, size_t errlen)
+{
+    const char *mine;
+
+    if (strlen(w) > CONF_MAX_MODULE_NAME || strspn(w, MODULE_NAME_CHARS) != strlen(w) ||
+        !module_usable(conf, w))
+        return set_err(err, errlen, "Unknown shifter module: %s", w);
+    mine = module_get(conf, w, "conflict");
+    for (size_t k = 0; k < out->n; k++) {
+        const char *theirs = module_get(conf, out->names[k], "conflict");
+        if ((mine && in_words(out->names[k], mine)) || (theirs && in_words(w, theirs)))
+            return set_err(err, errlen, "ERROR: cannot load conflicting modules %s and %s", w,
+                           out->names[k]);
+    }
+    if (out->n >= CONF_MAX_MODULES)
+        return set_err(err, errlen, "more than %d modules requested", CONF_MAX_MODULES);
+    out->names[out->n++] = w;
+    return 0;
+}
+
+int conf_select_modules(const struct udiroot_conf *conf, const char *text,
+                        struct conf_modules *out, char *err, size_t errlen)
+{
+    size_t n = strlen(text);
+    char *save = NULL;
+
+    out->n = 0;
+    if (n >= sizeof out->buf)
+        return set_err(err, errlen, "module list longer than %zu bytes", sizeof out->buf - 1);
+    memcpy(out->buf, text, n + 1);
+    if (is_none(out->buf))
+        return 0;
+    for (char *w = strtok_r(out->buf, ",", &save); w != NULL; w = strtok_r(NULL, ",", &save)) {
+        char *e;
+        size_t k;
+
+        while (is_tab_space(*w))
+            w++;
+        e = w + strlen(w);
+        while (e > w && is_tab_space(e[-1]))
+            e--;
+        *e = '\0';
+        for (k = 0; k < out->n && strcmp(out->names[k], w) != 0; k++)
+            ;
+        if (*w == '\0' || k < out->n) /* empty, or listed already: order is the first's */
+            continue;
+        if (add_module(conf, out, w, err, errlen) != 0)
+            return -1;
+    }
+    return 0;
 }
 
 /* Later lines override earlier ones, as in a Python dict. */
@@ -186,7 +311,7 @@ static int handle_line(struct udiroot_conf *conf, char *line, char *err, size_t 
         end--;
     *end = '\0';
 
-    if (in_list(key, deprecated_keys, COUNT(deprecated_keys))) {
+    if (in_list(key, conf_deprecated_keys)) {
         /* A file full of deprecated keys is odd but harmless: keep the first warnings. */
         if (conf->n_warnings >= CONF_MAX_WARNINGS)
             return 0;
@@ -198,8 +323,8 @@ static int handle_line(struct udiroot_conf *conf, char *line, char *err, size_t 
     if (strcmp(key, "siteFs") == 0)
         return add_string(conf->site_fs, &conf->n_site_fs, CONF_MAX_SITEFS, "siteFs lines",
                           value, err, errlen);
-    if (in_list(key, required_keys, COUNT(required_keys)) ||
-        in_list(key, other_keys, COUNT(other_keys)) || is_module_key(key))
+    if (in_list(key, conf_required_keys) || in_list(key, conf_tool_keys) ||
+        in_list(key, conf_optional_keys) || is_module_key(key))
         return set_value(conf, key, value, err, errlen);
     return set_err(err, errlen, "Couldn't understand key: %s", key);
 }
@@ -286,11 +411,11 @@ int conf_parse_text(const char *text, size_t len, struct udiroot_conf *conf, cha
         conf_free(conf);
         return -1;
     }
-    for (size_t i = 0; i < COUNT(required_keys); i++) {
-        const char *v = conf_get(conf, required_keys[i]);
+    for (size_t i = 0; conf_required_keys[i] != NULL; i++) {
+        const char *v = conf_get(conf, conf_required_keys[i]);
         if (v == NULL || v[0] == '\0') {
             conf_free(conf);
-            return set_err(err, errlen, "required key %s is missing", required_keys[i]);
+            return set_err(err, errlen, "required key %s is missing", conf_required_keys[i]);
         }
     }
     style = conf_get(conf, "mountPropagationStyle");

@@ -18,6 +18,8 @@
 #define CONF_MAX_SITEFS 64          /* siteFs lines */
 #define CONF_MAX_WARNINGS 32        /* deprecated-key warnings kept */
 #define CONF_ERR_LEN (CONF_MAX_LINE + 256)
+#define CONF_MAX_MODULES 32     /* modules in one launch */
+#define CONF_MAX_MODULE_NAME 64 /* bytes in a module name */
 
 struct conf_entry {
     char *key;
@@ -31,6 +33,30 @@ struct udiroot_conf {
     size_t n_site_fs;
     char *warnings[CONF_MAX_WARNINGS];
     size_t n_warnings;
+};
+
+/*
+ * The keys udiRoot.conf may set, each table ending in NULL.  udiroot/config.py
+ * has the same tables; tests/test_helper_rules.py checks that they agree.
+ *   conf_required_keys   must be set and non-empty
+ *   conf_tool_keys       Shifter's external tool paths: accepted and ignored, because
+ *                        this implementation runs none of those tools (a site's
+ *                        existing file names them; a node need not have them)
+ *   conf_optional_keys   every other plain key (siteFs, which accumulates, aside)
+ *   conf_deprecated_keys accepted with an "IGNORING parameter" warning
+ *   conf_module_subkeys  the <sub> of module_<name>_<sub>
+ */
+extern const char *const conf_required_keys[];
+extern const char *const conf_tool_keys[];
+extern const char *const conf_optional_keys[];
+extern const char *const conf_deprecated_keys[];
+extern const char *const conf_module_subkeys[];
+
+/* The modules a launch asked for, in order; names point into buf. */
+struct conf_modules {
+    char buf[CONF_MAX_MODULES * (CONF_MAX_MODULE_NAME + 1) + 64];
+    const char *names[CONF_MAX_MODULES];
+    size_t n;
 };
 
 /* All functions return 0 on success, -1 with a message in err on failure. */
@@ -47,6 +73,20 @@ int conf_load(const char *path, struct udiroot_conf *conf, char *err, size_t err
 
 /* The value of a plain or module key, or NULL. */
 const char *conf_get(const struct udiroot_conf *conf, const char *key);
+
+/* The value of module_<name>_<sub>, or NULL. */
+const char *module_get(const struct udiroot_conf *conf, const char *name, const char *sub);
+
+/*
+ * A module list (udiroot/modules.py has the same rule): "none" (any case) alone, or
+ * comma-separated names, blanks (space, tab) around them trimmed, empty pieces and
+ * repeats skipped.  Each name must be 1..64 of [A-Za-z0-9_.+-], set some key of
+ * udiRoot.conf and not be disabled (enabled=0|false|no), else "Unknown shifter
+ * module: X"; a pair where either lists the other in its space-separated conflict is
+ * "ERROR: cannot load conflicting modules A and B"; at most 32 modules.
+ */
+int conf_select_modules(const struct udiroot_conf *conf, const char *text,
+                        struct conf_modules *out, char *err, size_t errlen);
 
 /* Free everything conf_parse_text allocated; conf is left empty and reusable. */
 void conf_free(struct udiroot_conf *conf);

@@ -37,14 +37,6 @@
 
 #define BIND_FILE_OVER (1024 * 1024) /* image files larger than this are bound, not copied */
 
-const char *module_get(const struct udiroot_conf *conf, const char *name, const char *sub)
-{
-    char key[MAX_MODULE_NAME + 64];
-
-    snprintf(key, sizeof key, "module_%s_%s", name, sub);
-    return conf_get(conf, key);
-}
-
 /* ---- signature ---------------------------------------------------------------- */
 
 /* s as the inside of a JSON string. */

@@ -19,7 +19,4 @@ void container_build(struct ctx *c);
 /* Unmount everything under udiMount and loopMount (unsetup, setup failures). */
 int container_teardown(const struct ctx *c);
 
-/* Modules: "module_<name>_<sub>" value or NULL. */
-const char *module_get(const struct udiroot_conf *conf, const char *name, const char *sub);
-
 #endif

@@ -12,8 +12,8 @@
 #include "meta.h"
 #include "volume.h"
 
-#define MAX_MODULES 32
-#define MAX_MODULE_NAME 64
+#define MAX_MODULES CONF_MAX_MODULES
+#define MAX_MODULE_NAME CONF_MAX_MODULE_NAME
 
 /* The points of the build where shifter-setup adds its root-only steps. */
 enum build_step {

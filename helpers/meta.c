@@ -2,7 +2,9 @@
  * meta.c - FORMAT, USERACL and GROUPACL from an image's .meta file, with the
  * line rules of udiroot/meta.py: "KEY: value", '#' in column 0 a comment (also
  * inside a continued value), trailing '\' joins the next line with one space,
- * unknown keys ignored.  Other keys (ENTRY, CMD, ENV...) are the front end's.
+ * unknown keys ignored.  Other keys (ENTRY, CMD, ENV...) are the front end's:
+ * the helper never uses them, so it does not parse them.
+ * tests/test_helper_rules.py runs both readers on the same files.
  */
 #define _GNU_SOURCE
 #include "meta.h"
@@ -15,6 +17,18 @@
 #include "util.h"
 
 #define WS " \t\r\n\v\f"
+#define ID_CHARS "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.+-"
+#define NOT_FOUND "FAILED to find requested image."
+
+int meta_valid_image_id(const char *id)
+{
+    size_t n = strlen(id);
+
+    /* The id names files under imagePath: no '/', no "..", no leading '.', and no
+     * leading '-' or '+' that a tool could take for an option. */
+    return n > 0 && n <= META_MAX_ID && strspn(id, ID_CHARS) == n && id[0] != '.' &&
+           id[0] != '+' && id[0] != '-' && strstr(id, "..") == NULL;
+}
 
 static char *trim(char *s)
 {
@@ -67,8 +81,12 @@ static int assign(struct image_meta *meta, const char *key, char *value, char *e
                   size_t errlen)
 {
     if (strcmp(key, "FORMAT") == 0) {
-        if (strlen(value) >= sizeof meta->format) {
-            snprintf(err, errlen, "Invalid FORMAT in image metadata");
+        /* Refused here rather than at mount time, so the front end (which reads the
+         * same rule) and the helper fail alike and before anything is built. */
+        if (value[0] != '\0' && strcmp(value, "squashfs") != 0 && strcmp(value, "xfs") != 0) {
+            snprintf(err, errlen,
+                     "FAILED: image format '%.32s%s' is not supported (squashfs or xfs)", value,
+                     strlen(value) > 32 ? "..." : "");
             return -1;
         }
         snprintf(meta->format, sizeof meta->format, "%s", value);
@@ -129,23 +147,42 @@ int meta_parse(char *text, struct image_meta *meta, char *err, size_t errlen)
     return rc;
 }
 
-void meta_read(int image_dir, const char *id, struct image_meta *meta)
+int meta_load_at(int dirfd, const char *name, struct image_meta *meta, char *err,
+                 size_t errlen)
 {
-    char name[256], err[512];
     char *text;
     size_t len;
+    int rc;
 
-    snprintf(name, sizeof name, "%s.meta", id);
-    if (read_small_file_at(image_dir, name, 0, &text, &len) != 0) {
+    memset(meta, 0, sizeof *meta);
+    if (read_small_file_at(dirfd, name, 0, &text, &len) != 0) {
         if (errno == ENOENT)
-            die("FAILED to find requested image.");
-        die("FAILED to find requested image. (%s: %s)", name, strerror(errno));
+            snprintf(err, errlen, NOT_FOUND);
+        else if (errno == EINVAL) /* read_small_file_at's word for "not a regular file" */
+            snprintf(err, errlen, NOT_FOUND " (%s is not a regular file)", name);
+        else
+            snprintf(err, errlen, NOT_FOUND " (%s: %s)", name, strerror(errno));
+        return -1;
     }
-    if (memchr(text, '\0', len) != NULL)
-        die("FAILED to find requested image. (%s: contains a NUL byte)", name);
-    if (meta_parse(text, meta, err, sizeof err) != 0)
-        die("%s", err);
+    if (memchr(text, '\0', len) != NULL) {
+        snprintf(err, errlen, NOT_FOUND " (%s: contains a NUL byte)", name);
+        free(text);
+        return -1;
+    }
+    rc = meta_parse(text, meta, err, errlen);
     free(text);
+    return rc;
+}
+
+void meta_read(int image_dir, const char *id, struct image_meta *meta)
+{
+    char name[META_MAX_ID + 8], err[HELPER_MAX_PATH + 256];
+
+    if (!meta_valid_image_id(id))
+        die(NOT_FOUND " (invalid image id)");
+    snprintf(name, sizeof name, "%s.meta", id);
+    if (meta_load_at(image_dir, name, meta, err, sizeof err) != 0)
+        die("%s", err);
 }
 
 static int listed(const unsigned long *ids, size_t n, unsigned long v)

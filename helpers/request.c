@@ -28,20 +28,9 @@
 #define MAX_ENV_BYTES (4 * 1024 * 1024)
 #define MAX_ENV_RECORDS 65536
 #define MAX_ARG 65536 /* bytes in one option value */
-#define ID_CHARS "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.+-"
 
 struct udiroot_conf conf;
 struct ctx ctx;
-
-static int valid_image_id(const char *id)
-{
-    size_t n = strlen(id);
-
-    if (n == 0 || n > 128 || strspn(id, ID_CHARS) != n || id[0] == '.' || id[0] == '+' ||
-        id[0] == '-' || strstr(id, "..") != NULL)
-        return 0;
-    return 1;
-}
 
 void parse_options(int argc, char **argv, int first, int is_run, struct options *o)
 {
@@ -119,67 +108,17 @@ void parse_options(int argc, char **argv, int first, int is_run, struct options 
         die("shifter-helper: no command given (run ... -- CMD [ARG...])");
 }
 
-/* Module list: "none"/empty = none; names trimmed, repeats ignored; each must exist, be
- * enabled and not conflict with an earlier one. */
+/* The module list (conf_select_modules says the rules); names stay valid for good. */
 static void select_modules(const char *text)
 {
-    static char buf[MAX_MODULES * (MAX_MODULE_NAME + 1) + 64];
-    char *save = NULL, *t;
-    size_t n = strlen(text);
+    static struct conf_modules mods;
+    static char err[CONF_ERR_LEN];
 
-    if (n >= sizeof buf)
-        die("shifter-helper: module list too long");
-    memcpy(buf, text, n + 1);
-    t = buf + strspn(buf, " \t");
-    if (strcasecmp(t, "none") == 0 || strncasecmp(t, "none ", 5) == 0) {
-        for (char *p = t + 4; *p; p++)
-            if (*p != ' ' && *p != '\t')
-                goto list;
-        return;
-    }
-list:
-    for (char *w = strtok_r(buf, ",", &save); w != NULL; w = strtok_r(NULL, ",", &save)) {
-        char *e;
-        const char *enabled, *mine;
-        size_t k;
-
-        w += strspn(w, " \t");
-        e = w + strlen(w);
-        while (e > w && (e[-1] == ' ' || e[-1] == '\t'))
-            e--;
-        *e = '\0';
-        if (*w == '\0')
-            continue;
-        for (k = 0; k < ctx.n_modules && strcmp(ctx.modules[k], w) != 0; k++)
-            ;
-        if (k < ctx.n_modules)
-            continue;
-        if (strlen(w) > MAX_MODULE_NAME || strspn(w, ID_CHARS) != strlen(w))
-            die("Unknown shifter module: %s", w);
-        enabled = module_get(&conf, w, "enabled");
-        {
-            static const char *const subs[] = {"siteFs", "siteEnv", "siteEnvAppend",
-                                               "siteEnvPrepend", "siteEnvUnset", "copyPath",
-                                               "roothook", "userhook", "conflict", "enabled"};
-            int exists = 0;
-            for (size_t s = 0; s < sizeof subs / sizeof subs[0]; s++)
-                exists |= module_get(&conf, w, subs[s]) != NULL;
-            if (!exists || (enabled != NULL && (strcmp(enabled, "0") == 0 ||
-                                                strcasecmp(enabled, "false") == 0 ||
-                                                strcasecmp(enabled, "no") == 0)))
-                die("Unknown shifter module: %s", w);
-        }
-        mine = module_get(&conf, w, "conflict");
-        for (k = 0; k < ctx.n_modules; k++) {
-            const char *theirs = module_get(&conf, ctx.modules[k], "conflict");
-            if ((mine && str_in_words(ctx.modules[k], mine)) ||
-                (theirs && str_in_words(w, theirs)))
-                die("ERROR: cannot load conflicting modules %s and %s", w, ctx.modules[k]);
-        }
-        if (ctx.n_modules >= MAX_MODULES)
-            die("shifter-helper: more than %d modules", MAX_MODULES);
-        ctx.modules[ctx.n_modules++] = w;
-    }
+    if (conf_select_modules(&conf, text, &mods, err, sizeof err) != 0)
+        die("%s", err);
+    for (size_t i = 0; i < mods.n; i++)
+        ctx.modules[i] = mods.names[i];
+    ctx.n_modules = mods.n;
 }
 
 char **read_records(int fd, const char *what)
@@ -214,7 +153,7 @@ void common_checks(struct options *o)
 {
     char err[VOL_ERR_LEN];
 
-    if (ctx.image_id != NULL && !valid_image_id(ctx.image_id))
+    if (ctx.image_id != NULL && !meta_valid_image_id(ctx.image_id))
         die("FAILED to find requested image. (invalid image id)");
     if (ctx.local_path != NULL) {
         if (!config_flag(conf_get(&conf, "allowLocalChroot"), 0))
@@ -263,18 +202,6 @@ static void canonical(const char *key, char *out, size_t len)
     free(r);
 }
 
-static void check_tools(void)
-{
-    static const char *const tools[] = {"modprobePath", "insmodPath", "cpPath",
-                                        "mvPath",       "chmodPath",  "ddPath"};
-    for (size_t i = 0; i < sizeof tools / sizeof tools[0]; i++) {
-        const char *p = conf_get(&conf, tools[i]);
-        if (p == NULL || p[0] != '/' || access(p, X_OK) != 0)
-            die("FAILED to parse udiRoot configuration. (%s %s is not an executable)",
-                tools[i], p ? p : "is missing and");
-    }
-}
-
 void helper_init(int argc)
 {
     static char err[CONF_ERR_LEN];
@@ -296,7 +223,7 @@ void helper_init(int argc)
         die("FAILED to parse udiRoot configuration. (%s)", err);
     for (size_t i = 0; i < conf.n_warnings; i++)
         warn("%s", conf.warnings[i]);
-    check_tools();
+    /* Shifter's tool paths (conf_tool_keys) are not checked: nothing here runs them. */
     canonical("udiMount", ctx.udi, sizeof ctx.udi);
     canonical("loopMount", ctx.loop, sizeof ctx.loop);
     ctx.conf = &conf;

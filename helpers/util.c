@@ -353,20 +353,21 @@ int str_in_words(const char *word, const char *list)
 
 int config_flag(const char *value, int dflt)
 {
-    char buf[8];
-    size_t n = 0;
+    static const char *const yes[] = {"1", "true", "yes", "on"};
+    size_t n;
 
     if (value == NULL)
         return dflt;
     while (*value == ' ' || *value == '\t')
         value++;
-    if (*value == '\0')
+    n = strlen(value);
+    while (n > 0 && (value[n - 1] == ' ' || value[n - 1] == '\t'))
+        n--;
+    if (n == 0)
         return dflt;
-    while (value[n] && n < sizeof buf - 1 && value[n] != ' ' && value[n] != '\t') {
-        buf[n] = (char)(value[n] >= 'A' && value[n] <= 'Z' ? value[n] - 'A' + 'a' : value[n]);
-        n++;
-    }
-    buf[n] = '\0';
-    return strcmp(buf, "1") == 0 || strcmp(buf, "true") == 0 || strcmp(buf, "yes") == 0 ||
-           strcmp(buf, "on") == 0;
+    /* The whole value: "1 # on" is not a yes (udiroot/config.py flag() agrees). */
+    for (size_t i = 0; i < sizeof yes / sizeof yes[0]; i++)
+        if (strlen(yes[i]) == n && strncasecmp(value, yes[i], n) == 0)
+            return 1;
+    return 0;
 }

@@ -67,6 +67,6 @@ void run_root_hook(const char *hook, const char *cwd, const char *what);
 
 int is_abs_clean_path(const char *p); /* absolute, no "..", no control chars, bounded */
 int str_in_words(const char *word, const char *list); /* word in a blank-separated list */
-int config_flag(const char *value, int dflt);       /* 1/true/yes/on */
+int config_flag(const char *value, int dflt); /* whole value 1/true/yes/on, any case; empty: dflt */
 
 #endif

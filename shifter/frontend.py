@@ -30,9 +30,6 @@ ENV_LIMIT = 4 << 20  # the helper refuses an --env-fd larger than 4 MiB
 
 NO_ARG, REQUIRED, OPTIONAL = 0, 1, 2
 
-# The helper's image id syntax: [A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}
-_ID_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
-_ID_REST = _ID_FIRST | frozenset(".+-")
 # urllib.parse.quote(text, safe=""): these bytes stay, every other byte becomes %XX.
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
 
@@ -141,13 +138,11 @@ def _long_name(text: str, longs: Mapping[str, int]) -> str:
 
 
 def valid_id(text: str) -> bool:
-    """The helper's id syntax; ids become file names under ``imagePath``."""
-    return (
-        0 < len(text) <= 128
-        and text[0] in _ID_FIRST
-        and all(c in _ID_REST for c in text)
-        and text not in (".", "..")
-    )
+    """The helper's id syntax (ids become file names under ``imagePath``): one rule,
+    :func:`udiroot.descriptor.valid_image_id` (imported here: ``--version`` reads no rules)."""
+    from udiroot.descriptor import valid_image_id
+
+    return valid_image_id(text)
 
 
 def quote_tag(tag: str) -> str:

@@ -488,6 +488,17 @@ def test_index_entry_without_meta_is_not_used(site: Site) -> None:
     assert "FAILED to find requested image." in res.stderr
 
 
+def test_index_entry_the_helper_would_refuse_is_not_used(site: Site) -> None:
+    """An id with ".." (here with a .meta the front end could read) never reaches the
+    helper: the front end applies the helper's id rule (it used to hand a..b over)."""
+    (site.images / "a..b.meta").write_text("FORMAT: squashfs\n")
+    site.tag("dots:1", "a..b")
+    res = site.shifter("--verbose", "--image=docker:dots:1", "true", env={"PATH": "/nonexistent"})
+    assert res.returncode == 1 and not res.helper_ran
+    assert "ignoring the damaged tag index entry" in res.stderr
+    assert "FAILED to lookup docker image dots:1" in res.stderr
+
+
 def test_environment_selects_the_image(site: Site) -> None:
     a = site.add_image("a", tag="a:1")
     b = site.add_image("b", tag="b:1")

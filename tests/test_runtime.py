@@ -369,6 +369,45 @@ def test_site_fs_and_modules(site, image, tmp_path):
     assert res.returncode == 1 and "Unknown shifter module: nosuch" in res.stderr
 
 
+EXAMPLE_CONF = Path(__file__).resolve().parent.parent / "etc" / "udiRoot.conf.example"
+
+
+def example_conf_for(site: RuntimeSite) -> str:
+    """etc/udiRoot.conf.example with only what is site-specific pointed at the test site:
+    the runtime's directories, the trees it copies, and a siteFs source this host lacks."""
+    scratch = site.base / "example-scratch"
+    udi_image = site.base / "example-udiImage"
+    for d in (scratch, udi_image):
+        d.mkdir(exist_ok=True)
+        os.chmod(d, 0o755)
+    (scratch / "marker").write_text("scratch\n")
+    text = EXAMPLE_CONF.read_text()
+    for old, new in {
+        "udiMount=/var/udiMount\n": f"udiMount={site.udi_mount}\n",
+        "loopMount=/var/udiLoopMount\n": f"loopMount={site.loop_mount}\n",
+        "imagePath=/var/lib/shifter/images\n": f"imagePath={site.image_dir}\n",
+        "udiRootPath=/opt/shifter/udiRoot\n": f"udiRootPath={site.conf['udiRootPath']}\n",
+        "etcPath=/etc/shifter/shifter_etc_files\n": f"etcPath={site.etc_dir}\n",
+        "optUdiImage=/opt/shifter/udiImage\n": f"optUdiImage={udi_image}\n",
+        "perNodeCachePath=/tmp\n": f"perNodeCachePath={site.cache_dir}\n",
+        "    /scratch:/scratch\n": f"    {scratch}:/scratch\n",
+    }.items():
+        # Exactly once: if the example changes, this test must be looked at again.
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    return text
+
+
+def test_the_example_udiroot_conf_works_as_shipped(site, image):
+    """A site that copies etc/udiRoot.conf.example and sets its own paths can launch:
+    the front end and the helper both accept every key the example sets."""
+    site.write_conf(example_conf_for(site))
+    res = site.shifter(ALICE, f"--image=id:{image}", "sh", "-c",
+                       "cat /scratch/marker; echo $SHIFTER_RUNTIME; ls -d /home")
+    assert (res.returncode, res.stderr) == (0, "")
+    assert res.stdout == "scratch\n1\n/home\n"
+
+
 # -- setupRoot / unsetupRoot: the batch-job path ------------------------------------------
 
 

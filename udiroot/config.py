@@ -18,9 +18,13 @@ import sys
 
 DEFAULT_PATH = "/etc/shifter/udiRoot.conf"
 
+# The key tables. helpers/conf.c has the same ones (conf_required_keys, conf_tool_keys,
+# conf_optional_keys, conf_deprecated_keys, conf_module_subkeys), in the same order;
+# tests/test_helper_rules.py compares them.
 REQUIRED = ("udiMount", "loopMount", "imagePath", "udiRootPath", "etcPath", "rootfsType")
-# Shifter's external tool paths: read and kept, but this implementation needs none of
-# them, so a site file naming a tool a node lacks does not stop the runtime.
+# Shifter's external tool paths: read and kept, but this implementation runs none of
+# those tools (nor does the helper), so none is required and a site file naming a tool
+# a node lacks does not stop the runtime.
 TOOL_PATHS = ("modprobePath", "insmodPath", "cpPath", "mvPath", "chmodPath", "ddPath")
 OPTIONAL = (
     "perNodeCachePath",
@@ -71,6 +75,12 @@ MODULE_KEYS = (
     "enabled",
 )
 _KNOWN = frozenset(REQUIRED + TOOL_PATHS + OPTIONAL + ACCUMULATING)
+# What the helper (reading bytes) takes for blanks and line breaks: the ASCII ones that
+# str.strip() and str.splitlines() know. Theirs also include NBSP, U+3000, U+0085,
+# U+2028...: a value ending in NBSP must mean the same path to both readers.
+_BLANKS = " \t\n\v\f\r\x1c\x1d\x1e\x1f"
+_BREAKS = "\n\r\v\f\x1c\x1d\x1e"
+_OTHER_BREAKS = ("\x85", "\u2028", "\u2029")
 
 
 class ConfigError(Exception):
@@ -99,8 +109,9 @@ class Module:
 
     @property
     def enabled(self) -> bool:
-        # As the helper reads it: 0, false or no, in any case, disable the module.
-        return self.values.get("enabled", "1").strip().lower() not in ("0", "false", "no")
+        # As the helper reads it: exactly 0, false or no (ASCII, any case) disables.
+        value = self.values.get("enabled", "1")
+        return not (value.isascii() and value.lower() in ("0", "false", "no"))
 
 
 class UdiRootConfig:
@@ -137,10 +148,12 @@ class UdiRootConfig:
         return self.values.get(key, default)
 
     def flag(self, key: str, default: bool = False) -> bool:
-        value = self.values.get(key)
-        if value is None or value == "":
+        """1, true, yes or on (ASCII, any case; the whole value) is true; empty or unset
+        is ``default``; anything else is false. ``config_flag`` in the helper is the same."""
+        value = (self.values.get(key) or "").strip(" \t")
+        if value == "":
             return default
-        return value.strip().lower() in ("1", "true", "yes", "on")
+        return value.isascii() and value.lower() in ("1", "true", "yes", "on")
 
     def number(self, key: str, default: int = 0) -> int:
         value = self.values.get(key)
@@ -182,7 +195,7 @@ def parse_text(text: str, path: str = DEFAULT_PATH) -> UdiRootConfig:
     for line in _logical_lines(text):
         if line.startswith("#") or "=" not in line:
             continue
-        key, value = (part.strip() for part in line.split("=", 1))
+        key, value = (part.strip(_BLANKS) for part in line.split("=", 1))
         if key in DEPRECATED:
             warnings.append(f"IGNORING parameter {key}, deprecated.")
         elif key in ACCUMULATING:
@@ -216,16 +229,34 @@ def _logical_lines(text: str) -> list[str]:
     """Physical lines with trailing-backslash continuations joined by one space."""
     out: list[str] = []
     pending = ""
-    for raw in text.splitlines():
-        line = raw.rstrip("\r")
-        if line.rstrip().endswith("\\"):
-            pending += line.rstrip()[:-1].rstrip() + " "
+    for line in _split_lines(text):
+        if line.rstrip(_BLANKS).endswith("\\"):
+            pending += line.rstrip(_BLANKS)[:-1].rstrip(_BLANKS) + " "
             continue
-        out.append(pending + line.lstrip() if pending else line)
+        out.append(pending + line.lstrip(_BLANKS) if pending else line)
         pending = ""
     if pending:
-        out.append(pending.rstrip())
+        out.append(pending.rstrip(_BLANKS))
     return out
+
+
+def _split_lines(text: str) -> list[str]:
+    """``str.splitlines()`` with only the ASCII breaks (``\\r\\n`` is one break)."""
+    if not any(c in text for c in _OTHER_BREAKS):
+        return text.splitlines()  # the common case, and fast
+    lines: list[str] = []
+    start = i = 0
+    n = len(text)
+    while i < n:
+        if text[i] in _BREAKS:
+            lines.append(text[start:i])
+            i += 2 if text[i] == "\r" and text[i + 1 : i + 2] == "\n" else 1
+            start = i
+        else:
+            i += 1
+    if start < n:
+        lines.append(text[start:])
+    return lines
 
 
 _S_IFMT, _S_IFREG = 0o170000, 0o100000

@@ -13,6 +13,9 @@ Rules (behaviour spec §6.3, §9 "character filtering"):
   silently deleted other characters; we refuse them, so a launch never runs an image
   other than the one named.
 * ``id``: exactly 64 lowercase hex digits (it becomes a file name under imagePath).
+* An image id found through a tag (the gateway's index or ``shifterimg lookup``) must
+  pass :func:`valid_image_id`, the helper's rule (``meta_valid_image_id`` in
+  helpers/meta.c; tests/test_helper_rules.py runs both on one table).
 * ``local``: only with ``allowLocalChroot=1`` (**FIX**), an absolute path without ``..``.
 """
 
@@ -30,6 +33,20 @@ NO_TYPE = (
 )
 TAG_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_:.+@-")
 _ID_CHARS = frozenset("0123456789abcdef")
+MAX_IMAGE_ID = 128
+_IMAGE_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.+-")
+
+
+def valid_image_id(text: str) -> bool:
+    """An id the helper accepts: it names files under ``imagePath``, so 1 to 128 of
+    ``[A-Za-z0-9_.+-]``, no ``..`` anywhere, and not starting with ``.``, ``+`` or ``-``
+    (a hidden file, or a name a tool could read as an option)."""
+    return (
+        0 < len(text) <= MAX_IMAGE_ID
+        and all(c in _IMAGE_ID_CHARS for c in text)
+        and text[0] not in ".+-"
+        and ".." not in text
+    )
 
 
 class DescriptorError(ValueError):

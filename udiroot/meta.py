@@ -4,8 +4,13 @@ Rules (behaviour spec §4): one ``KEY: value`` per line, split at the first ``:`
 trimmed; ``#`` in column 0 is a comment (also inside a continued value); a trailing ``\\``
 joins the next line with one space; unknown keys are ignored quietly; ENV repeats (a
 ``["A=1", "B=2"]`` list on one ENV line is read as its elements); more
-than 1000 ACL ids is an error. ENTRY and CMD are argv lists, read from a JSON array or
-from the older Python ``['a', "it's"]`` form (one small tokenizer reads both).
+than 1000 ACL ids is an error; FORMAT is ``squashfs`` or ``xfs`` (empty: squashfs). ENTRY
+and CMD are argv lists, read from a JSON array or from the older Python ``['a', "it's"]``
+form (one small tokenizer reads both). The file is opened without following a symlink,
+must be a regular file of at most 1 MiB and hold no NUL byte.
+
+The setuid helper (helpers/meta.c) reads the same file with the same rules but only the
+keys it uses (:data:`HELPER_KEYS`); tests/test_helper_rules.py runs both on one table.
 
 Plain loops and explicit character sets rather than ``json``/``re``/``str.isdigit``: the
 setuid helper re-reads this file with the same rules in C, and ``shifter`` imports this on
@@ -14,15 +19,23 @@ every launch.
 
 from __future__ import annotations
 
+import posix
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Collection, Iterable
 
 NOT_FOUND = "FAILED to find requested image."
 ACL_DENIED = "FAILED permission denied to image"
 MAX_ACL_IDS = 1000
 # (uid_t)-1 means "unchanged" to setresuid, so the largest usable id is one less.
 MAX_ID = 0xFFFFFFFE
+MAX_META_BYTES = 1 << 20  # the helper reads at most this much (HELPER_MAX_SMALL_FILE)
+FORMATS = ("squashfs", "xfs")  # what the helper can mount
+# What the helper reads; the other keys are the front end's alone.
+HELPER_KEYS = ("FORMAT", "USERACL", "GROUPACL")
+_S_IFMT, _S_IFREG = 0o170000, 0o100000
+_EFBIG_TEXT = "File too large"  # strerror(EFBIG), as the helper words it
 
 _WS = " \t\r\n\v\f"  # C isspace() in the C locale; str.strip() would also eat Unicode spaces
 _DIGITS = "0123456789"
@@ -66,20 +79,48 @@ class ImageMeta:
         return f"ImageMeta({fields})"
 
 
-def read_meta(path: str) -> ImageMeta:
-    """Parse the file at ``path``; a missing file is Shifter's "FAILED to find" error."""
+def read_meta(path: str, keys: Collection[str] | None = None) -> ImageMeta:
+    """Parse the file at ``path`` (``keys`` as for :func:`parse_meta`); a missing file is
+    Shifter's "FAILED to find" error. Opened as the helper opens it: not through a
+    symlink, not blocking on a FIFO."""
+    flags = posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_CLOEXEC | posix.O_NONBLOCK
     try:
-        # newline="": lines split on "\n" only, as C getline() does; "\r" is then trimmed.
-        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-            text = f.read()
+        fd = posix.open(path, flags | posix.O_NOCTTY)
     except FileNotFoundError:
         raise MetaError(NOT_FOUND) from None
     except OSError as exc:
         raise MetaError(f"{NOT_FOUND} ({path}: {exc.strerror})") from None
-    return parse_meta(text)
+    try:
+        if posix.fstat(fd).st_mode & _S_IFMT != _S_IFREG:
+            raise MetaError(f"{NOT_FOUND} ({path} is not a regular file)")
+        data = _read_bounded(fd, path)
+    finally:
+        posix.close(fd)
+    if b"\0" in data:
+        raise MetaError(f"{NOT_FOUND} ({path}: contains a NUL byte)")
+    # Lines split on "\n" only, as in C; a "\r" before it is trimmed as blank.
+    return parse_meta(data.decode("utf-8", "surrogateescape"), keys)
 
 
-def parse_meta(text: str) -> ImageMeta:
+def _read_bounded(fd: int, path: str) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            chunk = posix.read(fd, MAX_META_BYTES + 1 - size)
+        except OSError as exc:
+            raise MetaError(f"{NOT_FOUND} ({path}: {exc.strerror})") from None
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_META_BYTES:
+            raise MetaError(f"{NOT_FOUND} ({path}: {_EFBIG_TEXT})")
+
+
+def parse_meta(text: str, keys: Collection[str] | None = None) -> ImageMeta:
+    """Parse ``.meta`` text; with ``keys``, only those keys are read (the others are
+    skipped as unknown ones are): ``keys=HELPER_KEYS`` reads what the helper reads."""
     meta = ImageMeta()
     key: str | None = None  # set while a value continues onto the next line
     parts: list[str] = []
@@ -98,15 +139,22 @@ def parse_meta(text: str) -> ImageMeta:
             parts.append(value[:-1].strip(_WS))
             continue
         parts.append(value)
-        _assign(meta, key, " ".join(parts).strip(_WS))
+        if keys is None or key in keys:
+            _assign(meta, key, " ".join(parts).strip(_WS))
         key, parts = None, []
-    if key is not None:  # the file ended inside a continued value: keep what is there
+    # The file ended inside a continued value: keep what is there.
+    if key is not None and (keys is None or key in keys):
         _assign(meta, key, " ".join(parts).strip(_WS))
     return meta
 
 
 def _assign(meta: ImageMeta, key: str, value: str) -> None:
     if key == "FORMAT":
+        if value not in ("", *FORMATS):
+            # As the helper words it: at most 32 bytes of the value (C's %.32s).
+            raw = value.encode("utf-8", "surrogateescape")
+            shown = raw[:32].decode("utf-8", "surrogateescape") + ("..." if len(raw) > 32 else "")
+            raise MetaError(f"FAILED: image format '{shown}' is not supported (squashfs or xfs)")
         meta.format = value or None
     elif key == "ENTRY":
         meta.entry = parse_argv(value, key)
