@@ -18,7 +18,6 @@
 
 #include "request.h"
 
-#include "container.h"
 #include "util.h"
 
 #ifndef CONF_PATH
