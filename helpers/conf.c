@@ -33,7 +33,8 @@ const char *const conf_tool_keys[] = {
 };
 
 const char *const conf_optional_keys[] = {
-    "perNodeCachePath", "perNodeCacheSizeLimit", "perNodeCacheAllowedFsType",
+    "perNodeCachePath", "perNodeCacheSizeLimit", "perNodeCacheTotalSizeLimit",
+    "perNodeCacheAllowedFsType",
     "usersToImport", "sitePreMountHook", "sitePostMountHook", "optUdiImage",
     "allowLocalChroot", "allowLibcPwdCalls", "populateEtcDynamically",
     "mountUdiRootWritable", "maxGroupCount", "mountPropagationStyle", "mkfsXfsPath",

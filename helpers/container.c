@@ -136,7 +136,9 @@ static int mount_image(struct ctx *c)
         int src = volmount_open_as_user(&c->id, c->local_path, 1);
         if (src < 0)
             die_errno("FAILED to use %s as the image root", c->local_path);
-        mfd = mnt_clone(src, 0, ATTR_RO | ATTR_NOSUID | ATTR_NODEV, c->local_path);
+        /* With what is mounted below it (not the files those mounts hide), read-only,
+         * nosuid, nodev all the way down; made private below once attached. */
+        mfd = mnt_clone(src, 1, ATTR_RO | ATTR_NOSUID | ATTR_NODEV, c->local_path);
         close(src);
     } else {
         const char *dir = conf_get(c->conf, "imagePath");
@@ -160,7 +162,8 @@ static int mount_image(struct ctx *c)
                       ATTR_RO | ATTR_NOSUID | ATTR_NODEV, name);
         close(lfd); /* the mount holds the device now; autoclear frees it with the mount */
     }
-    mnt_attach(mfd, dst, MS_PRIVATE, "the image");
+    mnt_attach(mfd, dst, 0, "the image");
+    mnt_set(mfd, 1, 0, MS_PRIVATE, "the image");
     close(dst);
     verbose("image mounted at %s", c->loop);
     return mfd;
@@ -263,8 +266,14 @@ static void bind_host_dir(struct ctx *c, const char *host, const char *name, int
 
 static void system_mounts(struct ctx *c)
 {
-    int dst = open_dir_at(c->root, "proc");
-    int mfd = mnt_new("proc", "proc", NULL, ATTR_NOSUID | ATTR_NODEV | ATTR_NOEXEC, "proc");
+    int dst = open_dir_at(c->root, "proc"), mfd;
+    char opts[256];
+
+    /* The host's hidepid/gid/subset: a procfs without them would show users every
+     * process and command line of the node. */
+    mnt_proc_options(opts, sizeof opts);
+    mfd = mnt_new("proc", "proc", opts[0] ? opts : NULL, ATTR_NOSUID | ATTR_NODEV | ATTR_NOEXEC,
+                  "proc");
 
     mnt_attach(mfd, dst, MS_PRIVATE, "proc");
     close(mfd);
@@ -378,6 +387,7 @@ void container_build(struct ctx *c)
         if (fd >= 0)
             close(fd);
     }
+    volmount_check_caches(c);
     if (!c->setup_mode) {
         if (unshare(CLONE_NEWNS) != 0)
             die_errno("Cannot create a private mount namespace");

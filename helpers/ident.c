@@ -7,6 +7,7 @@
 #include "ident.h"
 
 #include <errno.h>
+#include <grp.h>
 #include <fcntl.h>
 #include <pwd.h>
 #include <stdio.h>

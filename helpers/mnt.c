@@ -129,8 +129,12 @@ void mnt_bind_at(int src_dir, const char *name, int dst_dir, int is_dir)
     if (src < 0)
         die_errno("Cannot open %s", name);
     dst = mnt_point_at(dst_dir, name, is_dir, 0755);
-    mfd = mnt_clone(src, 0, ATTR_RO | ATTR_NOSUID | ATTR_NODEV, name);
-    mnt_attach(mfd, dst, MS_PRIVATE, name);
+    /* Recursive: a --local root's directories show what is mounted in them, never the
+     * files hidden under those mount points; flags and privacy all the way down (a
+     * copy of a shared host mount would otherwise pass our unmounts on to the host). */
+    mfd = mnt_clone(src, 1, ATTR_RO | ATTR_NOSUID | ATTR_NODEV, name);
+    mnt_attach(mfd, dst, 0, name);
+    mnt_set(mfd, 1, 0, MS_PRIVATE, name);
     close(mfd);
     close(dst);
     close(src);
@@ -207,28 +211,90 @@ static int collect(const char *const prefixes[], int np, char **out, int max)
     return n;
 }
 
-int mnt_unmount_under(const char *const prefixes[], int np)
+/* Append to out the options of super options opts (comma-separated) that are in keep. */
+static void keep_options(const char *opts, const char *const keep[], char *out, size_t len)
+{
+    char *copy = xstrdup(opts), *save = NULL;
+
+    for (char *o = strtok_r(copy, ",", &save); o != NULL; o = strtok_r(NULL, ",", &save)) {
+        for (int i = 0; keep[i] != NULL; i++) {
+            size_t n = strlen(keep[i]);
+            if (strncmp(o, keep[i], n) == 0 && o[n] == '=' &&
+                strlen(out) + strlen(o) + 2 < len) {
+                if (*out)
+                    strcat(out, ",");
+                strcat(out, o);
+            }
+        }
+    }
+    free(copy);
+}
+
+void mnt_proc_options(char *out, size_t len)
+{
+    static const char *const keep[] = {"hidepid", "gid", "subset", NULL};
+    int fd = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC);
+    char *text, *cursor, *line;
+    size_t tlen;
+
+    out[0] = '\0';
+    if (fd < 0 || read_all_fd(fd, 64 * 1024 * 1024, &text, &tlen) != 0)
+        die_errno("Cannot read /proc/self/mountinfo");
+    close(fd);
+    /* id parent major:minor root mountpoint opts [optional...] - fstype source superopts.
+     * The last /proc line is the mount on top, the one everybody sees. */
+    for (cursor = text; (line = cursor) != NULL && *line;) {
+        char *nl = strchr(line, '\n'), *f, *sep, *save = NULL;
+        cursor = nl != NULL ? nl + 1 : NULL;
+        if (nl != NULL)
+            *nl = '\0';
+        sep = strstr(line, " - ");
+        if (sep == NULL)
+            continue;
+        *sep = '\0';
+        f = strtok_r(line, " ", &save);
+        for (int i = 0; f != NULL && i < 4; i++)
+            f = strtok_r(NULL, " ", &save);
+        if (f == NULL || strcmp(f, "/proc") != 0)
+            continue;
+        save = NULL;
+        f = strtok_r(sep + 3, " ", &save); /* fstype */
+        if (f == NULL || strcmp(f, "proc") != 0)
+            continue;
+        f = strtok_r(NULL, " ", &save); /* source */
+        f = f != NULL ? strtok_r(NULL, " ", &save) : NULL;
+        out[0] = '\0';
+        if (f != NULL)
+            keep_options(f, keep, out, len);
+    }
+    free(text);
+}
+
+int mnt_unmount_under(const char *const roots[], int np)
 {
     char *points[MAX_MOUNTS];
-    int n = 0;
+    int n;
 
-    for (int pass = 0; pass < 16; pass++) {
-        int failed = 0;
-
-        n = collect(prefixes, np, points, MAX_MOUNTS);
-        if (n == 0)
-            return 0;
-        /* Later lines are mounted later: deeper or on top.  Undo them first. */
-        for (int i = n - 1; i >= 0; i--) {
-            if (umount2(points[i], MNT_DETACH | UMOUNT_NOFOLLOW) != 0 && errno != EINVAL &&
-                errno != ENOENT)
-                failed++;
-            free(points[i]);
-        }
-        if (failed && pass == 15)
+    /*
+     * Only the roots themselves are named, never a path below them: those run through
+     * the user's volumes, where a middle component can be swapped for a symlink between
+     * reading mountinfo and the call, and root would detach whatever it then leads to.
+     * The roots are canonical paths of root's config.  A lazy unmount of a root takes
+     * its whole subtree; one call per mount stacked on the root.  Nothing propagates
+     * out: every mount of the container is private or a slave of the host's.
+     */
+    for (int i = 0; i < np; i++) {
+        for (int k = 0; k < MAX_MOUNTS; k++) {
+            if (umount2(roots[i], MNT_DETACH | UMOUNT_NOFOLLOW) == 0)
+                continue;
+            if (errno != EINVAL) /* EINVAL: no (more) mount at the root */
+                warn("shifter-helper: could not unmount %s: %s", roots[i], strerror(errno));
             break;
+        }
     }
-    n = collect(prefixes, np, points, MAX_MOUNTS);
+    /* What is left (mounted below a root that is not itself a mount point) is reported,
+     * never unmounted by its path. */
+    n = collect(roots, np, points, MAX_MOUNTS);
     for (int i = 0; i < n; i++) {
         warn("shifter-helper: could not unmount %s", points[i]);
         free(points[i]);

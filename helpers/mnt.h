@@ -8,6 +8,7 @@
 #ifndef SHIFTER_HELPERS_MNT_H
 #define SHIFTER_HELPERS_MNT_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #define ATTR_RO 0x1
@@ -33,14 +34,19 @@ void mnt_set(int mfd, int rec, unsigned attrs, unsigned long propagation, const 
  * empty file; a directory may already exist, a file must not) and return it O_PATH. */
 int mnt_point_at(int dst_dir, const char *name, int is_dir, unsigned dir_mode);
 
-/* Bind src_dir/name (not followed if a symlink) read-only, nosuid, nodev onto a new
- * mount point dst_dir/name (a directory when is_dir, else an empty file; it must not
- * exist), private. */
+/* Bind src_dir/name (not followed if a symlink) with the mounts below it, read-only,
+ * nosuid, nodev, onto a new mount point dst_dir/name (a directory when is_dir, else an
+ * empty file; it must not exist), all private. */
 void mnt_bind_at(int src_dir, const char *name, int dst_dir, int is_dir);
 
-/* Unmount (MNT_DETACH) every mount at or below each prefix, deepest first.  0, or -1
- * when something stayed (message printed). */
+/* Detach (MNT_DETACH) every mount stacked on each root with its whole subtree, naming
+ * only the roots (canonical, root's paths), never a path below them.  0, or -1 when
+ * something stayed mounted below a root (message printed). */
 int mnt_unmount_under(const char *const prefixes[], int n);
+
+/* The options of the host's /proc (the top procfs mount on /proc in this namespace) that
+ * shape what a procfs shows: hidepid=, gid=, subset=, as "k=v,k=v" in out ("" if none). */
+void mnt_proc_options(char *out, size_t len);
 
 /* The mount id of fd (statx STATX_MNT_ID); dies on failure. */
 uint64_t mnt_id(int fd);

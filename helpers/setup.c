@@ -12,6 +12,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,74 +38,33 @@ void usage(void)
 
 /* ---- the user named by root (setup --user --uid --gid) ---------------------------- */
 
-struct gr_fields {
-    const char *name;
-    unsigned long gid;
-    char *members; /* comma-separated, possibly empty */
-};
-
-/* Split one group line (3 or 4 fields, modified in place); 0 or -1 to skip it. */
-static int parse_gr_line(char *line, struct gr_fields *f)
+/*
+ * The user's supplementary groups as the host has them now (getgrouplist: /etc/group,
+ * LDAP, sssd, ...), not etcPath's copy of group, which is refreshed only now and then: a
+ * user just removed from a group must not keep reaching its files through a volume.  gid
+ * 0 becomes the primary gid, as for a caller's groups.
+ */
+static void groups_from_host(struct ident *id)
 {
-    char *field[4];
-    size_t n = 0;
-    char *p = line;
+    gid_t list[IDENT_MAX_GROUPS];
+    int n = IDENT_MAX_GROUPS;
 
-    for (;;) {
-        if (n == 4)
-            return -1; /* a fifth field */
-        field[n++] = p;
-        p = strchr(p, ':');
-        if (p == NULL)
-            break;
-        *p++ = '\0';
-    }
-    if ((n != 3 && n != 4) || field[0][0] == '\0')
-        return -1;
-    if (ident_parse_id(field[2], strlen(field[2]), &f->gid) != 0)
-        return -1;
-    f->name = field[0];
-    f->members = n == 4 ? field[3] : field[2] + strlen(field[2]); /* "" when absent */
-    return 0;
-}
-
-/* Groups of name in <etcPath>/group: every group listing it as a member. */
-static void groups_from_etc(const struct udiroot_conf *conf, struct ident *id)
-{
-    const char *etc = conf_get(conf, "etcPath");
-    int dfd = open(etc, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    char *text, *cursor, *line;
-    size_t tlen;
-
-    if (dfd < 0)
-        die_errno("Cannot open etcPath %s", etc);
+    if (getgrouplist(id->name, id->gid, list, &n) < 0)
+        die("%s is in more than %d groups; shifter cannot keep them all", id->name,
+            IDENT_MAX_GROUPS);
     id->groups[id->ngroups++] = id->gid;
-    if (read_small_file_at(dfd, "group", 1, &text, &tlen) != 0) {
-        close(dfd);
-        return; /* no group file: the primary group only */
+    for (int i = 0; i < n; i++) {
+        gid_t g = list[i] == 0 ? id->gid : list[i];
+        int seen = 0;
+        for (size_t k = 0; k < id->ngroups; k++)
+            seen |= id->groups[k] == g;
+        if (!seen)
+            id->groups[id->ngroups++] = g;
     }
-    close(dfd);
-    cursor = text;
-    while ((line = ident_next_line(&cursor)) != NULL) {
-        struct gr_fields f;
-
-        if (parse_gr_line(line, &f) != 0 || f.gid == 0 || f.gid == id->gid)
-            continue;
-        for (char *m = f.members; *m;) {
-            size_t len = strcspn(m, ",");
-            if (len == strlen(id->name) && strncmp(m, id->name, len) == 0 &&
-                id->ngroups < IDENT_MAX_GROUPS)
-                id->groups[id->ngroups++] = (gid_t)f.gid;
-            m += len;
-            if (*m == ',')
-                m++;
-        }
-    }
-    free(text);
 }
 
-static void ident_from_args(const struct udiroot_conf *conf, const char *name, const char *uid,
-                            const char *gid, struct ident *id)
+static void ident_from_args(const char *name, const char *uid, const char *gid,
+                            struct ident *id)
 {
     unsigned long u, g;
 
@@ -120,7 +80,7 @@ static void ident_from_args(const struct udiroot_conf *conf, const char *name, c
     id->uid = (uid_t)u;
     id->gid = (gid_t)g;
     snprintf(id->name, sizeof id->name, "%s", name);
-    groups_from_etc(conf, id);
+    groups_from_host(id);
 }
 
 /* ---- var/hostsfile from --nodes "host/N host/N" ------------------------------------ */
@@ -238,7 +198,7 @@ int main(int argc, char **argv)
     if (strcmp(argv[1], "setup") != 0)
         usage();
     parse_options(argc, argv, 2, 0, &o);
-    ident_from_args(&conf, o.user, o.uid, o.gid, &ctx.id);
+    ident_from_args(o.user, o.uid, o.gid, &ctx.id);
     ctx.etc_files = read_records(o.etc_fd, "/etc files (--etc-fd)");
     ctx.setup_mode = 1;
     ctx.setup_step = setup_step;

@@ -13,6 +13,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -263,6 +265,91 @@ int open_dir_at(int dirfd, const char *name)
     return openat(dirfd, name, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 }
 
+#define UNLIMITED RLIM_INFINITY
+
+/*
+ * The limits root's children start with.  rlimits survive the setuid exec, so without
+ * this a hook or mkfs.xfs would run with whatever the user set.
+ */
+static const struct {
+    int resource;
+    const char *name;
+    rlim_t soft, hard;
+} child_limits[] = {
+    /* mkfs.xfs writes the whole cache file; a hook must not leave a file cut short */
+    {RLIMIT_FSIZE, "file size (ulimit -f)", UNLIMITED, UNLIMITED},
+    /* CPU time and memory: a tight limit kills or fails a tool half way */
+    {RLIMIT_CPU, "CPU time (ulimit -t)", UNLIMITED, UNLIMITED},
+    {RLIMIT_DATA, "data size (ulimit -d)", UNLIMITED, UNLIMITED},
+    {RLIMIT_AS, "virtual memory (ulimit -v)", UNLIMITED, UNLIMITED},
+    {RLIMIT_STACK, "stack size (ulimit -s)", 8 << 20, UNLIMITED},      /* the usual 8 MiB */
+    {RLIMIT_CORE, "core file size (ulimit -c)", 0, 0},  /* root's memory in no core file */
+    {RLIMIT_NOFILE, "open files (ulimit -n)", 1024, 4096}, /* the usual; select() <= 1024 */
+    {RLIMIT_MEMLOCK, "locked memory (ulimit -l)", 8 << 20, 8 << 20}, /* the usual */
+    {RLIMIT_LOCKS, "file locks (ulimit -x)", UNLIMITED, UNLIMITED},  /* the usual */
+    {RLIMIT_MSGQUEUE, "POSIX message queues (ulimit -q)", 819200, 819200}, /* the usual */
+    {RLIMIT_NICE, "nice priority (ulimit -e)", 0, 0},   /* no raising of priority: unneeded */
+    {RLIMIT_RTPRIO, "real-time priority (ulimit -r)", 0, 0}, /* no real-time scheduling */
+    {RLIMIT_RTTIME, "real-time timeout", UNLIMITED, UNLIMITED}, /* only bounds RT tasks */
+    /* Left as they are: RLIMIT_NPROC (the kernel does not apply it to root's forks),
+     * RLIMIT_SIGPENDING (queued signals, which none of these tools uses) and RLIMIT_RSS
+     * (ignored by Linux). */
+};
+
+/* Limit i of the table.  Raising a hard limit needs CAP_SYS_RESOURCE, which root lacks
+ * on some nodes (containers): there the hard limit stays the caller's, and only a
+ * caller's hard limit below the soft value wanted stops the program (a message names it). */
+static int set_child_limit(size_t i, const char *prog)
+{
+    struct rlimit want = {child_limits[i].soft, child_limits[i].hard}, have;
+
+    if (setrlimit(child_limits[i].resource, &want) == 0)
+        return 0;
+    if (errno != EPERM || getrlimit(child_limits[i].resource, &have) != 0)
+        return -1;
+    if (want.rlim_cur != RLIM_INFINITY &&
+        (have.rlim_max == RLIM_INFINITY || want.rlim_cur <= have.rlim_max)) {
+        want.rlim_max = have.rlim_max;
+        return setrlimit(child_limits[i].resource, &want);
+    }
+    dprintf(STDERR_FILENO,
+            "Cannot run %s as root with your hard limit of %s (%llu): this node does not let "
+            "root raise it. Raise it (ulimit -H) and try again.\n",
+            prog, child_limits[i].name, (unsigned long long)have.rlim_max);
+    errno = EPERM;
+    return -1;
+}
+
+int child_reset_state(const char *prog)
+{
+    sigset_t none;
+    int null;
+
+    /* A session of its own: no controlling terminal (the user's tty cannot signal it
+     * nor be its /dev/tty), not in the caller's process group. */
+    if (setsid() < 0)
+        return -1;
+    null = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (null < 0 || dup2(null, STDIN_FILENO) != STDIN_FILENO)
+        return -1;
+    if (null != STDIN_FILENO)
+        close(null);
+    /* Every disposition default (SIG_IGN survives exec) and nothing blocked.  SIGKILL,
+     * SIGSTOP and glibc's internal signals refuse the change: that is fine. */
+    for (int sig = 1; sig < NSIG; sig++)
+        (void)signal(sig, SIG_DFL);
+    if (sigemptyset(&none) != 0 || sigprocmask(SIG_SETMASK, &none, NULL) != 0)
+        return -1;
+    for (size_t i = 0; i < sizeof child_limits / sizeof child_limits[0]; i++)
+        if (set_child_limit(i, prog) != 0)
+            return -1;
+    /* The caller's nice value must not slow root's work; where root may not lower it
+     * (no CAP_SYS_NICE) the work is only slower, so that is no reason to stop. */
+    if (setpriority(PRIO_PROCESS, 0, 0) != 0 && errno != EACCES && errno != EPERM)
+        return -1;
+    return 0;
+}
+
 int run_program(const char *const argv[], const char *cwd, int extra_fd, int quiet,
                 const char *const extra_env[])
 {
@@ -278,6 +365,9 @@ int run_program(const char *const argv[], const char *cwd, int extra_fd, int qui
     if (pid < 0)
         die_errno("Cannot start %s", argv[0]);
     if (pid == 0) {
+        /* None of the caller's session, terminal, stdin, signals or limits. */
+        if (child_reset_state(argv[0]) != 0)
+            _exit(126);
         /* Fully root: a shell started with real id != effective id drops privileges. */
         if (setgroups(0, NULL) != 0 || setresgid(0, 0, 0) != 0 || setresuid(0, 0, 0) != 0)
             _exit(126);

@@ -54,8 +54,14 @@ int openat2_resolve(int dirfd, const char *path, int flags, unsigned long long r
 /* Open a directory below dirfd, O_PATH, refusing symlinks. */
 int open_dir_at(int dirfd, const char *name);
 
-/* Run argv[0] (an absolute path) as root (all ids 0, no groups) with argv, the fixed root environment, cwd (or
- * NULL), stdin/out/err inherited, extra_fd (or -1) dup'ed to fd 3, all other fds
+/* In a child that root is about to exec (prog, for messages): a new session (no
+ * controlling terminal), stdin from /dev/null, every signal default and unblocked, the
+ * fixed rlimits of util.c's child_limits table, nice 0.  0, or -1 with errno (the child
+ * should _exit; a hard limit root cannot raise is named on stderr). */
+int child_reset_state(const char *prog);
+
+/* Run argv[0] (an absolute path) as root (all ids 0, no groups) with argv, the fixed root
+ * environment, cwd (or NULL), child_reset_state() applied, stdout/err inherited, extra_fd (or -1) dup'ed to fd 3, all other fds
  * closed; quiet sends its stdout and stderr to /dev/null; extra_env (NULL or a short
  * NULL-terminated list of fixed strings) is added to the environment.  Returns the wait
  * status. */

@@ -21,9 +21,9 @@
 #include <string.h>
 #include <sys/fsuid.h>
 #include <sys/mount.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
-#include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -254,15 +254,77 @@ void volmount_site(struct ctx *c, const char *text, const char *what)
     vol_list_free(&list);
 }
 
+void volmount_check_caches(const struct ctx *c)
+{
+    const char *key = "perNodeCacheTotalSizeLimit";
+    const char *limit = conf_get(c->conf, key);
+    char err[VOL_ERR_LEN];
+    uint64_t max, sum = 0;
+
+    /* Unset: one launch may use as much as one cache may be (perNodeCacheSizeLimit);
+     * neither set: the site set no limit. */
+    if (limit == NULL || *limit == '\0') {
+        key = "perNodeCacheSizeLimit";
+        limit = conf_get(c->conf, key);
+    }
+    if (limit == NULL || *limit == '\0')
+        return;
+    if (vol_parse_size(limit, &max, err, sizeof err) != 0)
+        die("FAILED to parse udiRoot configuration. (%s: %s)", key, err);
+    for (size_t i = 0; i < c->vols.n; i++) {
+        const struct volume *v = &c->vols.vol[i];
+        if (!v->flag[VOL_CACHE])
+            continue;
+        sum = v->cache_size > UINT64_MAX - sum ? UINT64_MAX : sum + v->cache_size;
+        if (sum > max) {
+            snprintf(err, sizeof err,
+                     "the perNodeCaches of this launch add up to %llu bytes, over the site "
+                     "total of %llu (perNodeCacheTotalSizeLimit)",
+                     (unsigned long long)sum, (unsigned long long)max);
+            die(DENIED, v->source, v->target, err);
+        }
+    }
+}
+
+/* ftruncate the cache file to size.  The caller's RLIMIT_FSIZE (ours in run mode) is a
+ * limit on the user's own files; this file is root's and its size the site's limit
+ * checked, so the limit is lifted for the call (the hard one too where root may) and put
+ * back for the user's command.  A hard limit below the size is refused with a message
+ * (exceeding it would kill us with SIGXFSZ). */
+static void size_cache_file(int fd, uint64_t size)
+{
+    struct rlimit saved, none = {RLIM_INFINITY, RLIM_INFINITY}, soft;
+    int rc, e;
+
+    if (getrlimit(RLIMIT_FSIZE, &saved) != 0)
+        die_errno("Cannot read the file size limit");
+    soft.rlim_cur = soft.rlim_max = saved.rlim_max;
+    if (setrlimit(RLIMIT_FSIZE, &none) != 0 && setrlimit(RLIMIT_FSIZE, &soft) != 0)
+        die_errno("Cannot lift the file size limit for the perNodeCache file");
+    if (getrlimit(RLIMIT_FSIZE, &soft) != 0 ||
+        (soft.rlim_cur != RLIM_INFINITY && soft.rlim_cur < size)) {
+        if (setrlimit(RLIMIT_FSIZE, &saved) != 0)
+            die_errno("Cannot restore the file size limit");
+        die("Cannot create a perNodeCache of %llu bytes: your hard file size limit is %llu "
+            "bytes (ulimit -H -f). Raise it or ask for a smaller cache.",
+            (unsigned long long)size, (unsigned long long)soft.rlim_cur);
+    }
+    rc = fchmod(fd, 0600) == 0 && ftruncate(fd, (off_t)size) == 0 ? 0 : -1;
+    e = errno;
+    if (setrlimit(RLIMIT_FSIZE, &saved) != 0)
+        die_errno("Cannot restore the file size limit");
+    errno = e;
+    if (rc != 0)
+        die_errno("Cannot size the perNodeCache file");
+}
+
 static void cache_mount(struct ctx *c, const struct volume *v, int dst)
 {
     const char *dir = conf_get(c->conf, "perNodeCachePath");
     const char *limit = conf_get(c->conf, "perNodeCacheSizeLimit");
     const char *allowed = conf_get(c->conf, "perNodeCacheAllowedFsType");
     const char *mkfs = conf_get(c->conf, "mkfsXfsPath");
-    char err[VOL_ERR_LEN], host[65], dev[64], label[64], fdp[32];
-    struct utsname u;
-    char *tmpl;
+    char err[VOL_ERR_LEN], dev[64], label[64], fdp[32];
     uint64_t max;
     int fd, lfd, mfd, status;
 
@@ -283,23 +345,13 @@ static void cache_mount(struct ctx *c, const struct volume *v, int dst)
         mkfs = "/sbin/mkfs.xfs";
     if (mkfs[0] != '/')
         die("FAILED to parse udiRoot configuration. (mkfsXfsPath must be absolute)");
-    if (uname(&u) != 0)
-        die_errno("uname");
-    snprintf(host, sizeof host, "%s", u.nodename);
-    for (char *h = host; *h; h++)
-        if (!strchr("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_", *h))
-            *h = '_';
-    tmpl = xasprintf("%s/perNodeCache_uid%lu_gid%lu_%s.xfs.XXXXXX", dir,
-                     (unsigned long)c->id.uid, (unsigned long)c->id.gid, host);
-    fd = mkostemp(tmpl, O_CLOEXEC);
+    /* O_TMPFILE: the file never has a name, so no kill at any moment leaves one behind;
+     * the fd (and later the loop device) keeps it alive. */
+    fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
     if (fd < 0)
-        die_errno("Cannot create the perNodeCache file in %s", dir);
-    /* Unlinked at once: the open fd (and later the loop device) keeps it alive, and
-     * nothing is left behind whatever happens next. */
-    if (unlink(tmpl) != 0)
-        die_errno("Cannot unlink %s", tmpl);
-    if (fchmod(fd, 0600) != 0 || ftruncate(fd, (off_t)v->cache_size) != 0)
-        die_errno("Cannot size the perNodeCache file");
+        die_errno("Cannot create the perNodeCache file in %s (perNodeCachePath must be a "
+                  "directory on a filesystem with O_TMPFILE, such as xfs, ext4 or tmpfs)", dir);
+    size_cache_file(fd, v->cache_size);
     {
         const char *argv[] = {mkfs, "-q", fd_path(3, fdp, sizeof fdp), NULL};
         /* xfsprogs >= 5.19 refuses filesystems under 300 MiB unless it believes it runs
@@ -322,7 +374,6 @@ static void cache_mount(struct ctx *c, const struct volume *v, int dst)
     mnt_attach(mfd, dst, MS_PRIVATE, v->target);
     verbose("perNodeCache of %llu bytes on %s", (unsigned long long)v->cache_size, v->target);
     close(mfd);
-    free(tmpl);
 }
 
 void volmount_user(struct ctx *c)

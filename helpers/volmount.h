@@ -10,6 +10,10 @@
 /* Mount a siteFs list (global or a module's); what names it in messages. */
 void volmount_site(struct ctx *c, const char *text, const char *what);
 
+/* Refuse (die, before anything is built) perNodeCaches of c->vols whose sizes add up to
+ * more than perNodeCacheTotalSizeLimit (unset: perNodeCacheSizeLimit). */
+void volmount_check_caches(const struct ctx *c);
+
 /* Mount c->vols (spec 6.7, 6.8). */
 void volmount_user(struct ctx *c);
 

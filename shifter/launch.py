@@ -212,7 +212,12 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
     from udiroot.environ import build_environment
     from udiroot.meta import ACL_DENIED, ImageMeta, MetaError, image_allows, read_meta
     from udiroot.modules import requested_modules, select_modules
-    from udiroot.volumes import parse_user_volumes, requested_volumes
+    from udiroot.volumes import (
+        cache_total_limit,
+        check_cache_total,
+        parse_user_volumes,
+        requested_volumes,
+    )
 
     cfg = load_or_exit()
     allow_local = cfg.flag("allowLocalChroot")
@@ -226,8 +231,11 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
         env_volumes = requested_volumes([], environ)
         if env_volumes.strip():
             volume_args = [env_volumes]
-    for text in volume_args:
-        parse_user_volumes(text)
+    volumes = [vol for text in volume_args for vol in parse_user_volumes(text)]
+    if any(vol.cache is not None for vol in volumes):
+        limit = cache_total_limit(cfg.get("perNodeCacheTotalSizeLimit"),
+                                  cfg.get("perNodeCacheSizeLimit"))
+        check_cache_total(volumes, limit)
     modules = select_modules(cfg, requested_modules(opts.module, environ))
     env_file = read_env_file(opts.env_file) if opts.env_file is not None else []
     gpus = None

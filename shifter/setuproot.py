@@ -41,8 +41,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-    from udiroot.config import UdiRootConfig
-
 SHORT = {
     "h": NO_ARG,
     "v": REQUIRED,
@@ -181,7 +179,9 @@ def plan_setup(opts: SetupOptions) -> list[str]:
         argv += ["--nodes", opts.nodes]
     if opts.ssh_key is not None:
         argv += ["--ssh-pubkey", opts.ssh_key.strip()]  # a .pub file's line, newline and all
-    files = container_files(cfg, user, opts.gid, _etc_groups(cfg, user, opts.gid))
+    # The host's groups, as shifter-setup takes them (getgrouplist), gid 0 as the primary.
+    groups = [g or opts.gid for g in _groups(user, opts.gid)]
+    files = container_files(cfg, user, opts.gid, [g for g in groups if g != opts.gid])
     if files:
         argv += ["--etc-fd", str(env_fd(files, "shifter-etc"))]
     return argv
@@ -191,22 +191,6 @@ def setup_path(environ: Mapping[str, str]) -> str:
     """``shifter-setup`` beside the helper (``$SHIFTER_HELPER`` or the installed path):
     both are installed in one directory, and the test builds too."""
     return os.path.join(os.path.dirname(helper_path(environ)), "shifter-setup")
-
-
-def _etc_groups(cfg: UdiRootConfig, user: str, gid: int) -> list[int]:
-    """The supplementary groups shifter-setup gives the user: those of ``etcPath/group``
-    that list them (the same rule as the helper's, for the container's group file)."""
-    from udiroot.groups import parse_group
-
-    try:
-        with open(f"{cfg.get('etcPath')}/group", encoding="utf-8",
-                  errors="surrogateescape") as f:
-            table = parse_group(f.read())
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise Failure(f"Cannot read {cfg.get('etcPath')}/group: {exc.strerror}") from None
-    return [g.gid for g in table if user in g.members and g.gid not in (0, gid)]
 
 
 def _user_name(uid: int) -> str:

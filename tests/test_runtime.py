@@ -317,7 +317,7 @@ def test_per_node_cache_is_a_private_xfs_that_vanishes(site, image):
     mount_line, hi, owner = res.stdout.splitlines()
     assert " xfs " in mount_line and "nosuid" in mount_line and "nodev" in mount_line
     assert (hi, owner) == ("hi", ALICE)
-    assert list(site.cache_dir.iterdir()) == []  # the backing file is unlinked
+    assert list(site.cache_dir.iterdir()) == []  # the backing file never has a name
 
 
 def test_per_node_cache_limits(site, image):

@@ -24,7 +24,9 @@ from udiroot.meta import MetaError, image_allows, parse_meta, read_meta
 from udiroot.modules import ModuleError, requested_modules, select_modules
 from udiroot.volumes import (
     VolumeError,
+    cache_total_limit,
     check_cache_policy,
+    check_cache_total,
     container_signature,
     parse_site_volumes,
     parse_size,
@@ -241,6 +243,23 @@ def test_per_node_cache_site_limits():
         check_cache_policy(vols, parse_size("200G"), ["xfs"])
     with pytest.raises(VolumeError, match="fs xfs is not allowed"):
         check_cache_policy(vols, None, ["ext4"])
+
+
+def test_per_node_cache_total_per_launch():
+    vols = parse_user_volumes("/x:/a:perNodeCache=size=40M;/x:/b:perNodeCache=size=40M;"
+                              "/x:/c:ro;/x:/d:perNodeCache=size=40M")
+    check_cache_total(vols, None)
+    check_cache_total(vols, parse_size("120M"))
+    with pytest.raises(VolumeError, match=r"Cannot mount from /x to /d: the perNodeCaches of "
+                       r"this launch add up to 125829120 bytes, over the site total of "
+                       r"104857600 \(perNodeCacheTotalSizeLimit\)\.$"):
+        check_cache_total(vols, parse_size("100M"))
+    assert cache_total_limit("1G", "200G") == 1 << 30
+    assert cache_total_limit(None, "200G") == cache_total_limit(" ", "200G") == 200 << 30
+    assert cache_total_limit(None, None) is None
+    with pytest.raises(VolumeError, match=r"FAILED to parse udiRoot configuration\. "
+                       r"\(perNodeCacheTotalSizeLimit: invalid size"):
+        cache_total_limit("lots", "200G")
 
 
 # --- image selection (§6.3) -------------------------------------------------------

@@ -29,6 +29,7 @@ TOOL_PATHS = ("modprobePath", "insmodPath", "cpPath", "mvPath", "chmodPath", "dd
 OPTIONAL = (
     "perNodeCachePath",
     "perNodeCacheSizeLimit",
+    "perNodeCacheTotalSizeLimit",
     "perNodeCacheAllowedFsType",
     "usersToImport",
     "sitePreMountHook",

@@ -362,6 +362,41 @@ def check_cache_policy(
             )
 
 
+def cache_total_limit(total: str | None, per_volume: str | None) -> int | None:
+    """The most all perNodeCaches of one launch may add up to: ``perNodeCacheTotalSizeLimit``,
+    unset → ``perNodeCacheSizeLimit`` (one launch, one maximal cache), neither → no limit.
+    The helper applies the same rule to the same keys."""
+    key, text = "perNodeCacheTotalSizeLimit", total
+    if text is None or text.strip() == "":
+        key, text = "perNodeCacheSizeLimit", per_volume
+    if text is None or text.strip() == "":
+        return None
+    try:
+        return parse_size(text.strip())
+    except VolumeError as exc:
+        raise VolumeError(f"FAILED to parse udiRoot configuration. ({key}: {exc})") from None
+
+
+def check_cache_total(volumes: Iterable[Volume], limit: int | None) -> None:
+    """Refuse at the perNodeCache whose size brings the launch's total over ``limit``."""
+    if limit is None:
+        return
+    total = 0
+    for vol in volumes:
+        if vol.cache is None:
+            continue
+        total = min(total + vol.cache.size, 2**64 - 1)  # the helper's uint64 saturates
+        if total > limit:
+            raise VolumeError(
+                _denied(
+                    vol.source,
+                    vol.target,
+                    f"the perNodeCaches of this launch add up to {total} bytes, over the "
+                    f"site total of {limit} (perNodeCacheTotalSizeLimit)",
+                )
+            )
+
+
 def volume_signature(volumes: Iterable[Volume]) -> str:
     """Normalised entries sorted and joined by ``;`` (§6.5). Sorted by their bytes, as
     the C helper's strcmp() does (code points differ for undecodable bytes)."""
