@@ -58,29 +58,18 @@ int gpu_parse(const char *text, struct gpu_plan *g, char *err, size_t errlen)
             idx = idx * 10 + (*p++ - '0');
             digits++;
         }
-        if (digits == 0 || (*p != ',' && *p != '\0') || idx >= GPU_MAX) {
-            snprintf(err, errlen,
-                     "Invalid GPU list '%.64s': expected device indexes from 0 to %d, "
-                     "such as 0,1",
-                     text, GPU_MAX - 1);
-            return -1;
-        }
+        if (digits == 0 || (*p != ',' && *p != '\0') || idx >= GPU_MAX)
+            return set_err(err, errlen, "Invalid GPU list '%.64s': expected device indexes "
+                           "from 0 to %d, such as 0,1", text, GPU_MAX - 1);
         for (int k = 0; k < g->n_sel; k++)
-            if (g->sel[k] == idx) {
-                snprintf(err, errlen, "Invalid GPU list '%.64s': GPU %d given twice", text, idx);
-                return -1;
-            }
+            if (g->sel[k] == idx)
+                return set_err(err, errlen, "Invalid GPU list '%.64s': GPU %d given twice",
+                               text, idx);
         g->sel[g->n_sel++] = idx;
-        if (*p == ',' && *++p == '\0') {
-            snprintf(err, errlen, "Invalid GPU list '%.64s': it ends with ','", text);
-            return -1;
-        }
+        if (*p == ',' && *++p == '\0')
+            return set_err(err, errlen, "Invalid GPU list '%.64s': it ends with ','", text);
     }
-    if (g->n_sel == 0) {
-        snprintf(err, errlen, "Invalid GPU list: it is empty");
-        return -1;
-    }
-    return 0;
+    return g->n_sel == 0 ? set_err(err, errlen, "Invalid GPU list: it is empty") : 0;
 }
 
 void gpu_signature(const struct gpu_plan *g, char *buf, size_t len)
@@ -98,27 +87,21 @@ int gpu_add_file(const char *spec, struct gpu_plan *g, char *err, size_t errlen)
     size_t dl = slash ? (size_t)(slash - spec) : 0, nl = eq ? (size_t)(eq - slash - 1) : 0;
     struct gpu_file *f;
 
-    if (g->n_files >= GPU_MAX_FILES) {
-        snprintf(err, errlen, "More than %d --gpu-file", GPU_MAX_FILES);
-        return -1;
-    }
+    if (g->n_files >= GPU_MAX_FILES)
+        return set_err(err, errlen, "More than %d --gpu-file", GPU_MAX_FILES);
     f = &g->files[g->n_files];
     if (eq == NULL || nl == 0 || nl >= sizeof f->name || memchr(slash + 1, '/', nl) != NULL ||
         !((dl == 5 && strncmp(spec, "lib64", 5) == 0) || (dl == 3 && strncmp(spec, "lib", 3) == 0) ||
           (dl == 3 && strncmp(spec, "bin", 3) == 0)) ||
         (nl == 1 && slash[1] == '.') || (nl == 2 && strncmp(slash + 1, "..", 2) == 0) ||
-        !is_abs_clean_path(eq + 1)) {
-        snprintf(err, errlen, "Invalid --gpu-file '%.256s': expected lib64|lib|bin/NAME=/PATH",
-                 spec);
-        return -1;
-    }
+        !is_abs_clean_path(eq + 1))
+        return set_err(err, errlen, "Invalid --gpu-file '%.256s': expected "
+                       "lib64|lib|bin/NAME=/PATH", spec);
     snprintf(f->dir, sizeof f->dir, "%.*s", (int)dl, spec);
     snprintf(f->name, sizeof f->name, "%.*s", (int)nl, slash + 1);
     for (size_t i = 0; i < g->n_files; i++)
-        if (strcmp(g->files[i].dir, f->dir) == 0 && strcmp(g->files[i].name, f->name) == 0) {
-            snprintf(err, errlen, "--gpu-file %s/%s given twice", f->dir, f->name);
-            return -1;
-        }
+        if (strcmp(g->files[i].dir, f->dir) == 0 && strcmp(g->files[i].name, f->name) == 0)
+            return set_err(err, errlen, "--gpu-file %s/%s given twice", f->dir, f->name);
     f->path = eq + 1;
     g->n_files++;
     return 0;

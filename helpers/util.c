@@ -461,3 +461,20 @@ int config_flag(const char *value, int dflt)
             return 1;
     return 0;
 }
+
+int vset_err(char *err, size_t errlen, const char *fmt, va_list ap)
+{
+    if (err != NULL && errlen > 0 && vsnprintf(err, errlen, fmt, ap) < 0)
+        snprintf(err, errlen, "(cannot format message)"); /* an encoding error only */
+    return -1;
+}
+
+int set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vset_err(err, errlen, fmt, ap);
+    va_end(ap);
+    return -1;
+}
