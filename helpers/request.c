@@ -31,7 +31,19 @@
 struct udiroot_conf conf;
 struct ctx ctx;
 
-void parse_options(int argc, char **argv, int first, int is_run, struct options *o)
+int parse_fd(const char *option, const char *v)
+{
+    char *end;
+    long fd;
+
+    errno = 0;
+    fd = strtol(v, &end, 10);
+    if (errno != 0 || *end != '\0' || end == v || fd < 0 || fd > INT_MAX)
+        die("shifter-helper: invalid %s %s", option, v);
+    return (int)fd;
+}
+
+void parse_options(int argc, char **argv, int first, option_fn own, struct options *o)
 {
     size_t vlen = 0;
 
@@ -40,7 +52,7 @@ void parse_options(int argc, char **argv, int first, int is_run, struct options 
     for (int i = first; i < argc; i++) {
         const char *a = argv[i], *v;
 
-        if (strcmp(a, "--") == 0 && is_run) {
+        if (strcmp(a, "--") == 0) {
             o->argv = argv + i + 1;
             break;
         }
@@ -69,42 +81,13 @@ void parse_options(int argc, char **argv, int first, int is_run, struct options 
             vlen += n;
         } else if (strcmp(a, "--modules") == 0 && o->modules == NULL)
             o->modules = v;
-        else if (strcmp(a, "--workdir") == 0 && is_run && o->workdir == NULL)
-            o->workdir = v;
-        else if (strcmp(a, "--gpu") == 0 && is_run && o->gpu == NULL)
-            o->gpu = v;
-        else if (strcmp(a, "--gpu-file") == 0 && is_run) {
-            char err[512];
-            if (gpu_add_file(v, &ctx.gpu, err, sizeof err) != 0)
-                die("%s", err);
-        } else if (strcmp(a, "--request") == 0 && is_run && o->request == NULL)
-            o->request = v;
-        else if ((strcmp(a, "--env-fd") == 0 && is_run && o->env_fd < 0) ||
-                 (strcmp(a, "--etc-fd") == 0 && o->etc_fd < 0)) {
-            char *end;
-            long fd;
-            errno = 0;
-            fd = strtol(v, &end, 10);
-            if (errno != 0 || *end != '\0' || end == v || fd < 0 || fd > INT_MAX)
-                die("shifter-helper: invalid %s %s", a, v);
-            *(strcmp(a, "--env-fd") == 0 ? &o->env_fd : &o->etc_fd) = (int)fd;
-        } else if (strcmp(a, "--user") == 0 && !is_run && o->user == NULL)
-            o->user = v;
-        else if (strcmp(a, "--uid") == 0 && !is_run && o->uid == NULL)
-            o->uid = v;
-        else if (strcmp(a, "--gid") == 0 && !is_run && o->gid == NULL)
-            o->gid = v;
-        else if (strcmp(a, "--nodes") == 0 && !is_run && ctx.nodes == NULL)
-            ctx.nodes = v;
-        else if (strcmp(a, "--ssh-pubkey") == 0 && !is_run && o->ssh_key == NULL)
-            o->ssh_key = v;
-        else
+        else if (strcmp(a, "--etc-fd") == 0 && o->etc_fd < 0)
+            o->etc_fd = parse_fd(a, v);
+        else if (!own(a, v, o))
             die("shifter-helper: unknown or repeated option %s", a);
     }
     if ((ctx.image_id == NULL) == (ctx.local_path == NULL))
         die("shifter-helper: exactly one of --image-id and --local is needed");
-    if (is_run && (o->argv == NULL || o->argv[0] == NULL || o->argv[0][0] == '\0'))
-        die("shifter-helper: no command given (run ... -- CMD [ARG...])");
 }
 
 /* The module list (conf_select_modules says the rules); names stay valid for good. */

@@ -13,11 +13,15 @@ extern struct udiroot_conf conf;
 extern struct ctx ctx;
 
 struct options {
-    const char *workdir, *request, *modules, *user, *uid, *gid, *ssh_key, *gpu;
-    int env_fd, etc_fd; /* --env-fd, --etc-fd, -1 when absent */
-    char *volumes; /* concatenated --volume lists */
-    char **argv;   /* after "--" */
+    const char *workdir, *request, *modules, *gpu; /* run's own: workdir, request, gpu */
+    int env_fd, etc_fd; /* --env-fd (run), --etc-fd, -1 when absent */
+    char *volumes;      /* concatenated --volume lists */
+    char **argv;        /* after "--" (run), else NULL */
 };
+
+/* A program's own options (run.c, setup.c): 1 when a, with its value v, is one of them
+ * and was taken, 0 when it is unknown or repeated. */
+typedef int (*option_fn)(const char *a, const char *v, struct options *o);
 
 /* Each program's usage message (run.c, setup.c); exits 1. */
 __attribute__((noreturn)) void usage(void);
@@ -26,8 +30,12 @@ __attribute__((noreturn)) void usage(void);
  * configured paths of ctx.  Dies on any failure. */
 void helper_init(int argc);
 
-/* Options from argv[first]; is_run: run's options (and "--" CMD), else setup's. */
-void parse_options(int argc, char **argv, int first, int is_run, struct options *o);
+/* Options from argv[first]: those of both programs (--image-id, --local, --volume,
+ * --modules, --etc-fd, --verbose, "--" ending them), the rest through own. */
+void parse_options(int argc, char **argv, int first, option_fn own, struct options *o);
+
+/* The value of a --...-fd option; dies unless a decimal fd number. */
+int parse_fd(const char *option, const char *v);
 
 /* Validate image, --local, volumes, modules, GPUs; read the image's .meta and check its
  * ACL for ctx.id; find the GPU files.  Dies with the user's message on any failure. */

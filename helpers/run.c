@@ -26,6 +26,27 @@ void usage(void)
         "[--env-fd N] [--etc-fd N] [--request TEXT] [--verbose] -- CMD [ARG...]");
 }
 
+/* run's own options; setup's are not known here at all. */
+static int run_option(const char *a, const char *v, struct options *o)
+{
+    char err[512];
+
+    if (strcmp(a, "--gpu-file") == 0) {
+        if (gpu_add_file(v, &ctx.gpu, err, sizeof err) != 0)
+            die("%s", err);
+    } else if (strcmp(a, "--workdir") == 0 && o->workdir == NULL)
+        o->workdir = v;
+    else if (strcmp(a, "--gpu") == 0 && o->gpu == NULL)
+        o->gpu = v;
+    else if (strcmp(a, "--request") == 0 && o->request == NULL)
+        o->request = v;
+    else if (strcmp(a, "--env-fd") == 0 && o->env_fd < 0)
+        o->env_fd = parse_fd(a, v);
+    else
+        return 0;
+    return 1;
+}
+
 int main(int argc, char **argv)
 {
     struct options o;
@@ -39,7 +60,9 @@ int main(int argc, char **argv)
     /* Build as root:root; the real ids stay the caller's (they were read above). */
     if (setresgid((gid_t)-1, 0, (gid_t)-1) != 0)
         die_errno("shifter-helper: setresgid");
-    parse_options(argc, argv, 2, 1, &o);
+    parse_options(argc, argv, 2, run_option, &o);
+    if (o.argv == NULL || o.argv[0] == NULL || o.argv[0][0] == '\0')
+        die("shifter-helper: no command given (run ... -- CMD [ARG...])");
     /* The user's own path, resolved with the user's rights: ".." is harmless. */
     if (o.workdir != NULL && (o.workdir[0] != '/' || strlen(o.workdir) >= HELPER_MAX_PATH))
         die("shifter-helper: --workdir must be an absolute path");

@@ -153,6 +153,23 @@ static void hosts_write(int root, const char *text)
 
 /* ---- the build ----------------------------------------------------------------------- */
 
+static const char *g_user, *g_uid, *g_gid, *g_ssh_key; /* setup's own options */
+
+static int setup_option(const char *a, const char *v, struct options *o)
+{
+    const char **slot = strcmp(a, "--user") == 0         ? &g_user
+                        : strcmp(a, "--uid") == 0        ? &g_uid
+                        : strcmp(a, "--gid") == 0        ? &g_gid
+                        : strcmp(a, "--nodes") == 0      ? &ctx.nodes
+                        : strcmp(a, "--ssh-pubkey") == 0 ? &g_ssh_key
+                                                         : NULL;
+    (void)o;
+    if (slot == NULL || *slot != NULL)
+        return 0;
+    *slot = v;
+    return 1;
+}
+
 static char *g_signature; /* written last: from then on shifter enters this container */
 
 /* shifter-setup's own steps of the build (container.c calls them). */
@@ -197,17 +214,19 @@ int main(int argc, char **argv)
     }
     if (strcmp(argv[1], "setup") != 0)
         usage();
-    parse_options(argc, argv, 2, 0, &o);
-    ident_from_args(o.user, o.uid, o.gid, &ctx.id);
+    parse_options(argc, argv, 2, setup_option, &o);
+    if (o.argv != NULL)
+        usage();
+    ident_from_args(g_user, g_uid, g_gid, &ctx.id);
     ctx.etc_files = read_records(o.etc_fd, "/etc files (--etc-fd)");
     ctx.setup_mode = 1;
     ctx.setup_step = setup_step;
     common_checks(&o);
     if (ctx.nodes != NULL && hosts_validate(ctx.nodes, err, sizeof err) != 0)
         die("%s", err);
-    if (o.ssh_key != NULL && sshd_check_key(o.ssh_key, err, sizeof err) != 0)
+    if (g_ssh_key != NULL && sshd_check_key(g_ssh_key, err, sizeof err) != 0)
         die("%s", err);
-    ctx.ssh_key = o.ssh_key;
+    ctx.ssh_key = g_ssh_key;
     g_signature = container_signature(&ctx);
     g_cleanup = teardown; /* from here on a failure unmounts what was built */
     container_build(&ctx);
