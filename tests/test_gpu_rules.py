@@ -97,3 +97,33 @@ def test_ld_cache_reader_refuses_what_it_cannot_read(data):
         data = data[:20] + b"\x05\0\0\0" + data[24:]
     with pytest.raises(GpuError, match="FAILED to set up GPU support"):
         ld_cache_entries(data, "/x")
+
+
+def test_ld_cache_reader_survives_damaged_caches():
+    """The C fuzz target of the helper's cache reader went with the reader: the front end
+    reads the cache now. Damaged copies of this machine's cache (bytes flipped, cut short,
+    counts and offsets made huge) give entries or a GpuError, never another exception."""
+    import random
+    import struct
+
+    from udiroot.gpu import ld_cache_entries
+
+    with open("/etc/ld.so.cache", "rb") as f:
+        good = f.read()
+    rng = random.Random(10)
+    for _ in range(400):
+        data = bytearray(good)
+        kind = rng.randrange(4)
+        if kind == 0:
+            data = data[: rng.randrange(len(data))]
+        elif kind == 1:
+            for _ in range(rng.randrange(1, 16)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        else:
+            at = rng.randrange(0, min(len(data), 4096) - 4)
+            struct.pack_into("<I", data, at, rng.choice([0xFFFFFFFF, 0x7FFFFFFF, len(data)]))
+        try:
+            entries = ld_cache_entries(bytes(data), "/x")
+        except GpuError:
+            continue
+        assert all(isinstance(n, str) and isinstance(p, str) for n, p in entries)
