@@ -135,7 +135,7 @@ static int mount_image(struct ctx *c)
     if (c->local_path != NULL) {
         int src = volmount_open_as_user(&c->id, c->local_path, 1);
         if (src < 0)
-            die_errno("FAILED to use %s as the image root", c->local_path);
+            die_user("FAILED to use %s as the image root: %s", c->local_path, strerror(errno));
         /* With what is mounted below it (not the files those mounts hide), read-only,
          * nosuid, nodev all the way down; made private below once attached. */
         mfd = mnt_clone(src, 1, ATTR_RO | ATTR_NOSUID | ATTR_NODEV, c->local_path);
@@ -148,13 +148,13 @@ static int mount_image(struct ctx *c)
         struct stat st;
 
         if (strcmp(fmt, "squashfs") != 0 && strcmp(fmt, "xfs") != 0)
-            die("FAILED: image format '%s' is not supported (squashfs or xfs)", fmt);
+            die_user("FAILED: image format '%s' is not supported (squashfs or xfs)", fmt);
         snprintf(name, sizeof name, "%s.%s", c->image_id, fmt);
         file = openat(idir, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
         if (file < 0)
-            die_errno("FAILED to find requested image. (%s/%s)", dir, name);
+            die_user("FAILED to find requested image. (%s/%s: %s)", dir, name, strerror(errno));
         if (fstat(file, &st) != 0 || !S_ISREG(st.st_mode))
-            die("FAILED to find requested image. (%s/%s is not a regular file)", dir, name);
+            die_user("FAILED to find requested image. (%s/%s is not a regular file)", dir, name);
         close(idir);
         lfd = loop_attach(file, 1, name, dev, sizeof dev);
         close(file);

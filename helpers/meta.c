@@ -168,11 +168,12 @@ void meta_read(int image_dir, const char *id, struct image_meta *meta)
 {
     char name[META_MAX_ID + 8], err[HELPER_MAX_PATH + 256];
 
+    /* the image the user asked for is missing or unusable: the user's error */
     if (!meta_valid_image_id(id))
-        die(NOT_FOUND " (invalid image id)");
+        die_user(NOT_FOUND " (invalid image id)");
     snprintf(name, sizeof name, "%s.meta", id);
     if (meta_load_at(image_dir, name, meta, err, sizeof err) != 0)
-        die("%s", err);
+        die_user("%s", err);
 }
 
 static int listed(const unsigned long *ids, size_t n, unsigned long v)

@@ -97,7 +97,7 @@ static void select_modules(const char *text)
     static char err[CONF_ERR_LEN];
 
     if (conf_select_modules(&conf, text, &mods, err, sizeof err) != 0)
-        die("%s", err);
+        die_user("%s", err); /* unknown, disabled, conflicting, too many: the user's list */
     for (size_t i = 0; i < mods.n; i++)
         ctx.modules[i] = mods.names[i];
     ctx.n_modules = mods.n;
@@ -136,20 +136,20 @@ void common_checks(struct options *o)
     char err[VOL_ERR_LEN];
 
     if (ctx.image_id != NULL && !meta_valid_image_id(ctx.image_id))
-        die("FAILED to find requested image. (invalid image id)");
+        die_user("FAILED to find requested image. (invalid image id)");
     if (ctx.local_path != NULL) {
         if (!config_flag(conf_get(&conf, "allowLocalChroot"), 0))
-            die("Local chroot is not allowed on this system (allowLocalChroot=0)");
+            die_user("Local chroot is not allowed on this system (allowLocalChroot=0)");
         if (!is_abs_clean_path(ctx.local_path))
-            die("Invalid local path %s: must be absolute, without '..'", ctx.local_path);
+            die_user("Invalid local path %s: must be absolute, without '..'", ctx.local_path);
     }
     if (o->volumes != NULL && vol_parse_map(o->volumes, 0, &ctx.vols, err, sizeof err) != 0)
-        die("%s", err);
+        die_user("%s", err);
     /* The front end resolves defaultModules; the list given is final (absent = none). */
     if (o->modules != NULL)
         select_modules(o->modules);
     if (o->gpu != NULL && gpu_parse(o->gpu, &ctx.gpu, err, sizeof err) != 0)
-        die("%s", err);
+        die_user("%s", err);
     if (o->gpu == NULL && ctx.gpu.n_files > 0)
         die("shifter-helper: --gpu-file needs --gpu");
     if (ctx.image_id != NULL) {
@@ -162,7 +162,7 @@ void common_checks(struct options *o)
         if (ctx.meta.format[0] == '\0')
             snprintf(ctx.meta.format, sizeof ctx.meta.format, "squashfs");
         if (!meta_allows(&ctx.meta, &ctx.id))
-            die("FAILED permission denied to image");
+            die_user("FAILED permission denied to image");
     }
     if (ctx.gpu.requested)
         gpu_discover(&conf, &ctx.gpu); /* before anything is mounted */

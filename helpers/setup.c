@@ -218,6 +218,7 @@ int main(int argc, char **argv)
     if (o.argv != NULL)
         usage();
     ident_from_args(g_user, g_uid, g_gid, &ctx.id);
+    g_user_error_status = 2; /* the prolog fails the job, not the node (PROTOCOL.md) */
     ctx.etc_files = read_records(o.etc_fd, "/etc files (--etc-fd)");
     ctx.setup_mode = 1;
     ctx.setup_step = setup_step;
@@ -225,7 +226,7 @@ int main(int argc, char **argv)
     if (ctx.nodes != NULL && hosts_validate(ctx.nodes, err, sizeof err) != 0)
         die("%s", err);
     if (g_ssh_key != NULL && sshd_check_key(g_ssh_key, err, sizeof err) != 0)
-        die("%s", err);
+        die_user("%s", err);
     ctx.ssh_key = g_ssh_key;
     g_signature = container_signature(&ctx);
     g_cleanup = teardown; /* from here on a failure unmounts what was built */

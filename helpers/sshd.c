@@ -174,7 +174,7 @@ static void check_shell(struct ctx *c)
         if (usable_shell(c->root, shell))
             goto done;
         if (!usable_shell(c->root, "/bin/sh"))
-            die("Cannot start sshd: the image has neither %s's login shell %s nor /bin/sh",
+            die_user("Cannot start sshd: the image has neither %s's login shell %s nor /bin/sh",
                 c->id.name, shell);
         warn("setupRoot: %s's login shell %s is not in the image; ssh sessions use /bin/sh",
              c->id.name, shell);
@@ -200,7 +200,7 @@ static void write_configs(struct ctx *c, int etc, const char *key)
     /* An sshd_config word: AllowUsers takes patterns, so no wildcard or blank. */
     if (name[0] == '\0' || strspn(name, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
                                         "0123456789._-") != strlen(name))
-        die("Cannot start sshd for user '%s': the name holds characters sshd_config cannot "
+        die_user("Cannot start sshd for user '%s': the name holds characters sshd_config cannot "
             "hold ([A-Za-z0-9._-] only)", name);
     text = xasprintf("%s\n", key);
     write_file_at(etc, "authorized_keys", text, strlen(text), 0644);

@@ -35,16 +35,17 @@ static void vmsg(const char *prefix, const char *fmt, va_list ap, const char *su
     dprintf(STDERR_FILENO, "%s%s%s%s\n", prefix, buf, suffix ? ": " : "", suffix ? suffix : "");
 }
 
-__attribute__((noreturn, format(printf, 2, 0))) static void vdie(const char *suffix,
-                                                                   const char *fmt, va_list ap)
+int g_user_error_status = 1;
+
+__attribute__((noreturn)) static void vdie(int status, const char *err, const char *fmt, va_list ap)
 {
     void (*cleanup)(void) = g_cleanup;
 
-    vmsg("", fmt, ap, suffix);
+    vmsg("", fmt, ap, err);
     g_cleanup = NULL; /* a failure inside the cleanup must not recurse */
     if (cleanup != NULL)
         cleanup();
-    _exit(1);
+    _exit(status);
 }
 
 void die(const char *fmt, ...)
@@ -52,7 +53,7 @@ void die(const char *fmt, ...)
     va_list ap;
 
     va_start(ap, fmt);
-    vdie(NULL, fmt, ap);
+    vdie(1, NULL, fmt, ap);
 }
 
 void die_errno(const char *fmt, ...)
@@ -61,7 +62,15 @@ void die_errno(const char *fmt, ...)
     const char *err = strerror(errno);
 
     va_start(ap, fmt);
-    vdie(err, fmt, ap);
+    vdie(1, err, fmt, ap);
+}
+
+void die_user(const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vdie(g_user_error_status, NULL, fmt, ap);
 }
 
 void verbose(const char *fmt, ...)

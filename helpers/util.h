@@ -3,8 +3,12 @@
  * reads and writes, fd-relative paths, running a fixed program.
  *
  * Every failure in the helper ends in die(): one message on stderr, then
- * exit 1.  In setup mode die() first tears down what was mounted (the
- * cleanup hook set by main.c).  Nothing here reads the environment.
+ * exit 1.  die_user() is the same for a request the user's own input makes
+ * impossible (an image they may not use, a volume source they cannot open):
+ * setup mode exits 2 there, so that the Slurm prolog can tell the user's
+ * mistake (fail the job) from the node's fault (drain the node).  Both first
+ * tear down what was mounted (the cleanup hook set by main.c).  Nothing here
+ * reads the environment.
  */
 #ifndef SHIFTER_HELPERS_UTIL_H
 #define SHIFTER_HELPERS_UTIL_H
@@ -24,6 +28,10 @@ extern void (*g_cleanup)(void);
 __attribute__((noreturn, format(printf, 1, 2))) void die(const char *fmt, ...);
 /* die() with ": strerror(errno)" appended. */
 __attribute__((noreturn, format(printf, 1, 2))) void die_errno(const char *fmt, ...);
+/* Exit status of die_user(): 1 (run: the statuses are the command's), 2 in setup. */
+extern int g_user_error_status;
+/* die() for a user-input error; only at checks of what the user chose. */
+__attribute__((noreturn, format(printf, 1, 2))) void die_user(const char *fmt, ...);
 __attribute__((format(printf, 1, 2))) void verbose(const char *fmt, ...);
 __attribute__((format(printf, 1, 2))) void warn(const char *fmt, ...);
 

@@ -281,7 +281,7 @@ void volmount_check_caches(const struct ctx *c)
                      "the perNodeCaches of this launch add up to %llu bytes, over the site "
                      "total of %llu (perNodeCacheTotalSizeLimit)",
                      (unsigned long long)sum, (unsigned long long)max);
-            die(DENIED, v->source, v->target, err);
+            die_user(DENIED, v->source, v->target, err);
         }
     }
 }
@@ -329,18 +329,18 @@ static void cache_mount(struct ctx *c, const struct volume *v, int dst)
     int fd, lfd, mfd, status;
 
     if (dir == NULL || !is_abs_clean_path(dir))
-        die(DENIED, v->source, v->target, "perNodeCache is not available on this system");
+        die_user(DENIED, v->source, v->target, "perNodeCache is not available on this system");
     if (limit != NULL && *limit != '\0') {
         if (vol_parse_size(limit, &max, err, sizeof err) != 0)
             die("FAILED to parse udiRoot configuration. (perNodeCacheSizeLimit: %s)", err);
         if (v->cache_size > max) {
             snprintf(err, sizeof err, "perNodeCache size %llu is over the site limit of %llu",
                      (unsigned long long)v->cache_size, (unsigned long long)max);
-            die(DENIED, v->source, v->target, err);
+            die_user(DENIED, v->source, v->target, err);
         }
     }
     if (allowed != NULL && *allowed != '\0' && !str_in_words("xfs", allowed))
-        die(DENIED, v->source, v->target, "perNodeCache fs xfs is not allowed");
+        die_user(DENIED, v->source, v->target, "perNodeCache fs xfs is not allowed");
     if (mkfs == NULL || *mkfs == '\0')
         mkfs = "/sbin/mkfs.xfs";
     if (mkfs[0] != '/')
@@ -387,7 +387,7 @@ void volmount_user(struct ctx *c)
         if (!v->flag[VOL_CACHE]) {
             src = volmount_open_as_user(&c->id, v->source, 1);
             if (src < 0)
-                die(DENIED, v->source, v->target,
+                die_user(DENIED, v->source, v->target,
                     errno == ENOTDIR ? "the source is not a directory"
                     : errno == ENOENT ? "the source does not exist"
                     : errno == EACCES ? "you cannot access the source"
@@ -395,10 +395,10 @@ void volmount_user(struct ctx *c)
         }
         dst = open_target(c, v->target, 1, 1, &why);
         if (dst < 0)
-            die(DENIED, v->source, v->target, why);
+            die_user(DENIED, v->source, v->target, why);
         container_path(c, dst, where, sizeof where);
         if (vol_check_user_target(v->source, where, err, sizeof err) != 0)
-            die("%s (the destination resolves to %s)", err, where);
+            die_user("%s (the destination resolves to %s)", err, where);
         if (v->flag[VOL_CACHE]) {
             cache_mount(c, v, dst);
         } else {

@@ -5,6 +5,15 @@ job (behaviour spec §6.14; run by the Slurm prolog and epilog, §7).
               [-m modules] <type> <identifier>        (or one <type:identifier> word)
     unsetupRoot
 
+Exit status of ``setupRoot`` (the Slurm prolog tells the two apart): 0 when the container
+is ready; **2** (``USER_ERROR``) when the request cannot be served because of what the
+user asked for (an image that is missing or that the ACL denies them, a volume that does
+not parse or whose source they cannot open, an unknown or conflicting module, an invalid
+ssh key, ``--local`` not allowed, an image without a shell for sshd): the job fails, the
+node is fine; **1** for anything else, a fault of the node or its configuration (the
+prolog fails and Slurm drains the node). The helper's ``setup`` mode uses the same two
+statuses, and ``setupRoot`` becomes the helper, so its status is the helper's.
+
 Root only. Like ``shifter`` they check what needs no privilege (options, image id,
 volumes, modules, node list) and become ``shifter-setup``, the root-only program installed
 beside the setuid ``shifter-helper`` (never setuid itself), which builds the container in
@@ -52,6 +61,12 @@ SHORT = {
     "m": REQUIRED,
 }
 LONG = {"help": NO_ARG}
+
+USER_ERROR = 2  # the user's request cannot be served (the helper's setup mode says 2 too)
+
+
+class UserError(Failure):
+    """A request that cannot be served because of the user's own input."""
 
 SETUP_USAGE = """\
 Usage: setupRoot [-v volmap]... [-s sshPubKey] [-u user] -U uid -G gid
@@ -143,32 +158,39 @@ def plan_setup(opts: SetupOptions) -> list[str]:
     user = opts.user or _user_name(opts.uid)
 
     cfg = load_or_exit()
-    allow_local = cfg.flag("allowLocalChroot")
-    if len(opts.image) == 2:
-        request = make_request(opts.image[0], opts.image[1], allow_local)
-    else:
-        request = parse_descriptor(opts.image[0], cfg.get("defaultImageType"), allow_local)
-
-    volumes = [v for v in opts.volumes if v.strip()]
-    for text in volumes:
-        parse_user_volumes(text)
-    modules = select_modules(cfg, opts.modules)
     if opts.nodes is not None:
-        parse_node_list(opts.nodes)
+        parse_node_list(opts.nodes)  # Slurm's, not the user's
 
-    if request.type == "local":
-        target = ["--local", request.tag]
-    else:
-        image_id = resolve_id(cfg, request)
-        target = ["--image-id", image_id]
-        try:
-            meta = read_meta(meta_path(cfg, image_id))
-        except MetaError as exc:
-            if str(exc) == NOT_FOUND:
-                raise Failure(NOT_FOUND) from None
+    # From here on every check is of what the user asked for.
+    try:
+        allow_local = cfg.flag("allowLocalChroot")
+        if len(opts.image) == 2:
+            request = make_request(opts.image[0], opts.image[1], allow_local)
+        else:
+            request = parse_descriptor(opts.image[0], cfg.get("defaultImageType"), allow_local)
+        volumes = [v for v in opts.volumes if v.strip()]
+        for text in volumes:
+            parse_user_volumes(text)
+        modules = select_modules(cfg, opts.modules)
+        if request.type == "local":
+            target = ["--local", request.tag]
+        else:
+            image_id = resolve_id(cfg, request)
+            target = ["--image-id", image_id]
+            try:
+                meta = read_meta(meta_path(cfg, image_id))
+            except MetaError as exc:
+                if str(exc) == NOT_FOUND:
+                    raise Failure(NOT_FOUND) from None
+                raise
+            if not image_allows(meta, opts.uid, opts.gid, _groups(user, opts.gid)):
+                raise Failure(ACL_DENIED)
+    except Failure as exc:
+        raise UserError(str(exc)) from None
+    except ValueError as exc:
+        if not type(exc).__module__.startswith("udiroot."):
             raise
-        if not image_allows(meta, opts.uid, opts.gid, _groups(user, opts.gid)):
-            raise Failure(ACL_DENIED)
+        raise UserError(str(exc)) from None
 
     argv = [setup_path(os.environ), "setup", "--user", user, "--uid", str(opts.uid)]
     argv += ["--gid", str(opts.gid), *target]
@@ -217,6 +239,9 @@ def _run(argv: Sequence[str] | None, name: str, body: Callable[[list[str]], int]
     except UsageError as exc:
         print(f"{name}: {exc}\nTry '{name} -h' for more information.", file=sys.stderr)
         return 1
+    except UserError as exc:
+        print(exc, file=sys.stderr)
+        return USER_ERROR
     except EXPECTED_ERRORS as exc:
         return error_status(exc)
 
@@ -244,7 +269,8 @@ def _unsetup(args: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``setupRoot``: returns 1 on any error; on success it does not return (exec)."""
+    """``setupRoot``: returns 2 for a user error, 1 for any other; on success it does not
+    return (exec), and the helper's status (0, 2 or 1) is setupRoot's."""
     return _run(argv, "setupRoot", _setup)
 
 

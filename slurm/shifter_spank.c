@@ -15,15 +15,29 @@
  *   job_script (slurmd's prolog, epilog; root):
  *     prolog: for an exclusive job with SPANK_SHIFTER_IMAGE set, run
  *         setupRoot -U uid -G gid -u user -N "host/cpus …" [-v vol] [-m mods] [-s key] -- type id
- *     and then extern_setup if configured; on failure the message goes to slurmd's log,
- *     to the job's Comment and (batch jobs) to the job's error/output file, and the
- *     prolog fails (Slurm then drains the node and requeues the job held).
- *     epilog: unsetupRoot.
+ *     and then extern_setup if configured. setupRoot's exit status says whose fault a
+ *     failure is. 2, the user's (an image they may not use, a volume source that is
+ *     gone): the message goes to slurmd's log, the job's Comment and a root-only record
+ *     <state_dir>/<job id>, and the prolog succeeds, so the node stays in service; the
+ *     job's steps then fail (task_init_privileged, below). Anything else is the node's:
+ *     the message goes to slurmd's log, the Comment and (batch jobs) the job's
+ *     error/output file if it is a regular file, and the prolog fails (Slurm drains the
+ *     node and requeues the job held).
+ *     epilog: unsetupRoot; the record is removed.
+ *   remote (slurmstepd), the job's extern step (PrologFlags=contain), task_post_fork, with
+ *     extern_cgroup=1 (the default): the container's sshd, which the prolog started in
+ *     slurmd's cgroups with slurmd's rlimits, is moved into every cgroup of the extern
+ *     step's task and given that task's rlimits, so ssh sessions are held to the job's
+ *     limits and killed with it.
+ *   remote (slurmstepd), task_init_privileged: a task of a job with such a record
+ *     prints it on its stderr (the job's output file, srun's stderr) and fails, so the
+ *     job ends FAILED with the reason where the user looks.
  *   local, at exit: an srun/salloc that made its own allocation and saw it fail prints
  *     the job's Comment when the prolog put a Shifter message there.
  *
  * plugstack.conf arguments: shifter_config= enable_sshd=0|1 enable_ccm=0|1 extern_setup=
- * extern_cgroup=0|1 memory_cgroup= setuproot= unsetuproot= spank_tool= (README, "Slurm").
+ * extern_cgroup=0|1 setuproot= unsetuproot= spank_tool= state_dir= (README, "Slurm");
+ * memory_cgroup= (Shifter's) is refused with a message.
  */
 
 #define _GNU_SOURCE
@@ -38,6 +52,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -54,6 +71,8 @@ SPANK_PLUGIN(shifter, 1);
 
 #define OUT_MAX 16384 /* bytes kept of a child's output */
 #define MSG_MAX 2048  /* bytes of a failure message put in the job's Comment */
+#define USER_ERROR 2  /* setupRoot: the user's request cannot be served (not the node's fault) */
+#define JOB_FILE_SECONDS 10 /* at most this long writing the failure note to the job's file */
 
 extern char **environ;
 
@@ -62,10 +81,10 @@ extern char **environ;
 static struct {
     char shifter_config[PATH_MAX]; /* "" = the front end's default */
     char extern_setup[PATH_MAX];
-    char memory_cgroup[PATH_MAX];
     char setuproot[PATH_MAX];
     char unsetuproot[PATH_MAX];
     char spank_tool[PATH_MAX];
+    char state_dir[PATH_MAX]; /* root-only records of refused jobs */
     int enable_sshd;
     int enable_ccm;
     int extern_cgroup;
@@ -83,6 +102,17 @@ static int set_path(char *dst, const char *key, const char *value)
     }
     strcpy(dst, value);
     return 0;
+}
+
+/* memory_cgroup= named Shifter's memory cgroup mount; the cgroups are now read from the
+ * kernel (mountinfo, /proc/PID/cgroup), so a value is refused rather than ignored. */
+static int refuse_memory_cgroup(const char *value)
+{
+    if (value[0] == '\0')
+        return 0;
+    slurm_error("shifter: plugstack.conf: memory_cgroup is not supported: the job's cgroups "
+                "(every controller) are read from /proc; remove memory_cgroup=%s", value);
+    return -1;
 }
 
 static int set_flag(int *dst, const char *key, const char *value)
@@ -103,6 +133,8 @@ static int parse_config(int ac, char **av)
     strcpy(cfg.setuproot, SHIFTER_PREFIX "/bin/setupRoot");
     strcpy(cfg.unsetuproot, SHIFTER_PREFIX "/bin/unsetupRoot");
     strcpy(cfg.spank_tool, SHIFTER_PREFIX "/libexec/shifter/shifter-spank");
+    strcpy(cfg.state_dir, "/run/shifter");
+    cfg.extern_cgroup = 1;
     for (i = 0; i < ac; i++) {
         const char *eq = strchr(av[i], '=');
         size_t klen = eq ? (size_t)(eq - av[i]) : 0;
@@ -117,13 +149,15 @@ static int parse_config(int ac, char **av)
         else if (KEY("extern_setup"))
             rc = value[0] ? set_path(cfg.extern_setup, "extern_setup", value) : 0;
         else if (KEY("memory_cgroup"))
-            rc = value[0] ? set_path(cfg.memory_cgroup, "memory_cgroup", value) : 0;
+            rc = refuse_memory_cgroup(value);
         else if (KEY("setuproot"))
             rc = set_path(cfg.setuproot, "setuproot", value);
         else if (KEY("unsetuproot"))
             rc = set_path(cfg.unsetuproot, "unsetuproot", value);
         else if (KEY("spank_tool"))
             rc = set_path(cfg.spank_tool, "spank_tool", value);
+        else if (KEY("state_dir"))
+            rc = set_path(cfg.state_dir, "state_dir", value);
         else if (KEY("enable_sshd"))
             rc = set_flag(&cfg.enable_sshd, "enable_sshd", value);
         else if (KEY("enable_ccm"))
@@ -132,8 +166,8 @@ static int parse_config(int ac, char **av)
             rc = set_flag(&cfg.extern_cgroup, "extern_cgroup", value);
         else {
             slurm_error("shifter: plugstack.conf: unknown argument '%s' (known: shifter_config= "
-                        "enable_sshd= enable_ccm= extern_setup= extern_cgroup= memory_cgroup= "
-                        "setuproot= unsetuproot= spank_tool=)", av[i]);
+                        "enable_sshd= enable_ccm= extern_setup= extern_cgroup= "
+                        "setuproot= unsetuproot= spank_tool= state_dir=)", av[i]);
             return -1;
         }
 #undef KEY
@@ -584,6 +618,56 @@ static void one_line(char *dst, const char *src)
     dst[n] = '\0';
 }
 
+/* The child of tell_job_file(): as the job's user, append text to path if it is a regular
+ * file. O_NONBLOCK and the fstat on the fd: a FIFO (or a device) named as the output file
+ * is skipped instead of blocking the prolog; the alarm bounds a write to a slow file. */
+static void write_job_file(const job_info_t *job, uid_t uid, gid_t gid, const char *path,
+                           const char *text)
+{
+    sigset_t none;
+    struct stat st;
+    int fd;
+
+    sigemptyset(&none);
+    if (sigprocmask(SIG_SETMASK, &none, NULL) != 0 || signal(SIGALRM, SIG_DFL) == SIG_ERR)
+        _exit(1);
+    alarm(JOB_FILE_SECONDS);
+    if (setgroups(1, &gid) != 0 || setresgid(gid, gid, gid) != 0 || setresuid(uid, uid, uid) != 0)
+        _exit(1);
+    if (path[0] != '/' && (job->work_dir == NULL || chdir(job->work_dir) != 0))
+        _exit(2);
+    fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC,
+              0644);
+    if (fd < 0)
+        _exit(3);
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+        _exit(4);
+    if (write(fd, text, strlen(text)) != (ssize_t)strlen(text))
+        _exit(5);
+    _exit(close(fd) == 0 ? 0 : 6);
+}
+
+/* Wait for pid at most seconds; then kill it. Returns its status, or -1 (timed out). */
+static int wait_bounded(pid_t pid, int seconds)
+{
+    struct timespec tick = {0, 50 * 1000 * 1000};
+    int status, i;
+
+    for (i = 0; i < seconds * 20; i++) {
+        pid_t r = waitpid(pid, &status, WNOHANG);
+
+        if (r == pid)
+            return status;
+        if (r < 0 && errno != EINTR)
+            return -1;
+        nanosleep(&tick, NULL);
+    }
+    kill(pid, SIGKILL);
+    if (waitpid(pid, &status, WNOHANG) == pid)
+        return status;
+    return -1; /* stuck in the kernel: left to be reaped when slurmstepd exits */
+}
+
 /* Append the message to the batch job's error file (its output file unless -e was
  * given), as the job's user: a prolog failure otherwise leaves the user nothing. */
 static void tell_job_file(job_info_t *job, uid_t uid, gid_t gid, const char *text)
@@ -602,49 +686,170 @@ static void tell_job_file(job_info_t *job, uid_t uid, gid_t gid, const char *tex
         slurm_error("shifter: cannot fork to write %s: %s", path, strerror(errno));
         return;
     }
-    if (pid == 0) {
-        int fd;
-
-        if (setgroups(1, &gid) != 0 || setresgid(gid, gid, gid) != 0 ||
-            setresuid(uid, uid, uid) != 0)
-            _exit(1);
-        if (path[0] != '/' && (job->work_dir == NULL || chdir(job->work_dir) != 0))
-            _exit(2);
-        fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
-        if (fd < 0)
-            _exit(3);
-        if (write(fd, text, strlen(text)) != (ssize_t)strlen(text))
-            _exit(4);
-        _exit(close(fd) == 0 ? 0 : 5);
-    }
-    while (waitpid(pid, &status, 0) < 0)
-        if (errno != EINTR)
-            return;
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        slurm_error("shifter: could not write the failure to %s as uid %u", path, (unsigned)uid);
+    if (pid == 0)
+        write_job_file(job, uid, gid, path, text);
+    status = wait_bounded(pid, JOB_FILE_SECONDS + 1);
+    if (status < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        slurm_error("shifter: could not write the failure to %s as uid %u (%s)", path,
+                    (unsigned)uid,
+                    status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 4
+                        ? "not a regular file"
+                        : "cannot open or write it in time");
 }
 
+/* -- refused jobs: <state_dir>/<job id>, root's ---------------------------------------- */
+
+/* The state directory, made root-only if missing; refused unless it is a real directory
+ * of root's that nobody else can write. -1 when it cannot be used (logged). */
+static int open_state_dir(int create)
+{
+    struct stat st;
+    int fd;
+
+    if (create && mkdir(cfg.state_dir, 0700) != 0 && errno != EEXIST) {
+        slurm_error("shifter: cannot make %s: %s", cfg.state_dir, strerror(errno));
+        return -1;
+    }
+    fd = open(cfg.state_dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        if (create || errno != ENOENT)
+            slurm_error("shifter: cannot open %s: %s", cfg.state_dir, strerror(errno));
+        return -1;
+    }
+    if (fstat(fd, &st) != 0 || st.st_uid != 0 || (st.st_mode & 022) != 0) {
+        slurm_error("shifter: %s must be a directory of root's that only root can write",
+                    cfg.state_dir);
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static void record_name(char *name, size_t size, uint32_t job_id)
+{
+    snprintf(name, size, "%u", job_id);
+}
+
+/* Remember why the job cannot run, for its steps. 0, or -1 (logged). */
+static int record_refusal(uint32_t job_id, const char *text)
+{
+    char name[16];
+    int dir = open_state_dir(1), fd, rc = -1;
+
+    if (dir < 0)
+        return -1;
+    record_name(name, sizeof(name), job_id);
+    fd = openat(dir, name, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd >= 0 && write(fd, text, strlen(text)) == (ssize_t)strlen(text))
+        rc = 0;
+    if (fd >= 0 && close(fd) != 0)
+        rc = -1;
+    if (rc != 0)
+        slurm_error("shifter: cannot write %s/%s: %s", cfg.state_dir, name, strerror(errno));
+    close(dir);
+    return rc;
+}
+
+static void forget_refusal(uint32_t job_id)
+{
+    char name[16];
+    int dir = open_state_dir(0);
+
+    if (dir < 0)
+        return;
+    record_name(name, sizeof(name), job_id);
+    if (unlinkat(dir, name, 0) != 0 && errno != ENOENT)
+        slurm_error("shifter: cannot remove %s/%s: %s", cfg.state_dir, name, strerror(errno));
+    close(dir);
+}
+
+/* The record of a refused job into out (OUT_MAX): 1 when there is one, 0 when not. */
+static int read_refusal(uint32_t job_id, char *out)
+{
+    char name[16];
+    int dir = open_state_dir(0), fd;
+    ssize_t n;
+
+    if (dir < 0)
+        return 0;
+    record_name(name, sizeof(name), job_id);
+    fd = openat(dir, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    close(dir);
+    if (fd < 0)
+        return 0;
+    n = read(fd, out, OUT_MAX - 1);
+    close(fd);
+    out[n > 0 ? n : 0] = '\0';
+    return 1;
+}
+
+static void set_comment(uint32_t job_id, const char *comment)
+{
+    job_desc_msg_t update;
+
+    slurm_init_job_desc_msg(&update);
+    update.job_id = job_id;
+    update.comment = (char *)comment;
+    if (slurm_update_job(&update) != SLURM_SUCCESS)
+        slurm_error("shifter: cannot set the Comment of job %u: %s", job_id,
+                    slurm_strerror(slurm_get_errno()));
+}
+
+/* A node fault: slurmd's log, the Comment, the batch job's file; the prolog then fails. */
 static void report_failure(uint32_t job_id, job_info_t *job, uid_t uid, gid_t gid,
                            const char *what, const char *output)
 {
     char line[MSG_MAX], comment[MSG_MAX + 512], *text = NULL;
-    job_desc_msg_t update;
 
     one_line(line, output[0] ? output : "(no message)");
     slurm_error("shifter: %s failed for job %u on %s: %s", what, job_id, hostname, line);
     snprintf(comment, sizeof(comment), "shifter: %s failed on %s: %s", what, hostname, line);
-    slurm_init_job_desc_msg(&update);
-    update.job_id = job_id;
-    update.comment = comment;
-    if (slurm_update_job(&update) != SLURM_SUCCESS)
-        slurm_error("shifter: cannot set the Comment of job %u: %s", job_id,
-                    slurm_strerror(slurm_get_errno()));
+    set_comment(job_id, comment);
     if (job && asprintf(&text, "shifter: %s failed on %s for job %u, the job did not start:\n%s%s",
                         what, hostname, job_id, output,
                         output[0] && output[strlen(output) - 1] == '\n' ? "" : "\n") >= 0) {
         tell_job_file(job, uid, gid, text);
         free(text);
     }
+}
+
+/* A user error: slurmd's log, the Comment and the record the job's steps fail with; the
+ * node stays in service. -1 when the record cannot be written (then it is the node's). */
+static int report_refusal(uint32_t job_id, const char *output)
+{
+    char line[MSG_MAX], comment[MSG_MAX + 512], *text = NULL;
+    int rc;
+
+    one_line(line, output[0] ? output : "(no message)");
+    if (asprintf(&text, "shifter: setupRoot refused job %u on %s, the job did not start:\n%s%s",
+                 job_id, hostname, output,
+                 output[0] && output[strlen(output) - 1] == '\n' ? "" : "\n") < 0)
+        return -1;
+    rc = record_refusal(job_id, text);
+    free(text);
+    if (rc != 0)
+        return -1;
+    slurm_info("shifter: setupRoot refused job %u on %s (the user's request; the job fails, the "
+               "node stays in service): %s", job_id, hostname, line);
+    snprintf(comment, sizeof(comment), "shifter: setupRoot refused on %s: %s", hostname, line);
+    set_comment(job_id, comment);
+    return 0;
+}
+
+/* extern_cgroup=1 needs the extern step (PrologFlags=contain) and cgroup tracking: say
+ * so in slurmd's log when a container's sshd is started without them. */
+static void check_extern_step(uint32_t job_id)
+{
+    slurm_conf_t *conf = NULL;
+
+    if (slurm_load_ctl_conf((time_t)0, &conf) != SLURM_SUCCESS || conf == NULL)
+        return;
+    if (!(conf->prolog_flags & PROLOG_FLAG_CONTAIN) || conf->proctrack_type == NULL ||
+        strcmp(conf->proctrack_type, "proctrack/cgroup") != 0)
+        slurm_error("shifter: job %u: the container's sshd stays outside the job's cgroups: "
+                    "extern_cgroup=1 needs PrologFlags=contain and ProctrackType=proctrack/cgroup "
+                    "(unsetupRoot still stops it and its sessions at the end of the job)", job_id);
+    slurm_free_ctl_conf(conf);
 }
 
 static char *const root_env_plain[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", NULL};
@@ -699,6 +904,7 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
     /* job_script context: slurm_spank_init is not called, the arguments come here. */
     if (parse_config(ac, av) != 0 || job_ids(sp, &job_id, &uid, &gid) != 0)
         return -1;
+    forget_refusal(job_id); /* a job id used again after a lost epilog */
     job = load_job(job_id, &msg);
     if (job == NULL) {
         slurm_error("shifter: job %u: not preparing a container (job unknown); tasks build "
@@ -711,8 +917,6 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
         rc = 0;
         goto done;
     }
-    if (cfg.extern_cgroup || cfg.memory_cgroup[0])
-        slurm_info("shifter: extern_cgroup/memory_cgroup are accepted but not implemented");
     out = malloc(OUT_MAX);
     nodes = node_list(job);
     if (out == NULL || nodes == NULL || root_env(conf_buf, sizeof(conf_buf), env) != 0) {
@@ -746,12 +950,18 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
     if (cfg.enable_sshd && key && key[0]) {
         argv[argc++] = "-s";
         argv[argc++] = (char *)key;
+        if (cfg.extern_cgroup)
+            check_extern_step(job_id);
     }
     argv[argc++] = "--";
     argv[argc++] = (char *)type;
     argv[argc++] = (char *)image;
     argv[argc] = NULL;
     status = run(argv, env, 1, out);
+    if (status == USER_ERROR && report_refusal(job_id, out) == 0) {
+        rc = 0; /* the job fails in its steps; the node is fine */
+        goto done;
+    }
     if (status != 0) {
         report_failure(job_id, job, uid, gid, "setupRoot", out);
         goto done;
@@ -799,6 +1009,7 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
         return 0;
     if (parse_config(ac, av) != 0 || job_ids(sp, &job_id, &uid, &gid) != 0)
         return -1;
+    forget_refusal(job_id);
     job = load_job(job_id, &msg);
     if (job != NULL && job->shared != 0) {
         slurm_free_job_info_msg(msg);
@@ -822,6 +1033,369 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
         return -1;
     }
     free(out);
+    return 0;
+}
+
+/* -- the job's steps: fail every task of a refused job --------------------------------- */
+
+/* In each task (slurmstepd's child, root, before exec; its stderr is the task's: the batch
+ * job's output file or srun's stderr): a job whose setupRoot the prolog found to be the
+ * user's mistake prints why and fails, so Slurm ends the job FAILED. */
+int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
+{
+    uint32_t job_id;
+    char *text;
+
+    (void)ac;
+    (void)av;
+    if (spank_context() != S_CTX_REMOTE ||
+        spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS)
+        return 0;
+    text = malloc(OUT_MAX);
+    if (text == NULL)
+        return 0;
+    if (!read_refusal(job_id, text)) {
+        free(text);
+        return 0;
+    }
+    if (write(STDERR_FILENO, text, strlen(text)) < 0)
+        slurm_error("%s", text);
+    free(text);
+    return -1;
+}
+
+/* -- the job's extern step: the container's sshd joins the job -------------------------- */
+
+/* ppid, real uid and start time (clock ticks after boot) of pid; -1 when it is gone. */
+static int proc_info(pid_t pid, pid_t *ppid, uid_t *uid, unsigned long long *start)
+{
+    char path[64], buf[4096], *p;
+    unsigned long real;
+    int fd, n;
+
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    n = (int)read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = '\0';
+    p = strrchr(buf, ')'); /* the command name may hold anything */
+    if (p == NULL || sscanf(p + 1, " %*s %d %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s"
+                                   " %*s %*s %*s %*s %llu", ppid, start) != 2)
+        return -1;
+    /* the owner of /proc/PID is not the uid of a process that is not dumpable (sshd) */
+    snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    n = (int)read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = '\0';
+    p = strstr(buf, "\nUid:");
+    if (p == NULL || sscanf(p + 5, "%lu", &real) != 1)
+        return -1;
+    *uid = (uid_t)real;
+    return 0;
+}
+
+/* pid is the sshd a Shifter container records (root's var/run/shifter-sshd in the
+ * process's own root names it with its start time) and runs as uid? */
+static int is_container_sshd(pid_t pid, uid_t uid)
+{
+    char path[96], buf[128];
+    unsigned long long start, recorded;
+    long rpid;
+    struct stat st;
+    pid_t ppid;
+    uid_t owner;
+    int fd, n;
+
+    if (proc_info(pid, &ppid, &owner, &start) != 0 || owner != uid || uid == 0)
+        return 0;
+    snprintf(path, sizeof(path), "/proc/%d/root/var/run/shifter-sshd", (int)pid);
+    fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    n = (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == 0)
+            ? (int)read(fd, buf, sizeof(buf) - 1) : -1;
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = '\0';
+    return sscanf(buf, "%ld %llu", &rpid, &recorded) == 2 && rpid == (long)pid &&
+           recorded == start;
+}
+
+/* Every comma-separated word of words is one of opts's ("rw,memory" holds "memory")? */
+static int has_all_words(const char *opts, const char *words)
+{
+    const char *w = words;
+
+    while (*w) {
+        size_t n = strcspn(w, ","), m;
+        const char *o = opts;
+        int found = 0;
+
+        while (*o && !found) {
+            m = strcspn(o, ",");
+            found = m == n && strncmp(o, w, n) == 0;
+            o += m + (o[m] == ',');
+        }
+        if (!found)
+            return 0;
+        w += n + (w[n] == ',');
+    }
+    return 1;
+}
+
+/* The mount point of the cgroup hierarchy of a /proc/PID/cgroup line's controller field
+ * ("memory", "cpu,cpuacct", "name=systemd"; "" for v2), from mountinfo; 0 when found. */
+static int cgroup_mount(const char *controllers, char *out, size_t size)
+{
+    FILE *f = fopen("/proc/self/mountinfo", "re");
+    char *line = NULL, mnt[PATH_MAX], root[PATH_MAX], fstype[64], opts[1024];
+    size_t cap = 0;
+    int found = -1;
+
+    if (f == NULL)
+        return -1;
+    while (found != 0 && getline(&line, &cap, f) > 0) {
+        const char *dash = strstr(line, " - ");
+
+        /* whole hierarchies only (root "/"), paths without escaped characters */
+        if (dash == NULL || sscanf(line, "%*s %*s %*s %4095s %4095s", root, mnt) != 2 ||
+            sscanf(dash + 3, "%63s %*s %1023s", fstype, opts) != 2 || strcmp(root, "/") != 0 ||
+            strchr(mnt, '\\') != NULL || strlen(mnt) >= size)
+            continue;
+        if (controllers[0] == '\0' ? strcmp(fstype, "cgroup2") == 0
+                                    : strcmp(fstype, "cgroup") == 0 &&
+                                          has_all_words(opts, controllers)) {
+            strcpy(out, mnt);
+            found = 0;
+        }
+    }
+    free(line);
+    fclose(f);
+    return found;
+}
+
+/* /proc/PID/cgroup as text (at most OUT_MAX bytes) into out; -1 when unreadable. */
+static int read_cgroups(pid_t pid, char *out)
+{
+    char path[64];
+    ssize_t n;
+    int fd;
+
+    snprintf(path, sizeof(path), "/proc/%d/cgroup", (int)pid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    n = read(fd, out, OUT_MAX - 1);
+    close(fd);
+    if (n < 0)
+        return -1;
+    out[n] = '\0';
+    return 0;
+}
+
+/* Move pid into the cgroup of one line of the task's /proc/PID/cgroup. */
+static int join_one(pid_t pid, char *line)
+{
+    char *controllers = strchr(line, ':'), *cg, mnt[PATH_MAX], procs[2 * PATH_MAX];
+    int fd, rc = 0;
+
+    cg = controllers ? strchr(controllers + 1, ':') : NULL;
+    if (cg == NULL)
+        return 0;
+    *cg++ = '\0';
+    controllers++;
+    if (cgroup_mount(controllers, mnt, sizeof(mnt)) != 0) {
+        slurm_error("shifter: no mount of the cgroup hierarchy '%s'", controllers);
+        return -1;
+    }
+    snprintf(procs, sizeof(procs), "%s%s/cgroup.procs", mnt, cg);
+    fd = open(procs, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 || dprintf(fd, "%d\n", (int)pid) < 0) {
+        slurm_error("shifter: cannot move process %d into %s: %s", (int)pid, procs,
+                    strerror(errno));
+        rc = -1;
+    }
+    if (fd >= 0)
+        close(fd);
+    return rc;
+}
+
+/* Put pid into every cgroup task is in (all hierarchies of /proc/TASK/cgroup), except
+ * those it is in already. */
+static int join_cgroups(pid_t pid, pid_t task)
+{
+    char *want = malloc(OUT_MAX), *have = malloc(OUT_MAX), *line, *save = NULL;
+    int rc = -1;
+
+    if (want == NULL || have == NULL || read_cgroups(task, want) != 0 ||
+        read_cgroups(pid, have) != 0)
+        goto done;
+    rc = 0;
+    for (line = strtok_r(want, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        char exact[PATH_MAX + 300];
+
+        snprintf(exact, sizeof(exact), "\n%s\n", line);
+        if (strncmp(have, exact + 1, strlen(exact + 1)) == 0 || strstr(have, exact) != NULL)
+            continue; /* there already (the same hierarchy and path) */
+        if (join_one(pid, line) != 0)
+            rc = -1;
+    }
+done:
+    free(want);
+    free(have);
+    return rc;
+}
+
+/* Set pid's rlimits to lim[] from a child with the user's ids (allowed without
+ * CAP_SYS_RESOURCE, which root lacks on some machines, e.g. in containers): a hard
+ * limit above the process's current one cannot be raised that way and stays. */
+static int set_rlimits_as_user(pid_t pid, uid_t uid, gid_t gid, const struct rlimit *lim)
+{
+    pid_t child = fork();
+    int status, r;
+
+    if (child < 0)
+        return -1;
+    if (child == 0) {
+        if (setgroups(1, &gid) != 0 || setresgid(gid, gid, gid) != 0 ||
+            setresuid(uid, uid, uid) != 0)
+            _exit(1);
+        for (r = 0; r < RLIM_NLIMITS; r++) {
+            struct rlimit now, want = lim[r];
+
+            if (prlimit(pid, (enum __rlimit_resource)r, NULL, &now) != 0)
+                _exit(2);
+            if (want.rlim_max > now.rlim_max)
+                want.rlim_max = now.rlim_max;
+            if (want.rlim_cur > want.rlim_max)
+                want.rlim_cur = want.rlim_max;
+            if (prlimit(pid, (enum __rlimit_resource)r, &want, NULL) != 0)
+                _exit(3);
+        }
+        _exit(0);
+    }
+    while (waitpid(child, &status, 0) < 0)
+        if (errno != EINTR)
+            return -1;
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -1;
+}
+
+/* Give pid the rlimits of task (the job's: Slurm set them on its extern task). */
+static int copy_rlimits(pid_t pid, pid_t task, uid_t uid, gid_t gid)
+{
+    struct rlimit lim[RLIM_NLIMITS];
+    int r, denied = 0;
+
+    for (r = 0; r < RLIM_NLIMITS; r++)
+        if (prlimit(task, (enum __rlimit_resource)r, NULL, &lim[r]) != 0) {
+            slurm_error("shifter: cannot read the rlimits of the extern task %d: %s", (int)task,
+                        strerror(errno));
+            return -1;
+        }
+    for (r = 0; r < RLIM_NLIMITS && !denied; r++)
+        if (prlimit(pid, (enum __rlimit_resource)r, &lim[r], NULL) != 0)
+            denied = 1;
+    if (denied && set_rlimits_as_user(pid, uid, gid, lim) != 0) {
+        slurm_error("shifter: cannot give process %d the job's rlimits", (int)pid);
+        return -1;
+    }
+    return 0;
+}
+
+/* The process the extern step just forked (its "sleep"): a child of this slurmstepd. */
+static pid_t extern_task(void)
+{
+    DIR *d = opendir("/proc");
+    struct dirent *e;
+    pid_t found = -1;
+
+    if (d == NULL)
+        return -1;
+    while ((e = readdir(d)) != NULL && found < 0) {
+        unsigned long long start;
+        pid_t pid = (pid_t)atoi(e->d_name), ppid;
+        uid_t uid;
+
+        if (pid > 0 && proc_info(pid, &ppid, &uid, &start) == 0 && ppid == getpid())
+            found = pid;
+    }
+    closedir(d);
+    return found;
+}
+
+/* Every process of uid that is the container's sshd or a child of it (a session begun
+ * before the extern step existed): into the job's cgroups, with the job's rlimits. One
+ * that cannot be moved is killed: an sshd outside the job would let sessions escape. */
+static void contain_sshd(uint32_t job_id, uid_t uid, gid_t gid, pid_t task)
+{
+    DIR *d = opendir("/proc");
+    struct dirent *e;
+    pid_t sshd = -1;
+
+    if (d == NULL)
+        return;
+    while ((e = readdir(d)) != NULL && sshd < 0) {
+        pid_t pid = (pid_t)atoi(e->d_name);
+
+        if (pid > 0 && is_container_sshd(pid, uid))
+            sshd = pid;
+    }
+    if (sshd < 0) {
+        closedir(d);
+        return;
+    }
+    rewinddir(d);
+    while ((e = readdir(d)) != NULL) {
+        unsigned long long start;
+        pid_t pid = (pid_t)atoi(e->d_name), ppid;
+        uid_t owner;
+
+        if (pid <= 0 || proc_info(pid, &ppid, &owner, &start) != 0 || owner != uid ||
+            (pid != sshd && ppid != sshd))
+            continue;
+        if (join_cgroups(pid, task) != 0 || copy_rlimits(pid, task, uid, gid) != 0) {
+            slurm_error("shifter: job %u: the container's sshd (or session) %d cannot join "
+                        "the job's cgroups; killing it", job_id, (int)pid);
+            kill(pid, SIGKILL);
+            continue;
+        }
+        slurm_info("shifter: job %u: process %d of the container's sshd joined the job's "
+                   "extern step", job_id, (int)pid);
+    }
+    closedir(d);
+}
+
+int slurm_spank_task_post_fork(spank_t sp, int ac, char **av)
+{
+    uint32_t job_id, step_id;
+    uid_t uid;
+    gid_t gid;
+    pid_t task;
+
+    (void)ac;
+    (void)av;
+    if (spank_context() != S_CTX_REMOTE || !cfg.extern_cgroup ||
+        spank_get_item(sp, S_JOB_STEPID, &step_id) != ESPANK_SUCCESS ||
+        step_id != SLURM_EXTERN_CONT || spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS ||
+        spank_get_item(sp, S_JOB_UID, &uid) != ESPANK_SUCCESS ||
+        spank_get_item(sp, S_JOB_GID, &gid) != ESPANK_SUCCESS)
+        return 0;
+    task = extern_task();
+    if (task < 0) {
+        slurm_error("shifter: job %u: the extern step's task is not found", job_id);
+        return 0;
+    }
+    contain_sshd(job_id, uid, gid, task);
     return 0;
 }
 

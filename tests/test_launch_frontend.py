@@ -769,26 +769,28 @@ def test_setup_root_image_forms_and_modules(site: Site) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "message", "status"),
     [
-        (["-U", "1001", "-u", "u", "id", "IID"], "-U uid and -G gid are required"),
-        (["-U", "0", "-G", "0", "-u", "u", "id", "IID"], "attempted to run as root"),
-        (["-U", "abc", "-G", "1", "id", "IID"], "-U needs a numeric id, not 'abc'"),
+        (["-U", "1001", "-u", "u", "id", "IID"], "-U uid and -G gid are required", 1),
+        (["-U", "0", "-G", "0", "-u", "u", "id", "IID"], "attempted to run as root", 1),
+        (["-U", "abc", "-G", "1", "id", "IID"], "-U needs a numeric id, not 'abc'", 1),
         (["-U", "1001", "-G", "1001", "-u", "u", "-N", "bad", "id", "IID"],
-         "Invalid node list entry 'bad'"),
+         "Invalid node list entry 'bad'", 1),
+        # what the user asked for: 2, so that the Slurm prolog fails the job, not the node
         (["-U", "1001", "-G", "1001", "-u", "u", "-v", "/a:/etc", "id", "IID"],
-         "Invalid mount request"),
+         "Invalid mount request", 2),
         (["-U", "1001", "-G", "1001", "-u", "u", "-m", "nosuch", "id", "IID"],
-         "Unknown shifter module: nosuch"),
-        (["-U", "1001", "-G", "1001", "-u", "u", "id", "0" * 64], "FAILED to find requested"),
-        (["-U", "1001", "-G", "1001", "-u", "u"], "expected the image as <type> <identifier>"),
-        (["-U", "1001", "-G", "1001", "-u", "u", "a", "b", "c"], "expected the image"),
+         "Unknown shifter module: nosuch", 2),
+        (["-U", "1001", "-G", "1001", "-u", "u", "id", "0" * 64], "FAILED to find requested", 2),
+        (["-U", "1001", "-G", "1001", "-u", "u", "id", "a/b"], "Invalid character", 2),
+        (["-U", "1001", "-G", "1001", "-u", "u"], "expected the image as <type> <identifier>", 1),
+        (["-U", "1001", "-G", "1001", "-u", "u", "a", "b", "c"], "expected the image", 1),
     ],
 )
-def test_setup_root_errors(site: Site, args: list[str], message: str) -> None:
+def test_setup_root_errors(site: Site, args: list[str], message: str, status: int) -> None:
     iid = site.add_image("err")
     res = site.run("setupRoot", *[iid if a == "IID" else a for a in args])
-    assert res.returncode == 1 and not res.helper_ran
+    assert res.returncode == status and not res.helper_ran, res.stderr
     assert message in res.stderr
 
 
@@ -797,7 +799,7 @@ def test_setup_root_acl_uses_the_target_user(site: Site) -> None:
     res = site.run("setupRoot", "-U", "1001", "-G", "1001", "-u", "someone", "id", iid)
     assert res.returncode == 0, res.stderr
     res = site.run("setupRoot", "-U", "1002", "-G", "1002", "-u", "someone", "id", iid)
-    assert (res.returncode, res.stderr) == (1, "FAILED permission denied to image\n")
+    assert (res.returncode, res.stderr) == (2, "FAILED permission denied to image\n")
 
 
 def test_unsetup_root_argv(site: Site) -> None:

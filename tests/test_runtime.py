@@ -442,7 +442,8 @@ def test_setup_root_then_shifter_reuses_it_then_unsetup(site, image):
 def test_setup_root_failure_leaves_nothing(site, image):
     res = site.root_tool("setupRoot", "-U", "1001", "-G", "1001", "-u", ALICE,
                          "-v", "/nonexistent-source:/data", "id", image)
-    assert res.returncode == 1 and "/nonexistent-source" in res.stderr
+    # the user's volume: status 2 (the prolog fails the job and keeps the node)
+    assert res.returncode == 2 and "/nonexistent-source" in res.stderr
     assert site.our_mounts() == [] and site.our_loops() == []
 
 

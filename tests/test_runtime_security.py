@@ -689,7 +689,8 @@ def test_setup_takes_groups_from_the_host_not_a_stale_etc_copy(site, image):
         res = site.run("root", [str(SETUP), "setup", "--user", ALICE, "--uid",
                                 str(pw.pw_uid), "--gid", str(pw.pw_gid), "--image-id", image,
                                 "--volume", f"{secret}:/data"])
-        assert res.returncode == 1, "setup used the stale group copy to mount the data"
+        # refused as the user's error (2: the prolog fails the job, not the node)
+        assert res.returncode == 2, "setup used the stale group copy to mount the data"
         assert "you cannot access the source" in res.stderr, res.stderr
     finally:
         group_copy.write_text(saved)

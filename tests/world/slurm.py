@@ -73,13 +73,14 @@ class Submitted:
 class SlurmCluster:
     def __init__(self, workdir: Path, *, munge_socket: str, plugstack: str = "",
                  client_plugstack: str | None = None, client_preload: str | None = None,
-                 cpus: int | None = None) -> None:
+                 cpus: int | None = None, cgroup: bool = False) -> None:
         self.workdir = Path(workdir)
         self.munge_socket = munge_socket
         self.plugstack = plugstack
         self.client_plugstack = client_plugstack
         self.client_preload = client_preload
         self.cpus = cpus or os.cpu_count() or 1
+        self.cgroup = cgroup
         self.conf = self.workdir / "slurm.conf"
         self.plugstack_conf = self.workdir / "plugstack.conf"
         self.client_conf = self.conf
@@ -115,22 +116,29 @@ SlurmdPidFile={w}/slurmd.pid
 SlurmctldLogFile={w}/slurmctld.log
 SlurmdLogFile={w}/slurmd.log
 SlurmdDebug=info
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+{self._tracking()}
 SwitchType=switch/none
 MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 ReturnToService=2
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
+SelectTypeParameters={"CR_Core_Memory" if self.cgroup else "CR_Core"}
 SchedulerParameters=sched_min_interval=0
 MinJobAge=600
-PrologFlags=alloc
+PrologFlags={"alloc,contain" if self.cgroup else "alloc"}
 PlugStackConfig={self.plugstack_conf}
 NodeName={NODE} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 PartitionName=whole Nodes={NODE} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=UP
 """)
+        if self.cgroup:
+            # cgroup v1 (this machine: v1 controllers, a v2 hierarchy beside them at
+            # /sys/fs/cgroup/unified, no systemd); memory limits enforced per job
+            (w / "cgroup.conf").write_text(
+                "CgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup\n"
+                "ConstrainRAMSpace=yes\nConstrainSwapSpace=yes\nAllowedSwapSpace=0\n"
+                "ConstrainCores=no\nConstrainDevices=no\n")
+            os.chmod(w / "cgroup.conf", 0o644)
         self.plugstack_conf.write_text(self.plugstack + "\n")
         if self.client_plugstack is not None:
             self.client_conf.write_text(self.conf.read_text().replace(
@@ -140,6 +148,11 @@ PartitionName=whole Nodes={NODE} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=
         for path in (self.conf, self.plugstack_conf, self.client_conf,
                      self.client_plugstack_conf):
             os.chmod(path, 0o644)
+
+    def _tracking(self) -> str:
+        if not self.cgroup:
+            return "ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none"
+        return "ProctrackType=proctrack/cgroup\nTaskPlugin=task/cgroup,task/affinity"
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         """The daemons' and the admin commands' environment."""
@@ -405,8 +418,11 @@ def write_launchers(bindir: Path, helper: Path) -> Path:
 
 
 def plugstack_line(plugin: Path, bindir: Path, shifter_config: Path, **args: str) -> str:
-    """``required <plugin> shifter_config=… setuproot=… unsetuproot=… spank_tool=… …``."""
+    """``required <plugin> shifter_config=… setuproot=… unsetuproot=… spank_tool=…
+    state_dir=… …`` (the state dir beside ``bindir``: clusters of other checkouts on this
+    machine number their jobs from 1 too)."""
     words = [f"shifter_config={shifter_config}", f"setuproot={bindir}/setupRoot",
-             f"unsetuproot={bindir}/unsetupRoot", f"spank_tool={bindir}/shifter-spank"]
+             f"unsetuproot={bindir}/unsetupRoot", f"spank_tool={bindir}/shifter-spank",
+             f"state_dir={bindir.parent}/shifter-state"]
     words += [f"{k}={v}" for k, v in args.items()]
     return f"required {plugin} " + " ".join(words)
