@@ -109,7 +109,7 @@ void etc_write_files(int root, char *const files[])
 
     if (etc < 0)
         die_errno("Cannot open the container's /etc");
-    for (size_t i = 0; files[i] != NULL; i++) {
+    for (size_t i = 0; files != NULL && files[i] != NULL; i++) {
         size_t n = (size_t)(strchr(files[i], '=') - files[i]), k = 0;
         while (k < 3 && (strlen(names[k]) != n || strncmp(files[i], names[k], n) != 0))
             k++;

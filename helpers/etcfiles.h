@@ -13,6 +13,6 @@ void etc_populate(int root, const struct udiroot_conf *conf);
 
 /* The front end's files (--etc-fd records "passwd=TEXT", "group=TEXT",
  * "nsswitch.conf=TEXT"; no other name) written over etc/, root 0644. */
-void etc_write_files(int root, char *const files[]);
+void etc_write_files(int root, char *const files[]); /* files NULL: none */
 
 #endif
