@@ -7,7 +7,7 @@
  * impossible (an image they may not use, a volume source they cannot open):
  * setup mode exits 2 there, so that the Slurm prolog can tell the user's
  * mistake (fail the job) from the node's fault (drain the node).  Both first
- * tear down what was mounted (the cleanup hook set by main.c).  Nothing here
+ * tear down what was mounted (the cleanup hook set by setup.c).  Nothing here
  * reads the environment.
  */
 #ifndef SHIFTER_HELPERS_UTIL_H
