@@ -12,7 +12,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make \
 	mpich libmpich-dev patchelf slurm-wlm libslurm-dev clang libclang-rt-14-dev
 
 .PHONY: setup apt venv install helper udiimage slurm demo test lint fuzz bench-pull \
-	bench-launch bench-slurm clean
+	bench-launch bench-slurm clean docs-man
 
 setup: apt venv
 
@@ -111,6 +111,11 @@ fuzz:
 
 lint: venv
 	$(PY) -m ruff check .
+
+# Man pages and bash completion, generated from the commands' parsers (build output):
+#   build/man/man1/<command>.1, build/completion/bash/<command>
+docs-man: venv
+	$(PY) tools/cli_docs.py build
 
 bench-pull: setup
 	$(PY) bench/pull
