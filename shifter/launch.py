@@ -11,8 +11,8 @@ directory and modules, and then *becomes* the setuid helper with ``execv`` (no f
 signals, stdin, the terminal and the exit status are the command's)::
 
     shifter-helper run (--image-id ID | --local PATH) [--volume LIST]…
-        --modules LIST|none [--gpu all|N,N] --workdir DIR --request TYPE:TAG --env-fd N [--verbose]
-        -- CMD [ARG…]
+        --modules LIST|none [--gpu N,N [--gpu-file DIR/NAME=PATH]…] --workdir DIR
+        --request TYPE:TAG --env-fd N [--etc-fd N] [--verbose] -- CMD [ARG…]
 
 The helper trusts none of it and re-checks what needs checking (helpers/PROTOCOL.md).
 Every error found here is one clear message on stderr and exit status 1, before exec;
