@@ -43,6 +43,8 @@ struct ctx {
     void (*setup_step)(struct ctx *c, enum build_step step);
     const char *nodes;        /* setup --nodes, or NULL */
     const char *ssh_key;      /* setup --ssh-pubkey (validated), or NULL: no sshd */
+    const char *ssh_host_key; /* the job's host key (private, PEM), or NULL: a fresh one */
+    const char *ssh_host_pub; /* its public line (with ssh_host_key) */
     int sshd_pidfd;           /* the sshd this setup started, -1 until then */
 };
 

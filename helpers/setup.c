@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "container.h"
@@ -26,12 +27,13 @@
 #include "util.h"
 
 #define NO_USER "Failed to lookup username or attempted to run as root."
+#define MAX_HOST_KEY 16384 /* bytes of the job's ssh host key file */
 
 void usage(void)
 {
     die("usage: shifter-setup setup --user NAME --uid U --gid G (--image-id ID | --local "
-        "PATH) [--volume LIST]... [--modules LIST] [--nodes LIST] [--ssh-pubkey KEY] "
-        "[--etc-fd N] [--verbose]\n"
+        "PATH) [--volume LIST]... [--modules LIST] [--nodes LIST] [--ssh-pubkey KEY "
+        "[--ssh-hostkey-fd N --ssh-host-pubkey KEY]] [--etc-fd N] [--verbose]\n"
         "       shifter-setup unsetup [--verbose]");
 }
 
@@ -84,21 +86,60 @@ static void ident_from_args(const char *name, const char *uid, const char *gid,
 
 /* ---- the build ----------------------------------------------------------------------- */
 
-static const char *g_user, *g_uid, *g_gid, *g_ssh_key; /* setup's own options */
+/* setup's own options */
+static const char *g_user, *g_uid, *g_gid, *g_ssh_key, *g_host_pub;
+static int g_host_key_fd = -1;
 
 static int setup_option(const char *a, const char *v, struct options *o)
 {
-    const char **slot = strcmp(a, "--user") == 0         ? &g_user
-                        : strcmp(a, "--uid") == 0        ? &g_uid
-                        : strcmp(a, "--gid") == 0        ? &g_gid
-                        : strcmp(a, "--nodes") == 0      ? &ctx.nodes
-                        : strcmp(a, "--ssh-pubkey") == 0 ? &g_ssh_key
-                                                         : NULL;
+    const char **slot = strcmp(a, "--user") == 0              ? &g_user
+                        : strcmp(a, "--uid") == 0             ? &g_uid
+                        : strcmp(a, "--gid") == 0             ? &g_gid
+                        : strcmp(a, "--nodes") == 0           ? &ctx.nodes
+                        : strcmp(a, "--ssh-pubkey") == 0      ? &g_ssh_key
+                        : strcmp(a, "--ssh-host-pubkey") == 0 ? &g_host_pub
+                                                              : NULL;
     (void)o;
+    if (strcmp(a, "--ssh-hostkey-fd") == 0 && g_host_key_fd < 0) {
+        g_host_key_fd = parse_fd(a, v);
+        return 1;
+    }
     if (slot == NULL || *slot != NULL)
         return 0;
     *slot = v;
     return 1;
+}
+
+/* The job's ssh host key from --ssh-hostkey-fd: a memfd holding the private key file
+ * (never an argument: argv is anybody's to read in /proc). */
+static char *read_host_key(int fd)
+{
+    char *data = xmalloc(MAX_HOST_KEY + 1);
+    size_t len = 0;
+    struct stat st;
+
+    if (fstat(fd, &st) != 0)
+        die_errno("shifter-helper: --ssh-hostkey-fd %d", fd);
+    if (!S_ISREG(st.st_mode) || st.st_size > MAX_HOST_KEY)
+        die("shifter-helper: --ssh-hostkey-fd must be a regular file (memfd) of at most %d "
+            "bytes", MAX_HOST_KEY);
+    for (;;) {
+        ssize_t r = pread(fd, data + len, MAX_HOST_KEY - len, (off_t)len);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            die_errno("shifter-helper: cannot read --ssh-hostkey-fd");
+        if (r == 0)
+            break;
+        len += (size_t)r;
+        if (len == MAX_HOST_KEY)
+            break; /* the check refuses it: longer than a key */
+    }
+    close(fd);
+    data[len] = '\0';
+    if (strlen(data) != len)
+        die("shifter-helper: the job's ssh host key holds a NUL byte");
+    return data;
 }
 
 static char *g_signature; /* written last: from then on shifter enters this container */
@@ -150,6 +191,8 @@ int main(int argc, char **argv)
         usage();
     ident_from_args(g_user, g_uid, g_gid, &ctx.id);
     g_user_error_status = 2; /* the prolog fails the job, not the node (PROTOCOL.md) */
+    if (g_host_key_fd >= 0)
+        ctx.ssh_host_key = read_host_key(g_host_key_fd);
     ctx.etc_files = read_records(o.etc_fd, "/etc files (--etc-fd)");
     ctx.setup_mode = 1;
     ctx.setup_step = setup_step;
@@ -159,6 +202,15 @@ int main(int argc, char **argv)
     if (g_ssh_key != NULL && sshd_check_key(g_ssh_key, err, sizeof err) != 0)
         die_user("%s", err);
     ctx.ssh_key = g_ssh_key;
+    if ((g_host_key_fd >= 0) != (g_host_pub != NULL) || (g_host_pub != NULL && g_ssh_key == NULL))
+        die("shifter-helper: --ssh-hostkey-fd and --ssh-host-pubkey go together, with "
+            "--ssh-pubkey");
+    if (g_host_pub != NULL) {
+        if (sshd_check_host_key(ctx.ssh_host_key ? ctx.ssh_host_key : "", g_host_pub, err,
+                                sizeof err) != 0)
+            die_user("%s", err); /* it comes from the user's submission */
+        ctx.ssh_host_pub = g_host_pub;
+    }
     g_signature = container_signature(&ctx);
     g_cleanup = teardown; /* from here on a failure unmounts what was built */
     container_build(&ctx);
