@@ -6,7 +6,8 @@
  *   3 image loop-mounted ro,nosuid,nodev at loopMount (or --local bound there)
  *   4 rootfsType at udiMount, nosuid,nodev, 0755
  *   5 site: dirs, pre-mount hook, siteFs, post-mount hook, module siteFs, /etc,
- *     /opt/udiImage, hostsfile, module roothooks, proc sys dev tmp var/tmp
+ *     /opt/udiImage, (shifter-setup) hostsfile, module roothooks, the front end's
+ *     passwd/group (--etc-fd), proc sys dev tmp var/tmp
  *   6 image content: top level of /, then /var, /opt and /etc, site entries win
  *   7 user volumes; then shifter-setup's sshd (its setup_step)
  *   8 (shifter-setup) var/shifterConfig.json; root read-only unless mountUdiRootWritable=1
