@@ -34,7 +34,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The runtime, installed where every user can run it:
-#   $(PREFIX)/libexec/shifter/shifter-helper   setuid root (the only privileged part)
+#   $(PREFIX)/libexec/shifter/shifter-helper   setuid root, mode run only (all a user can reach)
+#   $(PREFIX)/libexec/shifter/shifter-setup    root:root 0700, never setuid: setupRoot's and
+#        unsetupRoot's program (prepared container, its sshd, hostsfile, teardown)
 #   $(PREFIX)/lib/shifter/python/              udiroot + shifter, byte-compiled
 #   $(PREFIX)/bin/shifter setupRoot unsetupRoot  `python3 -I -S` launchers: no site-packages,
 #        no venv, no pyenv shim on the path that runs once per task (see bench/launch)
