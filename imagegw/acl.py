@@ -1,4 +1,5 @@
-"""Who may read an image record (behaviour spec §2.7), and parsing requested ACLs."""
+"""Who may read an image record (docs/behaviour.md, 'Gateway: read ACL'), and parsing requested
+ACLs."""
 
 from __future__ import annotations
 

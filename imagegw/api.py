@@ -1,4 +1,5 @@
-"""The gateway's HTTP API (behaviour spec §2.3), a thin Flask layer over the manager.
+"""The gateway's HTTP API (docs/behaviour.md, 'Gateway: HTTP API'), a thin Flask layer over the
+manager.
 
 Status codes: 400 bad body or tag, 401 no or invalid credential, 403 not allowed, 404
 not found, 500 only for real faults. Error bodies: ``{"status", "error", "message"}``.
@@ -51,7 +52,7 @@ def render(record: Mapping[str, Any]) -> dict[str, Any]:
         for k in RECORD_FIELDS
     }
     if record.get("progress"):
-        out["progress"] = record["progress"]  # BEYOND: layers and bytes done, for shifterimg
+        out["progress"] = record["progress"]  # beyond Shifter: progress for shifterimg
     return out
 
 

@@ -1,11 +1,12 @@
 """The image manager: pull, lookup, list, import, expire, metrics over the record store.
 
-Rules of the behaviour spec §2.4–§2.9, with its FIX lines applied. Work runs in a pool of
-``WorkerThreads`` threads per process; several processes (gunicorn workers, gateway hosts)
-share one store, and a pull is *claimed* in the store before it starts, so however many
-processes see the request, one pulls. Every in-flight record names its owner
-(``host:pid:token``) and carries a heartbeat: a restarted gateway re-queues what its dead
-predecessor left, and anything whose owner stopped beating is taken over.
+Rules of docs/behaviour.md, 'Gateway: records' to 'Gateway: import', including where we
+differ from Shifter. Work runs in a pool of ``WorkerThreads`` threads per process; several
+processes (gunicorn workers, gateway hosts) share one store, and a pull is *claimed* in the
+store before it starts, so however many processes see the request, one pulls. Every
+in-flight record names its owner (``host:pid:token``) and carries a heartbeat: a restarted
+gateway re-queues what its dead predecessor left, and anything whose owner stopped beating
+is taken over.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ImageManager", "parse_duration", "normalize_tag", "check_squashfs"]
 
-RECENT = 10.0  # a READY record pulled this recently is returned as is (spec §2.6)
+# A READY record pulled this recently is returned as is
+# (docs/behaviour.md, 'Gateway: pull de-duplication').
+RECENT = 10.0
 HEARTBEAT_EVERY = 5.0
 PULL_STATES = ("INIT", "PENDING", "PULLING", "EXAMINATION", "CONVERSION", "TRANSFER")
 _CUSTOM_TAG = re.compile(r"[A-Za-z0-9_:.+@/-]+\Z")
@@ -181,7 +184,7 @@ class ImageManager:
         return self._transfers[system]
 
     def is_admin(self, caller: Caller, system: str) -> bool:
-        return caller.user in self.platform(system).admins  # exact membership (FIX)
+        return caller.user in self.platform(system).admins  # exact membership (unlike Shifter)
 
     def _require_admin(self, caller: Caller, system: str, action: str) -> None:
         if not self.is_admin(caller, system):
@@ -239,7 +242,7 @@ class ImageManager:
     def queue(self, caller: Caller, system: str) -> list[dict[str, Any]]:
         self.platform(system)
         records = self.store.list(system, exclude_status=[READY, EXPIRED])
-        # BEYOND: the message too, so a client can say why an import or pull failed.
+        # Beyond Shifter: the message too, so a client can say why an import or pull failed.
         return [
             {
                 "status": r.get("status"),
@@ -264,9 +267,10 @@ class ImageManager:
 
     def _current(self, system: str, itype: str, tag: str) -> Record | None:
         pulled = self.store.find_pull(system, itype, tag)
-        # A FAILURE counts as "in flight" here, as in Shifter (spec §2.6 step 2): a failed
-        # re-pull hidden behind the READY record would be restarted on every request, and a
-        # client polling the pull would loop while the registry is down.
+        # A FAILURE counts as "in flight" here, as in Shifter (docs/behaviour.md,
+        # 'Gateway: pull de-duplication', step 2): a failed re-pull hidden behind the READY
+        # record would be restarted on every request, and a client polling the pull would loop
+        # while the registry is down.
         if pulled is not None and pulled.get("status") != READY:
             return pulled
         ready = self.store.find_tagged(system, tag, READY)
@@ -585,7 +589,8 @@ class ImageManager:
         image_id: str,
         fields: dict[str, Any],
     ) -> None:
-        """Mark READY, or merge into the READY record of the same image (spec §2.5)."""
+        """Mark READY, or merge into the READY record of the same image (docs/behaviour.md,
+        'Gateway: states')."""
         existing = self.store.find_image(system, image_id, READY)
         if existing is not None and existing["_id"] != rid:
             self.store.update(
@@ -599,7 +604,7 @@ class ImageManager:
         self._write_index(system, itype, tag, image_id)
 
     def _write_index(self, system: str, itype: str, tag: str, image_id: str | None) -> None:
-        """BEYOND: ``<imageDir>/tags/<type>/<tag>`` holds the id, so the runtime can start
+        """Beyond Shifter: ``<imageDir>/tags/<type>/<tag>`` holds the id, so the runtime can start
         an image without asking the gateway (and while it is down)."""
         name = f"tags/{itype}/{quote(tag, safe='')}"
         transfer = self.transfer(system)
@@ -812,7 +817,7 @@ class ImageManager:
         for rec in self.store.list(system):
             status = rec.get("status")
             if status == READY:
-                # FIX: an image pulled but never looked up expires from its pull time.
+                # Unlike Shifter: an image pulled but never looked up expires from its pull time.
                 when = rec.get("expiration") or float(rec.get("last_pull") or now) + self.expiration
                 if float(when) < now and self._expire(rec):
                     expired.append(rec.get("id"))

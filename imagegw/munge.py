@@ -1,7 +1,7 @@
 """Munge credentials, in-process through libmunge (ctypes).
 
-The gateway authenticates every request with a munge credential (header
-``authentication``, spec §2.2) and must decode thousands per second, so we call
+The gateway authenticates every request with a munge credential (header ``authentication``,
+docs/behaviour.md, 'Gateway: authentication') and must decode thousands per second, so we call
 libmunge directly instead of spawning ``unmunge`` per request.
 
     cred = encode(b'{"authorized_locations": ...}', socket="/run/munge/munge.socket.2")

@@ -167,9 +167,10 @@ def index_candidates(type_: str, tag: str) -> list[str]:
 
 
 def index_lookup(image_path: str, type_: str, tag: str, verbose: bool = False) -> str | None:
-    """BEYOND (§6.3.4): ``<imagePath>/tags/<type>/<quoted tag>`` holds the id of a tag the
-    gateway made available; an id counts only when its ``.meta`` is there too (so a tag
-    being replaced or expired falls through to the gateway)."""
+    """Beyond Shifter (docs/behaviour.md, 'Runtime: image selection'):
+    ``<imagePath>/tags/<type>/<quoted tag>`` holds the id of a tag the gateway made
+    available; an id counts only when its ``.meta`` is there too (so a tag being replaced or
+    expired falls through to the gateway)."""
     for candidate in index_candidates(type_, tag):
         path = f"{image_path}/tags/{type_}/{quote_tag(candidate)}"
         try:

@@ -1,4 +1,5 @@
-"""``shifter``: run a command in a container image (behaviour spec §6.2–§6.11).
+"""``shifter``: run a command in a container image (docs/behaviour.md, 'Runtime: shifter options' to
+'Runtime: modules').
 
     shifter [-h] [-v] [-i|--image=type:tag] [-V|--volume=from:to[:flags][;…]]…
             [--entrypoint[=cmd]] [-w path|--workdir[=path]] [-m|--module=a,b|none] [--gpu[=ids]]
@@ -158,8 +159,9 @@ class Options:
 
 
 def parse_args(argv: Sequence[str]) -> Options:
-    """§6.2. Raises :class:`UsageError`; ``-e`` values are checked here (Shifter's
-    "Improperly formatted environment variable"), raising ``EnvError``."""
+    """docs/behaviour.md, 'Runtime: shifter options'. Raises :class:`UsageError`; ``-e``
+    values are checked here (Shifter's "Improperly formatted environment variable"), raising
+    ``EnvError``."""
     opts = Options()
     pairs, opts.command = getopt_long(argv, SHORT, LONG)
     for name, value in pairs:

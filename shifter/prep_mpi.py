@@ -1,5 +1,5 @@
 """``shifter-prep-mpi``: prepare a site's MPICH-ABI MPI for injection into containers as
-a shifter module (behaviour spec §6.12).
+a shifter module (docs/behaviour.md, 'Runtime: MPI').
 
     shifter-prep-mpi --out /opt/shifter/modules/mpich                   # from ldconfig
     shifter-prep-mpi --mpi-lib /opt/cray/pe/mpich/default/ofi/gnu/lib --out DIR

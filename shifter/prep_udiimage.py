@@ -1,6 +1,7 @@
-"""``shifter-prep-udiimage``: build the site's ``optUdiImage`` tree, the directory the
-runtime copies into every container as ``/opt/udiImage`` (behaviour spec §6.6 step 5.9),
-with the OpenSSH programs of the per-container sshd (§6.15).
+"""``shifter-prep-udiimage``: build the site's ``optUdiImage`` tree, the directory the runtime
+copies into every container as ``/opt/udiImage`` (docs/behaviour.md, 'Runtime: building the
+container' step 5.9), with the OpenSSH programs of the per-container sshd (docs/behaviour.md,
+'Runtime: per-container sshd').
 
     shifter-prep-udiimage --out /opt/shifter/udiImage          # make install runs this
     shifter-prep-udiimage --out DIR --force                    # replace an existing tree

@@ -1,5 +1,6 @@
-"""``setupRoot`` and ``unsetupRoot``: prepare and remove a node's shared container for a
-job (behaviour spec §6.14; run by the Slurm prolog and epilog, §7).
+"""``setupRoot`` and ``unsetupRoot``: prepare and remove a node's shared container for a job
+(docs/behaviour.md, 'Runtime: setupRoot and unsetupRoot'; run by the Slurm prolog and
+epilog, 'Slurm plugin').
 
     setupRoot [-v volmap]… [-s sshPubKey] [-u user] [-U uid] [-G gid] [-N "host/n …"]
               [-m modules] <type> <identifier>        (or one <type:identifier> word)

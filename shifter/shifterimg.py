@@ -1,4 +1,4 @@
-"""``shifterimg``: the image gateway's command-line client (behaviour spec §5).
+"""``shifterimg``: the image gateway's command-line client (docs/behaviour.md, 'shifterimg').
 
     shifterimg [-v] [-u users] [-g groups] pull docker:ubuntu:22.04
     shifterimg pullnb docker:ubuntu:22.04       (ask for the pull, do not wait)

@@ -1,4 +1,4 @@
-"""``shifter-spank``: the Slurm plugin's submit-time half (behaviour spec §7).
+"""``shifter-spank``: the Slurm plugin's submit-time half (docs/behaviour.md, 'Slurm plugin').
 
     shifter-spank check [--image=TYPE:TAG] [--volume=LIST]… [--module=LIST] [--ccm]
                         [--ssh-key]
@@ -168,8 +168,9 @@ def check(req: Request) -> list[tuple[str, str]]:
 
 
 def job_public_key(home: str | None = None) -> str:
-    """``~/.shifter/id_ed25519.pub``, made with ``ssh-keygen`` (no passphrase) when the
-    key pair is missing: the key the container's sshd accepts (§6.15)."""
+    """``~/.shifter/id_ed25519.pub``, made with ``ssh-keygen`` (no passphrase) when the key pair is
+    missing: the key the container's sshd accepts (docs/behaviour.md, 'Runtime: per-container
+    sshd')."""
     import subprocess
 
     home = home or os.path.expanduser("~")

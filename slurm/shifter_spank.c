@@ -1,4 +1,4 @@
-/* shifter_slurm.so: the Shifter SPANK plugin (behaviour spec §7).
+/* shifter_slurm.so: the Shifter SPANK plugin (docs/behaviour.md, 'Slurm plugin').
  *
  * Thin on purpose (pyxis is the model): it only moves strings between Slurm and the
  * Python runtime. What it does, by context:

@@ -1,5 +1,5 @@
-"""The image gateway as nodes and users see it: a real gunicorn gateway, real munge
-credentials made as real users, a real registry. Scenarios of behaviour spec §9."""
+"""The image gateway as nodes and users see it: a real gunicorn gateway, real munge credentials made
+as real users, a real registry. Scenarios of docs/behaviour.md, 'Scenarios the tests cover'."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def test_pull_then_lookup_and_list(gateway, basic):
     assert image_id in [r["id"] for r in listed]
     bogus = gateway.request("GET", f"/api/lookup/{SYS}/docker/{basic.host}/gw/none:v9/")
     assert bogus.status_code == 404 and bogus.json()["message"] == "image not found"
-    # BEYOND: the tag index the runtime reads without asking the gateway.
+    # Beyond Shifter: the tag index the runtime reads without asking the gateway.
     from urllib.parse import quote
 
     index = gateway.image_dir / "tags" / "docker" / quote(basic.ref(), safe="")

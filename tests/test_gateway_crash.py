@@ -1,6 +1,7 @@
-"""A gateway killed mid-pull (SIGKILL of the master and every worker at once) and started
-again: behaviour spec §2.1 FIX ("records a dead worker left in any in-flight state are
-re-queued or failed, never left stuck") and §2.10 ("a reader never sees a partial file").
+"""A gateway killed mid-pull (SIGKILL of the master and every worker at once) and started again:
+docs/behaviour.md, 'Gateway: process model' (records a dead worker left in any in-flight
+state are re-queued or failed, never left stuck) and 'Gateway: transfer' (a reader never sees
+a partial file).
 
 Each state is held open long enough to kill the gateway inside it by honest means, no
 test hook in the product: PULLING by a proxy that holds back the layer download,

@@ -1,4 +1,4 @@
-"""GPU support end to end (behaviour spec §6.13), on a machine without a GPU.
+"""GPU support end to end (docs/behaviour.md, 'Runtime: GPU'), on a machine without a GPU.
 
 A fake driver (``tests/world/gpuhost.py``: real shared libraries in a real ``ldconfig``
 cache, device nodes made with mknod, a ``nvidia-smi``) stands where the NVIDIA driver
@@ -169,7 +169,8 @@ def test_gpu_layer_of_the_environment(site, image, host):
     assert f"LD={GPU_DIR}/lib64:{GPU_DIR}/lib:/mine\n" in res.stdout
     assert f"PATH=/usr/bin:/bin:{GPU_DIR}/bin\n" in res.stdout
     assert "CVD=0,1\n" in res.stdout
-    # The site has the last word (§6.9: modules and udiRoot.conf come after).
+    # The site has the last word (docs/behaviour.md, 'Runtime: environment': modules and
+    # udiRoot.conf come after).
     site.write_conf(siteEnvPrepend="LD_LIBRARY_PATH=/site", **host.conf())
     res = shifter(site, image, "--gpu=0", "sh", "-c", "echo LD=$LD_LIBRARY_PATH")
     assert f"LD=/site:{GPU_DIR}/lib64:{GPU_DIR}/lib\n" in res.stdout

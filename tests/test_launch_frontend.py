@@ -1,5 +1,6 @@
-"""The unprivileged front ends ``shifter``, ``setupRoot`` and ``unsetupRoot`` (behaviour
-spec §6.2–§6.11, §6.14; helpers/PROTOCOL.md for what they hand over).
+"""The unprivileged front ends ``shifter``, ``setupRoot`` and ``unsetupRoot`` (see
+docs/behaviour.md, 'Runtime: shifter options' to 'Runtime: modules', and 'Runtime: setupRoot
+and unsetupRoot'; helpers/PROTOCOL.md for what they hand over).
 
 They run for real, as the installed launcher runs them (``python3 -I -S``, no
 site-packages), and really ``execv`` the "helper": ``$SHIFTER_HELPER`` names a small
@@ -217,7 +218,7 @@ def site(tmp_path: Path) -> Site:
     return Site(tmp_path)
 
 
-# -- option parsing (§6.2) ------------------------------------------------------------------
+# -- option parsing (docs/behaviour.md, 'Runtime: shifter options') --------------------------------
 
 
 @pytest.mark.parametrize(
@@ -476,7 +477,7 @@ def test_missing_helper_names_it(site: Site) -> None:
     assert "/nonexistent/h" in res.stderr and "make install" in res.stderr
 
 
-# -- image selection and ids (§6.3) ---------------------------------------------------------
+# -- image selection and ids (docs/behaviour.md, 'Runtime: image selection') -----------------------
 
 
 def test_tag_from_the_index(site: Site) -> None:
@@ -791,7 +792,7 @@ def test_as_an_unprivileged_user(test_users: dict[str, tuple[int, int]]) -> None
         assert (res.returncode, res.stderr) == (1, "FAILED permission denied to image\n")
 
 
-# -- setupRoot / unsetupRoot (§6.14) --------------------------------------------------------
+# -- setupRoot / unsetupRoot (docs/behaviour.md, 'Runtime: setupRoot and unsetupRoot') -------------
 
 
 def test_setup_root_argv(site: Site) -> None:

@@ -1,5 +1,5 @@
-"""The image manager's rules (behaviour spec §2.4–§2.9, gateway scenarios of §9), on every
-record-store backend.
+"""The image manager's rules (docs/behaviour.md, 'Gateway: records' to 'Gateway: import', and the
+gateway part of 'Scenarios the tests cover'), on every record-store backend.
 
 These are the fast, exhaustive rule tests; tests/test_gateway.py drives the same scenarios
 over HTTP with a real gunicorn, munge and registry. Here:
@@ -338,14 +338,15 @@ def test_pull_then_lookup(mgr, registry, tmp_path, clock):
     assert rec["ENV"] == ["PATH=/usr/bin", "A=1"]
     assert rec["ENTRY"] == ["/entry"] and rec["CMD"] == ["run", "it"]
     assert rec["WORKDIR"] == "/work"
-    assert rec["LABELS"] == {"org.example.team": "hpc"}  # labels as LABELS (spec §9)
+    # labels as LABELS (docs/behaviour.md, 'Scenarios the tests cover')
+    assert rec["LABELS"] == {"org.example.team": "hpc"}
     assert rec["last_pull"] == T0 and rec["private"] is False
     assert rec["userACL"] == [] and rec["groupACL"] == []
-    # The record fields a pull record starts with (spec §2.4).
+    # The record fields a pull record starts with (docs/behaviour.md, 'Gateway: records').
     assert rec["format"] == "squashfs" and rec["remotetype"] == "dockerv2"
     assert (rec["os"], rec["arch"]) == ("linux", "amd64")
     assert rec["location"] == "index.docker.io"
-    # Files in this system's image dir only, plus the runtime's tag index (BEYOND).
+    # Files in this system's image dir only, plus the runtime's tag index (beyond Shifter).
     assert (image_dir(tmp_path) / f"{image_id}.squashfs").is_file()
     assert (image_dir(tmp_path) / f"{image_id}.meta").is_file()
     assert index_file(tmp_path, "ubuntu:22.04").read_text() == image_id + "\n"
@@ -390,7 +391,8 @@ def test_unknown_system_is_not_found_everywhere(mgr):
 
 
 def test_registry_credentials_reach_the_pipeline(mgr, registry):
-    # From the munge payload's authorized_locations (spec §2.2); never stored in a record.
+    # From the munge payload's authorized_locations (docs/behaviour.md, 'Gateway: authentication');
+    # never stored in a record.
     creds = {"index.docker.io": "alice:s3cret"}
     caller = Caller("alice", 1001, "alice", 1001, authorized_locations=creds)
     registry.publish("private/app:1")
@@ -475,7 +477,8 @@ def test_pull_reports_each_step(mgr, registry, store, monkeypatch):
     pull_ready(mgr, ALICE, "steps:1")
     assert [c["status"] for c in changes] == ["PULLING", "CONVERSION", "TRANSFER", READY]
     assert changes[0]["status_message"] == "Getting manifest"
-    assert all("last_heartbeat" in c for c in changes)  # every update beats (spec §2.5)
+    # every update beats (docs/behaviour.md, 'Gateway: states')
+    assert all("last_heartbeat" in c for c in changes)
 
 
 # == ACLs ===================================================================================
@@ -484,7 +487,8 @@ def test_pull_reports_each_step(mgr, registry, store, monkeypatch):
 def test_private_pull_appends_the_requester_and_writes_the_meta(mgr, registry, tmp_path):
     image_id = registry.publish("secret:1", Env=["A=1"])
     rec = pull_ready(mgr, ALICE, "secret:1", uids="2000", gids="3000, 3001")
-    # Requester's uid and gid appended to non-empty lists (spec §2.6 step 4).
+    # Requester's uid and gid appended to non-empty lists (docs/behaviour.md, 'Gateway: pull
+    # de-duplication' step 4).
     assert rec["userACL"] == [1001, 2000] and rec["groupACL"] == [1001, 3000, 3001]
     assert rec["private"] is True
     call = registry.calls[-1]
@@ -549,7 +553,7 @@ def test_acl_order_does_not_count_as_a_change(mgr, registry, clock):
     assert again["status"] == READY and registry.pulled("secret:1") == 1
 
 
-# == the pullable truth table (spec §2.6 step 5) ==============================================
+# == the pullable truth table (docs/behaviour.md, 'Gateway: pull de-duplication', step 5) ===
 
 NOW = T0 + DAY
 
@@ -611,7 +615,7 @@ def test_pullable_truth_table(mgr, rec, uacl, gacl, expected):
 
 
 def test_pull_update_timeout_is_honoured(make_manager):
-    # FIX: Shifter read the wrong key and always used 300 s.
+    # Unlike Shifter, which read the wrong key and always used 300 s.
     mgr = make_manager(PullUpdateTimeout=50)
     assert mgr._should_pull(rec_(READY, last_pull=NOW - 51), [], [], NOW) is True
     assert mgr._should_pull(rec_(READY, last_pull=NOW - 49), [], [], NOW) is False
@@ -855,7 +859,7 @@ def test_lookup_sets_expiration_without_rewriting_it_every_time(
 ):
     registry.publish("app:1")
     rec = pull_ready(mgr, ALICE, "app:1")
-    # FIX: a pull alone gives an expiration, from the pull time.
+    # Unlike Shifter: a pull alone gives an expiration, from the pull time.
     assert rec["expiration"] == T0 + EXPIRATION
     writes: list[dict[str, Any]] = []
     update = store.update
@@ -973,7 +977,7 @@ def test_a_refused_lookup_writes_no_metrics_row(mgr, registry, store):
 
 @pytest.mark.parametrize("admins", [["root"], "root", "root, ops"])
 def test_admin_is_exact_membership(make_manager, admins, tmp_path):
-    # FIX: Shifter's `user in admins` on a string made "roo" an admin of "root".
+    # Unlike Shifter, whose `user in admins` on a string made "roo" an admin of "root".
     raw_platforms = {
         SYS: {"admins": admins, "local": {"imageDir": str(image_dir(tmp_path))}},
         OTHER: {"local": {"imageDir": str(image_dir(tmp_path, OTHER))}},
@@ -1067,7 +1071,7 @@ def test_autoexpire_also_prunes_layers_unused_for_the_max_age(make_manager, cloc
 
 
 def test_autoexpire_a_record_without_expiration_goes_by_its_pull_time(mgr, clock, store):
-    # FIX: a record without an expiration (pulled, never looked up, as Shifter left them)
+    # Unlike Shifter: a record without an expiration (pulled, never looked up, as Shifter left them)
     # expires from its pull time instead of never.
     base = mgr._new_record(SYS, "docker", "legacy:1")
     legacy = store.insert(base | {"status": READY, "id": "c" * 64, "last_pull": T0, "tag": []})
@@ -1171,7 +1175,7 @@ def test_import_refuses_non_squashfs_and_xattrs(mgr, tmp_path, store):
     not_sqfs.write_bytes(b"#!/bin/sh\n" * 20)
     with pytest.raises(BadRequest, match="not a squashfs"):
         mgr.do_import(ALICE, SYS, "custom", "mine:1", import_body(not_sqfs))
-    # §8: file capabilities would ride in as xattrs.
+    # docs/behaviour.md, 'Security posture': file capabilities would ride in as xattrs.
     caps = squashfs_file(tmp_path / "caps.squashfs", xattrs=True)
     with pytest.raises(BadRequest, match="extended attributes"):
         mgr.do_import(ALICE, SYS, "custom", "mine:1", import_body(caps))
@@ -1192,10 +1196,10 @@ def test_import_while_another_runs_is_refused(mgr, tmp_path, jobs, store):
 def test_failures_on_a_misconfigured_platform_are_recorded(
     make_manager, raw, registry, tmp_path, store
 ):
-    # Any failure ends FAILURE with the reason (spec §2.5): a worker that raised
-    # something unexpected must not leave the record in flight (a polling client would
-    # wait for it for an hour). (A bad accesstype no longer gets this far: the config
-    # refuses it, tests/test_config.py.) Here the image dir is a file: every write fails.
+    # Any failure ends FAILURE with the reason (docs/behaviour.md, 'Gateway: states'): a worker that
+    # raised something unexpected must not leave the record in flight (a polling client would wait
+    # for it for an hour). (A bad accesstype no longer gets this far: the config refuses it,
+    # tests/test_config.py.) Here the image dir is a file: every write fails.
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     platforms = dict(

@@ -1,4 +1,5 @@
-"""imagegw.munge: in-process munge credentials against a private munged (spec §2.2)."""
+"""imagegw.munge: in-process munge credentials against a private munged (docs/behaviour.md,
+'Gateway: authentication')."""
 
 from __future__ import annotations
 

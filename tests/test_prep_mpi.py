@@ -1,5 +1,5 @@
-"""``shifter-prep-mpi`` on Debian's real MPICH (issue 5, spec §6.12): what a site admin
-checks of the module it writes, and how it refuses bad input.
+"""``shifter-prep-mpi`` on Debian's real MPICH (issue 5, docs/behaviour.md, 'Runtime: MPI'): what a
+site admin checks of the module it writes, and how it refuses bad input.
 
 Oracles are independent of the tool: ``ldd`` (glibc's own resolver) for which libraries
 the MPI needs and where the copies find theirs, ``patchelf --print-rpath`` for the

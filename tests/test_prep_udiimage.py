@@ -1,5 +1,6 @@
-"""``shifter-prep-udiimage`` (spec §6.6 step 5.9, §6.15): the optUdiImage tree with
-Debian's sshd and ssh, runnable in any image.
+"""``shifter-prep-udiimage`` (docs/behaviour.md, 'Runtime: building the container' step 5.9,
+'Runtime: per-container sshd'): the optUdiImage tree with Debian's sshd and ssh, runnable in
+any image.
 
 Oracles independent of the tool: ``readelf`` for the interpreter and DT_RPATH, and
 glibc's own loader, run inside a root that holds nothing but the tree (no /lib, no libc),

@@ -1,5 +1,6 @@
 """The runtime end to end: ``shifter`` (Python front end) + the setuid helper, run as an
-unprivileged user the way users run it (behaviour spec §6, §9 "Runtime" integration).
+unprivileged user the way users run it (docs/behaviour.md, 'Runtime: building the container',
+'Scenarios the tests cover', end to end).
 
 Every test runs real commands inside real containers: loop-mounted squashfs, tmpfs root,
 bind mounts, a private mount namespace. Checks are what a user would look at: output,
@@ -532,9 +533,9 @@ def test_setup_root_is_for_root_only(site, image):
 
 
 def test_pull_with_shifterimg_then_run_with_shifter(site, registry, munged, tmp_path):
-    """§9 integration: an image built and pushed here, pulled through a real gateway by
-    the user, then run by tag; the tag resolves from the gateway's index in imagePath,
-    and still does while the gateway is down."""
+    """docs/behaviour.md, 'Scenarios the tests cover', end to end: an image built and pushed
+    here, pulled through a real gateway by the user, then run by tag; the tag resolves from
+    the gateway's index in imagePath, and still does while the gateway is down."""
     from world.gateway import Gateway
     from world.imagebuild import File, Symlink, build_layer, push_image
 

@@ -1,5 +1,6 @@
-"""Site modules and site filesystems in depth, end to end (behaviour spec §6.6 steps 5.3-5.12
-and 9, §6.7 siteFs flags, §6.9 environment order, §6.11 modules; issue 5 "Modules in depth").
+"""Site modules and site filesystems in depth, end to end (docs/behaviour.md,
+'Runtime: building the container' steps 5.3-5.12 and 9, 'Runtime: volumes' for siteFs flags,
+'Runtime: environment' for the order, 'Runtime: modules'; issue 5 "Modules in depth").
 
 Every test runs the real front end and the real setuid helper as an unprivileged user,
 and each is built so that it fails when the behaviour or the order is wrong: hooks write
@@ -401,7 +402,7 @@ def test_userhooks_run_as_the_user_in_the_container_in_module_order(site, image)
                                            "command"]
 
 
-# -- environment order (§6.9) ----------------------------------------------------------------
+# -- environment order (docs/behaviour.md, 'Runtime: environment') ---------------------------------
 
 
 def test_module_environment_is_applied_before_the_global_site_environment(site, image):

@@ -1,4 +1,4 @@
-"""The MPI ABI swap end to end (behaviour spec §6.12, issue 5): Debian's real MPICH,
+"""The MPI ABI swap end to end (docs/behaviour.md, 'Runtime: MPI', issue 5): Debian's real MPICH,
 prepared by ``shifter-prep-mpi`` as the site's ``mpich`` module, injected into an image
 whose application links to its own vanilla ``libmpi.so.12``.
 

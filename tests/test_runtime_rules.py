@@ -1,4 +1,5 @@
-"""The runtime's pure rules: the §9 runtime tables of the behaviour spec, and §4, §6.3-6.11."""
+"""The runtime's pure rules: the runtime tables of docs/behaviour.md, 'Scenarios the tests
+cover', and 'Conversion and the .meta file', 'Runtime: image selection' to 'Runtime: modules'."""
 
 import pytest
 
@@ -45,7 +46,8 @@ etcPath=/etc/shifter/shifter_etc_files
 rootfsType=tmpfs
 """
 
-# --- volumes (§6.7, §9 volume validation table) ------------------------------------
+# --- volumes (docs/behaviour.md, 'Runtime: volumes'; the volume table of 'Scenarios the tests
+# cover') ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -61,7 +63,7 @@ rootfsType=tmpfs
         ("/opt/myStuff", True),
         ("/input", True),
         ("/etc", False),
-        ("/etcx", True),  # FIX: component-wise
+        ("/etcx", True),  # Unlike Shifter: component-wise
         ("/variable", True),
         ("/opt/udiImage", False),
         ("/opt/udiImage/bin", False),
@@ -262,7 +264,7 @@ def test_per_node_cache_total_per_launch():
         cache_total_limit("lots", "200G")
 
 
-# --- image selection (§6.3) -------------------------------------------------------
+# --- image selection (docs/behaviour.md, 'Runtime: image selection') ------------------------------
 
 
 def test_descriptor_parsing():
@@ -328,7 +330,7 @@ def test_image_selection_precedence():
     # mixed pair: type from SHIFTER_, tag from the SLURM twin
     mixed = {"SHIFTER_IMAGETYPE": "docker", "SLURM_SPANK_SHIFTER_IMAGE": "m:1"}
     assert select_image(None, mixed) == ImageRequest("docker", "m:1")
-    # half a pair is ignored; SHIFTER is honoured (FIX)
+    # half a pair is ignored; SHIFTER is honoured (unlike Shifter)
     assert select_image(None, {"SHIFTER_IMAGE": "x", **shifter}) == ImageRequest("docker", "c:3")
     assert select_image(None, {"SHIFTER": "ubuntu"}, "docker") == ImageRequest("docker", "ubuntu")
 
@@ -348,7 +350,7 @@ def test_no_image_message(option, env):
     assert str(info.value) == NO_IMAGE == "No image specified, or specified incorrectly!"
 
 
-# --- .meta (§4) and image ACL (§6.4) -------------------------------------------------
+# --- .meta and image ACL (docs/behaviour.md, 'Conversion and the .meta file', 'Runtime: identity')
 
 
 def test_meta_written_by_our_gateway_reads_back():
@@ -449,7 +451,7 @@ def test_acl_check_including_supplementary_groups():
     assert image_allows(only_groups, 1000, 100, (42,))
 
 
-# --- modules (§6.11) -----------------------------------------------------------------
+# --- modules (docs/behaviour.md, 'Runtime: modules') ----------------------------------------------
 
 MODULES_CONF = BASE_CONF + (
     "defaultModules=mpich\n"
@@ -511,7 +513,7 @@ def test_unknown_default_module_fails_too():
         select_modules(cfg)
 
 
-# --- command, entrypoint, workdir (§6.10) ----------------------------------------------
+# --- command, entrypoint, workdir (docs/behaviour.md, 'Runtime: command, entrypoint, workdir') ----
 
 ENTRY = ["/entry.sh", "-x"]
 CMD = ["default-arg"]
@@ -561,7 +563,7 @@ def test_workdir_rules():
     assert NO_WORKDIR == "No workdir specified on command line or in image definition."
 
 
-# --- environment (§6.9) ----------------------------------------------------------------
+# --- environment (docs/behaviour.md, 'Runtime: environment') --------------------------------------
 
 
 def test_path_example_append_then_prepend():
@@ -656,7 +658,7 @@ def test_bad_site_env_word_names_its_source():
         apply_site_env({}, {"siteEnv": "NOVALUE"}, "module mpich")
 
 
-# --- hostsfile (§6.14) ------------------------------------------------------------------
+# --- hostsfile (docs/behaviour.md, 'Runtime: setupRoot and unsetupRoot') --------------------------
 
 
 def test_hostsfile():
@@ -671,7 +673,8 @@ def test_hostsfile_bad_node_lists(text):
         hostsfile_text(text)
 
 
-# --- passwd and group (§6.4, §6.6 steps 7-8) ----------------------------------------------
+# --- passwd and group (docs/behaviour.md, 'Runtime: identity'; 'Runtime: building the
+# container', steps 7-8) ---------------------------------------------------------------------------
 
 GROUP_FILE = """\
 root:x:0:alice
@@ -690,7 +693,7 @@ def test_group_filter_lists_only_the_user():
     assert filter_group(GROUP_FILE, "alice") == (
         "wheel:x:10:alice\n"
         "alice:x:1000:alice\n"
-        "staff:x:50:alice\n"  # empty password field parsed correctly (FIX)
+        "staff:x:50:alice\n"  # empty password field parsed correctly (unlike Shifter)
         "empty:x:60:\n"
         "nogroupmembers:x:70:\n"
         "users:x:100:\n"

@@ -1,5 +1,5 @@
-"""Attacks on the runtime, each made by an unprivileged user, each of which must fail with
-a clear message (behaviour spec §8). Where the front end would already refuse, the
+"""Attacks on the runtime, each made by an unprivileged user, each of which must fail with a clear
+message (docs/behaviour.md, 'Security posture'). Where the front end would already refuse, the
 attack is also made on the setuid helper directly: a user can always call it by hand.
 """
 

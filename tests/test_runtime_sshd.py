@@ -1,6 +1,7 @@
-"""The per-container sshd (behaviour spec §6.15, issue 6): ``setupRoot -s KEY`` starts
-Debian's sshd (injected through optUdiImage by ``shifter-prep-udiimage``) as the user
-inside the prepared container on port 1204; ``unsetupRoot`` stops it.
+"""The per-container sshd (docs/behaviour.md, 'Runtime: per-container sshd', issue 6):
+``setupRoot -s KEY`` starts Debian's sshd (injected through optUdiImage by
+``shifter-prep-udiimage``) as the user inside the prepared container on port 1204;
+``unsetupRoot`` stops it.
 
 Everything is real: the setuid helper (ASan/UBSan build), the tree the prep tool writes,
 a busybox image with no libc (the injected sshd and ssh bring their own glibc), ssh

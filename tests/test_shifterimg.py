@@ -1,4 +1,5 @@
-"""``shifterimg`` as people use it (behaviour spec §5, with §2.2 and §2.7).
+"""``shifterimg`` as people use it (docs/behaviour.md, 'shifterimg', with 'Gateway: authentication'
+and 'Gateway: read ACL').
 
 The real client runs as a subprocess, mostly as the unprivileged test users, against a real
 gunicorn gateway with real munge credentials and real registries (an open one and one with
@@ -60,7 +61,8 @@ def shifterimg_argv() -> list[str]:
 
 
 def pull_line(tag: str, itype: str = "docker") -> re.Pattern[str]:
-    """One status line of a pull, as §5 spells it (progress suffix only on a terminal)."""
+    """One status line of a pull, as docs/behaviour.md, 'shifterimg' spells it (progress suffix only
+    on a terminal)."""
     return re.compile(
         rf"^({STAMP}) Pulling Image: {itype}:{re.escape(tag)}, status: ([A-Z]+)"
         rf"(?: \((\d+) layers, ({SIZE}) of ({SIZE})\))?$"

@@ -1,4 +1,5 @@
-"""Slurm integration end to end (behaviour spec §6.5, §6.14, §7): the SPANK plugin in a
+"""Slurm integration end to end (docs/behaviour.md, 'Runtime: reusing a prepared container',
+'Runtime: setupRoot and unsetupRoot', 'Slurm plugin'): the SPANK plugin in a
 real one-node Slurm (slurmctld + slurmd, PrologFlags=alloc), a real gateway and registry,
 jobs submitted with real ``sbatch``/``srun`` by the unprivileged test user.
 
@@ -316,10 +317,10 @@ def test_a_partition_of_whole_nodes_gets_prepared_containers(world, v1):
 
 
 def test_enable_sshd_ssh_from_a_task_lands_in_the_jobs_container(world, v1, udiimage):
-    """enable_sshd=1 (§6.15): the user's job key (~/.shifter/id_ed25519, made at submit if
-    missing) goes to setupRoot -s; the container's sshd runs as the user on port 1204, and
-    `ssh <node>` from a task (the injected ssh, in an image without one) lands in the same
-    prepared container. The epilog stops it."""
+    """enable_sshd=1 (docs/behaviour.md, 'Runtime: per-container sshd'): the user's job key
+    (~/.shifter/id_ed25519, made at submit if missing) goes to setupRoot -s; the container's
+    sshd runs as the user on port 1204, and `ssh <node>` from a task (the injected ssh, in
+    an image without one) lands in the same prepared container. The epilog stops it."""
     home = Path(f"/home/{ALICE}")
     subprocess.run(["rm", "-rf", str(home / ".shifter")], check=True)
     world.site.write_conf(imageGateway=world.gateway.url, optUdiImage=str(udiimage),

@@ -122,7 +122,7 @@ def store(backend: Backend) -> RecordStore:
 def pull_record(
     system: str = "sys", pulltag: str = "ubuntu:22.04", **fields: Any
 ) -> dict[str, Any]:
-    """A record as the manager starts a pull (spec §2.4)."""
+    """A record as the manager starts a pull (docs/behaviour.md, 'Gateway: records')."""
     return {
         "format": "squashfs",
         "arch": "amd64",

@@ -1,5 +1,5 @@
-"""Placing image files into a platform's image dir (behaviour spec §2.10), locally and on a
-"remote host" that is a real OpenSSH server on loopback (tests/world/sshd.py).
+"""Placing image files into a platform's image dir (docs/behaviour.md, 'Gateway: transfer'), locally
+and on a "remote host" that is a real OpenSSH server on loopback (tests/world/sshd.py).
 
 What must hold either way: the exact ssh/scp command lines of the spec, one final file
 with mode 0644 and nothing else after a commit, nothing at all after a failed one (and an

@@ -1,4 +1,5 @@
-"""What to execute and where: command, entrypoint and working directory (spec §6.10).
+"""What to execute and where: command, entrypoint and working directory (docs/behaviour.md,
+'Runtime: command, entrypoint, workdir').
 
 | ``--entrypoint`` | args | result                                         |
 |------------------|------|------------------------------------------------|

@@ -1,10 +1,10 @@
 """Reading ``udiRoot.conf``, the runtime's site configuration, as sites write it today.
 
-Rules (behaviour spec §6.1): ``#`` in column 0 starts a comment; lines without ``=`` are
-ignored; a line splits at its first ``=`` and both sides are trimmed; a trailing ``\\``
-joins the next line with one space; no quoting; an unknown key fails the parse. The file
-must be owned by root and not writable by group or others, because the setuid part
-trusts it. The C helper applies the same rules to the same file itself.
+Rules (docs/behaviour.md, 'Runtime: udiRoot.conf'): ``#`` in column 0 starts a comment; lines
+without ``=`` are ignored; a line splits at its first ``=`` and both sides are trimmed; a trailing
+``\\`` joins the next line with one space; no quoting; an unknown key fails the parse. The file must
+be owned by root and not writable by group or others, because the setuid part trusts it. The C
+helper applies the same rules to the same file itself.
 
 Kept light: ``shifter`` imports this on every launch, under ``python3 -I -S`` where ``os``
 is not loaded yet, so this uses the built-in ``posix`` (``os`` with ``stat``, ``posixpath``

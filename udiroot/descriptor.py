@@ -1,10 +1,11 @@
 """Which image to run: ``--image``, the environment, and the ``type:tag`` descriptor.
 
-Rules (behaviour spec §6.3, §9 "character filtering"):
+Rules (docs/behaviour.md, 'Runtime: image selection'; the tag characters of 'Scenarios the
+tests cover'):
 
 * Precedence: ``--image``; else the pair ``SHIFTER_IMAGETYPE``/``SHIFTER_IMAGE`` (each
   falling back to its ``SLURM_SPANK_`` twin), used only when both are set; else the
-  documented ``SHIFTER=type:tag`` (**FIX**, below ``--image``; ``SLURM_SPANK_SHIFTER`` as
+  documented ``SHIFTER=type:tag`` (unlike Shifter; below ``--image``; ``SLURM_SPANK_SHIFTER`` as
   its twin). A variable set to the empty string counts as unset.
 * Descriptor: if the text before the first ``:`` is ``docker``, ``custom``, ``id`` or
   ``local`` it is the type, else the whole text is the tag and ``defaultImageType``
@@ -16,7 +17,7 @@ Rules (behaviour spec §6.3, §9 "character filtering"):
 * An image id found through a tag (the gateway's index or ``shifterimg lookup``) must
   pass :func:`valid_image_id`, the helper's rule (``meta_valid_image_id`` in
   helpers/meta.c; tests/test_helper_rules.py runs both on one table).
-* ``local``: only with ``allowLocalChroot=1`` (**FIX**), an absolute path without ``..``.
+* ``local``: only with ``allowLocalChroot=1`` (unlike Shifter), an absolute path without ``..``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The container's environment, built in layers; later layers override earlier ones.
 
-Order (behaviour spec §6.9):
+Order (docs/behaviour.md, 'Runtime: environment'):
 
 1. the caller's environment without ``LD_*`` (what a setuid program is left with), or
    nothing with ``--clearenv``;
@@ -114,9 +114,9 @@ def build_environment(
     site: Mapping[str, str] | None = None,
     gpus: list[int] | str | None = None,
 ) -> dict[str, str]:
-    """The whole §6.9 stack. ``modules`` are the active ones in order; ``site`` is
-    ``UdiRootConfig.values``; ``env_file`` is :func:`parse_env_file` output; ``gpus`` is
-    :func:`udiroot.gpu.requested_gpus` output."""
+    """The whole stack of docs/behaviour.md, 'Runtime: environment'. ``modules`` are the
+    active ones in order; ``site`` is ``UdiRootConfig.values``; ``env_file`` is
+    :func:`parse_env_file` output; ``gpus`` is :func:`udiroot.gpu.requested_gpus` output."""
     env = caller_environment(caller, clearenv)
     if image_request is not None:
         env["SHIFTER_IMAGEREQUEST"] = image_request

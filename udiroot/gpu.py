@@ -1,4 +1,5 @@
-"""Which GPUs a launch asks for, and what that does to the environment (spec §6.13).
+"""Which GPUs a launch asks for, and what that does to the environment (docs/behaviour.md, 'Runtime:
+GPU').
 
 GPU support is requested by ``--gpu`` (bare: every GPU of the node; ``--gpu=0,1``: those
 device indexes) or, as Shifter did, by ``CUDA_VISIBLE_DEVICES`` being set, non-empty and

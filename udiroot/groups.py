@@ -1,9 +1,10 @@
-"""The container's ``/etc/passwd`` and ``/etc/group`` (spec §6.4, §6.6 steps 7 and 8).
+"""The container's ``/etc/passwd`` and ``/etc/group`` (docs/behaviour.md, 'Runtime: identity',
+'Runtime: building the container' steps 7 and 8).
 
 Group filter (step 8): every group keeps its name and gid; a group "contains the user"
 when the user is in its member list or the group has the user's name (a personal group);
 such groups list only the user as member, up to ``maxGroupCount`` of them; all other
-groups list no members; gid 0 groups are dropped. **FIX**: ``maxGroupCount`` 0 or unset
+groups list no members; gid 0 groups are dropped. Unlike Shifter, ``maxGroupCount`` 0 or unset
 means no limit, and empty fields (``grp::100:``) are read as empty, not skipped.
 
 ``populateEtcDynamically=1`` (step 7): ``passwd`` holds the user plus ``usersToImport``,
@@ -107,7 +108,8 @@ def parse_group(text: str) -> list[GroupEntry]:
 
 
 def find_user(text: str, uid: int) -> PasswdEntry | None:
-    """The first passwd entry with ``uid`` (§6.4: the name comes from etcPath/passwd)."""
+    """The first passwd entry with ``uid`` (docs/behaviour.md, 'Runtime: identity': the name comes
+    from etcPath/passwd)."""
     for entry in parse_passwd(text):
         if entry.uid == uid:
             return entry

@@ -1,4 +1,5 @@
-"""``/var/hostsfile``: an MPI-style host list, one line per task (spec §6.14, §6.15).
+"""``/var/hostsfile``: an MPI-style host list, one line per task (docs/behaviour.md, 'Runtime:
+setupRoot and unsetupRoot', 'Runtime: per-container sshd').
 
 The node list is ``"host1/4 host2/2"`` (setupRoot ``-N``): each host is written as many
 times as its count. Host names are ``[A-Za-z0-9._-]`` and counts 1..65536, so the file

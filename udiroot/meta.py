@@ -1,13 +1,13 @@
 """Reading ``<id>.meta``, the image description the gateway writes next to each image.
 
-Rules (behaviour spec §4): one ``KEY: value`` per line, split at the first ``:``, both sides
-trimmed; ``#`` in column 0 is a comment (also inside a continued value); a trailing ``\\``
-joins the next line with one space; unknown keys are ignored quietly; ENV repeats (a
-``["A=1", "B=2"]`` list on one ENV line is read as its elements); more
-than 1000 ACL ids is an error; FORMAT is ``squashfs`` or ``xfs`` (empty: squashfs). ENTRY
-and CMD are argv lists, read from a JSON array or from the older Python ``['a', "it's"]``
-form (one small tokenizer reads both). The file is opened without following a symlink,
-must be a regular file of at most 1 MiB and hold no NUL byte.
+Rules (docs/behaviour.md, 'Conversion and the .meta file'): one ``KEY: value`` per line, split at
+the first ``:``, both sides trimmed; ``#`` in column 0 is a comment (also inside a continued value);
+a trailing ``\\`` joins the next line with one space; unknown keys are ignored quietly; ENV repeats
+(a ``["A=1", "B=2"]`` list on one ENV line is read as its elements); more than 1000 ACL ids is an
+error; FORMAT is ``squashfs`` or ``xfs`` (empty: squashfs). ENTRY and CMD are argv lists, read from
+a JSON array or from the older Python ``['a', "it's"]`` form (one small tokenizer reads both). The
+file is opened without following a symlink, must be a regular file of at most 1 MiB and hold no NUL
+byte.
 
 The setuid helper (helpers/meta.c) reads the same file with the same rules but only the
 keys it uses (:data:`HELPER_KEYS`); tests/test_helper_rules.py runs both on one table.
@@ -163,10 +163,10 @@ def _assign(meta: ImageMeta, key: str, value: str) -> None:
     elif key == "WORKDIR":
         meta.workdir = value or None
     elif key == "ENV":
-        # One "ENV: NAME=VALUE" line per variable (§4); also accepted: a whole list on one
-        # line, ENV: ["A=1", "B=2"] (JSON or Python form), which is never a sane variable
-        # (its name would start with '['). A variable without a name cannot be set:
-        # refusing it beats guessing.
+        # One "ENV: NAME=VALUE" line per variable (docs/behaviour.md, 'Conversion and the .meta
+        # file'); also accepted: a whole list on one line, ENV: ["A=1", "B=2"] (JSON or Python
+        # form), which is never a sane variable (its name would start with '['). A variable without
+        # a name cannot be set: refusing it beats guessing.
         entries = [value]
         if value.startswith("["):
             entries = _parse_list(value, key)
@@ -180,7 +180,8 @@ def _assign(meta: ImageMeta, key: str, value: str) -> None:
         meta.group_acl = parse_ids(value, key)
     elif key == "USER":
         meta.user = value or None
-    # Any other key was written by an older or newer gateway: ignored quietly (§4).
+    # Any other key was written by an older or newer gateway: ignored quietly (docs/behaviour.md,
+    # 'Conversion and the .meta file').
 
 
 def parse_ids(value: str, key: str = "USERACL") -> list[int]:
@@ -290,8 +291,8 @@ def _parse_string(value: str, i: int, bad: MetaError) -> tuple[str, int]:
 
 
 def image_allows(meta: ImageMeta, uid: int, gid: int, groups: Iterable[int] = ()) -> bool:
-    """Image ACL (§6.4): open when both lists are empty, else the uid, the primary gid or
-    any supplementary gid must be listed."""
+    """Image ACL (docs/behaviour.md, 'Runtime: identity'): open when both lists are empty,
+    else the uid, the primary gid or any supplementary gid must be listed."""
     if not meta.user_acl and not meta.group_acl:
         return True
     if uid in meta.user_acl:

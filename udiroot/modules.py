@@ -1,4 +1,5 @@
-"""Which site modules (``module_<name>_*`` in udiRoot.conf) are active (spec §6.11).
+"""Which site modules (``module_<name>_*`` in udiRoot.conf) are active (docs/behaviour.md, 'Runtime:
+modules').
 
 ``defaultModules`` apply unless the user names modules with ``--module`` or
 ``SHIFTER_MODULE`` (``SLURM_SPANK_SHIFTER_MODULE`` as its twin), which replace the default

@@ -1,6 +1,7 @@
 """Volume maps (``--volume``, ``siteFs``): syntax, validation, sizes, and the signature.
 
-Rules (behaviour spec §6.5, §6.7, §6.8):
+Rules (docs/behaviour.md, 'Runtime: reusing a prepared container', 'Runtime: volumes', 'Runtime:
+perNodeCache'):
 
 * Entries separated by ``;``, surrounding blanks trimmed, one pair of ``"…"`` around an
   entry removed, empty entries skipped. An entry is ``from:to[:flag…]``.
@@ -9,7 +10,7 @@ Rules (behaviour spec §6.5, §6.7, §6.8):
   as ``fs=`` so a normalised signature parses back). ``slave`` with ``private`` is an error.
 * Both paths absolute, no control characters, no ``..`` component. Paths are normalised
   (repeated ``/``, ``.`` components and a trailing ``/`` removed) before the destination
-  rules, which compare whole components: ``/etcx`` is not under ``/etc`` (**FIX**).
+  rules, which compare whole components: ``/etcx`` is not under ``/etc`` (unlike Shifter).
 * User volumes: ``to`` required; flags ``ro`` and ``perNodeCache`` only; exactly
   ``/var/tmp`` allowed; ``/`` and ``/opt`` forbidden; ``/etc``, ``/var``,
   ``/opt/udiImage`` and also ``/dev``, ``/proc``, ``/sys`` forbidden with everything under
@@ -87,7 +88,8 @@ class Volume:
         self.cache: PerNodeCache | None = None
 
     def text(self) -> str:
-        """Normalised ``from:to`` plus flags in the fixed order of the signature (§6.5)."""
+        """Normalised ``from:to`` plus flags in the fixed order of the signature (docs/behaviour.md,
+        'Runtime: reusing a prepared container')."""
         out = f"{self.source}:{self.target}"
         if self.ro:
             out += ":ro"
@@ -305,7 +307,8 @@ def _cache_size(value: str, key: str, entry: str) -> int:
 
 
 def parse_size(text: str) -> int:
-    """``5`` → 5, ``5k`` → 5120, ``500KB`` → 512000, ``1.5g`` → 1610612736 (§6.8)."""
+    """``5`` → 5, ``5k`` → 5120, ``500KB`` → 512000, ``1.5g`` → 1610612736 (docs/behaviour.md,
+    'Runtime: perNodeCache')."""
     bad = VolumeError(f"invalid size '{text}' (use a number with an optional b k m g t p e)")
     n = len(text)
     i = 0
@@ -342,7 +345,7 @@ def parse_size(text: str) -> int:
 def check_cache_policy(
     volumes: Iterable[Volume], size_limit: int | None, allowed_fs: Iterable[str] = ()
 ) -> None:
-    """``perNodeCacheSizeLimit`` and ``perNodeCacheAllowedFsType`` (**FIX**: enforced)."""
+    """``perNodeCacheSizeLimit`` and ``perNodeCacheAllowedFsType`` (enforced, unlike Shifter)."""
     allowed = [_lower(fs) for fs in allowed_fs]
     for vol in volumes:
         cache = vol.cache
@@ -398,8 +401,9 @@ def check_cache_total(volumes: Iterable[Volume], limit: int | None) -> None:
 
 
 def volume_signature(volumes: Iterable[Volume]) -> str:
-    """Normalised entries sorted and joined by ``;`` (§6.5). Sorted by their bytes, as
-    the C helper's strcmp() does (code points differ for undecodable bytes)."""
+    """Normalised entries sorted and joined by ``;`` (docs/behaviour.md, 'Runtime: reusing a
+    prepared container'). Sorted by their bytes, as the C helper's strcmp() does (code
+    points differ for undecodable bytes)."""
     texts = sorted((v.text() for v in volumes), key=_as_bytes)
     return ";".join(texts)
 

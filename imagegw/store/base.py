@@ -6,8 +6,8 @@ Methods are semantic (what the image manager asks), not a query language, so eac
 backend can answer with its own indexes and atomic operations. The contract tests in
 ``tests/test_store_contract.py`` run on every backend.
 
-Records are plain dicts with the fields of the behaviour spec §2.4; ``_id`` is a string
-the store assigns. ``tag`` is a list: a tag names exactly one record per system.
+Records are plain dicts with the fields of docs/behaviour.md, 'Gateway: records'; ``_id`` is a
+string the store assigns. ``tag`` is a list: a tag names exactly one record per system.
 
 Field names are plain top-level names: not empty, no ``.``, not starting with ``$`` or
 ``_`` (MongoDB would read those as paths or operators; ``_`` names are the store's own).

@@ -274,7 +274,7 @@ FLATTEN_CONFIG: dict[str, Any] = {
     "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "FOO=bar", "EMPTY=", "WITH_EQ=a=b=c",
             "SPACED=two words"],
     "Entrypoint": ["/bin/entry", "--flag"],
-    # An element with a single quote: breaks Shifter's old str(list) .meta format (FIX).
+    # An element with a single quote: breaks Shifter's old str(list) .meta format.
     "Cmd": ["arg one", "it's"],
     "WorkingDir": "/srv/app",
     "Labels": {"org.example.name": "flatten", "org.example.unicode": "café"},
