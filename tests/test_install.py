@@ -1,0 +1,296 @@
+"""The packages, installed on a fresh Debian 12 as a site would, run the main job.
+
+One test, in phases (each timed; the figures are printed and kept in
+``<tmp>/timings.json``):
+
+1. ``make deb``: the three role packages from this checkout into ``dist/``.
+2. A fresh Debian 12 root: ``debootstrap --variant=minbase bookworm`` from the mirror this
+   machine's apt uses. The finished root is cached as a tarball under
+   ``/var/cache/shifter-test/`` (and the .deb files apt downloads into it, in
+   ``apt-archives/``), so later runs skip the download; delete the directory to start over.
+3. In that root, entered with ``unshare --mount --pid --fork`` + ``chroot`` (its own mount
+   and PID namespaces; the host network, so the test registry on 127.0.0.1 is reachable):
+   ``apt-get install`` of the three .deb files, their dependencies from the mirror, without
+   Recommends (so the Depends alone must be enough), then the main job:
+   munged; the gateway started from the packaged unit's ``ExecStart`` as its ``User=``
+   (only ``--bind`` moved to a free port of 127.0.0.1: the host network is shared);
+   a user created after the install, so ``shifter`` first refuses it ("Failed to lookup
+   username") until ``shifter-etc-sync`` runs; ``shifterimg pull`` and ``shifter`` as that
+   user.
+
+Nothing of the checkout enters the root except the three .deb files: the job script is
+written by this test, the image comes from the test registry.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from world.imagebuild import File, Symlink, build_layer, push_image
+from world.ports import free_port
+from world.registry import Registry
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path("/var/cache/shifter-test")
+ROOT_TARBALL = CACHE / "bookworm-minbase.tar.zst"
+APT_ARCHIVES = CACHE / "apt-archives"
+SYSTEM = "instsys"
+USER = "shifter-inst"
+OS_RELEASE = 'PRETTY_NAME="Shifter install test image"\nID=shifter-install\n'
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="installs packages in a chroot: root")
+
+
+def debian_mirror() -> str:
+    """The Debian mirror (URI) this machine's apt takes bookworm from."""
+    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for path in sources:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for stanza in re.split(r"\n\s*\n", text):  # deb822 .sources
+            uris = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
+            suites = re.search(r"^Suites:(.*)$", stanza, re.M)
+            if uris and suites and "bookworm" in suites.group(1).split():
+                return uris.group(1)
+        for m in re.finditer(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+bookworm\s", text, re.M):
+            return m.group(1)
+    pytest.fail("no bookworm source in /etc/apt: cannot tell which mirror to debootstrap from")
+
+
+def fresh_root(root: Path) -> str:
+    """A minbase bookworm in ``root`` (from the cached tarball, made on first use); returns
+    how it was obtained."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test slots must not both debootstrap
+        if not ROOT_TARBALL.exists():
+            if shutil.which("debootstrap") is None:
+                pytest.fail("debootstrap is missing: run `make setup` (APT list)")
+            build = CACHE / "bootstrap.tmp"
+            shutil.rmtree(build, ignore_errors=True)
+            subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(build),
+                            debian_mirror()], check=True, stdout=subprocess.DEVNULL)
+            shutil.rmtree(build / "var/cache/apt/archives", ignore_errors=True)
+            (build / "var/cache/apt/archives/partial").mkdir(parents=True)
+            tmp = ROOT_TARBALL.with_suffix(".tmp")
+            subprocess.run(f"tar -C {build} -cf - . | zstd -q -T0 -o {tmp} -f",
+                           shell=True, check=True)
+            tmp.rename(ROOT_TARBALL)
+            shutil.rmtree(build)
+            how = "debootstrap"
+        else:
+            how = "cached tarball"
+    root.mkdir()
+    subprocess.run(f"zstd -dc {ROOT_TARBALL} | tar -C {root} -xf -", shell=True, check=True)
+    shutil.copyfile("/etc/resolv.conf", root / "etc/resolv.conf")
+    return how
+
+
+def push_busybox(registry: Registry, work: Path) -> str:
+    entries = [File("bin/busybox", Path("/bin/busybox").read_bytes(), mode=0o755)]
+    entries += [Symlink(f"bin/{n}", "busybox") for n in ("sh", "cat", "id", "true")]
+    entries += [File("etc/os-release", OS_RELEASE)]
+    push_image(registry, "inst/busybox", "1", [build_layer(entries, "gzip", work)],
+               {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"], "WorkingDir": "/"})
+    return f"docker:{registry.host}/inst/busybox:1"
+
+
+UDIROOT_CONF = """udiMount=/var/udiMount
+loopMount=/var/udiLoopMount
+imagePath=/var/lib/shifter/images
+udiRootPath=/opt/shifter/udiRoot
+etcPath=/etc/shifter/shifter_etc_files
+optUdiImage=/opt/shifter/udiImage
+rootfsType=tmpfs
+modprobePath=/sbin/modprobe
+insmodPath=/sbin/insmod
+cpPath=/bin/cp
+mvPath=/bin/mv
+chmodPath=/bin/chmod
+ddPath=/bin/dd
+mkfsXfsPath=/sbin/mkfs.xfs
+perNodeCachePath=/tmp
+perNodeCacheSizeLimit=1G
+perNodeCacheAllowedFsType=xfs
+allowLocalChroot=0
+mountUdiRootWritable=0
+maxGroupCount=31
+mountPropagationStyle=slave
+imageGateway=http://127.0.0.1:{gw_port}
+system={system}
+defaultImageType=docker
+"""
+
+# The main job, run by bash inside the root. Each step prints "== step"; the test reads
+# the output. {placeholders} are filled by the test.
+JOB = r"""set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8
+t() {{ date +%s.%N; }}
+echo "== apt $(t)"
+apt-get -q -o APT::Sandbox::User=root update >/dev/null
+apt-get -q -y -o APT::Sandbox::User=root install --no-install-recommends \
+    /debs/shifter-runtime_*.deb /debs/shifter-gateway_*.deb /debs/shifter-slurm_*.deb \
+    > /var/log/apt-install.log
+echo "== installed $(t)"
+stat -c 'helper %a %U:%G' /usr/libexec/shifter/shifter-helper
+for t in docker-registry skopeo umoci charliecloud slurm-wlm slurmd mpich clang gcc; do
+    if dpkg-query -W -f='${{Status}}' "$t" 2>/dev/null | grep -q 'ok installed'; then
+        echo "test tool installed: $t"
+    fi
+done
+cat > /etc/shifter/udiRoot.conf <<'EOF'
+{udiroot_conf}EOF
+mkdir -p /var/udiMount /var/udiLoopMount
+
+echo "== munge $(t)"
+[ -e /etc/munge/munge.key ] || runuser -u munge -- mungekey --create
+install -d -o munge -g munge -m 0755 /run/munge
+runuser -u munge -- /usr/sbin/munged
+
+echo "== gateway $(t)"
+python3 - <<'EOF'
+import json
+path = "/etc/shifter/imagemanager.json"
+cfg = json.load(open(path))
+cfg["DefaultImageLocation"] = "{reg_host}"
+cfg["Locations"] = {{"{reg_host}": {{"remotetype": "dockerv2", "url": "{reg_url}"}}}}
+cfg["Platforms"] = {{"{system}": {{"mungeSocketPath": "/run/munge/munge.socket.2",
+    "accesstype": "local", "admins": ["root"],
+    "local": {{"imageDir": "/var/lib/shifter/images"}}}}}}
+json.dump(cfg, open(path, "w"), indent=2)
+EOF
+unit=/lib/systemd/system/shifter-imagegw.service
+user=$(sed -n 's/^User=//p' $unit)
+group=$(sed -n 's/^Group=//p' $unit)
+envs=$(sed -n 's/^Environment=//p' $unit)
+start=$(sed -n 's/^ExecStart=//p' $unit)
+cmd=$(echo "$start" | sed 's/--bind [^ ]*/--bind 127.0.0.1:{gw_port}/')
+[ "$cmd" != "$start" ]
+echo "unit: $user:$group $envs $start"
+env $envs runuser -u "$user" -g "$group" -- $cmd > /var/log/shifter-imagegw.log 2>&1 &
+python3 - <<'EOF' || {{ cat /var/log/shifter-imagegw.log; exit 1; }}
+import time, urllib.request
+for _ in range(600):
+    try:
+        urllib.request.urlopen("http://127.0.0.1:{gw_port}/healthz", timeout=1)
+        break
+    except OSError:
+        time.sleep(0.1)
+else:
+    raise SystemExit("gateway did not answer in 60 s")
+EOF
+python3 - <<'EOF'
+import os, pwd
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        argv = open(f"/proc/{{pid}}/cmdline", "rb").read().split(b"\0")
+    except OSError:
+        continue
+    if any(b"/opt/shifter/gateway/" in a for a in argv):
+        print("gateway process of", pwd.getpwuid(os.stat(f"/proc/{{pid}}").st_uid).pw_name)
+EOF
+
+echo "== user $(t)"
+useradd -m -s /bin/sh {user}
+as_user() {{ runuser -u {user} -- env -i PATH=/usr/bin:/bin HOME=/home/{user} "$@"; }}
+
+echo "== pull $(t)"
+as_user shifterimg pull {image} || {{ cat /var/log/shifter-imagegw.log; exit 1; }}
+
+echo "== before-sync $(t)"
+if as_user shifter --image={image} true 2>/tmp/before.err; then
+    echo "shifter ran before the sync"; exit 1
+fi
+cat /tmp/before.err
+echo "== sync $(t)"
+shifter-etc-sync
+echo "== shifter $(t)"
+as_user shifter --image={image} cat /etc/os-release
+as_user shifter --image={image} id -un
+echo "== done $(t)"
+"""
+
+
+def mounts_under(path: Path) -> list[str]:
+    prefix = str(path) + "/"
+    with open("/proc/self/mountinfo") as f:
+        return [ln.split()[4] for ln in f if (ln.split()[4] + "/").startswith(prefix)]
+
+
+def test_packages_install_and_run_on_fresh_debian(tmp_path: Path) -> None:
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    subprocess.run(["make", "-s", "deb"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    timings["make deb"] = time.monotonic() - t0
+    debs = {name: sorted((REPO / "dist").glob(f"{name}_*.deb"))
+            for name in ("shifter-runtime", "shifter-gateway", "shifter-slurm")}
+    assert all(debs.values()), f"make deb did not write every package: {debs}"
+    info = subprocess.run(["dpkg-deb", "-f", str(debs["shifter-runtime"][-1]), "Depends"],
+                          capture_output=True, text=True, check=True).stdout
+    for tool in ("docker-registry", "skopeo", "umoci", "charliecloud", "slurm", "mpich",
+                 "clang", "gcc"):
+        assert tool not in info, f"the runtime package depends on the test tool {tool}: {info}"
+
+    t0 = time.monotonic()
+    root = tmp_path / "root"
+    how = fresh_root(root)
+    timings[f"root ({how})"] = time.monotonic() - t0
+    (root / "debs").mkdir()
+    for files in debs.values():
+        shutil.copy(files[-1], root / "debs")
+    APT_ARCHIVES.mkdir(parents=True, exist_ok=True)
+    (APT_ARCHIVES / "partial").mkdir(exist_ok=True)
+
+    gw_port = free_port()
+    with Registry() as registry:
+        image = push_busybox(registry, tmp_path)
+        job = JOB.format(
+            udiroot_conf=UDIROOT_CONF.format(gw_port=gw_port, system=SYSTEM),
+            gw_port=gw_port, system=SYSTEM, user=USER, image=image,
+            reg_host=registry.host, reg_url=registry.url)
+        (root / "root/job.sh").write_text(job)
+        enter = (
+            # The root a mount point of its own, as / is on a node (the helper makes /
+            # a slave mount, which a plain directory cannot be).
+            "set -e; r=$1; mount --bind $r $r; "
+            "mount --rbind /dev $r/dev; mount -t proc proc $r/proc; "
+            "mount -t sysfs -o ro sysfs $r/sys; mount -t tmpfs tmpfs $r/run; "
+            f"mount --bind {APT_ARCHIVES} $r/var/cache/apt/archives; "
+            "exec chroot $r /bin/bash /root/job.sh"
+        )
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            ["unshare", "--mount", "--pid", "--fork", "--propagation", "private",
+             "sh", "-c", enter, "enter", str(root)],
+            capture_output=True, text=True, timeout=900)
+        timings["install + main job in the root"] = time.monotonic() - t0
+    out = proc.stdout + proc.stderr
+    steps = dict(re.findall(r"^== (\S+) (\d+\.\d+)$", proc.stdout, re.M))
+    names = list(steps)
+    for a, b in zip(names, names[1:], strict=False):
+        timings[f"  {a}"] = float(steps[b]) - float(steps[a])
+    print("\n".join(f"{k}: {v:.1f} s" for k, v in timings.items()))
+    (tmp_path / "timings.json").write_text(json.dumps(timings, indent=2))
+
+    left = mounts_under(root)
+    assert not left, f"mounts left under the root after its namespace ended: {left}"
+    assert proc.returncode == 0, f"the main job failed in the fresh root (exit " \
+        f"{proc.returncode}):\n{out[-6000:]}"
+    assert "helper 4755 root:root" in out
+    assert "gateway process of shifter" in out, out
+    assert "test tool installed" not in out, out
+    assert "Failed to lookup username" in out, out  # before shifter-etc-sync
+    assert "Shifter install test image" in out
+    assert re.search(rf"^{USER}$", proc.stdout, re.M), out
+    # The root holds a setuid helper: remove it now that nothing is mounted under it.
+    shutil.rmtree(root)
