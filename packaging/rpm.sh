@@ -15,10 +15,10 @@ rm -rf "$TOP" && mkdir -p "$TOP/SOURCES" "$TOP/SPECS" dist
 git ls-files -co --exclude-standard | grep -v '^dist/' \
     | tar -czf "$TOP/SOURCES/shifter-$VERSION.tar.gz" --transform "s|^|shifter-$VERSION/|" -T -
 cp packaging/*.postinst packaging/*.prerm "$TOP/SOURCES/"
-rpmbuild -bb --nodeps --quiet \
-    --define "_topdir $TOP" \
-    --define "shifter_version $VERSION" \
-    --define "slurm_prefix $SLURM_PREFIX" \
+set -- --define "_topdir $TOP" --define "_sourcedir $TOP/SOURCES" \
+    --define "shifter_version $VERSION"
+[ -z "$SLURM_PREFIX" ] || set -- "$@" --define "slurm_prefix $SLURM_PREFIX"
+rpmbuild -bb --nodeps --quiet "$@" \
     --define "slurm_version $(slurm_version "$SLURM_PREFIX")" \
     --define "python_abi $PYVER" \
     packaging/shifter.spec
