@@ -37,8 +37,8 @@ class SyncError(Exception):
 
 
 def entries(database: str, getent: str = GETENT) -> str:
-    """``getent DATABASE`` as file content: password fields blanked to ``x``, one line per
-    name (the first source that names it wins, as lookups do), sorted by id then name."""
+    """``getent DATABASE`` as file content, in getent's order: password fields written as
+    ``x``, one line per name (the first source that names it wins, as lookups do)."""
     try:
         proc = subprocess.run([getent, database], capture_output=True, text=True, check=False)
     except OSError as exc:
@@ -60,8 +60,7 @@ def entries(database: str, getent: str = GETENT) -> str:
     if "root" not in seen:
         raise SyncError(f"`getent {database}` did not list root: refusing to write an "
                         f"incomplete {database}")
-    rows = sorted(seen.values(), key=lambda f: (int(f[2]), f[0]))
-    return "".join(":".join(f) + "\n" for f in rows)
+    return "".join(":".join(f) + "\n" for f in seen.values())
 
 
 def write_atomically(path: Path, text: str) -> bool:
