@@ -9,11 +9,11 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make \
 	docker-registry skopeo umoci apache2-utils busybox-static \
 	munge libmunge-dev openssh-server openssh-client attr \
 	bubblewrap charliecloud squashfuse fuse3 kmod libcap2-bin \
-	mpich libmpich-dev patchelf slurm-wlm libslurm-dev \
+	mpich libmpich-dev patchelf slurm-wlm libslurm-dev clang libclang-rt-14-dev \
 	debootstrap rpm dpkg-dev
 
-.PHONY: setup apt venv helper udiimage slurm demo test lint bench-pull bench-launch \
-	bench-slurm clean
+.PHONY: setup apt venv install helper udiimage slurm demo test lint fuzz bench-pull \
+	bench-launch bench-slurm clean
 
 setup: apt venv
 
@@ -160,9 +160,21 @@ rpm:
 demo: setup install
 	$(PY) tests/world/demo.py
 
+# After pytest (its status is kept): a short fuzzing run (TEST_FUZZ_SECONDS per target),
+# then the setuid audit, each run whatever came before and each failing the target.
+TEST_FUZZ_SECONDS ?= 5
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	@rc=0; $(PY) -m pytest -q -rs $(PYTEST_ARGS) || rc=$$?; \
+	$(MAKE) -s fuzz FUZZ_SECONDS=$(TEST_FUZZ_SECONDS) || { [ $$rc -ne 0 ] || rc=1; }; \
+	$(PY) tests/setuid_audit.py --prefix $(PREFIX) || { [ $$rc -ne 0 ] || rc=1; }; \
+	exit $$rc
+
+# libFuzzer targets for every parser of user-reachable input (helpers/fuzz/; README
+# "Tests"): each runs FUZZ_SECONDS, then `fuzz: targets=N execs=N crashes=N`.
+FUZZ_SECONDS ?= 60
+fuzz:
+	$(MAKE) -s -C helpers fuzz FUZZ_SECONDS=$(FUZZ_SECONDS)
 
 lint: venv
 	$(PY) -m ruff check .

@@ -329,6 +329,20 @@ static int set_child_limit(size_t i, const char *prog)
     return -1;
 }
 
+/* rt_sigaction(2) as the kernel takes it (the generic layout: handler, flags,
+ * restorer, mask), for the signals glibc's sigaction() will not change. */
+static int set_default_raw(int sig)
+{
+    struct {
+        void *handler;
+        unsigned long flags;
+        void *restorer;
+        unsigned long mask;
+    } ksa = {SIG_DFL, 0, NULL, 0};
+
+    return (int)syscall(SYS_rt_sigaction, sig, &ksa, NULL, sizeof ksa.mask);
+}
+
 int child_reset_state(const char *prog)
 {
     sigset_t none;
@@ -343,10 +357,14 @@ int child_reset_state(const char *prog)
         return -1;
     if (null != STDIN_FILENO)
         close(null);
-    /* Every disposition default (SIG_IGN survives exec) and nothing blocked.  SIGKILL,
-     * SIGSTOP and glibc's internal signals refuse the change: that is fine. */
+    /* Every disposition default (SIG_IGN survives exec) and nothing blocked.  glibc
+     * refuses to touch its two internal real-time signals (32, 33), which a caller can
+     * still have ignored, so the kernel is asked directly; SIGKILL and SIGSTOP refuse
+     * the change and are always default anyway. */
     for (int sig = 1; sig < NSIG; sig++)
-        (void)signal(sig, SIG_DFL);
+        if (signal(sig, SIG_DFL) == SIG_ERR && sig != SIGKILL && sig != SIGSTOP &&
+            set_default_raw(sig) != 0)
+            return -1;
     if (sigemptyset(&none) != 0 || sigprocmask(SIG_SETMASK, &none, NULL) != 0)
         return -1;
     for (size_t i = 0; i < sizeof child_limits / sizeof child_limits[0]; i++)

@@ -13,8 +13,10 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, request
 
+from . import telemetry
 from .auth import AuthError, AuthUnavailable, authenticate
 from .manager import BadRequest, GatewayError, ImageManager
+from .store.base import INFLIGHT
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +63,23 @@ def _error(status: int, message: str) -> tuple[Response, int]:
 
 def create_app(manager: ImageManager, *, auth_method: str | None = None) -> Flask:
     app = Flask("imagegw")
-    method = auth_method or manager.raw.get("Authentication", "munge")
+    method = auth_method or manager.gw.authentication
 
     def caller(system: str):
         platform = manager.platform(system)  # unknown system: 404 before auth says more
-        return authenticate(request.headers.get("authentication"), platform, method)
+        return authenticate(request.headers.get("authentication"), platform.munge_socket, method)
+
+    def peer() -> str:
+        # Behind a proxy (TLS in front of the gateway) the client is the one it names.
+        forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+        addr = request.remote_addr or "-"
+        return f"{addr} (for {forwarded})" if forwarded else addr
+
+    def queue_depth() -> dict[str, int]:
+        depth: dict[str, int] = {}
+        for rec in manager.store.list(status=list(INFLIGHT)):
+            depth[str(rec.get("status"))] = depth.get(str(rec.get("status")), 0) + 1
+        return depth
 
     def body() -> dict[str, Any]:
         if not request.get_data():
@@ -81,10 +95,18 @@ def create_app(manager: ImageManager, *, auth_method: str | None = None) -> Flas
 
     @app.errorhandler(AuthError)
     def auth_error(exc: AuthError):
-        return _error(401, f"authentication failed: {exc}")
+        # munge's own messages already start "authentication failed: ": said once.
+        reason = str(exc).removeprefix("authentication failed: ")
+        telemetry.AUTH_FAILURES.inc()
+        log.warning(
+            "credential refused reason=%s peer=%s request=%s %s",
+            reason, peer(), request.method, request.path,
+        )  # fmt: skip
+        return _error(401, f"authentication failed: {reason}")
 
     @app.errorhandler(AuthUnavailable)
     def auth_unavailable(exc: AuthUnavailable):
+        log.error("cannot check credentials: %s peer=%s", exc, peer())
         return _error(503, f"cannot check credentials: {exc}")
 
     @app.errorhandler(404)
@@ -103,6 +125,13 @@ def create_app(manager: ImageManager, *, auth_method: str | None = None) -> Flas
     @app.get("/")
     def root():
         return jsonify({"service": "shifter image gateway", "version": "0.1.0"})
+
+    @app.get("/metrics")
+    def prometheus():
+        # Unauthenticated, as Prometheus scrapes: counts only, no names or tags.
+        if not telemetry.AVAILABLE:
+            return _error(404, "metrics need prometheus_client (pip install 'shifter-py[gateway]')")
+        return Response(telemetry.render(queue_depth), content_type=telemetry.CONTENT_TYPE)
 
     @app.get("/healthz")
     def health():

@@ -11,8 +11,6 @@ import grp
 import json
 import os
 import pwd
-from collections.abc import Mapping
-from typing import Any
 
 from .acl import Caller
 
@@ -56,8 +54,9 @@ def _locations(payload: bytes) -> dict[str, str]:
     return locs
 
 
-def authenticate(header: str | None, platform: Mapping[str, Any], method: str) -> Caller:
-    """The caller of a request to ``platform``, or :class:`AuthError`."""
+def authenticate(header: str | None, munge_socket: str | None, method: str) -> Caller:
+    """The caller of a request (credential decoded by the munged at ``munge_socket``, the
+    platform's ``mungeSocketPath``), or :class:`AuthError`."""
     if not header:
         raise AuthError("no credential: send a munge credential in the 'authentication' header")
     if method == "mock":
@@ -66,9 +65,8 @@ def authenticate(header: str | None, platform: Mapping[str, Any], method: str) -
         raise AuthError(f"authentication method '{method}' is not supported")
     from . import munge
 
-    socket = platform.get("mungeSocketPath")
     try:
-        cred = munge.decode(header.strip(), socket=socket)
+        cred = munge.decode(header.strip(), socket=munge_socket)
     except munge.MungeUnavailable as exc:
         raise AuthUnavailable(str(exc)) from None
     except munge.MungeError as exc:

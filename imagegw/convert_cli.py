@@ -48,11 +48,11 @@ def _load(args: argparse.Namespace) -> tuple[GatewayConfig, Path | None]:
         cfg.platform = args.platform
     image_dir: Path | None = Path(args.image_dir) if args.image_dir else None
     if image_dir is None:
-        platforms = cfg.raw.get("Platforms") or {}
+        platforms = cfg.platforms
         name = args.system or (next(iter(platforms)) if len(platforms) == 1 else None)
-        local = ((platforms.get(name) or {}).get("local") or {}) if name else {}
-        if local.get("imageDir"):
-            image_dir = Path(local["imageDir"])
+        plat = platforms.get(name) if name else None
+        if plat is not None and plat.accesstype == "local" and plat.image_dir:
+            image_dir = Path(plat.image_dir)
     return cfg, image_dir
 
 

@@ -21,3 +21,58 @@ timeout = 120
 graceful_timeout = 20
 keepalive = 5
 worker_connections = 8192
+
+# What the service passes on from imagemanager.json: LogLevel, AccessLog (gunicorn's
+# access log, in gunicorn's format; "-" is stderr).
+loglevel = {10: "debug", 20: "info", 30: "warning", 40: "error", 50: "critical"}.get(
+    int(os.environ.get("IMAGEGW_LOGLEVEL", "20")), "info"
+)
+accesslog = os.environ.get("IMAGEGW_ACCESSLOG") or None
+
+
+def _metrics_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def _remove_counts(path: str) -> None:
+    # Only prometheus_client's own files: a site may point the variable at a shared dir.
+    import glob
+
+    for name in glob.glob(os.path.join(path, "*.db")):
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+
+
+def on_starting(server):
+    """Empty the Prometheus directory: counts of a previous run must not be added in."""
+    path = _metrics_dir()
+    if path is None:
+        return
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        _remove_counts(path)
+    except OSError as exc:
+        # Workers fork from this process: without the variable they count per process.
+        server.log.warning("no Prometheus directory %s (%s): /metrics per worker", path, exc)
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+def child_exit(server, worker):
+    if _metrics_dir() is not None:
+        try:
+            from prometheus_client import multiprocess
+        except ImportError:
+            return
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    path = _metrics_dir()
+    if path is not None:
+        try:
+            _remove_counts(path)
+            os.rmdir(path)  # only if nothing else is in it
+        except OSError:
+            pass

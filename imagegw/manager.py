@@ -25,16 +25,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from . import telemetry
 from .acl import AclError, Caller, can_read, parse_ids
-from .config import ConfigError, GatewayConfig, parse_config
+from .config import GatewayConfig, Platform, parse_duration
 from .errors import ImageError, InvalidReference
 from .fasthash import fasthash
+from .layercache import LayerCache
 from .pipeline import Pipeline, PullResult, clean_dead_expansions
 from .reference import parse_reference
 from .store.base import EXPIRED, FAILURE, INFLIGHT, READY, Record, RecordStore
 from .transfer import Transfer, TransferError, pid_alive, transfer_for
 
 log = logging.getLogger(__name__)
+
+__all__ = ["ImageManager", "parse_duration", "normalize_tag", "check_squashfs"]
 
 RECENT = 10.0  # a READY record pulled this recently is returned as is (spec §2.6)
 HEARTBEAT_EVERY = 5.0
@@ -65,17 +69,6 @@ class NotFound(GatewayError):
     status = 404
 
 
-def parse_duration(text: str) -> float:
-    """``"D:H:M:S"`` (fewer fields allowed, from the right) → seconds."""
-    parts = [int(p) for p in str(text).split(":")]
-    if not 1 <= len(parts) <= 4 or any(p < 0 for p in parts):
-        raise ValueError(text)
-    seconds = 0
-    for unit, value in zip((1, 60, 3600, 86400), reversed(parts), strict=False):
-        seconds += unit * value
-    return float(seconds)
-
-
 def normalize_tag(itype: str, tag: str) -> str:
     """Validate a tag; docker and custom tags without a tag part get ``:latest``."""
     if not tag or len(tag) > 512:
@@ -96,9 +89,10 @@ def normalize_tag(itype: str, tag: str) -> str:
     return tag if ":" in last else f"{tag}:latest"
 
 
-def _queued(owner: str, now: float, uacl: list[int], gacl: list[int]) -> dict[str, Any]:
-    """Fields of a record just claimed by ``owner`` and waiting for a worker."""
+def _queued(owner: str, now: float, uacl: list[int], gacl: list[int], user: str) -> dict[str, Any]:
+    """Fields of a record just claimed by ``owner`` for ``user``, waiting for a worker."""
     return {
+        "requester": user,  # for the log lines of a pull re-queued after a restart
         "status": "PENDING",
         "status_message": "Queued",
         "last_heartbeat": now,
@@ -123,26 +117,25 @@ class ImageManager:
 
     def __init__(
         self,
-        raw: Mapping[str, Any],
+        config: GatewayConfig,
         store: RecordStore,
+        clock: Callable[[], float] = time.time,
         *,
         client_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.raw = dict(raw)
-        self.gw: GatewayConfig = parse_config(self.raw)
+        """``clock()`` answers the time (seconds since the epoch) for every rule; tests
+        hand in one that moves only when they say so."""
+        self.gw = config
         self.store = store
-        self.platforms: dict[str, dict[str, Any]] = dict(self.raw.get("Platforms") or {})
-        if not self.platforms:
-            raise ConfigError("imagemanager.json: required key Platforms is missing or empty")
-        try:
-            self.pull_update_timeout = float(self.raw.get("PullUpdateTimeout", 300))
-            self.expiration = parse_duration(self.raw.get("ImageExpirationTimeout", "90:00:00:00"))
-            self.heartbeat_timeout = float(self.raw.get("PullHeartbeatTimeout", 3600))
-            self.workers = int(self.raw.get("WorkerThreads", 1))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"imagemanager.json: bad number or duration: {exc}") from None
-        self.metrics_on = bool(self.raw.get("Metrics", False))
+        self.clock = clock
+        self.platforms: dict[str, Platform] = dict(config.platforms)
+        self.pull_update_timeout = config.pull_update_timeout
+        self.expiration = config.image_expiration
+        self.heartbeat_timeout = config.pull_heartbeat_timeout
+        self.workers = config.worker_threads
+        self.metrics_on = config.metrics
         self.client_options = dict(client_options or {})
+        self._last_trim: float | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         self._lock = threading.Lock()
@@ -172,7 +165,7 @@ class ImageManager:
         if self._pool is not None and self._pool_pid == os.getpid():
             self._pool.shutdown(wait=wait)
 
-    def platform(self, system: str) -> dict[str, Any]:
+    def platform(self, system: str) -> Platform:
         if system not in self.platforms:
             raise NotFound(f"unknown system '{system}'")
         return self.platforms[system]
@@ -181,20 +174,18 @@ class ImageManager:
         if system not in self._transfers:
             try:
                 self._transfers[system] = transfer_for(
-                    self.platform(system), self.gw.expand_dir / "staging"
+                    self.platform(system).entry, self.gw.expand_dir / "staging"
                 )
             except TransferError as exc:
                 raise GatewayError(f"platform {system}: {exc}") from None
         return self._transfers[system]
 
     def is_admin(self, caller: Caller, system: str) -> bool:
-        admins = self.platform(system).get("admins") or []
-        if isinstance(admins, str):
-            admins = admins.split(",")
-        return caller.user in [a.strip() for a in admins]  # exact membership (FIX)
+        return caller.user in self.platform(system).admins  # exact membership (FIX)
 
-    def _require_admin(self, caller: Caller, system: str) -> None:
+    def _require_admin(self, caller: Caller, system: str, action: str) -> None:
         if not self.is_admin(caller, system):
+            log.warning("admin refused action=%s user=%s system=%s", action, caller.user, system)
             raise Forbidden(f"user {caller.user} is not an admin of system {system}")
 
     # -- reading -------------------------------------------------------------------------
@@ -204,8 +195,12 @@ class ImageManager:
         tag = normalize_tag(itype, tag)
         rec = self.store.find_tagged(system, tag, READY)
         if rec is None or rec.get("itype") != itype or not can_read(rec, caller):
+            telemetry.LOOKUPS.labels("not_found").inc()
+            log.debug("lookup not found user=%s system=%s tag=%s", caller.user, system, tag)
             raise NotFound("image not found")
-        now = time.time()
+        telemetry.LOOKUPS.labels("found").inc()
+        log.debug("lookup user=%s system=%s tag=%s id=%s", caller.user, system, tag, rec.get("id"))
+        now = self.clock()
         # Extend the expiration, but write only when it moved noticeably: lookups are the
         # hot path, and a write per lookup would serialise every node on the database.
         if float(rec.get("expiration") or 0) < now + self.expiration - 60:
@@ -223,7 +218,19 @@ class ImageManager:
                     "time": now,
                 }
             )
+            self._trim_metrics(now)
         return rec
+
+    def _trim_metrics(self, now: float) -> None:
+        """Keep at most ``MetricsRetention`` rows, dropping the oldest. At most once a
+        minute per process: the trim is cheap, but lookups are the hot path."""
+        keep = self.gw.metrics_retention
+        if keep is None or (self._last_trim is not None and now - self._last_trim < 60):
+            return
+        self._last_trim = now
+        dropped = self.store.trim_metrics(keep)
+        if dropped:
+            log.info("metrics rows trimmed dropped=%d kept=%d", dropped, keep)
 
     def list(self, caller: Caller, system: str) -> list[Record]:
         self.platform(system)
@@ -244,7 +251,7 @@ class ImageManager:
 
     def metrics(self, caller: Caller, system: str, limit: Any = 10) -> list[Record]:
         self.platform(system)
-        self._require_admin(caller, system)
+        self._require_admin(caller, system, "metrics")
         try:
             count = int(limit)
         except (TypeError, ValueError):
@@ -327,7 +334,7 @@ class ImageManager:
             uacl = sorted({*uacl, caller.uid})
         if gacl:
             gacl = sorted({*gacl, caller.gid})
-        now = time.time()
+        now = self.clock()
         self._drop_old_failures(system, now)
         rec = self._current(system, itype, tag)
         if self._should_pull(rec, uacl, gacl, now):
@@ -359,7 +366,7 @@ class ImageManager:
             return None
         rid = None
         try:
-            fields = _queued(owner, now, uacl, gacl)
+            fields = _queued(owner, now, uacl, gacl, caller.user)
             if (
                 rec is not None
                 and rec.get("status") in (*INFLIGHT, FAILURE)
@@ -370,11 +377,22 @@ class ImageManager:
             else:
                 rid = self.store.insert(self._new_record(system, itype, tag) | fields)["_id"]
             creds = dict(caller.authorized_locations)
-            self._submit(self._run_pull, rid, key, owner, system, tag, uacl, gacl, creds)
+            log.info(
+                "pull start user=%s system=%s tag=%s record=%s private=%s",
+                caller.user, system, tag, rid, bool(uacl or gacl),
+            )  # fmt: skip
+            telemetry.PULLS_STARTED.inc()
+            self._submit(
+                self._run_pull, rid, key, owner, system, tag, uacl, gacl, creds, caller.user
+            )
         except BaseException as exc:
             # No worker will run it: not left in flight for PullHeartbeatTimeout.
             if rid is not None:
                 self._fail(rid, f"{tag}: could not start the pull: {exc}")
+                log.error(
+                    "pull failed user=%s system=%s tag=%s record=%s duration=0.0s reason=%s",
+                    caller.user, system, tag, rid, f"could not start: {exc}",
+                )  # fmt: skip
             self.store.release(key, owner)
             raise
         return self.store.get(rid)
@@ -406,7 +424,7 @@ class ImageManager:
         # beat is older than that is taken over by the next request, though still running.
         every = min(HEARTBEAT_EVERY, self.heartbeat_timeout / 3)
         while not stop.wait(every):
-            now = time.time()
+            now = self.clock()
             self.store.refresh_claim(key, owner, now)
             self.store.update(rid, {"last_heartbeat": now})
 
@@ -420,7 +438,9 @@ class ImageManager:
         uacl: list[int],
         gacl: list[int],
         creds: dict[str, str],
+        user: str = "-",
     ) -> None:
+        started = time.monotonic()
         stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(rid, key, owner, stop), daemon=True)
         beat.start()
@@ -428,13 +448,13 @@ class ImageManager:
 
         def on_status(state: str, message: str) -> None:
             self.store.update(
-                rid, {"status": state, "status_message": message, "last_heartbeat": time.time()}
+                rid, {"status": state, "status_message": message, "last_heartbeat": self.clock()}
             )
 
         def on_progress(digest: str, done: int, size: int) -> None:
             layers = progress["layers"]
             layers[digest] = (done, size)
-            now = time.time()
+            now = self.clock()
             if now - progress["sent"] < 0.5 and done < size:
                 return
             progress["sent"] = now
@@ -464,12 +484,62 @@ class ImageManager:
             self._complete(rid, system, tag, result, uacl, gacl)
         except ImageError as exc:
             self._fail(rid, str(exc))
+            self._log_failure(user, system, tag, rid, started, str(exc))
         except Exception as exc:  # noqa: BLE001 - recorded for the user, logged for the admin
-            log.exception("pull of %s failed", tag)
             self._fail(rid, f"{tag}: internal error: {exc}")
+            self._log_failure(user, system, tag, rid, started, f"internal error: {exc}", True)
+        else:
+            took = time.monotonic() - started
+            telemetry.PULLS.labels(READY).inc()
+            telemetry.PULL_SECONDS.labels(READY).observe(took)
+            log.info(
+                "pull done user=%s system=%s tag=%s id=%s duration=%.1fs layers_cached=%d "
+                "downloaded_bytes=%d",
+                user, system, tag, result.image_id, took, result.cached_layers,
+                result.downloaded_bytes,
+            )  # fmt: skip
         finally:
             stop.set()
             self.store.release(key, owner)
+        self.prune_cache()
+
+    @staticmethod
+    def _log_failure(
+        user: str,
+        system: str,
+        tag: str,
+        rid: str,
+        started: float,
+        reason: str,
+        internal: bool = False,
+    ) -> None:
+        """One line per failed pull, whatever the cause; a traceback only for our faults."""
+        took = time.monotonic() - started
+        telemetry.PULLS.labels(FAILURE).inc()
+        telemetry.PULL_SECONDS.labels(FAILURE).observe(took)
+        log.log(
+            logging.ERROR if internal else logging.WARNING,
+            "pull failed user=%s system=%s tag=%s record=%s duration=%.1fs reason=%s",
+            user, system, tag, rid, took, reason,
+            exc_info=internal,
+        )  # fmt: skip
+
+    def prune_cache(self) -> None:
+        """Apply ``LayerCacheMaxSize`` and ``LayerCacheMaxAge`` (run after every pull)."""
+        size, age = self.gw.layer_cache_max_size, self.gw.layer_cache_max_age
+        if size is None and age is None:
+            return
+        try:
+            result = LayerCache(self.gw.cache_dir).prune(size, age, now=self.clock())
+        except OSError as exc:
+            log.warning("layer cache prune failed: %s", exc)
+            return
+        if result.removed:
+            telemetry.PRUNED_BYTES.inc(result.freed)
+            log.info(
+                "layer cache pruned removed=%d freed_bytes=%d total_bytes=%d kept_in_use=%d",
+                len(result.removed), result.freed, result.total_after, len(result.kept_in_use),
+            )  # fmt: skip
 
     def _fail(self, rid: str, message: str) -> None:
         self.store.update(
@@ -477,7 +547,7 @@ class ImageManager:
             {
                 "status": FAILURE,
                 "status_message": message,
-                "last_heartbeat": time.time(),
+                "last_heartbeat": self.clock(),
                 "owner": None,
             },
         )
@@ -485,7 +555,7 @@ class ImageManager:
     def _complete(
         self, rid: str, system: str, tag: str, result: PullResult, uacl: list[int], gacl: list[int]
     ) -> None:
-        now = time.time()
+        now = self.clock()
         fields = {
             "id": result.image_id,
             "status": READY,
@@ -546,19 +616,19 @@ class ImageManager:
     # -- import ------------------------------------------------------------------------
 
     def _import_allowed(self, caller: Caller) -> bool:
-        users = self.raw.get("ImportUsers")
-        if users is None or users == "None":
+        users = self.gw.import_users
+        if users is None:
             raise Forbidden("User image import from file disabled.")
         if users == "all":
             return True
-        names = users.split(",") if isinstance(users, str) else list(users)
-        return caller.user in [n.strip() for n in names]
+        return caller.user in users
 
     def do_import(
         self, caller: Caller, system: str, itype: str, tag: str, body: Mapping[str, Any]
     ) -> Record:
         self.platform(system)
         if not self._import_allowed(caller):
+            log.warning("import refused user=%s system=%s tag=%s", caller.user, system, tag)
             raise Forbidden(f"user {caller.user} may not import images (ImportUsers)")
         tag = normalize_tag(itype, tag)
         path = body.get("filepath")
@@ -575,16 +645,21 @@ class ImageManager:
             raise BadRequest(str(exc)) from None
         key = self._claim_key(system, itype, tag)
         owner = self._new_owner()
-        now = time.time()
+        now = self.clock()
         if not self.store.claim(key, owner, now, self.heartbeat_timeout):
             raise GatewayError(f"an import or pull of {tag} is already running; try later")
         rec = None
         try:
             rec = self.store.insert(
                 self._new_record(system, itype, tag)
-                | _queued(owner, now, uacl, gacl)
+                | _queued(owner, now, uacl, gacl, caller.user)
                 | {"remotetype": "import", "filepath": path}
             )
+            log.info(
+                "import start user=%s system=%s tag=%s record=%s file=%s",
+                caller.user, system, tag, rec["_id"], path,
+            )  # fmt: skip
+            telemetry.ADMIN_ACTIONS.labels("import").inc()
             self._submit(
                 self._run_import,
                 rec["_id"],
@@ -620,15 +695,20 @@ class ImageManager:
     ) -> None:
         from .meta import render_meta
 
+        started = time.monotonic()
         try:
             self.store.update(
                 rid,
-                {"status": "HASHING", "status_message": "Hashing", "last_heartbeat": time.time()},
+                {"status": "HASHING", "status_message": "Hashing", "last_heartbeat": self.clock()},
             )
             image_id = fasthash(path)
             self.store.update(
                 rid,
-                {"status": "TRANSFER", "status_message": "Copying", "last_heartbeat": time.time()},
+                {
+                    "status": "TRANSFER",
+                    "status_message": "Copying",
+                    "last_heartbeat": self.clock(),
+                },
             )
             transfer = self.transfer(system)
             staged = transfer.staging(f"{image_id}.squashfs")
@@ -639,7 +719,7 @@ class ImageManager:
                 staged.unlink(missing_ok=True)
             meta = render_meta(user_acl=uacl, group_acl=gacl, user=user)
             transfer.write(f"{image_id}.meta", meta.encode())
-            now = time.time()
+            now = self.clock()
             self._finish(
                 rid,
                 system,
@@ -666,10 +746,23 @@ class ImageManager:
             )
         except (OSError, TransferError) as exc:
             self._fail(rid, f"import of {path} failed: {exc}")
+            log.warning(
+                "import failed user=%s system=%s tag=%s record=%s duration=%.1fs reason=%s",
+                user, system, tag, rid, time.monotonic() - started, exc,
+            )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - recorded for the user, logged for the admin
             # As for pulls: any failure ends FAILURE, never a record stuck in flight.
-            log.exception("import of %s failed", path)
             self._fail(rid, f"import of {path} failed: internal error: {exc}")
+            log.error(
+                "import failed user=%s system=%s tag=%s record=%s duration=%.1fs reason=%s",
+                user, system, tag, rid, time.monotonic() - started, f"internal error: {exc}",
+                exc_info=True,
+            )  # fmt: skip
+        else:
+            log.info(
+                "import done user=%s system=%s tag=%s id=%s duration=%.1fs",
+                user, system, tag, image_id, time.monotonic() - started,
+            )  # fmt: skip
         finally:
             self.store.release(key, owner)
 
@@ -699,16 +792,22 @@ class ImageManager:
 
     def expire(self, caller: Caller, system: str, itype: str, tag: str) -> bool:
         self.platform(system)
-        self._require_admin(caller, system)
+        self._require_admin(caller, system, "expire")
         rec = self.store.find_tagged(system, normalize_tag(itype, tag), READY)
         if rec is None or rec.get("itype") != itype:
             raise NotFound("image not found")
-        return self._expire(rec)
+        done = self._expire(rec)
+        telemetry.ADMIN_ACTIONS.labels("expire").inc()
+        log.info(
+            "expire user=%s system=%s tag=%s id=%s expired=%s",
+            caller.user, system, tag, rec.get("id"), done,
+        )  # fmt: skip
+        return done
 
     def autoexpire(self, caller: Caller, system: str) -> list[str]:
         self.platform(system)
-        self._require_admin(caller, system)
-        now = time.time()
+        self._require_admin(caller, system, "autoexpire")
+        now = self.clock()
         expired = []
         for rec in self.store.list(system):
             status = rec.get("status")
@@ -723,6 +822,12 @@ class ImageManager:
             elif status == FAILURE:
                 if now - float(rec.get("last_heartbeat") or 0) > self.pull_update_timeout:
                     self.store.delete(rec["_id"])
+        telemetry.ADMIN_ACTIONS.labels("autoexpire").inc()
+        self.prune_cache()  # the autoexpire timer prunes by age even when nothing is pulled
+        log.info(
+            "autoexpire user=%s system=%s expired=%d ids=%s",
+            caller.user, system, len(expired), ",".join(str(i) for i in expired) or "-",
+        )  # fmt: skip
         return expired
 
     # -- restart recovery --------------------------------------------------------------
@@ -744,7 +849,7 @@ class ImageManager:
 
     def _recover_locked(self) -> list[str]:
         host = socket.gethostname()
-        now = time.time()
+        now = self.clock()
         handled = []
         clean_dead_expansions(self.gw.expand_dir)
         for system in self.platforms:
@@ -784,14 +889,14 @@ class ImageManager:
 
     def _requeue(self, rec: Record, key: str) -> None:
         owner = self._new_owner()
-        if not self.store.claim(key, owner, time.time(), self.heartbeat_timeout):
+        if not self.store.claim(key, owner, self.clock(), self.heartbeat_timeout):
             return  # someone alive already took it over
         if not self.store.update(
             rec["_id"],
             {
                 "status": "PENDING",
                 "owner": owner,
-                "last_heartbeat": time.time(),
+                "last_heartbeat": self.clock(),
                 "status_message": "Re-queued after a gateway restart",
             },
             if_status=list(INFLIGHT),
@@ -808,6 +913,10 @@ class ImageManager:
             rec.get("userACL") or [],
             rec.get("groupACL") or [],
             {},
+            str(rec.get("requester") or "-"),
+        )
+        log.info(
+            "pull requeued system=%s tag=%s record=%s", rec["system"], rec["pulltag"], rec["_id"]
         )
 
 

@@ -240,7 +240,7 @@ class Pipeline:
             raise
 
     def examine(self, text: str, root: Path, image_id: str) -> None:
-        examiner = self.config.raw.get("examiner")
+        examiner = self.config.examiner
         if not examiner:
             return
         proc = subprocess.run(
@@ -303,7 +303,22 @@ class Pipeline:
         on_progress: ProgressFn | None = None,
         force: bool = False,
     ) -> PullResult:
-        """Pull ``text`` and leave ``<id>.squashfs`` and ``<id>.meta`` in the image dir."""
+        """Pull ``text`` and leave ``<id>.squashfs`` and ``<id>.meta`` in the image dir.
+
+        The layers it uses stay pinned in the cache (never pruned) until it returns."""
+        with self.cache.pinned():
+            return self._pull(text, credentials, user_acl, group_acl, on_status, on_progress, force)
+
+    def _pull(
+        self,
+        text: str,
+        credentials: Mapping[str, str] | None,
+        user_acl: Iterable[int],
+        group_acl: Iterable[int],
+        on_status: StatusFn | None,
+        on_progress: ProgressFn | None,
+        force: bool,
+    ) -> PullResult:
         status = on_status or (lambda _state, _msg: None)
         warnings: list[str] = []
         status("PULLING", "Getting manifest")

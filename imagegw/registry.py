@@ -396,10 +396,11 @@ class RegistryClient:
             layers=layers,
         )
 
-    def _descriptor(self, raw: Any, what: str) -> Descriptor:
-        if not isinstance(raw, dict):
+    def _descriptor(self, entry: Any, what: str) -> Descriptor:
+        if not isinstance(entry, dict):
             raise ManifestError(self.image, f"manifest has no valid {what} descriptor")
-        digest, size, media_type = raw.get("digest"), raw.get("size"), raw.get("mediaType", "")
+        digest, size = entry.get("digest"), entry.get("size")
+        media_type = entry.get("mediaType", "")
         if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
             raise ManifestError(self.image, f"{what} descriptor has an invalid digest {digest!r}")
         if not isinstance(size, int) or size < 0:

@@ -5,10 +5,15 @@ from __future__ import annotations
 import logging
 
 from .api import create_app
-from .service import build_manager, load_raw
+from .service import build_manager, load
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s")
-manager = build_manager(load_raw())
+config = load()
+# LogLevel (Shifter's key) decides what the gateway logs; gunicorn's own lines follow it too.
+logging.basicConfig(
+    level=config.log_level, format="%(asctime)s %(process)d %(levelname)s %(name)s %(message)s"
+)
+logging.getLogger().setLevel(config.log_level)
+manager = build_manager(config)
 app = create_app(manager)
 # Whatever a dead predecessor left in flight is re-queued or failed, never left stuck.
 # Never fatal: gunicorn stops the whole gateway when a worker fails to boot, and a stale

@@ -16,6 +16,8 @@ WORK=build/deb
 SLURM_VERSION=$(slurm_version "$SLURM_PREFIX")
 LIBC=$(dpkg-query -W -f='${Version}' libc6 | sed 's/-[^-]*$//')
 mkdir -p "$OUT" "$WORK"
+# The stages hold a setuid-root helper: never leave them behind.
+trap 'rm -rf "$WORK"' EXIT
 
 # control NAME DEPENDS RECOMMENDS DESCRIPTION-LINES...
 control() {

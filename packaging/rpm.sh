@@ -12,6 +12,8 @@ VERSION=$1
 SLURM_PREFIX=${2:-}
 TOP=$(pwd)/build/rpm
 rm -rf "$TOP" && mkdir -p "$TOP/SOURCES" "$TOP/SPECS" dist
+# The build trees hold a setuid-root helper: never leave them behind.
+trap 'rm -rf "$TOP"' EXIT
 git ls-files -co --exclude-standard | grep -v '^dist/' \
     | tar -czf "$TOP/SOURCES/shifter-$VERSION.tar.gz" --transform "s|^|shifter-$VERSION/|" -T -
 cp packaging/*.postinst packaging/*.prerm "$TOP/SOURCES/"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from world.faultproxy import FaultProxy  # noqa: E402
 from world.registry import Registry  # noqa: E402
+from world.runtime import (  # noqa: E402
+    TEST_USERS,  # noqa: F401  (tests import it from here)
+    ensure_test_users,
+    remove_helper,
+    strip_setid_bits,
+)
 
 
 @pytest.fixture(scope="session")
@@ -74,9 +81,6 @@ def udiimage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-TEST_USERS = ("shifter-alice", "shifter-bob")
-
-
 @pytest.fixture(scope="session")
 def test_users() -> dict[str, tuple[int, int]]:
     """Unprivileged users for tests that act as people do: name → (uid, gid).
@@ -84,15 +88,34 @@ def test_users() -> dict[str, tuple[int, int]]:
     Created once if missing (CI runs as root on a fresh machine); kept afterwards, as a
     site's users would be.
     """
-    import pwd
-    import subprocess
+    return ensure_test_users()
 
-    out = {}
-    for name in TEST_USERS:
-        try:
-            pw = pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(["useradd", "--create-home", "--user-group", name], check=True)
-            pw = pwd.getpwnam(name)
-        out[name] = (pw.pw_uid, pw.pw_gid)
-    return out
+
+@pytest.fixture(scope="session", autouse=True)
+def setuid_hygiene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No setuid file of ours outlives the session: the test build of the helper of this
+    slot is removed at the start (a stale one from a killed run) and at the end (also
+    after failures and Ctrl-C; SIGTERM and exit: world/runtime.py), and the set-id bits
+    in the image trees under pytest's temp dirs are cleared (pytest keeps those dirs)."""
+    remove_helper()
+    root = tmp_path_factory.getbasetemp().resolve()
+    # Earlier sessions' numbered dirs beside ours (only pytest's own ``pytest-of-<user>``,
+    # not the parent of a --basetemp), but not those of sessions still running.
+    if root.parent.name.startswith("pytest-of-"):
+        for old in root.parent.glob("pytest-[0-9]*"):
+            if old != root and not old.is_symlink() and old.is_dir() and not _in_use(old):
+                strip_setid_bits(old)
+    yield
+    remove_helper()
+    strip_setid_bits(root)
+
+
+def _in_use(basetemp: Path) -> bool:
+    """Whether the pytest session that made ``basetemp`` still runs: pytest keeps its pid
+    in ``.lock`` while it does (a killed session's lock stays, its pid is gone)."""
+    try:
+        pid = int((basetemp / ".lock").read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True

@@ -351,5 +351,6 @@ def test_gateway_refuses_to_start_on_a_config_missing_a_key(tmp_path, munged, re
         timeout=60,
     )
     assert out.returncode == 1
-    assert out.stderr.strip().startswith(f"ERROR: imagemanager.json: {words}")
+    # The file is named by its path, so an admin with several knows which one.
+    assert out.stderr.strip().startswith(f"ERROR: {gw.config_path}: {words}")
     assert not (tmp_path / "state").exists()  # nothing created before the config is sound

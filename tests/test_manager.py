@@ -9,7 +9,7 @@ over HTTP with a real gunicorn, munge and registry. Here:
   dict of tag → image, places a stand-in squashfs and writes the ``.meta`` file with the
   real ``Pipeline.write_meta``, so what the runtime would read is the product's text;
 * worker jobs run synchronously (or are held back, to observe a pull in flight);
-* time is a fixture: ``imagegw.manager.time.time`` returns what the test says.
+* time is a fixture: the manager is given a clock that moves only when the test says so.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ import pytest
 
 import imagegw.manager as manager_mod
 from imagegw.acl import Caller
+from imagegw.config import parse_config
 from imagegw.errors import ImageError, ImageNotFound
 from imagegw.fasthash import fasthash
+from imagegw.layercache import LayerCache
 from imagegw.manager import BadRequest, Forbidden, GatewayError, ImageManager, NotFound
 from imagegw.pipeline import Pipeline as RealPipeline
 from imagegw.pipeline import PullResult
@@ -60,7 +62,8 @@ ROO = Caller("roo", 4242, "roo", 4242)  # a prefix of "root": must not be an adm
 
 
 class Clock:
-    """What ``time.time()`` answers in the manager; moves only when a test says so."""
+    """The manager's clock (``ImageManager(config, store, clock)``): moves only when a test
+    says so."""
 
     def __init__(self) -> None:
         self.now = T0
@@ -74,10 +77,8 @@ class Clock:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
-    monkeypatch.setattr(manager_mod.time, "time", c)
-    return c
+def clock() -> Clock:
+    return Clock()
 
 
 # -- the fake registry + pipeline ----------------------------------------------------------
@@ -251,7 +252,7 @@ def make_manager(
     def make(**overrides: Any) -> ImageManager:
         cfg = {**raw, **overrides}
         cfg = {k: v for k, v in cfg.items() if v is not None}
-        mgr = ImageManager(cfg, store)
+        mgr = ImageManager(parse_config(cfg), store, clock)
         made.append(mgr)
         return mgr
 
@@ -916,6 +917,39 @@ def test_metrics_limit_and_order(mgr, registry, clock):
         mgr.metrics(ALICE, SYS)
 
 
+def test_metrics_rows_are_capped_oldest_dropped(make_manager, registry, clock, store):
+    # MetricsRetention: the table keeps the newest N rows over all systems. The trim runs
+    # at most once a minute per process (lookups are the hot path), so between trims it
+    # may hold a few more; the clock here moves a minute per lookup.
+    mgr = make_manager(MetricsRetention=3)
+    registry.publish("app:1")
+    pull_ready(mgr, ALICE, "app:1")
+    for _ in range(6):
+        clock.advance(61)
+        mgr.lookup(ALICE, SYS, "docker", "app:1")
+    rows = store.last_metrics(100)
+    assert [r["time"] for r in rows] == [clock.now - 122, clock.now - 61, clock.now]
+    # Within the minute no trim: one row more, cut at the next trim.
+    clock.advance(1)
+    mgr.lookup(ALICE, SYS, "docker", "app:1")
+    assert len(store.last_metrics(100)) == 4
+    clock.advance(60)
+    mgr.lookup(ALICE, SYS, "docker", "app:1")
+    assert [r["time"] for r in store.last_metrics(100)] == [
+        clock.now - 61,
+        clock.now - 60,
+        clock.now,
+    ]
+
+
+def test_store_trims_metrics_by_insertion(store):
+    for i in range(5):
+        store.add_metric({"system": SYS if i % 2 else OTHER, "time": 100.0 - i, "n": i})
+    assert store.trim_metrics(10) == 0
+    assert store.trim_metrics(2) == 3
+    assert sorted(r["n"] for r in store.last_metrics(100)) == [3, 4]  # the last two added
+
+
 def test_no_metrics_rows_when_metrics_are_off(make_manager, registry, store):
     mgr = make_manager(Metrics=False)
     registry.publish("app:1")
@@ -1014,6 +1048,22 @@ def test_autoexpire(mgr, registry, clock, tmp_path, store):
     assert mgr.autoexpire(ROOT, OTHER) == [ids["b:1"]]
     assert not (image_dir(tmp_path, OTHER) / f"{ids['b:1']}.squashfs").exists()
     assert store.get(stuck_b["_id"]) is None
+
+
+def test_autoexpire_also_prunes_layers_unused_for_the_max_age(make_manager, clock, tmp_path):
+    # The autoexpire timer is the cache's timer too: layers age out with no pull running.
+    mgr = make_manager(LayerCacheMaxAge="1:00:00:00")
+    cache = LayerCache(tmp_path / "cache")
+    old, recent = (hashlib.sha256(x).hexdigest() for x in (b"old", b"recent"))
+    for digest, data, used in (
+        (old, b"old", clock.now - 2 * DAY),
+        (recent, b"recent", clock.now - 3600),
+    ):
+        cache.get(f"sha256:{digest}", len(data), lambda f, d=data: f.write(d))
+        os.utime(cache.path_for(f"sha256:{digest}"), (used, used))
+    cache.unpin_all()
+    mgr.autoexpire(ROOT, SYS)
+    assert not cache.has(f"sha256:{old}") and cache.has(f"sha256:{recent}")
 
 
 def test_autoexpire_a_record_without_expiration_goes_by_its_pull_time(mgr, clock, store):
@@ -1139,18 +1189,26 @@ def test_import_while_another_runs_is_refused(mgr, tmp_path, jobs, store):
     assert store.get(first["_id"])["status"] == READY
 
 
-def test_failures_on_a_misconfigured_platform_are_recorded(make_manager, raw, tmp_path, store):
+def test_failures_on_a_misconfigured_platform_are_recorded(
+    make_manager, raw, registry, tmp_path, store
+):
     # Any failure ends FAILURE with the reason (spec §2.5): a worker that raised
     # something unexpected must not leave the record in flight (a polling client would
-    # wait for it for an hour).
-    platforms = dict(raw["Platforms"], tape={"accesstype": "tape"})
+    # wait for it for an hour). (A bad accesstype no longer gets this far: the config
+    # refuses it, tests/test_config.py.) Here the image dir is a file: every write fails.
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    platforms = dict(
+        raw["Platforms"], tape={"accesstype": "local", "local": {"imageDir": str(blocker)}}
+    )
     mgr = make_manager(Platforms=platforms)
+    registry.publish("app:1")
     pulled = mgr.pull(ALICE, "tape", "docker", "app:1")
-    assert pulled["status"] == FAILURE and "accesstype" in pulled["status_message"]
+    assert pulled["status"] == FAILURE and "not-a-dir" in pulled["status_message"]
     path = squashfs_file(tmp_path / "img.squashfs")
     imported = mgr.do_import(ALICE, "tape", "custom", "mine:1", import_body(path))
     rec = store.get(imported["_id"])
-    assert rec["status"] == FAILURE and "accesstype" in rec["status_message"]
+    assert rec["status"] == FAILURE and "not-a-dir" in rec["status_message"]
     assert store.claims() == []
 
 

@@ -68,7 +68,7 @@ class Site:
         if self.expand.exists():
             assert list(self.expand.iterdir()) == [], "an expanded tree was left behind"
         for blob in self.cache.glob("sha256/*"):
-            if blob.suffix in (".lock",):
+            if blob.suffix in (".lock", ".pin"):  # the download and pin locks
                 continue
             assert ".partial." not in blob.name, f"partial download {blob.name} left"
             digest = hashlib.sha256(blob.read_bytes()).hexdigest()

@@ -535,6 +535,15 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIM
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGHUP})
+# glibc's own real-time signals (32, 33) can be ignored only through the raw system call,
+# and glibc's sigaction() will not reset them: the helper must ask the kernel itself.
+import ctypes
+class KSA(ctypes.Structure):
+    _fields_ = [("h", ctypes.c_void_p), ("f", ctypes.c_ulong), ("r", ctypes.c_void_p),
+                ("m", ctypes.c_ulong)]
+libc = ctypes.CDLL(None, use_errno=True)
+for sig in (32, 33):
+    assert libc.syscall(13, sig, ctypes.byref(KSA(1, 0, None, 0)), None, 8) == 0  # x86_64
 master, slave = os.openpty()
 os.set_inheritable(master, True)
 os.setsid()

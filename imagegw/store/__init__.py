@@ -7,34 +7,32 @@ shared by both backends so that they accept and return records the same way.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
+from ..config import DEFAULT_MONGO_DB, DEFAULT_STATE_DIR, GatewayConfig, store_settings
 from .base import RecordStore
 
-DEFAULT_STATE_DIR = "/var/lib/shifter"
-DEFAULT_MONGO_DB = "Shifter"
 SQLITE_NAME = "shifter-imagegw.sqlite"
 
-__all__ = ["RecordStore", "open_store", "DEFAULT_STATE_DIR", "SQLITE_NAME"]
+__all__ = ["RecordStore", "open_store", "DEFAULT_MONGO_DB", "DEFAULT_STATE_DIR", "SQLITE_NAME"]
 
 
-def open_store(config: Mapping[str, Any]) -> RecordStore:
-    """The store ``config`` (the ``imagemanager.json`` dict) asks for.
+def open_store(config: GatewayConfig | Mapping[str, Any]) -> RecordStore:
+    """The store ``config`` asks for (a :class:`GatewayConfig`, or a mapping of the store
+    keys alone, as tests and tools write it).
 
     ``MongoDBURI`` set: MongoDB, database ``MongoDB`` (default ``Shifter``). Otherwise the
     SQLite file ``<StateDirectory>/shifter-imagegw.sqlite`` (default ``/var/lib/shifter``),
     created with its directory on first start.
     """
-    uri = config.get("MongoDBURI")
+    uri, database, state = store_settings(config)
     if uri:
         # Imported here: a site without MongoDB need not have pymongo installed.
         from .mongo import MongoStore
 
-        return MongoStore(str(uri), database=str(config.get("MongoDB") or DEFAULT_MONGO_DB))
+        return MongoStore(uri, database=database)
     from .sqlite import SQLiteStore
 
-    state = Path(str(config.get("StateDirectory") or DEFAULT_STATE_DIR))
     return SQLiteStore(state / SQLITE_NAME)
 
 

@@ -133,6 +133,11 @@ class RecordStore(ABC):
         """The newest ``limit`` rows (by ``time``, then insertion) of ``system`` (all if
         None), returned oldest first, as they were added (no ``_id``)."""
 
+    @abstractmethod
+    def trim_metrics(self, keep: int) -> int:
+        """Drop the oldest rows (by insertion) so that at most ``keep`` remain, over every
+        system; returns how many were dropped."""
+
     # -- lifecycle -------------------------------------------------------------------
 
     def close(self) -> None:  # noqa: B027 - optional for backends

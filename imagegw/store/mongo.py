@@ -240,6 +240,20 @@ class MongoStore(RecordStore):
         # A copy: insert_one adds an ObjectId _id to the dict it is given.
         self._db["metrics"].insert_one(dict(row))
 
+    def trim_metrics(self, keep: int) -> int:
+        # ObjectIds grow with insertion: everything at or below the first one to drop goes.
+        first_dropped = list(
+            self._db["metrics"]
+            .find({}, {"_id": 1})
+            .sort("_id", DESCENDING)
+            .skip(max(0, keep))
+            .limit(1)
+        )
+        if not first_dropped:
+            return 0
+        result = self._db["metrics"].delete_many({"_id": {"$lte": first_dropped[0]["_id"]}})
+        return result.deleted_count
+
     def last_metrics(self, limit: int, system: str | None = None) -> list[Record]:
         if limit <= 0:
             return []  # limit(0) would mean "no limit" to MongoDB

@@ -412,6 +412,16 @@ class SQLiteStore(RecordStore):
             (system, when, _dumps(doc)),
         )
 
+    def trim_metrics(self, keep: int) -> int:
+        # seq grows with insertion: the row ``keep`` places below the newest is the
+        # newest to drop; the primary key index finds it without a scan of the table.
+        cur = self._conn().execute(
+            "DELETE FROM metrics WHERE seq <= "
+            "(SELECT seq FROM metrics ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+            (max(0, keep),),
+        )
+        return cur.rowcount
+
     def last_metrics(self, limit: int, system: str | None = None) -> list[Record]:
         if limit <= 0:
             return []

@@ -7,20 +7,30 @@
 
 The helper is the ASan/UBSan build (``make -C helpers sanitize``), compiled with
 ``/etc/shifter-test/udiRoot.conf`` as its one configuration path and installed setuid
-root in a root-owned directory: the same privilege model as ``make install``, so the
-attacks in the tests hit what a site runs. ``shifter`` is the real front end, started
+root, so the attacks in the tests hit the privilege model a site runs. A setuid sanitizer
+build must never be reachable by other users (libasan reads ``ASAN_OPTIONS`` before
+``main()``: ``log_path`` through a planted symlink makes root write a file of the user's
+choosing), so it lives in ``/usr/local/libexec/shifter-test{SLOT}``, ``root:shifter-testers
+0750``, the helper ``4750``; the group's only members are the test users. It is removed
+when the session ends (``tests/conftest.py``), at exit, on SIGTERM/SIGHUP, and a stale one
+from a killed run at the next session's start. ``shifter`` is the real front end, started
 as the installed launcher is (``python3 -I -S``), as the user, through ``subprocess``
 with the user's uid, gid and supplementary groups, as ``login`` would set them.
 """
 
 from __future__ import annotations
 
+import atexit
+import grp
 import hashlib
 import os
 import pwd
 import re
 import shutil
+import signal
+import stat
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +49,9 @@ TEST_CONF_DIR = Path(f"/etc/shifter-test{SLOT}")
 TEST_CONF = TEST_CONF_DIR / "udiRoot.conf"
 HELPER_DIR = Path(f"/usr/local/libexec/shifter-test{SLOT}")
 HELPER = HELPER_DIR / "shifter-helper"
+TESTERS = "shifter-testers"
+# The unprivileged users the tests act as; the only members of TESTERS.
+TEST_USERS = ("shifter-alice", "shifter-bob")
 PYTHON = "/usr/bin/python3"  # Debian's: every user can run it (pyenv's is root-only here)
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ("sh", "cat", "ls", "echo", "id", "env", "true", "false", "touch", "mkdir",
@@ -52,18 +65,113 @@ class Result:
     stderr: str
 
 
+def ensure_test_users() -> dict[str, tuple[int, int]]:
+    """The unprivileged test users (created if missing, kept afterwards): name → (uid, gid)."""
+    out = {}
+    for name in TEST_USERS:
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "--create-home", "--user-group", name], check=True)
+            pw = pwd.getpwnam(name)
+        out[name] = (pw.pw_uid, pw.pw_gid)
+    return out
+
+
+def testers_gid() -> int:
+    """The group that may reach the setuid test build; its members are exactly the test
+    users (anyone else added by hand is taken out again). Kept afterwards, like the users."""
+    ensure_test_users()
+    try:
+        grp.getgrnam(TESTERS)
+    except KeyError:
+        # Not --system: a gid above the test users' other groups, appended last to
+        # /etc/group, keeps the group list that setup reads from etcPath ascending (the
+        # helper's privilege drop compares it, in order, with the kernel's sorted list).
+        subprocess.run(["groupadd", TESTERS], check=True)
+    group = grp.getgrnam(TESTERS)
+    if sorted(group.gr_mem) != sorted(TEST_USERS):
+        subprocess.run(["gpasswd", "-M", ",".join(TEST_USERS), TESTERS], check=True,
+                       stdout=subprocess.DEVNULL)
+    return group.gr_gid
+
+
 def install_helper() -> Path:
-    """Build the sanitized helper and install it setuid root; returns its path."""
+    """Build the sanitized helper and install it setuid root where only the testers group
+    can reach it (see the module doc); returns its path. Removed by ``remove_helper()``."""
     subprocess.run(["make", "-s", "-C", str(HELPERS), "sanitize",
                     f"TEST_CONF_PATH={TEST_CONF}", f"SLOT={SLOT}"], check=True)
-    HELPER_DIR.mkdir(parents=True, exist_ok=True)
-    os.chmod(HELPER_DIR, 0o755)
+    gid = testers_gid()
+    _guard_helper_install()
+    HELPER_DIR.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        HELPER_DIR.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(HELPER_DIR)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+        raise RuntimeError(f"{HELPER_DIR} is not a directory of root's: remove it")
+    os.chown(HELPER_DIR, 0, gid)
+    os.chmod(HELPER_DIR, 0o750)
     tmp = HELPER_DIR / ".shifter-helper.new"
     shutil.copyfile(HELPERS / "build" / f"shifter-helper-san{SLOT}", tmp)
-    os.chown(tmp, 0, 0)
-    os.chmod(tmp, 0o4755)
+    os.chown(tmp, 0, gid)
+    os.chmod(tmp, 0o4750)  # after chown, which clears set-id bits
     os.replace(tmp, HELPER)
     return HELPER
+
+
+def remove_helper() -> None:
+    """Remove the setuid test build of this slot (idempotent; safe in a signal handler)."""
+    shutil.rmtree(HELPER_DIR, ignore_errors=True)
+
+
+_guarded = False
+
+
+def _guard_helper_install() -> None:
+    """However the process ends, the setuid test build goes: at exit, and on SIGTERM/SIGHUP,
+    which become KeyboardInterrupt so that pytest tears down (unmounts, stops daemons) and
+    runs the session finalizer; a second signal removes it at once and dies."""
+    global _guarded
+    if _guarded:
+        return
+    _guarded = True
+    atexit.register(remove_helper)
+
+    signalled = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        if signalled:
+            remove_helper()
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        signalled.append(signum)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(signum) == signal.SIG_DFL:  # nohup's SIG_IGN stays
+                signal.signal(signum, on_signal)
+
+
+def strip_setid_bits(top: Path) -> list[Path]:
+    """Clear the set-uid/set-gid bits of every non-directory under ``top`` (not crossing
+    mount points, not following links): image trees that tests build must not leave
+    set-id files on the machine. Returns the paths changed."""
+    changed = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = [d for d in dirnames if not os.path.ismount(os.path.join(dirpath, d))]
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+                if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                    os.chmod(path, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+                    changed.append(Path(path))
+            except OSError:
+                continue  # gone meanwhile, or on a read-only mount
+    return changed
 
 
 def busybox_tree(root: Path, files: dict[str, bytes | str] | None = None) -> Path:
