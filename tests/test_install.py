@@ -6,8 +6,9 @@ One test, in phases (each timed; the figures are printed and kept in
 1. ``make deb``: the three role packages from this checkout into ``dist/``.
 2. A fresh Debian 12 root: ``debootstrap --variant=minbase bookworm`` from the mirror this
    machine's apt uses. The finished root is cached as a tarball under
-   ``/var/cache/shifter-test/`` (and the .deb files apt downloads into it, in
-   ``apt-archives/``), so later runs skip the download; delete the directory to start over.
+   ``/var/cache/shifter-test/`` (and apt's package lists and downloaded .deb files, in
+   ``apt-lists/`` and ``apt-archives/``), so later runs skip most downloads; delete the
+   directory to start over.
 3. In that root, entered with ``unshare --mount --pid --fork`` + ``chroot`` (its own mount
    and PID namespaces; the host network, so the test registry on 127.0.0.1 is reachable):
    ``apt-get install`` of the three .deb files, their dependencies from the mirror, without
@@ -42,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = Path("/var/cache/shifter-test")
 ROOT_TARBALL = CACHE / "bookworm-minbase.tar.zst"
 APT_ARCHIVES = CACHE / "apt-archives"
+APT_LISTS = CACHE / "apt-lists"
 SYSTEM = "instsys"
 USER = "shifter-inst"
 OS_RELEASE = 'PRETTY_NAME="Shifter install test image"\nID=shifter-install\n'
@@ -230,7 +232,8 @@ def mounts_under(path: Path) -> list[str]:
 def test_packages_install_and_run_on_fresh_debian(tmp_path: Path) -> None:
     timings: dict[str, float] = {}
     t0 = time.monotonic()
-    subprocess.run(["make", "-s", "deb"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    made = subprocess.run(["make", "-s", "deb"], cwd=REPO, capture_output=True, text=True)
+    assert made.returncode == 0, f"make deb failed:\n{made.stdout}\n{made.stderr[-4000:]}"
     timings["make deb"] = time.monotonic() - t0
     debs = {name: sorted((REPO / "dist").glob(f"{name}_*.deb"))
             for name in ("shifter-runtime", "shifter-gateway", "shifter-slurm")}
@@ -260,8 +263,8 @@ def run_in_fresh_root(root: Path, debs: dict[str, list[Path]],
     (root / "debs").mkdir()
     for files in debs.values():
         shutil.copy(files[-1], root / "debs")
-    APT_ARCHIVES.mkdir(parents=True, exist_ok=True)
-    (APT_ARCHIVES / "partial").mkdir(exist_ok=True)
+    for cache in (APT_ARCHIVES, APT_LISTS):
+        (cache / "partial").mkdir(parents=True, exist_ok=True)
 
     gw_port = free_port()
     with Registry() as registry:
@@ -278,6 +281,7 @@ def run_in_fresh_root(root: Path, debs: dict[str, list[Path]],
             "mount --rbind /dev $r/dev; mount -t proc proc $r/proc; "
             "mount -t sysfs -o ro sysfs $r/sys; mount -t tmpfs tmpfs $r/run; "
             f"mount --bind {APT_ARCHIVES} $r/var/cache/apt/archives; "
+            f"mount --bind {APT_LISTS} $r/var/lib/apt/lists; "
             "exec chroot $r /bin/bash /root/job.sh"
         )
         t0 = time.monotonic()
