@@ -79,7 +79,7 @@ build-deps:
 	@$(MAKE) -s apt APT_PACKAGES="$(BUILD_PACKAGES)"
 
 helper:
-	$(MAKE) -C helpers
+	$(MAKE) -C helpers PREFIX=$(PREFIX)
 
 # The tree optUdiImage names (etc/udiRoot.conf.example: /opt/shifter/udiImage).
 udiimage:
@@ -189,4 +189,4 @@ bench-slurm: setup install
 	$(PY) bench/slurm
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache dist build

@@ -35,7 +35,8 @@ stage() {
         ;;
     slurm)
         install -d -m 0755 "$dir/usr/share/doc/shifter-slurm"
-        install -m 0644 etc/plugstack.conf.example "$dir/usr/share/doc/shifter-slurm/"
+        sed 's|/usr/local/|/usr/|g' etc/plugstack.conf.example \
+            > "$dir/usr/share/doc/shifter-slurm/plugstack.conf.example"
         ;;
     gateway)
         install -d -m 0755 "$dir/etc/shifter" "$dir/usr/sbin"
