@@ -229,15 +229,23 @@ def mounts_under(path: Path) -> list[str]:
         return [ln.split()[4] for ln in f if (ln.split()[4] + "/").startswith(prefix)]
 
 
-def test_packages_install_and_run_on_fresh_debian(tmp_path: Path) -> None:
-    timings: dict[str, float] = {}
+@pytest.fixture(scope="module")
+def built_debs() -> tuple[dict[str, list[Path]], float]:
+    """`make deb` once for the module: the packages by name, and how long it took."""
     t0 = time.monotonic()
     made = subprocess.run(["make", "-s", "deb"], cwd=REPO, capture_output=True, text=True)
     assert made.returncode == 0, f"make deb failed:\n{made.stdout}\n{made.stderr[-4000:]}"
-    timings["make deb"] = time.monotonic() - t0
+    took = time.monotonic() - t0
     debs = {name: sorted((REPO / "dist").glob(f"{name}_*.deb"))
             for name in ("shifter-runtime", "shifter-gateway", "shifter-slurm")}
     assert all(debs.values()), f"make deb did not write every package: {debs}"
+    return debs, took
+
+
+def test_packages_install_and_run_on_fresh_debian(
+        tmp_path: Path, built_debs: tuple[dict[str, list[Path]], float]) -> None:
+    debs, took = built_debs
+    timings: dict[str, float] = {"make deb": took}
     info = subprocess.run(["dpkg-deb", "-f", str(debs["shifter-runtime"][-1]), "Depends"],
                           capture_output=True, text=True, check=True).stdout
     for tool in ("docker-registry", "skopeo", "umoci", "charliecloud", "slurm", "mpich",
@@ -308,3 +316,38 @@ def run_in_fresh_root(root: Path, debs: dict[str, list[Path]],
     assert "Failed to lookup username" in out, out  # before shifter-etc-sync
     assert "Shifter install test image" in out
     assert re.search(rf"^{USER}$", proc.stdout, re.M), out
+
+
+def test_rpm_packages_hold_what_the_debs_hold(
+        built_debs: tuple[dict[str, list[Path]], float]) -> None:
+    """`make rpm` (rpmbuild from packaging/shifter.spec) builds the same three packages:
+    the same files as the .deb files (units under /usr/lib/systemd instead of /lib), the
+    helper setuid root, configuration as %config, no test tool required."""
+    made = subprocess.run(["make", "-s", "rpm"], cwd=REPO, capture_output=True, text=True)
+    assert made.returncode == 0, f"make rpm failed:\n{made.stderr[-4000:]}"
+    for role in ("runtime", "gateway", "slurm"):
+        deb = built_debs[0][f"shifter-{role}"][-1]
+        rpm = sorted((REPO / "dist").glob(f"shifter-{role}-*.rpm"))[-1]
+        listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True,
+                                 text=True, check=True).stdout
+        deb_files = {re.sub(r"^\./", "/", ln.split(None, 5)[5].split(" -> ")[0]).rstrip("/")
+                     for ln in listing.splitlines() if not ln.startswith("d")}
+        deb_files = {f.replace("/lib/systemd/", "/usr/lib/systemd/", 1)
+                     if f.startswith("/lib/") else f for f in deb_files}
+        rpm_all = subprocess.run(["rpm", "-qlvp", str(rpm)], capture_output=True, text=True,
+                                 check=True).stdout
+        rpm_files = {ln.split(None, 8)[8].split(" -> ")[0] for ln in rpm_all.splitlines()
+                     if not ln.startswith("d")}
+        assert rpm_files == deb_files, (role, rpm_files ^ deb_files)
+        requires = subprocess.run(["rpm", "-qp", "--requires", str(rpm)], capture_output=True,
+                                  text=True, check=True).stdout
+        for tool in ("docker-registry", "skopeo", "umoci", "charliecloud", "slurm-wlm",
+                     "mpich", "clang", "gcc"):
+            assert tool not in requires, (role, tool, requires)
+        if role == "runtime":
+            helper = next(ln for ln in rpm_all.splitlines()
+                          if ln.endswith("/usr/libexec/shifter/shifter-helper"))
+            assert helper.split()[0] == "-rwsr-xr-x" and helper.split()[2:4] == ["root", "root"]
+        configs = subprocess.run(["rpm", "-qcp", str(rpm)], capture_output=True, text=True,
+                                 check=True).stdout.split()
+        assert configs == sorted(f for f in deb_files if f.startswith("/etc/")), (role, configs)
