@@ -344,6 +344,9 @@ def test_rpm_packages_hold_what_the_debs_hold(
         for tool in ("docker-registry", "skopeo", "umoci", "charliecloud", "slurm-wlm",
                      "mpich", "clang", "gcc"):
             assert tool not in requires, (role, tool, requires)
+        # The helper is the one set-id file of all three (shifter-setup is root's only).
+        setid = [ln.split()[8] for ln in rpm_all.splitlines() if ln[3] in "sS" or ln[6] in "sS"]
+        assert setid == (["/usr/libexec/shifter/shifter-helper"] if role == "runtime" else [])
         if role == "runtime":
             helper = next(ln for ln in rpm_all.splitlines()
                           if ln.endswith("/usr/libexec/shifter/shifter-helper"))
