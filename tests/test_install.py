@@ -215,10 +215,15 @@ if as_user shifter --image={image} true 2>/tmp/before.err; then
 fi
 cat /tmp/before.err
 echo "== sync $(t)"
-shifter-etc-sync
+# What shifter-etc-sync.timer starts: the packaged service's command.
+$(sed -n 's/^ExecStart=//p' /lib/systemd/system/shifter-etc-sync.service)
 echo "== shifter $(t)"
 as_user shifter --image={image} cat /etc/os-release
 as_user shifter --image={image} id -un
+echo "== autoexpire $(t)"
+# What shifter-imagegw-autoexpire.timer starts, as root (an admin of the platform).
+$(sed -n 's/^ExecStart=//p' /lib/systemd/system/shifter-imagegw-autoexpire.service) \
+    && echo "autoexpire ran"
 echo "== done $(t)"
 """
 
@@ -316,6 +321,7 @@ def run_in_fresh_root(root: Path, debs: dict[str, list[Path]],
     assert "Failed to lookup username" in out, out  # before shifter-etc-sync
     assert "Shifter install test image" in out
     assert re.search(rf"^{USER}$", proc.stdout, re.M), out
+    assert "autoexpire ran" in out, out
 
 
 def test_rpm_packages_hold_what_the_debs_hold(
