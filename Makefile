@@ -132,7 +132,6 @@ install-slurm: slurm
 install-gateway:
 	rm -rf $(D)$(GWVENV)
 	$(PYTHON_SYS) -m venv $(D)$(GWVENV)
-	$(D)$(GWVENV)/bin/pip install -q --no-cache-dir --upgrade pip
 	$(D)$(GWVENV)/bin/pip install -q --no-cache-dir '$(CURDIR)[gateway]'
 	rm -f $(D)$(GWVENV)/bin/activate* $(D)$(GWVENV)/bin/Activate.ps1
 	if [ -n "$(D)" ]; then \
