@@ -13,7 +13,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make \
 	debootstrap rpm dpkg-dev
 
 .PHONY: setup apt venv install helper udiimage slurm demo test lint fuzz bench-pull \
-	bench-launch bench-slurm clean
+	bench-launch bench-slurm clean docs-man
 
 setup: apt venv
 
@@ -177,6 +177,11 @@ fuzz:
 
 lint: venv
 	$(PY) -m ruff check .
+
+# Man pages and bash completion, generated from the commands' parsers (build output):
+#   build/man/man1/<command>.1, build/completion/bash/<command>
+docs-man: venv
+	$(PY) tools/cli_docs.py build
 
 bench-pull: setup
 	$(PY) bench/pull

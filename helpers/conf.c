@@ -48,6 +48,12 @@ const char *const conf_deprecated_keys[] = {
     "autoLoadKernelModule", "kmodBasePath", "kmodCacheFile", "optionalSshdAsRoot", NULL,
 };
 
+/* Shifter's parser skips these without a word ("defunct"); its own test files still
+ * carry a blank nodeContextPrefix= line, so site files copied from them do too. */
+const char *const conf_defunct_keys[] = {
+    "nodeContextPrefix", NULL,
+};
+
 const char *const conf_module_subkeys[] = {
     "siteFs", "siteEnv", "siteEnvAppend", "siteEnvPrepend", "siteEnvUnset",
     "copyPath", "roothook", "userhook", "conflict", "enabled", NULL,
@@ -284,7 +290,8 @@ static int add_string(char **list, size_t *n, size_t max, const char *what, cons
 }
 
 /* One logical line, NUL-terminated and writable (it is cut in place at '='). */
-static int handle_line(struct udiroot_conf *conf, char *line, char *err, size_t errlen)
+static int handle_line(struct udiroot_conf *conf, char *line, size_t lineno, char *err,
+                       size_t errlen)
 {
     char *eq, *key, *value, *end;
     char warning[CONF_MAX_LINE + 64];
@@ -312,6 +319,8 @@ static int handle_line(struct udiroot_conf *conf, char *line, char *err, size_t 
         end--;
     *end = '\0';
 
+    if (in_list(key, conf_defunct_keys))
+        return 0;
     if (in_list(key, conf_deprecated_keys)) {
         /* A file full of deprecated keys is odd but harmless: keep the first warnings. */
         if (conf->n_warnings >= CONF_MAX_WARNINGS)
@@ -327,7 +336,8 @@ static int handle_line(struct udiroot_conf *conf, char *line, char *err, size_t 
     if (in_list(key, conf_required_keys) || in_list(key, conf_tool_keys) ||
         in_list(key, conf_optional_keys) || is_module_key(key))
         return set_value(conf, key, value, err, errlen);
-    return set_err(err, errlen, "Couldn't understand key: %s", key);
+    return set_err(err, errlen, "Couldn't understand key: %s (udiRoot.conf line %zu)", key,
+                   lineno);
 }
 
 /* Append n bytes to the logical line being built, refusing to overflow it. */
@@ -348,7 +358,7 @@ static int parse_lines(const char *text, size_t len, struct udiroot_conf *conf, 
 {
     /* static: too big for a comfortable stack frame; the helper is single-threaded. */
     static char buf[CONF_MAX_LINE + 1];
-    size_t used = 0, pos = 0, lineno = 0;
+    size_t used = 0, pos = 0, lineno = 0, first = 0; /* first: where the logical line began */
     int pending = 0; /* buf holds continued lines waiting for their last part */
 
     buf[0] = '\0';
@@ -361,6 +371,8 @@ static int parse_lines(const char *text, size_t len, struct udiroot_conf *conf, 
         if (pos < len)
             pos += (text[pos] == '\r' && pos + 1 < len && text[pos + 1] == '\n') ? 2 : 1;
         lineno++;
+        if (!pending)
+            first = lineno;
 
         rend = end;
         while (rend > start && is_blank((unsigned char)text[rend - 1]))
@@ -382,7 +394,7 @@ static int parse_lines(const char *text, size_t len, struct udiroot_conf *conf, 
         }
         if (append(buf, &used, text + start, end - start, lineno, err, errlen) != 0)
             return -1;
-        if (handle_line(conf, buf, err, errlen) != 0)
+        if (handle_line(conf, buf, first, err, errlen) != 0)
             return -1;
         used = 0;
         buf[0] = '\0';
@@ -393,7 +405,7 @@ static int parse_lines(const char *text, size_t len, struct udiroot_conf *conf, 
         while (used > 0 && is_blank((unsigned char)buf[used - 1]))
             used--;
         buf[used] = '\0';
-        if (handle_line(conf, buf, err, errlen) != 0)
+        if (handle_line(conf, buf, first, err, errlen) != 0)
             return -1;
     }
     return 0;

@@ -44,12 +44,14 @@ struct udiroot_conf {
  *                        existing file names them; a node need not have them)
  *   conf_optional_keys   every other plain key (siteFs, which accumulates, aside)
  *   conf_deprecated_keys accepted with an "IGNORING parameter" warning
+ *   conf_defunct_keys    accepted silently (Shifter's defunct keys)
  *   conf_module_subkeys  the <sub> of module_<name>_<sub>
  */
 extern const char *const conf_required_keys[];
 extern const char *const conf_tool_keys[];
 extern const char *const conf_optional_keys[];
 extern const char *const conf_deprecated_keys[];
+extern const char *const conf_defunct_keys[];
 extern const char *const conf_module_subkeys[];
 
 /* The modules a launch asked for, in order; names point into buf. */

@@ -101,6 +101,7 @@ static int run_tables(void)
     print_table("tool", conf_tool_keys);
     print_table("optional", conf_optional_keys);
     print_table("deprecated", conf_deprecated_keys);
+    print_table("defunct", conf_defunct_keys);
     print_table("module", conf_module_subkeys);
     return 0;
 }

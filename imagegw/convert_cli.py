@@ -74,10 +74,13 @@ def _credentials(path: str | None) -> dict[str, str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from imagegw import __version__
+
     parser = argparse.ArgumentParser(
         prog="shifter-convert",
         description="Pull an image from a registry and convert it to <id>.squashfs + <id>.meta.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "reference",
         help="image reference, e.g. ubuntu:22.04 or registry.example.org:5000/team/app@sha256:...",

@@ -349,4 +349,20 @@ def decode(cred: str | bytes, socket: str | None = None) -> Credential:
     if err in (EMUNGE_SNAFU, EMUNGE_NO_MEMORY):
         # munged's own trouble, not the credential's.
         raise MungeError(err, f"authentication failed: {reason}")
+    plain = _PLAIN_REASONS.get(err)
+    if plain:
+        reason = f"{plain} (munge: {reason})"
     raise CredentialError(err, f"authentication failed: {reason}")
+
+
+# What munge's terse reasons mean for whoever reads them: the client's user or an admin.
+_PLAIN_REASONS = {
+    EMUNGE_BAD_CRED: "the request did not carry a munge credential",
+    9: "the credential is damaged (cut or altered on the way)",  # EMUNGE_BAD_VERSION
+    11: "the credential was made with another munge key: the node and the gateway host "
+    "need the same /etc/munge/munge.key",  # EMUNGE_BAD_MAC
+    13: "the credential was made in another munge realm",  # EMUNGE_BAD_REALM
+    14: "the credential was made with another munge key: the node and the gateway host "
+    "need the same /etc/munge/munge.key",  # EMUNGE_CRED_INVALID
+    16: "the credential comes from the future: the node's and the gateway's clocks differ",
+}

@@ -180,7 +180,10 @@ def run_check(path: Path, user_name: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from imagegw import __version__
+
     parser = argparse.ArgumentParser(prog="shifter-imagegw", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "-c", "--config", help=f"imagemanager.json (default $GWCONFIG, else {DEFAULT_CONFIG_PATH})"
     )

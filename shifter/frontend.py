@@ -18,7 +18,7 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping, MutableMapping, Sequence
+    from collections.abc import Mapping, Sequence
 
     from udiroot.config import UdiRootConfig
     from udiroot.descriptor import ImageRequest
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 DEFAULT_HELPER = "/usr/local/libexec/shifter/shifter-helper"
 HELPER_ENV = "SHIFTER_HELPER"
 NOT_FOUND = "FAILED to find requested image."
+# How `shifterimg lookup` begins its "no such image" line (shifter/shifterimg.py).
+LOOKUP_MISSING = "shifterimg: error: image "
 ENV_LIMIT = 4 << 20  # the helper refuses an --env-fd larger than 4 MiB
 
 NO_ARG, REQUIRED, OPTIONAL = 0, 1, 2
@@ -216,20 +218,29 @@ def gateway_lookup(type_: str, tag: str, verbose: bool = False) -> str | None:
 
     client = shifterimg_path()
     if client is None:
-        print("shifter: cannot ask the image gateway: no shifterimg found", file=sys.stderr)
+        print(
+            "shifter: error: cannot ask the image gateway: no shifterimg found "
+            "(install the runtime package, or put shifterimg on PATH)",
+            file=sys.stderr,
+        )
         return None
     argv = [client, *(["--verbose"] if verbose else []), "lookup", f"{type_}:{tag}"]
     try:
-        proc = subprocess.run(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL)
     except OSError as exc:
-        print(f"shifter: cannot run {client}: {exc.strerror}", file=sys.stderr)
+        print(f"shifter: error: cannot run {client}: {exc.strerror}", file=sys.stderr)
         return None
+    # Its words reach the user, but for "not available; pull it": we say that ourselves.
+    for line in proc.stderr.decode("utf-8", "replace").splitlines():
+        if not line.startswith(LOOKUP_MISSING):
+            print(line, file=sys.stderr)
     if proc.returncode != 0:
         return None
     lines = proc.stdout.decode("ascii", "replace").split()
     found = lines[-1] if lines else ""
     if not valid_id(found):
-        print(f"shifter: {client} answered an invalid image id: {found!r}", file=sys.stderr)
+        print(f"shifter: error: {client} answered an invalid image id: {found!r}",
+              file=sys.stderr)
         return None
     if verbose:
         print(f"shifter: {type_}:{tag} is {found} (image gateway)", file=sys.stderr)
@@ -245,7 +256,11 @@ def resolve_id(cfg: UdiRootConfig, request: ImageRequest, verbose: bool = False)
     if found is None:
         found = gateway_lookup(request.type, request.tag, verbose)
     if found is None:
-        raise Failure(f"FAILED to lookup {request.type} image {request.tag}\n{NOT_FOUND}")
+        # Shifter's two lines (scripts match them), then the next step.
+        raise Failure(
+            f"FAILED to lookup {request.type} image {request.tag}\n{NOT_FOUND}\n"
+            f"shifter: pull it first: shifterimg pull {request.type}:{request.tag}"
+        )
     return found
 
 
@@ -272,16 +287,43 @@ def fsencode(text: str) -> bytes:
     return text.encode(_FS_ENCODING, "surrogateescape")
 
 
-def caller_environ() -> MutableMapping[str, str]:
-    """The process environment as text: ``os.environ`` when something loaded ``os``
-    (it then reflects changes made through it), else decoded from ``posix.environ``."""
-    os_module = sys.modules.get("os")
-    if os_module is not None:
-        return os_module.environ
-    return {
-        k.decode(_FS_ENCODING, "surrogateescape"): v.decode(_FS_ENCODING, "surrogateescape")
-        for k, v in posix.environ.items()
-    }
+def caller_environ() -> dict[str, str]:
+    """The environment the caller exec'd us with, as text.
+
+    Read from ``/proc/self/environ`` (the block the kernel copied at exec), not from
+    ``os.environ``/``posix.environ``: Python's start-up changes those. In the C or POSIX
+    locale it coerces the locale and sets ``LC_CTYPE=C.UTF-8`` (``-I`` makes
+    ``PYTHONCOERCECLOCALE`` ignored, so this cannot be switched off), and the container
+    must not receive a variable the user never set. One ``open``+``read``: ~20 µs.
+    Falls back to ``posix.environ`` only where ``/proc`` is not mounted. A name given
+    twice keeps its first value, as ``getenv`` and ``posix.environ`` do."""
+    try:
+        block = _read_proc_environ()
+    except OSError:
+        return {
+            k.decode(_FS_ENCODING, "surrogateescape"): v.decode(_FS_ENCODING, "surrogateescape")
+            for k, v in posix.environ.items()
+        }
+    env: dict[str, str] = {}
+    for record in block.split(b"\0"):
+        name, eq, value = record.partition(b"=")
+        if not eq or not name:
+            continue  # not a NAME=VALUE record: getenv cannot see it either
+        key = name.decode(_FS_ENCODING, "surrogateescape")
+        if key not in env:
+            env[key] = value.decode(_FS_ENCODING, "surrogateescape")
+    return env
+
+
+def _read_proc_environ() -> bytes:
+    fd = posix.open("/proc/self/environ", posix.O_RDONLY | posix.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := posix.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        posix.close(fd)
+    return b"".join(chunks)
 
 
 def env_records(env: Mapping[str, str]) -> bytes:
@@ -290,11 +332,13 @@ def env_records(env: Mapping[str, str]) -> bytes:
     for name, value in env.items():
         record = fsencode(name) + b"=" + fsencode(value)
         if b"\0" in record:
-            raise Failure(f"Environment variable {name} contains a NUL character")
+            raise Failure(f"shifter: error: environment variable {name} contains a NUL "
+                          "character; remove it (or run with --clearenv)")
         out += record + b"\0"
     if len(out) > ENV_LIMIT:
         raise Failure(
-            f"The container environment is too large ({len(out)} bytes; the limit is 4 MiB)"
+            f"shifter: error: the container environment is too large ({len(out)} bytes; "
+            "the limit is 4 MiB): unset large variables or use --clearenv"
         )
     return bytes(out)
 
@@ -307,7 +351,7 @@ def env_fd(env: Mapping[str, str]) -> int:
     try:
         fd = posix.memfd_create("shifter-env", 0)
     except (AttributeError, OSError) as exc:
-        raise Failure(f"Cannot create the environment memfd: {exc}") from None
+        raise Failure(f"shifter: error: cannot create the environment memfd: {exc}") from None
     view = memoryview(data)
     while view:
         written = posix.write(fd, view)
@@ -329,8 +373,8 @@ def exec_helper(argv: list[str], verbose: bool = False) -> int:
         posix.execv(argv[0], argv)
     except OSError as exc:
         print(
-            f"Cannot run the shifter helper {argv[0]}: {exc.strerror} "
-            "(is it installed? run make install)",
+            f"shifter: error: cannot run the shifter helper {argv[0]}: {exc.strerror} "
+            "(is the runtime installed? a developer checkout: make install)",
             file=sys.stderr,
         )
     return 1

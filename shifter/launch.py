@@ -15,7 +15,8 @@ signals, stdin, the terminal and the exit status are the command's)::
         -- CMD [ARG…]
 
 The helper trusts none of it and re-checks what needs checking (helpers/PROTOCOL.md).
-Every error found here is one clear message on stderr and exit status 1, before exec.
+Every error found here is one clear message on stderr and exit status 1, before exec;
+a mistake on the command line exits 2 (``USAGE_STATUS``), as argparse-based tools do.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from udiroot.descriptor import ImageRequest
 
 # Shifter's getopt string is "hvV:i:e:w:m:" (+E): -w takes an argument; only the long
 # --workdir has the bare form, as only --entrypoint exists for the entrypoint.
@@ -103,7 +103,12 @@ Options:
       --version             show the version
 
 Without a command: $SHELL, else /bin/sh. Options end at the first non-option.
+Exit status: the command's; 1 when shifter fails before the command starts;
+2 for a mistake on the command line.
 """
+
+
+USAGE_STATUS = 2
 
 
 class Options:
@@ -278,7 +283,7 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
 
     env = build_environment(
         environ,
-        image_request=_request_text(request, environ),
+        image_request=_request_text(opts.image, environ),
         image_id=image_id,
         clearenv=opts.clearenv,
         image_env=meta.env,
@@ -304,14 +309,24 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
     return argv
 
 
-def _request_text(request: ImageRequest, environ: Mapping[str, str]) -> str:
-    """``SHIFTER_IMAGEREQUEST``: the tag as the user asked for it (what job scripts compare
-    with the name they passed to ``--image``). When Slurm already resolved the request to
-    an id (§7: ``SHIFTER_IMAGETYPE=id`` plus the original in ``SHIFTER_IMAGEREQUEST``),
-    the original is kept."""
-    if request.type == "id" and environ.get("SHIFTER_IMAGEREQUEST"):
-        return environ["SHIFTER_IMAGEREQUEST"]
-    return request.tag
+def _request_text(option: str | None, environ: Mapping[str, str]) -> str | None:
+    """``SHIFTER_IMAGEREQUEST`` as Shifter sets it: the ``--image`` value exactly as
+    given (``id:<id>``, ``docker:ubuntu:22.04``, ``ubuntu:22.04``); without ``--image``,
+    the caller's ``SHIFTER_IMAGEREQUEST`` (else ``SLURM_SPANK_SHIFTER_IMAGEREQUEST``),
+    which the Slurm plugin set to the job's original request when it pinned the id;
+    else, when the image came from ``$SHIFTER``, that value. An image chosen by the
+    ``SHIFTER_IMAGETYPE``/``SHIFTER_IMAGE`` pair alone sets none (``None``), as in
+    Shifter."""
+    if option is not None:
+        return option
+    for name in ("SHIFTER_IMAGEREQUEST", "SLURM_SPANK_SHIFTER_IMAGEREQUEST"):
+        if name in environ:
+            return environ[name]
+    pair = (environ.get("SHIFTER_IMAGETYPE") or environ.get("SLURM_SPANK_SHIFTER_IMAGETYPE"),
+            environ.get("SHIFTER_IMAGE") or environ.get("SLURM_SPANK_SHIFTER_IMAGE"))
+    if pair[0] and pair[1]:
+        return None
+    return environ.get("SHIFTER") or environ.get("SLURM_SPANK_SHIFTER") or None
 
 
 def _cwd() -> str:
@@ -328,8 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             opts = parse_args(args)
         except UsageError as exc:
-            print(f"shifter: {exc}\nTry 'shifter --help' for more information.", file=sys.stderr)
-            return 1
+            print(f"shifter: error: {exc}\nTry 'shifter --help' for more information.",
+                  file=sys.stderr)
+            return USAGE_STATUS
         if opts.help:
             sys.stdout.write(USAGE)
             return 0

@@ -486,11 +486,14 @@ def prepare(out: Path, *, name: str = DEFAULT_NAME, mpi_dirs: list[str] | None =
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shifter import __version__
+
     ap = argparse.ArgumentParser(
         prog="shifter-prep-mpi",
         description="Prepare a site's MPICH-ABI MPI (libmpi.so.12) as a shifter module: "
                     "copy the libraries and their non-system dependencies, rewrite their "
                     "RUNPATHs, print the udiRoot.conf lines.")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     ap.add_argument("libraries", nargs="*", metavar="LIBRARY",
                     help="MPI library files to take (in addition to --mpi-lib dirs)")
     ap.add_argument("-o", "--out", required=True,
@@ -524,10 +527,10 @@ def main(argv: list[str] | None = None) -> int:
                        force=args.force, patchelf=args.patchelf, bind=args.bind,
                        inside=args.inside)
     except PrepError as e:
-        print(f"shifter-prep-mpi: {e}", file=sys.stderr)
+        print(f"shifter-prep-mpi: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"shifter-prep-mpi: {e}", file=sys.stderr)
+        print(f"shifter-prep-mpi: error: {e}", file=sys.stderr)
         return 1
     sys.stdout.write(text)
     return 0

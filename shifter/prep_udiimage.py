@@ -157,10 +157,13 @@ def prepare(out: Path, *, sshd: str = SSHD, ssh: str = SSH, force: bool = False,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shifter import __version__
+
     ap = argparse.ArgumentParser(
         prog="shifter-prep-udiimage",
         description="Build the optUdiImage tree (copied into every container as "
                     "/opt/udiImage) with the host's sshd and ssh, runnable in any image.")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     ap.add_argument("-o", "--out", required=True,
                     help="the tree to write (udiRoot.conf's optUdiImage)")
     ap.add_argument("--sshd", default=SSHD, help=f"sshd to inject (default {SSHD})")
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare(Path(args.out), sshd=args.sshd, ssh=args.ssh, force=args.force,
                 patchelf=args.patchelf)
     except (PrepError, OSError) as e:
-        print(f"shifter-prep-udiimage: {e}", file=sys.stderr)
+        print(f"shifter-prep-udiimage: error: {e}", file=sys.stderr)
         return 1
     print(f"optUdiImage={os.path.abspath(args.out)}")
     return 0

@@ -57,8 +57,9 @@ SHORT = {
     "G": REQUIRED,
     "N": REQUIRED,
     "m": REQUIRED,
+    "V": NO_ARG,  # Shifter's: verbose (print the configuration, then the helper's progress)
 }
-LONG = {"help": NO_ARG}
+LONG = {"help": NO_ARG, "version": NO_ARG}
 
 USER_ERROR = 2  # the user's request cannot be served (the helper's setup mode says 2 too)
 
@@ -67,7 +68,7 @@ class UserError(Failure):
     """A request that cannot be served because of the user's own input."""
 
 SETUP_USAGE = """\
-Usage: setupRoot [-v volmap]... [-s sshPubKey] [-u user] -U uid -G gid
+Usage: setupRoot [-V] [-v volmap]... [-s sshPubKey] [-u user] -U uid -G gid
                  [-N "host/n host/n ..."] [-m modules] <type> <identifier>
 
 Prepare this node's container for a job (root only; the Slurm prolog runs it).
@@ -78,17 +79,23 @@ Prepare this node's container for a job (root only; the Slurm prolog runs it).
   -G GID      the user's primary gid
   -N NODES    node list for /var/hostsfile: "host/tasks host/tasks ..."
   -m MODULES  site modules (comma list or none; default: defaultModules)
+  -V          verbose: print what will be set up, then the helper's progress
+  -h, --help  show this help; --version: show the version
 The image is <type> <identifier> (e.g. docker ubuntu:22.04) or one type:identifier.
 """
 UNSETUP_USAGE = """\
-Usage: unsetupRoot
+Usage: unsetupRoot [-V] [-h|--help] [--version]
 
 Remove this node's prepared container (root only; the Slurm epilog runs it).
+  -V   verbose: the helper's progress on stderr
 """
 
 
 class SetupOptions:
-    __slots__ = ("volumes", "ssh_key", "user", "uid", "gid", "nodes", "modules", "image", "help")
+    __slots__ = (
+        "volumes", "ssh_key", "user", "uid", "gid", "nodes", "modules", "image", "help",
+        "verbose", "version",
+    )
 
     def __init__(self) -> None:
         self.volumes: list[str] = []
@@ -100,6 +107,8 @@ class SetupOptions:
         self.modules: str | None = None
         self.image: list[str] = []
         self.help = False
+        self.verbose = False
+        self.version = False
 
 
 def parse_setup_args(argv: Sequence[str]) -> SetupOptions:
@@ -111,6 +120,10 @@ def parse_setup_args(argv: Sequence[str]) -> SetupOptions:
         text = value or ""
         if name in ("h", "help"):
             opts.help = True
+        elif name == "version":
+            opts.version = True
+        elif name == "V":
+            opts.verbose = True
         elif name == "v":
             opts.volumes.append(text)
         elif name == "s":
@@ -125,7 +138,7 @@ def parse_setup_args(argv: Sequence[str]) -> SetupOptions:
             opts.nodes = text
         elif name == "m":
             opts.modules = text
-    if not opts.help and not 1 <= len(opts.image) <= 2:
+    if not (opts.help or opts.version) and not 1 <= len(opts.image) <= 2:
         raise UsageError("expected the image as <type> <identifier>")
     return opts
 
@@ -151,7 +164,8 @@ def plan_setup(opts: SetupOptions) -> list[str]:
     if opts.uid is None or opts.gid is None:
         raise Failure("setupRoot: -U uid and -G gid are required")
     if opts.uid == 0 or opts.gid == 0:
-        raise Failure("Failed to lookup username or attempted to run as root.")
+        raise Failure("Failed to lookup username or attempted to run as root.\n"
+                      "setupRoot: containers never run as root: give the job owner's -U and -G")
     user = opts.user or _user_name(opts.uid)
 
     cfg = load_or_exit()
@@ -198,6 +212,16 @@ def plan_setup(opts: SetupOptions) -> list[str]:
         argv += ["--nodes", opts.nodes]
     if opts.ssh_key is not None:
         argv += ["--ssh-pubkey", opts.ssh_key.strip()]  # a .pub file's line, newline and all
+    if opts.verbose:
+        # Shifter's -V printed its setup and udiRoot settings to stdout: ours says the same
+        # things as the request it will make of the helper.
+        print(f"setupRoot: udiRoot.conf {cfg.path}")
+        print(f"setupRoot: user {user} uid {opts.uid} gid {opts.gid}")
+        print(f"setupRoot: image {request}" + (f" = {target[1]}" if target[0] != "--local" else ""))
+        print(f"setupRoot: volumes {';'.join(volumes) or '(none)'}")
+        print(f"setupRoot: modules {','.join(m.name for m in modules) or '(none)'}")
+        print(f"setupRoot: nodes {opts.nodes or '(none)'}")
+        argv.append("--verbose")
     return argv
 
 
@@ -223,7 +247,9 @@ def _run(argv: Sequence[str] | None, name: str, body: Callable[[list[str]], int]
     try:
         return body(list(sys.argv[1:] if argv is None else argv))
     except UsageError as exc:
-        print(f"{name}: {exc}\nTry '{name} -h' for more information.", file=sys.stderr)
+        # 1, not 2: the prolog reads 2 as "the user's fault" and a bad command line is the
+        # prolog's (or an admin's), never the job owner's.
+        print(f"{name}: error: {exc}\nTry '{name} -h' for more information.", file=sys.stderr)
         return 1
     except UserError as exc:
         print(exc, file=sys.stderr)
@@ -237,21 +263,34 @@ def _setup(args: list[str]) -> int:
     if opts.help:
         sys.stdout.write(SETUP_USAGE)
         return 0
+    if opts.version:
+        return _version("setupRoot")
     if os.getuid() != 0:
         raise Failure("setupRoot: must be run as root")
     return exec_helper(plan_setup(opts))
 
 
 def _unsetup(args: list[str]) -> int:
-    pairs, rest = getopt_long(args, {"h": NO_ARG}, LONG)
-    if pairs:
+    pairs, rest = getopt_long(args, {"h": NO_ARG, "V": NO_ARG}, LONG)
+    names = {name for name, _ in pairs}
+    if names & {"h", "help"}:
         sys.stdout.write(UNSETUP_USAGE)
         return 0
+    if "version" in names:
+        return _version("unsetupRoot")
     if rest:
         raise UsageError(f"unexpected argument '{rest[0]}'")
     if os.getuid() != 0:
         raise Failure("unsetupRoot: must be run as root")
-    return exec_helper([helper_path(os.environ), "unsetup"])
+    verbose = ["--verbose"] if "V" in names else []
+    return exec_helper([helper_path(os.environ), "unsetup", *verbose])
+
+
+def _version(name: str) -> int:
+    from shifter import __version__
+
+    print(f"{name} {__version__}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """``shifterimg``: the image gateway's command-line client (behaviour spec §5).
 
     shifterimg [-v] [-u users] [-g groups] pull docker:ubuntu:22.04
-    shifterimg lookup ubuntu:22.04
-    shifterimg images
+    shifterimg pullnb docker:ubuntu:22.04       (ask for the pull, do not wait)
+    shifterimg [--json] lookup ubuntu:22.04
+    shifterimg [--json] images
     shifterimg login [location]
     shifterimg expire docker:ubuntu:22.04        (admins)
     shifterimg autoexpire                        (admins)
@@ -11,6 +12,10 @@
 Gateways, system and timeout come from ``udiRoot.conf`` (``imageGateway``, ``system``,
 ``gatewayTimeout``). Requests carry a munge credential; registry logins from
 ``~/.udiRoot/.cred`` ride in its payload, so they cross the network encrypted.
+
+Errors are one line ``shifterimg: error: <what> ; <what to do>`` and exit status 1; a
+mistake on the command line exits 2. Shifter's own wording is kept where scripts match
+it (``ERROR: failed to contact the image gateway.``), with the details on the next lines.
 """
 
 from __future__ import annotations
@@ -35,8 +40,25 @@ IN_FLIGHT = ("INIT", "PENDING", "PULLING", "EXAMINATION", "CONVERSION", "TRANSFE
 IMAGE_TYPES = ("docker", "custom")
 
 
+PROG = "shifterimg"
+ERROR = f"{PROG}: error: "
+NOT_CONTACTED = "ERROR: failed to contact the image gateway."  # Shifter's words, kept
+
+
 class ClientError(Exception):
-    """Printed as ``ERROR: <message>``, exit status 1."""
+    """Printed as ``shifterimg: error: <message>``, exit status 1."""
+
+
+class UsageError(ClientError):
+    """A command-line mistake: exit status 2, with the usage line."""
+
+
+class Unreachable(ClientError):
+    """No gateway answered: Shifter's line, then why for each URL (already prefixed)."""
+
+
+def error(message: str) -> None:
+    print(ERROR + message, file=sys.stderr)
 
 
 def split_descriptor(text: str, default_type: str = "docker") -> tuple[str, str]:
@@ -47,7 +69,7 @@ def split_descriptor(text: str, default_type: str = "docker") -> tuple[str, str]
     else:
         itype, tag = default_type, text
     if not tag:
-        raise ClientError(f"no image tag in '{text}'")
+        raise UsageError(f"no image tag in '{text}' (write TYPE:TAG, e.g. docker:ubuntu:22.04)")
     return itype, tag
 
 
@@ -131,9 +153,14 @@ class Gateway:
         timeout: float,
         munge_socket: str | None = None,
         verbose: bool = False,
+        conf_path: str = "udiRoot.conf",
     ) -> None:
         if not urls:
-            raise ClientError("no image gateway configured (imageGateway in udiRoot.conf)")
+            raise ClientError(
+                f"no image gateway configured: set imageGateway in {conf_path} "
+                "(e.g. imageGateway=https://gateway.example.org:7777)"
+            )
+        self.conf_path = conf_path
         self.urls = list(urls)
         random.shuffle(self.urls)  # spread the nodes of a job over every gateway
         self.system = system
@@ -155,6 +182,7 @@ class Gateway:
         self, method: str, path: str, *, body: Any = None, logins: dict[str, str] | None = None
     ) -> tuple[int, Any]:
         unavailable: tuple[int, Any] | None = None
+        failures: list[str] = []
         for url in self.urls:
             headers = {"authentication": self._credential(logins)}  # one use each
             try:
@@ -166,8 +194,10 @@ class Gateway:
                     timeout=self.timeout,
                 )
             except requests.RequestException as exc:
+                reason = request_failure(exc, self.timeout)
                 if self.verbose:
-                    print(f"gateway {url}: {exc}", file=sys.stderr)
+                    print(f"gateway {url}: {reason}", file=sys.stderr)
+                failures.append(f"{ERROR}{url}: {reason}")
                 continue
             answer = resp.status_code, _body(resp)
             if resp.status_code in (502, 503, 504):
@@ -180,7 +210,36 @@ class Gateway:
             return answer
         if unavailable is not None:
             return unavailable
-        raise ClientError("failed to contact the image gateway.")
+        raise Unreachable(
+            "\n".join(
+                [
+                    NOT_CONTACTED,
+                    *failures,
+                    f"{PROG}: check imageGateway in {self.conf_path} and that shifter-imagegw "
+                    "runs there",
+                ]
+            )
+        )
+
+
+def request_failure(exc: requests.RequestException, timeout: float) -> str:
+    """Why a request got no answer, in a few words (requests' own text is a page of
+    urllib3 object reprs)."""
+    import re
+
+    if isinstance(exc, requests.Timeout):
+        return f"no answer within {timeout:g} s (gatewayTimeout)"
+    text = str(exc)
+    if isinstance(exc, requests.exceptions.SSLError):
+        found = re.search(r"certificate verify failed: ([^(')\]]+)", text)
+        detail = found.group(1).strip() if found else "handshake failed"
+        return f"TLS: {detail} (is the site CA trusted on this node?)"
+    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if found:
+        return found.group(1).strip()
+    if "NameResolution" in text or "resolve" in text:
+        return "host name not known"
+    return type(exc).__name__
 
 
 def _body(resp: requests.Response) -> Any:
@@ -212,13 +271,18 @@ def _human(n: float) -> str:
 # -- modes ------------------------------------------------------------------------------
 
 
-def do_lookup(gw: Gateway, itype: str, tag: str) -> int:
+def do_lookup(gw: Gateway, itype: str, tag: str, as_json: bool = False) -> int:
     status, data = gw.call("GET", f"/api/lookup/{gw.system}/{itype}/{tag}/")
     if status == 200 and isinstance(data, dict) and data.get("id") not in (None, "MISSING"):
-        print(data["id"])
+        print(json.dumps(data, sort_keys=True) if as_json else data["id"])
         return 0
-    if status != 404:
-        print(f"ERROR: {_message(data)}", file=sys.stderr)
+    if status in (200, 404):
+        error(
+            f"image {itype}:{tag} is not available on {gw.system}; "
+            f"pull it with: {PROG} pull {itype}:{tag}"
+        )
+    else:
+        error(_message(data))
     return 1
 
 
@@ -230,13 +294,16 @@ def do_pull(
     groups: str | None,
     verbose: bool,
     location_logins: dict[str, str],
+    wait: bool = True,
 ) -> int:
+    """``pull`` polls until the image is ready or failed; ``pullnb`` (``wait=False``)
+    asks once, prints the status line and returns, as Shifter's does."""
     body: dict[str, str] = {}
     if users:
         body["allowed_uids"] = users
     if groups:
         body["allowed_gids"] = groups
-    in_place = sys.stdout.isatty() and not verbose
+    in_place = sys.stdout.isatty() and not verbose and wait
     last = ""
     while True:
         status_code, data = gw.call(
@@ -245,7 +312,7 @@ def do_pull(
         if status_code != 200 or not isinstance(data, dict):
             if in_place and last:
                 print()
-            print(f"ERROR: {_message(data)}", file=sys.stderr)
+            error(_message(data))
             return 1
         state = str(data.get("status"))
         line = f"{_stamp()} Pulling Image: {itype}:{tag}, status: {state}"
@@ -261,27 +328,34 @@ def do_pull(
         elif line.rsplit(" ", 1)[-1] != last.rsplit(" ", 1)[-1] or verbose:
             print(line, flush=True)
         last = line
-        if state not in IN_FLIGHT:
+        if state not in IN_FLIGHT or not wait:
             break
         time.sleep(0.5)
     if in_place:
         print()
     if state == "FAILURE":
-        print(f"ERROR: pull failed: {data.get('status_message')}", file=sys.stderr)
+        error(f"pull of {itype}:{tag} failed: {data.get('status_message')}")
         return 1
+    if not wait:
+        return 0 if state in IN_FLIGHT or state == "READY" else 1
     return 0 if state == "READY" else 1
 
 
-def do_images(gw: Gateway) -> int:
+def do_images(gw: Gateway, as_json: bool = False) -> int:
     status, data = gw.call("GET", f"/api/list/{gw.system}/")
     if status != 200:
-        print(f"ERROR: {_message(data)}", file=sys.stderr)
+        error(_message(data))
         return 1
     rows = []
     for rec in data.get("list", []):
         tags = rec.get("tag") if isinstance(rec.get("tag"), list) else [rec.get("tag")]
         for tag in tags:
             rows.append((str(tag), rec))
+    if as_json:
+        # One object per tag, as the table has one line per tag.
+        out = [{**rec, "tag": tag} for tag, rec in sorted(rows, key=lambda r: r[0])]
+        print(json.dumps(out, sort_keys=True, indent=1))
+        return 0
     for tag, rec in sorted(rows, key=lambda r: r[0]):
         when = rec.get("last_pull")
         stamp = _stamp(float(when)) if isinstance(when, int | float) else "MISSING"
@@ -300,7 +374,7 @@ def do_admin(gw: Gateway, mode: str, itype: str = "", tag: str = "") -> int:
     )
     status, data = gw.call("GET", path)
     if status != 200:
-        print(f"ERROR: {_message(data)}", file=sys.stderr)
+        error(_message(data))
         return 1
     if mode == "autoexpire":
         for image_id in data.get("status") or []:
@@ -324,13 +398,13 @@ def do_import(
     failures_before = len(_import_entries(gw, tag, "FAILURE"))
     status, data = gw.call("POST", f"/api/doimport/{gw.system}/{itype}/{tag}/", body=body)
     if status != 200 or not isinstance(data, dict):
-        print(f"ERROR: {_message(data)}", file=sys.stderr)
+        error(_message(data))
         return 1
     while data.get("status") not in ("READY", "FAILURE"):
         time.sleep(0.5)
         data = _poll_import(gw, itype, tag, failures_before) or data
     if data.get("status") != "READY":
-        print(f"ERROR: import failed: {data.get('status_message')}", file=sys.stderr)
+        error(f"import failed: {data.get('status_message')}")
         return 1
     print(data.get("id"))
     return 0
@@ -391,49 +465,81 @@ def do_login(system: str, location: str | None, default_location: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shifterimg", description="Shifter image gateway client")
-    parser.add_argument("-v", "--verbose", action="store_true")
+MODES = ("lookup", "pull", "pullnb", "images", "login", "expire", "autoexpire", "import")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also what ``make docs-man`` and the shell completion read)."""
+    from shifter import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Shifter image gateway client: pull images for this system, list them, "
+        "find an image's id.",
+        epilog="modes: lookup TYPE:TAG (print the id) | pull TYPE:TAG (wait until ready) | "
+        "pullnb TYPE:TAG (ask, do not wait) | images | login [LOCATION] | "
+        "expire TYPE:TAG (admins) | autoexpire (admins) | import FILE [TYPE:]TAG. "
+        "TYPE is docker (default: defaultImageType) or custom.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="say what is being done")
     parser.add_argument("-u", "--user", help="users (names or ids) allowed a private image")
     parser.add_argument("-g", "--group", help="groups (names or ids) allowed a private image")
     parser.add_argument(
-        "mode", choices=("lookup", "pull", "images", "login", "expire", "autoexpire", "import")
+        "--json", action="store_true", help="lookup and images: print JSON records"
     )
-    parser.add_argument("args", nargs="*")
+    parser.add_argument("mode", choices=MODES, help="what to do (see below)")
+    parser.add_argument("args", nargs="*", metavar="ARG", help="the image, file or location")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.json and args.mode not in ("lookup", "images"):
+        parser.error("--json goes with lookup and images")
     from udiroot.config import load_or_exit
 
     cfg = load_or_exit(trusted=False)
     system = cfg.system
     try:
         if not system:
-            raise ClientError("no system configured (system in udiRoot.conf)")
+            raise ClientError(f"no system configured: set system in {cfg.path}")
         if args.mode == "login":
+            if len(args.args) > 1:
+                raise UsageError("login takes at most one location")
             return do_login(
                 system,
                 args.args[0] if args.args else None,
                 os.environ.get("SHIFTER_DEFAULT_LOCATION", "index.docker.io"),
             )
+        if args.mode in ("images", "autoexpire") and args.args:
+            raise UsageError(f"{args.mode} takes no arguments")
+        if args.mode == "import" and len(args.args) != 2:
+            raise UsageError("import needs FILE [TYPE:]TAG, e.g. import img.squashfs custom:mine")
+        if args.mode not in ("images", "autoexpire", "import") and len(args.args) != 1:
+            raise UsageError(f"{args.mode} needs one image, e.g. {args.mode} docker:ubuntu:22.04")
         gw = Gateway(
-            cfg.gateways, system, cfg.gateway_timeout, os.environ.get("MUNGE_SOCKET"), args.verbose
+            cfg.gateways,
+            system,
+            cfg.gateway_timeout,
+            os.environ.get("MUNGE_SOCKET"),
+            args.verbose,
+            cfg.path,
         )
         default_type = cfg.get("defaultImageType") or "docker"
         if args.mode == "images":
-            return do_images(gw)
+            return do_images(gw, args.json)
         if args.mode == "autoexpire":
             return do_admin(gw, "autoexpire")
         if args.mode == "import":
-            if len(args.args) != 2:
-                raise ClientError("usage: shifterimg import <file.squashfs> [custom:]<tag>")
             itype, tag = split_descriptor(args.args[1], "custom")
             return do_import(
                 gw, args.args[0], itype, tag, _ids(args.user, "user"), _ids(args.group, "group")
             )
-        if len(args.args) != 1:
-            raise ClientError(f"usage: shifterimg {args.mode} [type:]tag")
         itype, tag = split_descriptor(args.args[0], default_type)
         if args.mode == "lookup":
-            return do_lookup(gw, itype, tag)
+            return do_lookup(gw, itype, tag, args.json)
         if args.mode == "expire":
             return do_admin(gw, "expire", itype, tag)
         return do_pull(
@@ -444,9 +550,15 @@ def main(argv: list[str] | None = None) -> int:
             _ids(args.group, "group"),
             args.verbose,
             read_logins(system),
+            wait=args.mode == "pull",
         )
+    except UsageError as exc:
+        parser.error(str(exc))  # exits 2
+    except Unreachable as exc:
+        print(exc, file=sys.stderr)
+        return 1
     except ClientError as exc:
-        print(f"ERROR: {exc}", file=sys.stderr)
+        error(str(exc))
         return 1
     except KeyboardInterrupt:
         return 130

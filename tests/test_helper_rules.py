@@ -337,6 +337,8 @@ CONF_TEXTS = {
     "comment_continues": BASE + "# a comment \\\nsystem=swallowed\nsystem=kept\n",
     " indented_comment": BASE + "  # not a comment in column 0=really\n",
     "unknown_key": BASE + "bogusKey=1\n",
+    "unknown_key_continued": BASE + "# one\n\nsiteFS=/a:/a;\\\n/b:/b\n",
+    "defunct_key": BASE + "nodeContextPrefix=\nnodeContextPrefix = /x\n",
     "empty_key": BASE + "=value\n",
     "bad_module_key": BASE + "module__enabled=1\n",
     "module_no_subkey": BASE + "module_mpich=1\n",
@@ -472,6 +474,7 @@ def test_key_tables_are_the_same_in_c_and_python(driver):
         "tool": list(config.TOOL_PATHS),
         "optional": list(config.OPTIONAL),
         "deprecated": list(config.DEPRECATED),
+        "defunct": list(config.DEFUNCT),
         "module": list(config.MODULE_KEYS),
     }
 

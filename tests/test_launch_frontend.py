@@ -319,10 +319,32 @@ def test_version_and_help(site: Site) -> None:
     assert "--entrypoint[=CMD]" in res.stdout
 
 
-def test_usage_error_exits_1(site: Site) -> None:
+def test_every_cli_says_its_version(site: Site) -> None:
+    """``--version`` on every command a site installs, the same version everywhere."""
+    import imagegw
+
+    assert imagegw.__version__ == __version__
+    for name in ("setupRoot", "unsetupRoot"):
+        res = site.run(name, "--version")
+        assert (res.returncode, res.stdout, res.helper_ran) == (0, f"{name} {__version__}\n",
+                                                                False), res.stderr
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project_scripts = project["scripts"]
+    assert {"shifterimg", "shifter-imagegw", "shifter-prep-mpi", "shifter-prep-udiimage",
+            "shifter-convert"} <= set(project_scripts)
+    for name in project_scripts:
+        if name in ("shifter", "setupRoot", "unsetupRoot"):
+            continue  # the python3 -I -S launchers above
+        proc = subprocess.run([str(VENV_BIN / name), "--version"], capture_output=True,
+                              text=True, timeout=60)
+        assert (proc.returncode, proc.stdout) == (0, f"{name} {__version__}\n"), proc.stderr
+
+
+def test_usage_error_exits_2(site: Site) -> None:
     res = site.shifter("--nope", "true")
-    assert res.returncode == 1 and not res.helper_ran
-    assert "shifter: unrecognized option '--nope'" in res.stderr
+    assert res.returncode == 2 and not res.helper_ran
+    assert res.stderr == ("shifter: error: unrecognized option '--nope'\n"
+                          "Try 'shifter --help' for more information.\n")
     res = site.shifter("-i", "docker:x", "-e", "NOEQUALS", "true")
     assert res.returncode == 1
     assert "Improperly formatted environment variable: NOEQUALS" in res.stderr
@@ -362,7 +384,7 @@ def test_exact_helper_argv_and_env_for_an_id_image(site: Site) -> None:
     assert env["CALLER"] == "here"
     assert not [name for name in env if name.startswith("LD_")]
     assert env["SHIFTER_IMAGE"] == iid
-    assert env["SHIFTER_IMAGEREQUEST"] == iid
+    assert env["SHIFTER_IMAGEREQUEST"] == f"id:{iid}"  # the request as given, as Shifter
     assert env["FROM_IMAGE"] == "1"
     assert env["PATH"] == "/usr/bin"  # the image's PATH wins over the caller's
     assert env["SHIFTER_HELPER"] == str(site.helper)  # the caller's own variables stay
@@ -419,7 +441,8 @@ def test_clearenv(site: Site) -> None:
     iid = site.add_image("clear", "ENV: IMG=1\n")
     res = site.shifter(f"--image=id:{iid}", "-E", "-e", "X=1", "env", env={"CALLER": "x"})
     assert res.returncode == 0, res.stderr
-    assert res.env == {"SHIFTER_IMAGEREQUEST": iid, "SHIFTER_IMAGE": iid, "IMG": "1", "X": "1"}
+    assert res.env == {"SHIFTER_IMAGEREQUEST": f"id:{iid}", "SHIFTER_IMAGE": iid, "IMG": "1",
+                       "X": "1"}
 
 
 def test_env_file_errors(site: Site) -> None:
@@ -459,7 +482,7 @@ def test_tag_from_the_index(site: Site) -> None:
     assert res.returncode == 0, res.stderr
     assert res.option("--image-id") == [iid]
     assert res.option("--request") == ["docker:registry.test:5000/team/busybox:1.0"]
-    assert res.env["SHIFTER_IMAGEREQUEST"] == "registry.test:5000/team/busybox:1.0"
+    assert res.env["SHIFTER_IMAGEREQUEST"] == "docker:registry.test:5000/team/busybox:1.0"
     assert res.env["SHIFTER_IMAGE"] == iid
 
 
@@ -483,6 +506,8 @@ def test_index_entry_without_meta_is_not_used(site: Site) -> None:
     assert res.returncode == 1 and not res.helper_ran
     assert "FAILED to lookup docker image gone:1" in res.stderr
     assert "FAILED to find requested image." in res.stderr
+    # ...and what to do about it, with the exact descriptor.
+    assert res.stderr.endswith("shifter: pull it first: shifterimg pull docker:gone:1\n")
 
 
 def test_index_entry_the_helper_would_refuse_is_not_used(site: Site) -> None:
@@ -522,6 +547,26 @@ def test_slurm_resolved_id_keeps_the_original_request(site: Site) -> None:
     assert res.env["SHIFTER_IMAGEREQUEST"] == "ubuntu:22.04" and res.env["SHIFTER_IMAGE"] == iid
 
 
+def test_image_request_is_set_as_shifter_sets_it(site: Site) -> None:
+    """``SHIFTER_IMAGEREQUEST``: the --image value as typed; else the caller's (the Slurm
+    plugin's pinned request), else ``$SHIFTER``'s value; not set when only the
+    SHIFTER_IMAGETYPE/SHIFTER_IMAGE pair chose the image (Shifter sets none then)."""
+    iid = site.add_image("req", tag="req:1")
+    cases = [
+        ({}, [f"--image=id:{iid}"], f"id:{iid}"),
+        ({}, ["--image=req:1"], "req:1"),
+        ({"SHIFTER_IMAGEREQUEST": "old"}, ["--image=docker:req:1"], "docker:req:1"),
+        ({"SHIFTER_IMAGETYPE": "docker", "SHIFTER_IMAGE": "req:1"}, [], None),
+        ({"SHIFTER": "req:1"}, [], "req:1"),
+        ({"SLURM_SPANK_SHIFTER_IMAGETYPE": "id", "SLURM_SPANK_SHIFTER_IMAGE": iid,
+          "SLURM_SPANK_SHIFTER_IMAGEREQUEST": "req:1"}, [], "req:1"),
+    ]
+    for env, args, expect in cases:
+        res = site.shifter(*args, "true", env=env)
+        assert res.returncode == 0, res.stderr
+        assert res.env.get("SHIFTER_IMAGEREQUEST") == expect, (env, args)
+
+
 def test_bad_descriptors(site: Site) -> None:
     res = site.shifter("--image=docker:ub$untu", "true")
     assert res.returncode == 1 and "Invalid character '$'" in res.stderr
@@ -543,7 +588,8 @@ def test_unknown_tag_without_a_shifterimg(site: Site) -> None:
     assert res.returncode == 1 and not res.helper_ran
     assert "no shifterimg found" in res.stderr
     assert res.stderr.endswith("FAILED to lookup docker image nosuch:1\n"
-                               "FAILED to find requested image.\n")
+                               "FAILED to find requested image.\n"
+                               "shifter: pull it first: shifterimg pull docker:nosuch:1\n")
 
 
 def test_unknown_tag_with_an_unreachable_gateway(site: Site, munged) -> None:
@@ -552,8 +598,11 @@ def test_unknown_tag_with_an_unreachable_gateway(site: Site, munged) -> None:
     env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "MUNGE_SOCKET": str(munged.socket)}
     res = site.shifter("--image=docker:nosuch:1", "true", env=env)
     assert res.returncode == 1 and not res.helper_ran
-    assert "ERROR: failed to contact the image gateway." in res.stderr
-    assert res.stderr.endswith("FAILED to find requested image.\n")
+    # Shifter's line, then which URL and why (shifterimg's words reach the user).
+    assert "ERROR: failed to contact the image gateway.\n" in res.stderr
+    assert "shifterimg: error: http://127.0.0.1:9: Connection refused\n" in res.stderr
+    assert res.stderr.endswith("FAILED to find requested image.\n"
+                               "shifter: pull it first: shifterimg pull docker:nosuch:1\n")
 
 
 class _LookupGateway(BaseHTTPRequestHandler):
@@ -604,8 +653,10 @@ def test_tag_not_in_the_index_is_looked_up_with_shifterimg(site, lookup_gateway,
     # Not found at the gateway either: exit 1 with Shifter's words.
     res = site.shifter("--image=docker:team/other:1", "true", env=env)
     assert res.returncode == 1 and not res.helper_ran
-    assert res.stderr.endswith("FAILED to lookup docker image team/other:1\n"
-                               "FAILED to find requested image.\n")
+    # shifterimg's own "not available" line is not repeated: shifter says the next step.
+    assert res.stderr == ("FAILED to lookup docker image team/other:1\n"
+                          "FAILED to find requested image.\n"
+                          "shifter: pull it first: shifterimg pull docker:team/other:1\n")
 
 
 def test_image_acl(site: Site) -> None:
@@ -769,7 +820,8 @@ def test_setup_root_image_forms_and_modules(site: Site) -> None:
     ("args", "message", "status"),
     [
         (["-U", "1001", "-u", "u", "id", "IID"], "-U uid and -G gid are required", 1),
-        (["-U", "0", "-G", "0", "-u", "u", "id", "IID"], "attempted to run as root", 1),
+        (["-U", "0", "-G", "0", "-u", "u", "id", "IID"], "attempted to run as root.\n"
+         "setupRoot: containers never run as root: give the job owner's -U and -G\n", 1),
         (["-U", "abc", "-G", "1", "id", "IID"], "-U needs a numeric id, not 'abc'", 1),
         (["-U", "1001", "-G", "1001", "-u", "u", "-N", "bad", "id", "IID"],
          "Invalid node list entry 'bad'", 1),

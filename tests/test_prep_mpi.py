@@ -183,7 +183,7 @@ def assert_refused(res: subprocess.CompletedProcess, *words: str) -> None:
     assert res.returncode == 1, res
     assert res.stdout == ""
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("shifter-prep-mpi: "), res.stderr
+    assert len(lines) == 1 and lines[0].startswith("shifter-prep-mpi: error: "), res.stderr
     for w in words:
         assert w in lines[0], (w, lines[0])
 

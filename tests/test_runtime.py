@@ -82,7 +82,7 @@ def test_tag_resolved_from_the_gateway_index_without_a_gateway(site, image):
     res = site.shifter(ALICE, "--image=docker:registry.test:5000/team/busybox:1.0",
                        "sh", "-c", "echo $SHIFTER_IMAGE $SHIFTER_IMAGEREQUEST")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == [image, "registry.test:5000/team/busybox:1.0"]
+    assert res.stdout.split() == [image, "docker:registry.test:5000/team/busybox:1.0"]
 
 
 def test_unknown_image_is_a_clear_error(site):
@@ -150,6 +150,53 @@ def test_environment_layers(site, image, tmp_path):
     res = site.shifter(ALICE, f"--image=id:{image}", "-E", "env", env={"CALLER": "caller"})
     assert "CALLER" not in res.stdout and f"SHIFTER_IMAGE={image}" in res.stdout
 
+
+
+def test_shifter_site_file_with_nodecontextprefix_runs(site, image):
+    """Shifter's test configs keep a blank ``nodeContextPrefix=`` (defunct there): a site
+    file copied from them must launch, through the front end and the setuid helper, with
+    no warning."""
+    for value in ("", "/var/nodecontext"):
+        site.write_conf(nodeContextPrefix=value)
+        res = site.shifter(ALICE, f"--image=id:{image}", "true")
+        assert (res.returncode, res.stderr) == (0, ""), res
+
+
+def _container_environ(stdout: str) -> dict[str, str]:
+    """``cat /proc/self/environ`` output as a dict (NUL records: values may hold anything)."""
+    records = stdout.split("\0")
+    assert records[-1] == "", stdout[-80:]
+    return dict(record.split("=", 1) for record in records[:-1])
+
+
+def test_whole_environment_under_env_i_is_exactly_the_layers(site, image, tmp_path):
+    """Under ``env -i`` the front end's Python runs in the C locale and coerces it
+    (``LC_CTYPE=C.UTF-8`` in its own environment): the container must see only the
+    caller's variables (``LD_*`` gone), ``SHIFTER_IMAGEREQUEST`` as requested,
+    ``SHIFTER_IMAGE``, the image's ENV, ``--env``, the site's layer. Nothing else."""
+    site.tag("registry.test:5000/team/envi:1.0", image)
+    site.write_conf(siteEnv="SITEVAR=site", siteEnvAppend="PATH=/opt/udiImage/bin")
+    plumbing = {"SHIFTER_HELPER": str(site.user_env(ALICE)["SHIFTER_HELPER"]),
+                "SHIFTER_UDIROOT_CONF": site.user_env(ALICE)["SHIFTER_UDIROOT_CONF"]}
+    cases = [
+        ({}, [f"--image=id:{image}"], {"SHIFTER_IMAGEREQUEST": f"id:{image}"}),
+        ({"HOME": "/home/x", "TERM": "dumb", "ODD": "a b=c\tz", "LD_LIBRARY_PATH": "/nowhere",
+          "SHIFTER_IMAGETYPE": "id", "SHIFTER_IMAGE": image}, ["-e", "CLI=1"], {"CLI": "1"}),
+        ({"LANG": "C"}, ["--image=registry.test:5000/team/envi:1.0"],
+         {"SHIFTER_IMAGEREQUEST": "registry.test:5000/team/envi:1.0"}),
+        # The user's own LC_CTYPE=C, which Python's start-up would overwrite with C.UTF-8.
+        ({"LC_CTYPE": "C", "SHIFTER": "docker:registry.test:5000/team/envi:1.0"}, [],
+         {"SHIFTER_IMAGEREQUEST": "docker:registry.test:5000/team/envi:1.0"}),
+    ]
+    for given, args, added in cases:
+        caller = {**plumbing, **given}
+        res = site.run(ALICE, ["env", "-i", *(f"{k}={v}" for k, v in caller.items()),
+                               str(site.launcher), *args, "cat", "/proc/self/environ"])
+        assert res.returncode == 0, res.stderr
+        expected = {k: v for k, v in caller.items() if not k.startswith("LD_")}
+        expected.update({"SHIFTER_IMAGE": image, "IMAGEVAR": "from-image",
+                         "PATH": "/usr/bin:/bin:/opt/udiImage/bin", "SITEVAR": "site", **added})
+        assert _container_environ(res.stdout) == expected, (given, args)
 
 def test_entrypoint_and_workdir(site, image):
     res = site.shifter(ALICE, f"--image=id:{image}", "--entrypoint")
@@ -384,6 +431,24 @@ def test_setup_root_then_shifter_reuses_it_then_unsetup(site, image):
     assert site.our_mounts() == [] and site.our_loops() == []
 
 
+def test_setup_root_dash_capital_v_is_shifters_verbose(site, image):
+    """``setupRoot -V`` (Shifter's verbose): what will be set up on stdout, then the
+    helper's progress on stderr; the container is built all the same."""
+    uid = subprocess.run(["id", "-u", ALICE], capture_output=True, text=True).stdout.strip()
+    gid = subprocess.run(["id", "-g", ALICE], capture_output=True, text=True).stdout.strip()
+    res = site.root_tool("setupRoot", "-V", "-U", uid, "-G", gid, "-u", ALICE, "id", image)
+    try:
+        assert res.returncode == 0, res.stderr
+        assert f"setupRoot: user {ALICE} uid {uid} gid {gid}\n" in res.stdout
+        assert f"setupRoot: image id:{image} = {image}\n" in res.stdout
+        assert "setup done" in res.stderr  # the helper's progress
+        assert (site.udi_mount / "var" / "shifterConfig.json").exists()
+    finally:
+        done = site.root_tool("unsetupRoot", "-V")
+    assert done.returncode == 0, done.stderr
+    assert site.our_mounts() == [] and site.our_loops() == []
+
+
 def test_setup_root_failure_leaves_nothing(site, image):
     res = site.root_tool("setupRoot", "-U", "1001", "-G", "1001", "-u", ALICE,
                          "-v", "/nonexistent-source:/data", "id", image)
@@ -427,9 +492,20 @@ def test_pull_with_shifterimg_then_run_with_shifter(site, registry, munged, tmp_
         text = "".join(f"{k}={v}\n" for k, v in site.conf.items())
         client_conf.write_text(text + f"imageGateway={gw.url}\n")
         os.chmod(client_conf, 0o644)
-        env = {"SHIFTER_UDIROOT_CONF": str(client_conf), "MUNGE_SOCKET": munged.socket}
-        shifterimg = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "shifterimg")
-        pulled = site.run(ALICE, [shifterimg, "pull", tag], env=env, timeout=120)
+        venv_bin = Path(__file__).resolve().parents[1] / ".venv" / "bin"
+        env = {"SHIFTER_UDIROOT_CONF": str(client_conf), "MUNGE_SOCKET": munged.socket,
+               "PATH": f"{venv_bin}:/usr/bin:/bin"}
+        shifterimg = str(venv_bin / "shifterimg")
+        # Not pulled yet: shifter asks the gateway, then says the command that fixes it...
+        res = site.shifter(ALICE, f"--image={tag}", "true", env=env)
+        assert res.returncode == 1, res
+        assert res.stderr == (f"FAILED to lookup docker image {tag}\n"
+                              "FAILED to find requested image.\n"
+                              f"shifter: pull it first: shifterimg pull docker:{tag}\n")
+        # ...and that very command works.
+        suggested = res.stderr.splitlines()[-1].split("pull it first: ", 1)[1].split()
+        assert suggested[:2] == ["shifterimg", "pull"]
+        pulled = site.run(ALICE, [shifterimg, *suggested[1:]], env=env, timeout=120)
         assert pulled.returncode == 0 and "READY" in pulled.stdout, pulled
         res = site.shifter(ALICE, f"--image={tag}", "sh", "-c",
                            "echo test; cat /etc/os-release; echo $FROM_CONFIG", env=env)

@@ -272,7 +272,8 @@ def test_pull_of_a_missing_tag_fails_and_says_why(world, registry):
     lines = res.stdout.splitlines()
     assert lines and all(pull_line(tag).match(line) for line in lines), lines
     assert lines[-1].endswith("status: FAILURE")
-    assert res.stderr.startswith("ERROR: pull failed:") and "not found" in res.stderr
+    assert res.stderr.startswith(f"shifterimg: error: pull of docker:{tag} failed:")
+    assert "not found" in res.stderr and res.stderr.count("\n") == 1
 
 
 def test_pull_on_a_terminal_rewrites_one_line_with_progress(world, registry, fault_proxy, tmp_path):
@@ -304,14 +305,71 @@ def test_pull_on_a_terminal_rewrites_one_line_with_progress(world, registry, fau
 # -- lookup, images ---------------------------------------------------------------------
 
 
-def test_lookup_prints_the_id_or_exits_1_silently(world, basic):
+def test_lookup_prints_the_id_or_says_how_to_pull(world, basic):
     world.gw.wait_status(basic.ref())
     image_id = basic.config_digest.split(":")[1]
     for descriptor in (f"docker:{basic.ref()}", basic.ref()):
         res = world.run(BOB, "lookup", descriptor)
         assert (res.returncode, res.stdout, res.stderr) == (0, image_id + "\n", ""), res
-    missing = world.run(BOB, "lookup", f"{basic.host}/shifterimg/never-pulled:v1")
+    never = f"{basic.host}/shifterimg/never-pulled:v1"
+    missing = world.run(BOB, "lookup", never)
     assert (missing.returncode, missing.stdout) == (1, "")
+    assert missing.stderr == (f"shifterimg: error: image docker:{never} is not available on "
+                              f"{SYS}; pull it with: shifterimg pull docker:{never}\n")
+
+
+def test_lookup_and_images_as_json(world, basic):
+    world.gw.wait_status(basic.ref())
+    image_id = basic.config_digest.split(":")[1]
+    res = world.run(BOB, "--json", "lookup", basic.ref())
+    assert (res.returncode, res.stderr) == (0, ""), res
+    rec = json.loads(res.stdout)
+    assert (rec["id"], rec["status"], rec["itype"], rec["system"]) == (
+        image_id, "READY", "docker", SYS)
+    res = world.run(BOB, "--json", "images")
+    assert (res.returncode, res.stderr) == (0, ""), res
+    rows = json.loads(res.stdout)
+    tags = [row["tag"] for row in rows]
+    assert tags == sorted(tags) and all(isinstance(t, str) for t in tags)
+    assert {"id": image_id, "status": "READY"}.items() <= next(
+        row for row in rows if row["tag"] == basic.ref()).items()
+    missing = world.run(BOB, "--json", "lookup", f"{basic.host}/shifterimg/never-pulled:v1")
+    assert (missing.returncode, missing.stdout) == (1, "") and "pull it with" in missing.stderr
+
+
+def test_pullnb_asks_once_and_returns(world, registry, tmp_path):
+    """Shifter's ``pullnb``: one request, one status line, no waiting; the pull goes on
+    at the gateway and a later ``pull`` finds it done."""
+    _push(registry, tmp_path, "shifterimg/pullnb")
+    tag = f"{registry.host}/shifterimg/pullnb:v1"
+    res = world.run(ALICE, "pullnb", f"docker:{tag}")
+    assert (res.returncode, res.stderr) == (0, ""), res
+    lines = res.stdout.splitlines()
+    assert len(lines) == 1 and pull_line(tag).match(lines[0]), lines
+    assert world.gw.wait_status(tag, user=ALICE)["status"] == "READY"
+    again = world.run(ALICE, "pullnb", tag)
+    assert again.returncode == 0 and again.stdout.rstrip().endswith("status: READY"), again
+
+
+def test_usage_errors_exit_2_and_version(world):
+    for args, words in (
+        ((), "the following arguments are required: mode"),
+        (("fetch", "x"), "argument mode: invalid choice: 'fetch'"),
+        (("pull",), "pull needs one image, e.g. pull docker:ubuntu:22.04"),
+        (("lookup", "a", "b"), "lookup needs one image"),
+        (("images", "extra"), "images takes no arguments"),
+        (("--json", "pull", "x"), "--json goes with lookup and images"),
+        (("import", "f"), "import needs FILE [TYPE:]TAG"),
+        (("lookup", "docker:"), "no image tag in 'docker:'"),
+    ):
+        res = world.run(ALICE, *args)
+        assert (res.returncode, res.stdout) == (2, ""), (args, res)
+        assert res.stderr.startswith("usage: shifterimg "), res.stderr
+        assert f"shifterimg: error: {words}" in res.stderr, (args, res.stderr)
+    from shifter import __version__
+
+    res = world.run(ALICE, "--version")
+    assert (res.returncode, res.stdout) == (0, f"shifterimg {__version__}\n")
 
 
 def test_images_lists_one_row_per_tag_sorted_by_tag(world, registry, tmp_path):
@@ -368,7 +426,7 @@ def test_unknown_user_or_group_name_is_refused_before_asking_the_gateway(world):
     for opt, kind in (("-u", "user"), ("-g", "group")):
         res = world.run(ALICE, opt, "no-such-name-here", "pull", "docker:whatever:v1")
         assert res.returncode == 1 and res.stdout == ""
-        assert res.stderr.strip() == f"ERROR: unknown {kind} 'no-such-name-here'"
+        assert res.stderr.strip() == f"shifterimg: error: unknown {kind} 'no-such-name-here'"
 
 
 # -- login ----------------------------------------------------------------------------------
@@ -417,7 +475,9 @@ def test_login_without_a_terminal_is_refused(world):
     home = world.fresh_home(BOB)
     res = world.run(BOB, "login", "reg.example.org")
     assert res.returncode == 1
-    assert res.stderr.strip() == "ERROR: login needs a terminal to ask for the username"
+    assert res.stderr.strip() == (
+        "shifterimg: error: login needs a terminal to ask for the username"
+    )
     assert not (home / ".udiRoot" / ".cred").exists()
 
 
@@ -548,15 +608,32 @@ def test_a_503_gateway_is_skipped_and_its_message_shown_when_alone(
     # Alone, it did answer: the user reads why it cannot serve, not "failed to contact".
     alone = write_udiroot_conf(world.base / "udiRoot-503-alone.conf", [unavailable_gateway])
     res = world.run(BOB, "lookup", basic.ref(), conf=alone)
-    assert (res.returncode, res.stdout, res.stderr) == (1, "", f"ERROR: {DOWN}\n"), res
+    assert (res.returncode, res.stdout, res.stderr) == (1, "", f"shifterimg: error: {DOWN}\n")
 
 
 def test_no_gateway_answers(world):
+    """Shifter's line first (scripts match it), then each URL tried and why, then where
+    the setting lives."""
     dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
     conf = write_udiroot_conf(world.base / "udiRoot-dead.conf", dead)
-    for args in (("lookup", "x:v1"), ("images",), ("pull", "docker:x:v1")):
+    for args in (("lookup", "x:v1"), ("images",), ("pull", "docker:x:v1"), ("pullnb", "x:v1")):
         res = world.run(ALICE, *args, conf=conf)
-        assert (res.returncode, res.stdout, res.stderr) == (1, "", NOT_CONTACTED + "\n"), res
+        assert (res.returncode, res.stdout) == (1, ""), res
+        lines = res.stderr.splitlines()
+        assert lines[0] == NOT_CONTACTED
+        assert sorted(lines[1:3]) == sorted(f"shifterimg: error: {url}: Connection refused"
+                                            for url in dead), lines
+        assert lines[3:] == [f"shifterimg: check imageGateway in {conf} and that "
+                             "shifter-imagegw runs there"]
+
+
+def test_unresolvable_gateway_host_is_named(world):
+    conf = write_udiroot_conf(world.base / "udiRoot-nxhost.conf", ["http://gw.invalid:7777"])
+    res = world.run(ALICE, "lookup", "x:v1", conf=conf)
+    assert res.returncode == 1
+    line = res.stderr.splitlines()[1]
+    assert line.startswith("shifterimg: error: http://gw.invalid:7777: ") and len(line) < 160
+    assert "resolution" in line or "not known" in line, line
 
 
 # -- admin modes -----------------------------------------------------------------------------
@@ -569,7 +646,7 @@ def test_expire_and_autoexpire_are_for_admins(world, registry, tmp_path):
     for args in (("expire", f"docker:{tag}"), ("autoexpire",)):
         res = world.run(ALICE, *args)
         assert res.returncode == 1 and res.stdout == "", res
-        assert res.stderr.startswith("ERROR: ") and "admin" in res.stderr, res.stderr
+        assert res.stderr.startswith("shifterimg: error: ") and "admin" in res.stderr
     assert world.run(ALICE, "lookup", tag).returncode == 0  # still there
     # root is listed in the platform's admins.
     res = world.run("root", "expire", f"docker:{tag}")
@@ -603,7 +680,7 @@ def test_import_by_an_import_user_prints_the_id(world):
     assert looked.stdout == res.stdout
     refused = world.run(BOB, "import", str(image), "custom:shifterimg-bobs:v1")
     assert refused.returncode == 1 and refused.stdout == ""
-    assert refused.stderr.startswith("ERROR: ") and "ImportUsers" in refused.stderr
+    assert refused.stderr.startswith("shifterimg: error: ") and "ImportUsers" in refused.stderr
 
 
 def test_import_for_others_stays_readable_by_the_importer(world, test_users):
@@ -660,4 +737,4 @@ def test_import_failure_is_not_hidden_by_an_older_image_of_the_tag(monkeypatch, 
     )
     assert shifterimg.do_import(gw, "/tmp/x.sqsh", "custom", "old:v1", None, None) == 1
     out, err = capsys.readouterr()
-    assert out == "" and err == "ERROR: import failed: import of /x failed: disk full\n"
+    assert (out, err) == ("", "shifterimg: error: import failed: import of /x failed: disk full\n")

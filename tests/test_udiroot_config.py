@@ -94,4 +94,45 @@ def test_failed_parse_exits_1_with_shifters_message(tmp_path, capsys):
         load_or_exit(str(path))
     assert info.value.code == 1
     err = capsys.readouterr().err.splitlines()
-    assert err == ["Couldn't understand key: nonsense", "FAILED to parse udiRoot configuration."]
+    line = len(BASE.splitlines()) + 1
+    assert err == [f"Couldn't understand key: nonsense ({path} line {line})",
+                   "FAILED to parse udiRoot configuration."]
+
+
+def test_unknown_key_names_file_line_and_the_nearest_key(tmp_path, capsys):
+    """A typo in a site file: the user reads where it is and what was probably meant
+    (Shifter's own words first, as scripts match them)."""
+    from udiroot.config import load_or_exit
+
+    path = tmp_path / "udiRoot.conf"
+    cases = [
+        ("siteFS=/a:/a\n", "siteFS", "did you mean siteFs?"),
+        ("# c\nsiteEnvApend=A=1\n", "siteEnvApend", "did you mean siteEnvAppend?"),
+        ("module_mpi_siteenv=A=1\n", "module_mpi_siteenv", "did you mean module_mpi_siteEnv?"),
+        ("zzzz=1\n", "zzzz", None),
+    ]
+    for text, key, hint in cases:
+        path.write_text(BASE + text)
+        line = len((BASE + text).splitlines())
+        with pytest.raises(SystemExit):
+            load_or_exit(str(path))
+        first = capsys.readouterr().err.splitlines()[0]
+        assert first.startswith(f"Couldn't understand key: {key} ({path} line {line}")
+        assert first.endswith(f"; {hint})" if hint else f"line {line})"), first
+
+
+def test_unknown_key_line_is_where_its_logical_line_starts():
+    """The helper's message (no path: the tests compare both parsers' words) counts
+    physical lines, and a continued line is reported where it begins."""
+    start = len(BASE.splitlines()) + 3
+    with pytest.raises(ConfigError) as info:
+        parse_text(BASE + "# one\n\nsiteFS=/a:/a;\\\n/b:/b\nsystem=x\n")
+    assert str(info.value) == f"Couldn't understand key: siteFS (udiRoot.conf line {start})"
+    assert (info.value.key, info.value.line) == ("siteFS", start)
+
+
+def test_nodecontextprefix_is_accepted_silently_as_shifter_does():
+    """Shifter's own test files carry a blank nodeContextPrefix= (a defunct key)."""
+    for value in ("", "/var/udiMount/node", " x "):
+        cfg = parse_text(BASE + f"nodeContextPrefix={value}\n")
+        assert cfg.warnings == [] and "nodeContextPrefix" not in cfg.values

@@ -19,7 +19,8 @@ import sys
 DEFAULT_PATH = "/etc/shifter/udiRoot.conf"
 
 # The key tables. helpers/conf.c has the same ones (conf_required_keys, conf_tool_keys,
-# conf_optional_keys, conf_deprecated_keys, conf_module_subkeys), in the same order;
+# conf_optional_keys, conf_deprecated_keys, conf_defunct_keys, conf_module_subkeys), in
+# the same order;
 # tests/test_helper_rules.py compares them.
 REQUIRED = ("udiMount", "loopMount", "imagePath", "udiRootPath", "etcPath", "rootfsType")
 # Shifter's external tool paths: read and kept, but this implementation runs none of
@@ -63,6 +64,8 @@ OPTIONAL = (
 )
 ACCUMULATING = ("siteFs",)
 DEPRECATED = ("autoLoadKernelModule", "kmodBasePath", "kmodCacheFile", "optionalSshdAsRoot")
+# Accepted without a word, as Shifter does (its own test files keep `nodeContextPrefix=`).
+DEFUNCT = ("nodeContextPrefix",)
 MODULE_KEYS = (
     "siteFs",
     "siteEnv",
@@ -85,7 +88,28 @@ _OTHER_BREAKS = ("\x85", "\u2028", "\u2029")
 
 
 class ConfigError(Exception):
-    """The configuration is unusable; the message names the key or the problem."""
+    """The configuration is unusable; the message names the key or the problem.
+    An unknown key also sets ``key`` and ``line`` (for :func:`explain`)."""
+
+    key: str | None = None
+    line = 0
+
+
+def explain(exc: ConfigError, path: str) -> str:
+    """What a user reads: an unknown key names the file, the line and the nearest known
+    key. (The plain message is the C helper's too: tests compare the two parsers.)"""
+    if exc.key is None:
+        return str(exc)
+    import difflib
+
+    known = [*REQUIRED, *TOOL_PATHS, *OPTIONAL, *ACCUMULATING, *DEPRECATED, *DEFUNCT]
+    if exc.key.startswith("module_"):
+        name = exc.key[len("module_"):].rsplit("_", 1)[0] or "NAME"
+        known = [f"module_{name}_{sub}" for sub in MODULE_KEYS]
+    by_case = [k for k in known if k.lower() == exc.key.lower()]
+    near = by_case or difflib.get_close_matches(exc.key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]}?" if near else ""
+    return f"Couldn't understand key: {exc.key} ({path} line {exc.line}{hint})"
 
 
 class Module:
@@ -193,10 +217,12 @@ def parse_text(text: str, path: str = DEFAULT_PATH) -> UdiRootConfig:
     site_fs: list[str] = []
     modules: dict[str, Module] = {}
     warnings: list[str] = []
-    for line in _logical_lines(text):
+    for lineno, line in _logical_lines(text):
         if line.startswith("#") or "=" not in line:
             continue
         key, value = (part.strip(_BLANKS) for part in line.split("=", 1))
+        if key in DEFUNCT:
+            continue
         if key in DEPRECATED:
             warnings.append(f"IGNORING parameter {key}, deprecated.")
         elif key in ACCUMULATING:
@@ -207,7 +233,9 @@ def parse_text(text: str, path: str = DEFAULT_PATH) -> UdiRootConfig:
             name, sub = _module_key(key)  # type: ignore[misc]
             modules.setdefault(name, Module(name)).values[sub] = value
         else:
-            raise ConfigError(f"Couldn't understand key: {key}")
+            error = ConfigError(f"Couldn't understand key: {key} (udiRoot.conf line {lineno})")
+            error.key, error.line = key, lineno
+            raise error
     missing = [k for k in REQUIRED if not values.get(k)]
     if missing:
         raise ConfigError(f"required key {missing[0]} is missing")
@@ -226,18 +254,22 @@ def _module_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _logical_lines(text: str) -> list[str]:
-    """Physical lines with trailing-backslash continuations joined by one space."""
-    out: list[str] = []
+def _logical_lines(text: str) -> list[tuple[int, str]]:
+    """(number of the first physical line, text) of each logical line: physical lines
+    with trailing-backslash continuations joined by one space."""
+    out: list[tuple[int, str]] = []
     pending = ""
-    for line in _split_lines(text):
+    first = 0
+    for number, line in enumerate(_split_lines(text), start=1):
+        if not pending:
+            first = number
         if line.rstrip(_BLANKS).endswith("\\"):
             pending += line.rstrip(_BLANKS)[:-1].rstrip(_BLANKS) + " "
             continue
-        out.append(pending + line.lstrip(_BLANKS) if pending else line)
+        out.append((first, pending + line.lstrip(_BLANKS) if pending else line))
         pending = ""
     if pending:
-        out.append(pending.rstrip(_BLANKS))
+        out.append((first, pending.rstrip(_BLANKS)))
     return out
 
 
@@ -329,7 +361,8 @@ def load_or_exit(path: str | None = None, *, trusted: bool = True) -> UdiRootCon
     try:
         cfg = load(path, trusted=trusted)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        print(explain(exc, path or _getenv("SHIFTER_UDIROOT_CONF") or DEFAULT_PATH),
+              file=sys.stderr)
         print("FAILED to parse udiRoot configuration.", file=sys.stderr)
         raise SystemExit(1) from None
     for warning in cfg.warnings:

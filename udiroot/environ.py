@@ -4,7 +4,8 @@ Order (behaviour spec §6.9):
 
 1. the caller's environment without ``LD_*`` (what a setuid program is left with), or
    nothing with ``--clearenv``;
-2. ``SHIFTER_IMAGEREQUEST`` and ``SHIFTER_IMAGE=<id>``;
+2. ``SHIFTER_IMAGEREQUEST`` (the request as given; not set when there was none, see
+   ``shifter/launch.py``) and ``SHIFTER_IMAGE=<id>``;
 3. the image's ``ENV`` lines;
 4. ``--env-file`` lines (blank and ``#`` lines skipped; a line needs ``NAME=``);
 5. ``--env NAME=VALUE`` (``=`` neither first nor last);
@@ -103,7 +104,7 @@ def _words(value: str) -> list[str]:
 def build_environment(
     caller: Mapping[str, str],
     *,
-    image_request: str,
+    image_request: str | None,
     image_id: str,
     clearenv: bool = False,
     image_env: Iterable[str] = (),
@@ -117,7 +118,8 @@ def build_environment(
     ``UdiRootConfig.values``; ``env_file`` is :func:`parse_env_file` output; ``gpus`` is
     :func:`udiroot.gpu.requested_gpus` output."""
     env = caller_environment(caller, clearenv)
-    env["SHIFTER_IMAGEREQUEST"] = image_request
+    if image_request is not None:
+        env["SHIFTER_IMAGEREQUEST"] = image_request
     env["SHIFTER_IMAGE"] = image_id
     for entry in image_env:
         eq = entry.find("=")
