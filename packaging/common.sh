@@ -19,7 +19,25 @@ slurm_version() {
     printf '%d.%02d.%d\n' $((num >> 16 & 255)) $((num >> 8 & 255)) $((num & 255))
 }
 
-# stage ROLE DIR SLURM_PREFIX UNITDIR: the role's files under DIR, configs included.
+# Commands whose man page and bash completion each package carries.
+RUNTIME_COMMANDS="shifter setupRoot unsetupRoot shifterimg shifter-prep-mpi shifter-prep-udiimage shifter-etc-sync"
+GATEWAY_COMMANDS="shifter-imagegw shifter-convert"
+
+# docs ROOT COMMANDS...: man pages (gzipped) and completions of COMMANDS from the
+# cli-docs directory next to ROOT (tools/cli_docs.py's output) into ROOT.
+docs() {
+    root=$1; shift
+    from=$(dirname "$root")/cli-docs
+    install -d -m 0755 "$root/usr/share/man/man1" "$root/usr/share/bash-completion/completions"
+    for c in "$@"; do
+        gzip -9n < "$from/man/man1/$c.1" > "$root/usr/share/man/man1/$c.1.gz"
+        install -m 0644 "$from/completion/bash/$c" "$root/usr/share/bash-completion/completions/"
+    done
+}
+
+# stage ROLE DIR SLURM_PREFIX UNITDIR: the role's files under DIR, configs, man pages and
+# completions included. Stage the gateway first: its Python environment generates the
+# man pages of every role (tools/cli_docs.py imports every command's parser).
 stage() {
     role=$1 dir=$2 slurm_prefix=$3 unitdir=$4
     rm -rf "$dir" && mkdir -p "$dir"
@@ -32,6 +50,8 @@ stage() {
         install -m 0644 etc/udiRoot.conf.example "$dir/etc/shifter/udiRoot.conf"
         install -d -m 0755 "$dir/usr/share/doc/shifter-runtime"
         install -m 0644 etc/udiRoot.conf.example "$dir/usr/share/doc/shifter-runtime/"
+        # shellcheck disable=SC2086
+        docs "$dir" $RUNTIME_COMMANDS
         ;;
     slurm)
         install -d -m 0755 "$dir/usr/share/doc/shifter-slurm"
@@ -43,6 +63,10 @@ stage() {
         install -m 0644 etc/imagemanager.json "$dir/etc/shifter/imagemanager.json"
         ln -s /opt/shifter/gateway/bin/shifter-imagegw "$dir/usr/sbin/shifter-imagegw"
         ln -s /opt/shifter/gateway/bin/shifter-convert "$dir/usr/sbin/shifter-convert"
+        rm -rf "$(dirname "$dir")/cli-docs"
+        "$dir/opt/shifter/gateway/bin/python" -I tools/cli_docs.py "$(dirname "$dir")/cli-docs" >/dev/null
+        # shellcheck disable=SC2086
+        docs "$dir" $GATEWAY_COMMANDS
         ;;
     esac
 }

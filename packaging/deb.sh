@@ -58,6 +58,19 @@ build() {
     echo "dist/$1_${DEBVER}_$ARCH.deb"
 }
 
+root=$WORK/gateway
+stage gateway "$root" "$SLURM_PREFIX" /lib/systemd/system
+control shifter-gateway \
+    "libc6 (>= $LIBC), python3 (>= $PYVER), python3 (<< $PYNEXT), libmunge2, munge, squashfs-tools, adduser" \
+    "openssh-client" \
+    "Shifter image gateway (shifter-imagegw) with its own Python environment" \
+    "Pulls registry images and converts them to squashfs for the nodes. Python environment" \
+    "in /opt/shifter/gateway; service user shifter; /var/lib/shifter; systemd units" \
+    "shifter-imagegw.service and shifter-imagegw-autoexpire.timer."
+script postinst packaging/gateway.postinst
+script prerm packaging/gateway.prerm
+build shifter-gateway
+
 root=$WORK/runtime
 stage runtime "$root" "$SLURM_PREFIX" /lib/systemd/system
 control shifter-runtime \
@@ -80,16 +93,3 @@ control shifter-slurm "shifter-runtime (= $DEBVER), python3 (>= 3.11)" "" \
     "srun; setupRoot/unsetupRoot in the job prolog/epilog. Built against the headers of" \
     "Slurm $SLURM_VERSION${SLURM_PREFIX:+ ($SLURM_PREFIX)}: Slurm loads it only at that version."
 build shifter-slurm
-
-root=$WORK/gateway
-stage gateway "$root" "$SLURM_PREFIX" /lib/systemd/system
-control shifter-gateway \
-    "libc6 (>= $LIBC), python3 (>= $PYVER), python3 (<< $PYNEXT), libmunge2, munge, squashfs-tools, adduser" \
-    "openssh-client" \
-    "Shifter image gateway (shifter-imagegw) with its own Python environment" \
-    "Pulls registry images and converts them to squashfs for the nodes. Python environment" \
-    "in /opt/shifter/gateway; service user shifter; /var/lib/shifter; systemd units" \
-    "shifter-imagegw.service and shifter-imagegw-autoexpire.timer."
-script postinst packaging/gateway.postinst
-script prerm packaging/gateway.prerm
-build shifter-gateway

@@ -28,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from shifter import __version__
+
 GETENT = "/usr/bin/getent"
 DATABASES = ("passwd", "group")
 
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--config", help="udiRoot.conf to read etcPath from (default: "
                        "$SHIFTER_UDIROOT_CONF or /etc/shifter/udiRoot.conf)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
     etc_path = args.etc_path
     if etc_path is None:
