@@ -69,7 +69,8 @@ D        := $(if $(DESTDIR),$(abspath $(DESTDIR)))
 LAUNCHERS := shifter:shifter.launch setupRoot:shifter.setuproot unsetupRoot:shifter.setuproot:main_unsetup \
 	shifter-prep-mpi:shifter.prep_mpi shifter-prep-udiimage:shifter.prep_udiimage
 # Building: the C compiler, the udiImage sources (sshd, patchelf), the Slurm and munge
-# headers, the package builders. A node needs none of these (see RUNTIME_DEPENDS).
+# headers, the package builders. A node needs none of these (what each role depends on
+# is in packaging/deb.sh and packaging/shifter.spec).
 BUILD_PACKAGES := python3 python3-venv python3-requests gcc make libc6-dev patchelf \
 	openssh-server openssh-client libslurm-dev libmunge-dev dpkg-dev rpm
 
