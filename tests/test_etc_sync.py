@@ -1,4 +1,4 @@
-"""shifter-etc-sync (``shifter/etc_sync.py``) and what `make install` puts where.
+"""shifter-etc-sync (``shifter/etc_sync.py``), what `make install` puts where, SLURM_PREFIX.
 
 The runtime refusing a user the files do not know yet, then accepting them after the
 command, is shown end to end in ``test_install.py`` (a user created after the packages
@@ -135,3 +135,22 @@ def test_make_install_with_destdir(tmp_path: Path) -> None:
         assert "ExecStart=/usr/local/sbin/shifter-etc-sync" in unit
     finally:
         os.unlink(dest / "usr/local/libexec/shifter/shifter-helper")  # no setuid file left
+
+
+def test_slurm_prefix_selects_the_headers_and_names_the_version(tmp_path: Path) -> None:
+    """A site's own Slurm: the plugin compiles against SLURM_PREFIX's headers, and the
+    package is described with that Slurm's version (it loads only there)."""
+    plan = subprocess.run(["make", "-n", "-B", "-C", "slurm", "build/shifter_slurm.so",
+                           f"SLURM_PREFIX={tmp_path}"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout
+    assert f"-I{tmp_path}/include " in plan
+    (tmp_path / "include/slurm").mkdir(parents=True)
+    (tmp_path / "include/slurm/slurm_version.h").write_text(
+        "#define SLURM_VERSION_NUMBER 0x170b01\n")
+    version = subprocess.run(["sh", "-c", '. packaging/common.sh && slurm_version "$1"', "sh",
+                              str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert (version.returncode, version.stdout) == (0, "23.11.1\n"), version.stderr
+    missing = subprocess.run(["sh", "-c", '. packaging/common.sh && slurm_version "$1"', "sh",
+                              str(tmp_path / "none")], cwd=REPO, capture_output=True, text=True)
+    assert missing.returncode == 1
+    assert "install libslurm-dev or set SLURM_PREFIX" in missing.stderr
