@@ -220,6 +220,13 @@ $(sed -n 's/^ExecStart=//p' /lib/systemd/system/shifter-etc-sync.service)
 echo "== shifter $(t)"
 as_user shifter --image={image} cat /etc/os-release
 as_user shifter --image={image} id -un
+echo "== setupRoot $(t)"
+# As a batch prolog would (root): the node's container prepared for the user, used by
+# their next shifter, removed by unsetupRoot.
+setupRoot -U "$(id -u {user})" -G "$(id -g {user})" -u {user} docker {image_tag}
+as_user shifter --image={image} cat /etc/os-release
+unsetupRoot
+echo "setupRoot and unsetupRoot ran"
 echo "== autoexpire $(t)"
 # What shifter-imagegw-autoexpire.timer starts, as root (an admin of the platform).
 $(sed -n 's/^ExecStart=//p' /lib/systemd/system/shifter-imagegw-autoexpire.service) \
@@ -285,6 +292,7 @@ def run_in_fresh_root(root: Path, debs: dict[str, list[Path]],
         job = JOB.format(
             udiroot_conf=UDIROOT_CONF.format(gw_port=gw_port, system=SYSTEM),
             gw_port=gw_port, system=SYSTEM, user=USER, image=image,
+            image_tag=image.split(":", 1)[1],
             reg_host=registry.host, reg_url=registry.url)
         (root / "root/job.sh").write_text(job)
         enter = (
@@ -322,6 +330,8 @@ def run_in_fresh_root(root: Path, debs: dict[str, list[Path]],
     assert "Shifter install test image" in out
     assert re.search(rf"^{USER}$", proc.stdout, re.M), out
     assert "autoexpire ran" in out, out
+    assert "setupRoot and unsetupRoot ran" in out, out
+    assert out.count("Shifter install test image") == 2, out
 
 
 def test_rpm_packages_hold_what_the_debs_hold(
