@@ -16,8 +16,10 @@ One test, in phases (each timed; the figures are printed and kept in
    munged; the gateway started from the packaged unit's ``ExecStart`` as its ``User=``
    (only ``--bind`` moved to a free port of 127.0.0.1: the host network is shared);
    a user created after the install, so ``shifter`` first refuses it ("Failed to lookup
-   username") until ``shifter-etc-sync`` runs; ``shifterimg pull`` and ``shifter`` as that
-   user.
+   username") until the command of the packaged ``shifter-etc-sync.service`` runs;
+   ``shifterimg pull`` as that user (and ``/metrics`` counting it), their ``shifter``;
+   ``setupRoot`` as a batch prolog would run it, the user's ``shifter`` in the prepared
+   container, ``unsetupRoot``; the command of ``shifter-imagegw-autoexpire.service``.
 
 Nothing of the checkout enters the root except the three .deb files: the job script is
 written by this test, the image comes from the test registry.
@@ -209,6 +211,8 @@ as_user() {{ runuser -u {user} -- env -i PATH=/usr/bin:/bin HOME=/home/{user} "$
 echo "== pull $(t)"
 as_user shifterimg pull {image} || {{ cat /var/log/shifter-imagegw.log; exit 1; }}
 
+python3 -c 'import urllib.request; print(urllib.request.urlopen(
+    "http://127.0.0.1:{gw_port}/metrics").read().decode())' | grep '^shifter_imagegw_pulls_total'
 echo "== before-sync $(t)"
 if as_user shifter --image={image} true 2>/tmp/before.err; then
     echo "shifter ran before the sync"; exit 1
@@ -330,6 +334,7 @@ def run_in_fresh_root(root: Path, debs: dict[str, list[Path]],
     assert "Shifter install test image" in out
     assert re.search(rf"^{USER}$", proc.stdout, re.M), out
     assert "autoexpire ran" in out, out
+    assert 'shifter_imagegw_pulls_total{state="READY"} 1.0' in out, out  # /metrics works
     assert "setupRoot and unsetupRoot ran" in out, out
     assert out.count("Shifter install test image") == 2, out
 
