@@ -41,7 +41,7 @@ const char *const conf_optional_keys[] = {
     "gatewayTimeout", "siteEnv", "siteEnvAppend", "siteEnvPrepend", "siteEnvUnset",
     "siteResources", "imageGateway", "batchType", "system", "defaultImageType",
     "defaultModules", "gpuLibraries", "gpuBinaries", "gpuBinaryPath", "gpuLdCache",
-    "gpuDeviceDir", "cdiSpecDirs", "allowCdiHooks", NULL,
+    "gpuDeviceDir", "cdiSpecDirs", "allowCdiHooks", "imageGatewayCAFile", NULL,
 };
 
 const char *const conf_deprecated_keys[] = {

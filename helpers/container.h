@@ -32,6 +32,8 @@ struct ctx {
     unsigned long propagation; /* MS_SLAVE or MS_PRIVATE (mountPropagationStyle) */
     struct gpu_plan gpu;      /* --gpu: what to inject (gpu.requested 0: nothing) */
     const char *ssh_key;      /* setup --ssh-pubkey (validated), or NULL: no sshd */
+    const char *ssh_host_key; /* the job's host key (private, PEM), or NULL: a fresh one */
+    const char *ssh_host_pub; /* its public line (with ssh_host_key) */
     int sshd_pidfd;           /* the sshd this setup started, -1 until then */
 };
 

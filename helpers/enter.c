@@ -93,9 +93,14 @@ static void drop_privileges(const struct ident *id, int lastcap)
     n = getgroups(IDENT_MAX_GROUPS + 1, groups);
     if (n < 0 || (size_t)n != id->ngroups)
         die("Failed to drop privileges: groups");
-    for (int i = 0; i < n; i++)
-        if (groups[i] != id->groups[i] || groups[i] == 0)
+    /* The kernel keeps the list sorted: compare as sets, not position by position. */
+    for (int i = 0; i < n; i++) {
+        size_t j = 0;
+        while (j < id->ngroups && id->groups[j] != groups[i])
+            j++;
+        if (j == id->ngroups || groups[i] == 0)
             die("Failed to drop privileges: groups");
+    }
     caps(0);
     for (int cap = 0; cap <= lastcap; cap++)
         if (prctl(PR_CAPBSET_READ, cap, 0, 0, 0) != 0)

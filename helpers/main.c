@@ -38,13 +38,15 @@
 #define MAX_ENV_BYTES (4 * 1024 * 1024)
 #define MAX_ENV_RECORDS 65536
 #define MAX_ARG 65536 /* bytes in one option value */
+#define MAX_HOST_KEY 16384 /* bytes of the job's ssh host key file */
 
 static struct udiroot_conf conf;
 static struct ctx ctx;
 
 struct options {
     const char *workdir, *request, *modules, *user, *uid, *gid, *ssh_key, *gpu;
-    int env_fd;
+    int env_fd, host_key_fd;
+    const char *host_pub;
     char *volumes; /* concatenated --volume lists */
     char **argv;   /* after "--" */
 };
@@ -55,7 +57,8 @@ static void usage(void)
         "[--modules LIST] [--gpu all|N,N] [--workdir DIR] [--env-fd N] [--request TEXT] [--verbose] -- CMD "
         "[ARG...]\n"
         "       shifter-helper setup --user NAME --uid U --gid G (--image-id ID | --local "
-        "PATH) [--volume LIST]... [--modules LIST] [--nodes LIST] [--ssh-pubkey KEY]\n"
+        "PATH) [--volume LIST]... [--modules LIST] [--nodes LIST] [--ssh-pubkey KEY\n"
+        "       [--ssh-hostkey-fd N --ssh-host-pubkey KEY]]\n"
         "       shifter-helper unsetup");
 }
 
@@ -65,6 +68,7 @@ static void parse_options(int argc, char **argv, int first, int is_run, struct o
 
     memset(o, 0, sizeof *o);
     o->env_fd = -1;
+    o->host_key_fd = -1;
     for (int i = first; i < argc; i++) {
         const char *a = argv[i], *v;
 
@@ -111,7 +115,17 @@ static void parse_options(int argc, char **argv, int first, int is_run, struct o
             if (errno != 0 || *end != '\0' || end == v || fd < 0 || fd > INT_MAX)
                 die("shifter-helper: invalid --env-fd %s", v);
             o->env_fd = (int)fd;
-        } else if (strcmp(a, "--user") == 0 && !is_run && o->user == NULL)
+        } else if (strcmp(a, "--ssh-hostkey-fd") == 0 && !is_run && o->host_key_fd < 0) {
+            char *end;
+            long fd;
+            errno = 0;
+            fd = strtol(v, &end, 10);
+            if (errno != 0 || *end != '\0' || end == v || fd < 0 || fd > INT_MAX)
+                die("shifter-helper: invalid --ssh-hostkey-fd %s", v);
+            o->host_key_fd = (int)fd;
+        } else if (strcmp(a, "--ssh-host-pubkey") == 0 && !is_run && o->host_pub == NULL)
+            o->host_pub = v;
+        else if (strcmp(a, "--user") == 0 && !is_run && o->user == NULL)
             o->user = v;
         else if (strcmp(a, "--uid") == 0 && !is_run && o->uid == NULL)
             o->uid = v;
@@ -141,6 +155,38 @@ static void select_modules(const char *text)
     for (size_t i = 0; i < mods.n; i++)
         ctx.modules[i] = mods.names[i];
     ctx.n_modules = mods.n;
+}
+
+/* The job's ssh host key from --ssh-hostkey-fd: a memfd holding the private key file
+ * (never an argument: argv is anybody's to read in /proc). */
+static char *read_host_key(int fd)
+{
+    char *data = xmalloc(MAX_HOST_KEY + 1);
+    size_t len = 0;
+    struct stat st;
+
+    if (fstat(fd, &st) != 0)
+        die_errno("shifter-helper: --ssh-hostkey-fd %d", fd);
+    if (!S_ISREG(st.st_mode) || st.st_size > MAX_HOST_KEY)
+        die("shifter-helper: --ssh-hostkey-fd must be a regular file (memfd) of at most %d "
+            "bytes", MAX_HOST_KEY);
+    for (;;) {
+        ssize_t r = pread(fd, data + len, MAX_HOST_KEY - len, (off_t)len);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            die_errno("shifter-helper: cannot read --ssh-hostkey-fd");
+        if (r == 0)
+            break;
+        len += (size_t)r;
+        if (len == MAX_HOST_KEY)
+            break; /* the check refuses it: longer than a key */
+    }
+    close(fd);
+    data[len] = '\0';
+    if (strlen(data) != len)
+        die("shifter-helper: the job's ssh host key holds a NUL byte");
+    return data;
 }
 
 /* The command's environment from --env-fd: NUL-terminated NAME=VALUE records. */
@@ -222,6 +268,16 @@ static void common_checks(struct options *o)
     if (o->ssh_key != NULL && sshd_check_key(o->ssh_key, err, sizeof err) != 0)
         die_user("%s", err);
     ctx.ssh_key = o->ssh_key;
+    if ((o->host_key_fd >= 0) != (o->host_pub != NULL) ||
+        (o->host_pub != NULL && o->ssh_key == NULL))
+        die("shifter-helper: --ssh-hostkey-fd and --ssh-host-pubkey go together, with "
+            "--ssh-pubkey");
+    if (o->host_pub != NULL) { /* the key was read from the fd by main() */
+        if (sshd_check_host_key(ctx.ssh_host_key ? ctx.ssh_host_key : "", o->host_pub, err,
+                                sizeof err) != 0)
+            die_user("%s", err); /* it comes from the user's submission */
+        ctx.ssh_host_pub = o->host_pub;
+    }
     if (ctx.image_id != NULL) {
         const char *dir = conf_get(&conf, "imagePath");
         int fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
@@ -317,6 +373,8 @@ int main(int argc, char **argv)
         ident_from_args(&conf, o.user, o.uid, o.gid, &ctx.id);
         ctx.setup_mode = 1;
         g_user_error_status = 2; /* the prolog fails the job, not the node (PROTOCOL.md) */
+        if (o.host_key_fd >= 0) /* here, not in common_checks: the fuzzer reads no fd */
+            ctx.ssh_host_key = read_host_key(o.host_key_fd);
         common_checks(&o);
         sig = container_signature(&ctx);
         g_cleanup = teardown; /* from here on a failure unmounts what was built */

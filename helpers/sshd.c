@@ -2,18 +2,22 @@
  * sshd.c - the per-container sshd of spec 6.15 (setup --ssh-pubkey KEY).
  *
  * sshd_start (setup, after the user volumes, while the container root is still writable):
- *   1 opt/udiImage/etc: a fresh host key (the host's ssh-keygen, run as root), then
- *     chowned to the user (a non-root sshd must read it); authorized_keys holding exactly
- *     KEY; sshd_config (port 1204, AllowUsers the user, public key only, no PAM); the
- *     client's ssh_config (port 1204), used by the ssh wrapper of optUdiImage
+ *   1 opt/udiImage/etc: the job's host key (setup --ssh-hostkey-fd) or a fresh one (the
+ *     host's ssh-keygen, run as root), chowned to the user (a non-root sshd must read
+ *     it); authorized_keys holding exactly KEY; sshd_config (port 1204 on 0.0.0.0 and ::,
+ *     AllowUsers the user, public key only, no PAM); ssh_known_hosts holding the host key
+ *     under one alias, and the client's ssh_config (port 1204, strict host key checking
+ *     against that file alone), used by the ssh wrapper of optUdiImage
  *   2 the user's login shell must exist in the container (sshd runs commands with it):
  *     if it does not, the user's line of the container's /etc/passwd gets /bin/sh
  *   3 fork: the child becomes the user inside the container exactly as enter_user()
  *     does (chroot, no capabilities, the user's ids, no_new_privs) and execs
  *     /opt/udiImage/sbin/sshd -D -e in its own session, stderr in a memfd; the parent
- *     waits until that very process listens on port 1204 (its socket inode in
- *     /proc/PID/net/tcp*), then records "pid starttime" in var/run/shifter-sshd
- *     (root's, on the container's root, read-only afterwards)
+ *     waits until that very process listens on port 1204 on every address family of
+ *     the node (its socket inodes in /proc/PID/net/tcp*), failing at once, with the
+ *     squatter named, if any other socket listens on that port; then records
+ *     "pid starttime" in var/run/shifter-sshd (root's, on the container's root,
+ *     read-only afterwards)
  *
  * sshd_stop (unsetup, and a setup that fails after sshd_start): first the recorded pid,
  * if it still runs this container's sshd (its executable is the container's own copy of
@@ -28,17 +32,20 @@
 #define _GNU_SOURCE
 #include "sshd.h"
 
+#include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/openat2.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/pidfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -52,6 +59,8 @@
 #define UDI "/opt/udiImage"
 #define SSHD UDI "/sbin/sshd"
 #define HOST_KEY "ssh_host_ed25519_key"
+#define KNOWN_HOSTS "ssh_known_hosts"
+#define HOST_ALIAS "shifter-job-node" /* the name every node's host key is checked under */
 #define STATE "shifter-sshd" /* in var/run */
 #define MAX_KEY 16384
 #define START_TIMEOUT_MS 10000
@@ -130,6 +139,28 @@ int sshd_check_key(const char *key, char *err, size_t len)
     return 0;
 }
 
+#define PEM_BEGIN "-----BEGIN OPENSSH PRIVATE KEY-----\n"
+#define PEM_END "-----END OPENSSH PRIVATE KEY-----\n"
+
+int sshd_check_host_key(const char *pem, const char *pub, char *err, size_t len)
+{
+    size_t n = strlen(pem), head = strlen(PEM_BEGIN), tail = strlen(PEM_END);
+
+    if (sshd_check_key(pub, err, len) != 0)
+        return -1;
+    /* What ssh-keygen writes: the two marker lines around lines of base64. Nothing is
+     * parsed as root beyond that; sshd (the user's) reads the key. */
+    if (n > MAX_KEY || n < head + tail + 4 || strncmp(pem, PEM_BEGIN, head) != 0 ||
+        strcmp(pem + n - tail, PEM_END) != 0 || pem[n - tail - 1] != '\n' ||
+        strspn(pem + head, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                           "0123456789+/=\n") != n - head - tail) {
+        snprintf(err, len, "Invalid job ssh host key: expected an OpenSSH private key file "
+                 "(at most %d bytes)", MAX_KEY);
+        return -1;
+    }
+    return 0;
+}
+
 /* ---- files in the container ------------------------------------------------------------- */
 
 static int usable_shell(int root, const char *path)
@@ -192,7 +223,28 @@ done:
     close(etc);
 }
 
-static void write_configs(struct ctx *c, int etc, const char *key)
+/* The address families this node has: sshd listens on each, and the start check wants
+ * it to hold each (a family left out is a port another user can take). */
+enum { FAM4 = 1, FAM6 = 2 };
+
+static int node_families(void)
+{
+    int fams = 0;
+
+    for (int v6 = 0; v6 < 2; v6++) {
+        int fd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd >= 0) {
+            fams |= v6 ? FAM6 : FAM4;
+            close(fd);
+        }
+    }
+    if (fams == 0)
+        die_errno("Cannot start sshd: this node has neither IPv4 nor IPv6 sockets");
+    return fams;
+}
+
+static void write_configs(struct ctx *c, int etc, const char *key, const char *host_pub,
+                          int fams)
 {
     char *text;
     const char *name = c->id.name;
@@ -209,6 +261,7 @@ static void write_configs(struct ctx *c, int etc, const char *key)
         "# The container's own sshd (shifter-helper setup --ssh-pubkey; spec 6.15): it runs\n"
         "# as %s, accepts only the job's key and nothing else.\n"
         "Port %d\n"
+        "%s%s"
         "HostKey " UDI "/etc/" HOST_KEY "\n"
         "AuthorizedKeysFile " UDI "/etc/authorized_keys\n"
         "AuthorizedKeysCommand none\n"
@@ -231,14 +284,21 @@ static void write_configs(struct ctx *c, int etc, const char *key)
         "UseDNS no\n"
         "SetEnv PATH=" UDI "/bin:/usr/local/bin:/usr/bin:/bin\n"
         "Subsystem sftp internal-sftp\n",
-        name, SSHD_PORT, name);
+        name, SSHD_PORT, fams & FAM4 ? "ListenAddress 0.0.0.0\n" : "",
+        fams & FAM6 ? "ListenAddress ::\n" : "", name);
     write_file_at(etc, "sshd_config", text, strlen(text), 0644);
+    free(text);
+    /* One host key for every node of the job (the job's, or this container's when
+     * setup was given none): one known_hosts line under one alias covers them all. */
+    text = xasprintf("# The job's sshd host key (every node of the job presents it)\n"
+                     HOST_ALIAS " %s\n", host_pub);
+    write_file_at(etc, KNOWN_HOSTS, text, strlen(text), 0644);
     free(text);
     text = xasprintf(
         "# ssh inside the container (" UDI "/bin/ssh): the job's other nodes run the\n"
-        "# container's sshd on port %d with fresh host keys; the job's key is\n"
-        "# ~/.shifter/id_ed25519 (what our Slurm plugin makes), ~/.udiRoot/id_rsa.key\n"
-        "# (Shifter's) or a usual one.\n"
+        "# container's sshd on port %d with the job's host key, the only one trusted\n"
+        "# (" UDI "/etc/" KNOWN_HOSTS "); the job's key is ~/.shifter/id_ed25519 (what\n"
+        "# our Slurm plugin makes), ~/.udiRoot/id_rsa.key (Shifter's) or a usual one.\n"
         "Host *\n"
         "    Port %d\n"
         "    IdentityFile ~/.shifter/id_ed25519\n"
@@ -246,37 +306,65 @@ static void write_configs(struct ctx *c, int etc, const char *key)
         "    IdentityFile ~/.ssh/id_ed25519\n"
         "    IdentityFile ~/.ssh/id_ecdsa\n"
         "    IdentityFile ~/.ssh/id_rsa\n"
-        "    StrictHostKeyChecking no\n"
-        "    UserKnownHostsFile /dev/null\n"
-        "    GlobalKnownHostsFile /dev/null\n"
+        "    HostKeyAlias " HOST_ALIAS "\n"
+        "    StrictHostKeyChecking yes\n"
+        "    UserKnownHostsFile " UDI "/etc/" KNOWN_HOSTS "\n"
+        "    GlobalKnownHostsFile " UDI "/etc/" KNOWN_HOSTS "\n"
+        "    UpdateHostKeys no\n"
+        "    CheckHostIP no\n"
+        "    PreferredAuthentications publickey\n"
         "    LogLevel ERROR\n",
         SSHD_PORT, SSHD_PORT);
     write_file_at(etc, "ssh_config", text, strlen(text), 0644);
     free(text);
 }
 
-/* A fresh host key, generated by the host's ssh-keygen into the container's tmpfs
- * (a path of root's alone: udiMount and directories the helper made), then given to the
- * user, 0600: sshd runs as the user and must read it. */
-static void host_key(struct ctx *c, int etc)
+/* A fresh host key for this container alone (setup was given no job host key),
+ * generated by the host's ssh-keygen into the container's tmpfs (a path of root's alone:
+ * udiMount and directories the helper made).  Returns its public line (malloc'd). */
+static char *fresh_host_key(struct ctx *c, int etc)
 {
-    char *path = xasprintf("%s" UDI "/etc/" HOST_KEY, c->udi);
+    char *path = xasprintf("%s" UDI "/etc/" HOST_KEY, c->udi), *text, err[256];
     const char *argv[] = {KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C",
                           "shifter container host key", "-f", path, NULL};
-    int status, fd;
+    int status;
+    size_t len;
 
-    if ((unlinkat(etc, HOST_KEY, 0) != 0 && errno != ENOENT) ||
-        (unlinkat(etc, HOST_KEY ".pub", 0) != 0 && errno != ENOENT))
-        die_errno("Cannot start sshd: cannot replace the host key");
     status = run_program(argv, NULL, -1, 0, NULL);
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
         die("Cannot start sshd: %s failed (status %d)", KEYGEN,
             WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+    free(path);
+    if (read_small_file_at(etc, HOST_KEY ".pub", 1, &text, &len) != 0)
+        die_errno("Cannot start sshd: cannot read the new host key's public half");
+    text[strcspn(text, "\n")] = '\0';
+    if (sshd_check_key(text, err, sizeof err) != 0)
+        die("Cannot start sshd: %s made an unexpected public key: %s", KEYGEN, err);
+    return text;
+}
+
+/* The container's host key: the job's (setup --ssh-hostkey-fd, the same on every node of
+ * the job) or a fresh one; given to the user, 0600, since sshd runs as the user and must
+ * read it.  Returns the public line for known_hosts (malloc'd). */
+static char *host_key(struct ctx *c, int etc)
+{
+    char *pub;
+    int fd;
+
+    if ((unlinkat(etc, HOST_KEY, 0) != 0 && errno != ENOENT) ||
+        (unlinkat(etc, HOST_KEY ".pub", 0) != 0 && errno != ENOENT))
+        die_errno("Cannot start sshd: cannot replace the host key");
+    if (c->ssh_host_key != NULL) {
+        write_file_at(etc, HOST_KEY, c->ssh_host_key, strlen(c->ssh_host_key), 0600);
+        pub = xstrdup(c->ssh_host_pub);
+    } else {
+        pub = fresh_host_key(c, etc);
+    }
     fd = openat(etc, HOST_KEY, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0 || fchown(fd, c->id.uid, c->id.gid) != 0 || fchmod(fd, 0600) != 0)
         die_errno("Cannot start sshd: cannot give the host key to %s", c->id.name);
     close(fd);
-    free(path);
+    return pub;
 }
 
 /* ---- processes ---------------------------------------------------------------------- */
@@ -504,20 +592,51 @@ void sshd_stop(struct ctx *c)
 
 /* ---- starting it ---------------------------------------------------------------------- */
 
-/* Does pid itself hold a socket listening on port (its own network namespace's tables,
- * and the socket's inode among its fds)? */
-static int listens(pid_t pid, int port)
+/* A TCP socket listening on SSHD_PORT, as /proc/PID/net/tcp{,6} shows it. */
+struct listener {
+    int fam;                              /* FAM4 or FAM6 */
+    int wildcard;                         /* bound to 0.0.0.0 or :: */
+    char addr[INET6_ADDRSTRLEN + 16];     /* "0.0.0.0:1204", "[::1]:1204" */
+    unsigned long uid, inode;
+};
+
+/* "0100007F" (tcp) or four such words (tcp6): the kernel prints each 32-bit word of the
+ * address in host order. */
+static int parse_addr(const char *hex, int v6, char *out, size_t len, int *wildcard)
 {
-    unsigned long inodes[16];
+    unsigned char raw[16];
+    size_t words = v6 ? 4 : 1;
+    char ip[INET6_ADDRSTRLEN];
+
+    if (strlen(hex) != words * 8)
+        return -1;
+    for (size_t i = 0; i < words; i++) {
+        char word[9];
+        uint32_t w;
+        memcpy(word, hex + i * 8, 8);
+        word[8] = '\0';
+        w = (uint32_t)strtoul(word, NULL, 16);
+        memcpy(raw + i * 4, &w, 4);
+    }
+    if (inet_ntop(v6 ? AF_INET6 : AF_INET, raw, ip, sizeof ip) == NULL)
+        return -1;
+    *wildcard = 1;
+    for (size_t i = 0; i < words * 4; i++)
+        *wildcard &= raw[i] == 0;
+    snprintf(out, len, v6 ? "[%s]:%d" : "%s:%d", ip, SSHD_PORT);
+    return 0;
+}
+
+/* Every socket listening on SSHD_PORT in pid's network namespace; returns how many (at
+ * most max). */
+static size_t port_listeners(pid_t pid, struct listener *out, size_t max)
+{
     size_t n = 0;
-    char path[64];
-    DIR *d;
-    struct dirent *e;
-    int found = 0, fd;
 
     for (int v6 = 0; v6 < 2; v6++) {
-        char *text, *cursor, *line;
+        char path[64], *text, *cursor, *line;
         size_t len;
+        int fd;
 
         snprintf(path, sizeof path, "/proc/%d/net/tcp%s", (int)pid, v6 ? "6" : "");
         fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -529,35 +648,123 @@ static int listens(pid_t pid, int port)
         }
         close(fd);
         cursor = text;
-        while ((line = ident_next_line(&cursor)) != NULL && n < 16) {
+        while ((line = ident_next_line(&cursor)) != NULL && n < max) {
+            char hex[33];
             unsigned lport, state;
-            unsigned long inode;
+            unsigned long uid, inode;
             /* sl local:port remote:port st tx:rx tr:when retrnsmt uid timeout inode */
-            if (sscanf(line, " %*s %*[0-9A-Fa-f]:%x %*s %x %*s %*s %*s %*s %*s %lu", &lport,
-                       &state, &inode) == 3 &&
-                lport == (unsigned)port && state == 0x0A)
-                inodes[n++] = inode;
+            if (sscanf(line, " %*s %32[0-9A-Fa-f]:%x %*s %x %*s %*s %*s %lu %*s %lu", hex,
+                       &lport, &state, &uid, &inode) != 5 ||
+                lport != SSHD_PORT || state != 0x0A)
+                continue;
+            if (parse_addr(hex, v6, out[n].addr, sizeof out[n].addr, &out[n].wildcard) != 0)
+                continue;
+            out[n].fam = v6 ? FAM6 : FAM4;
+            out[n].uid = uid;
+            out[n].inode = inode;
+            n++;
         }
         free(text);
     }
-    if (n == 0)
-        return 0;
+    return n;
+}
+
+/* Does process pid hold socket inode among its fds? */
+static int holds_socket(pid_t pid, unsigned long inode)
+{
+    char path[64], want[64];
+    struct dirent *e;
+    int found = 0;
+    DIR *d;
+
     snprintf(path, sizeof path, "/proc/%d/fd", (int)pid);
+    snprintf(want, sizeof want, "socket:[%lu]", inode);
     if ((d = opendir(path)) == NULL)
         return 0;
     while (!found && (e = readdir(d)) != NULL) {
-        char link[64], want[64];
+        char link[64];
         ssize_t l = readlinkat(dirfd(d), e->d_name, link, sizeof link - 1);
         if (l <= 0)
             continue;
         link[l] = '\0';
-        for (size_t i = 0; i < n && !found; i++) {
-            snprintf(want, sizeof want, "socket:[%lu]", inodes[i]);
-            found = strcmp(link, want) == 0;
-        }
+        found = strcmp(link, want) == 0;
     }
     closedir(d);
     return found;
+}
+
+/* The process that holds socket inode, for the message naming it (0: not found). */
+static pid_t socket_owner(unsigned long inode)
+{
+    DIR *d = opendir("/proc");
+    struct dirent *e;
+    pid_t found = 0;
+
+    if (d == NULL)
+        return 0;
+    while (found == 0 && (e = readdir(d)) != NULL) {
+        char *end;
+        long p = strtol(e->d_name, &end, 10);
+        if (*end == '\0' && p > 0 && holds_socket((pid_t)p, inode))
+            found = (pid_t)p;
+    }
+    closedir(d);
+    return found;
+}
+
+enum start_state { START_WAIT, START_OK, START_TAKEN };
+
+__attribute__((noreturn)) static void fail_with_log(int log, const char *what)
+{
+    char buf[2048];
+    ssize_t n = pread(log, buf, sizeof buf - 1, 0);
+
+    buf[n > 0 ? n : 0] = '\0';
+    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
+        buf[--n] = '\0';
+    die("Failed to start sshd in the container: %s%s%s", what, buf[0] ? ":\n" : "", buf);
+}
+
+/* Where the start stands: OK once sshd (pid) itself listens on port 1204 on the wildcard
+ * address of every family the node has (fams); TAKEN as soon as anything else listens on
+ * that port, on any address of any family: it would get the job's ssh connections (a
+ * more specific address wins; sshd skips an address it cannot bind and serves the rest);
+ * *other is then that socket.  *have: the families sshd holds.  pid 0: sshd is gone,
+ * every listener is someone else's. */
+static enum start_state start_state(pid_t pid, int fams, int *have, struct listener *other)
+{
+    struct listener l[32];
+    size_t n = port_listeners(pid > 0 ? pid : getpid(), l, sizeof l / sizeof l[0]);
+
+    int taken = 0;
+
+    *have = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (pid > 0 && holds_socket(pid, l[i].inode)) {
+            *have |= l[i].wildcard ? l[i].fam : 0;
+        } else if (!taken) {
+            *other = l[i];
+            taken = 1;
+        }
+    }
+    if (taken)
+        return START_TAKEN;
+    return (*have & fams) == fams ? START_OK : START_WAIT;
+}
+
+/* Fail naming the squatter: its address, its uid and (a scan of every process's fds,
+ * done once) its pid. */
+__attribute__((noreturn)) static void fail_taken(int log, const struct listener *other)
+{
+    char why[512], pid[32] = "";
+    pid_t owner = socket_owner(other->inode);
+
+    if (owner > 0)
+        snprintf(pid, sizeof pid, " (pid %d)", (int)owner);
+    snprintf(why, sizeof why, "port %d is taken: %s is a listening socket of uid %lu%s, "
+             "which would receive the job's ssh connections; stop it", SSHD_PORT,
+             other->addr, other->uid, pid);
+    fail_with_log(log, why);
 }
 
 /* The child: its own session, stdin/stdout /dev/null, stderr the log; the user inside the
@@ -609,20 +816,12 @@ static void record(struct ctx *c, pid_t pid)
     close(run);
 }
 
-static void fail_with_log(int log, const char *what)
-{
-    char buf[2048];
-    ssize_t n = pread(log, buf, sizeof buf - 1, 0);
-
-    buf[n > 0 ? n : 0] = '\0';
-    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
-        buf[--n] = '\0';
-    die("Failed to start sshd in the container: %s%s%s", what, buf[0] ? ":\n" : "", buf);
-}
 
 void sshd_start(struct ctx *c, const char *key)
 {
-    int udi, etc, log;
+    int udi, etc, log, fams = node_families(), have;
+    struct listener other;
+    char *host_pub;
     struct stat st;
     pid_t pid;
 
@@ -638,8 +837,9 @@ void sshd_start(struct ctx *c, const char *key)
     etc = open_dir_at(udi, "etc");
     if (etc < 0)
         die_errno("Cannot open the container's " UDI "/etc");
-    host_key(c, etc);
-    write_configs(c, etc, key);
+    host_pub = host_key(c, etc);
+    write_configs(c, etc, key, host_pub, fams);
+    free(host_pub);
     close(etc);
     close(udi);
     check_shell(c);
@@ -656,21 +856,30 @@ void sshd_start(struct ctx *c, const char *key)
     if (c->sshd_pidfd < 0)
         die_errno("Cannot start sshd: pidfd_open");
     for (int waited = 0;; waited += 20) {
-        int status;
         struct timespec ms20 = {0, 20 * 1000 * 1000};
+        enum start_state state;
+        int status;
         pid_t w = waitpid(pid, &status, WNOHANG);
 
+        if (w < 0)
+            die_errno("Cannot start sshd: waitpid");
+        state = start_state(w == pid ? 0 : pid, fams, &have, &other);
+        /* Taken: fail once sshd is done binding (it exited, or it serves what it could
+         * bind), so that its log says which bind failed. */
+        if (state == START_TAKEN && (w == pid || have || waited >= START_TIMEOUT_MS))
+            fail_taken(log, &other);
         if (w == pid && WIFEXITED(status))
             fail_with_log(log, WEXITSTATUS(status) == 1 ? "it could not be started"
                                                         : "sshd exited");
         if (w == pid)
             fail_with_log(log, "sshd was killed");
-        if (w < 0)
-            die_errno("Cannot start sshd: waitpid");
-        if (listens(pid, SSHD_PORT))
+        if (state == START_OK)
             break;
         if (waited >= START_TIMEOUT_MS)
-            fail_with_log(log, "it did not listen on port 1204 within 10 s");
+            fail_with_log(log, fams == (FAM4 | FAM6)
+                                   ? "it did not listen on port 1204 (IPv4 and IPv6) "
+                                     "within 10 s"
+                                   : "it did not listen on port 1204 within 10 s");
         nanosleep(&ms20, NULL);
     }
     record(c, pid);

@@ -13,6 +13,11 @@
  * base64 blob names that type), else -1 with a message in err. */
 int sshd_check_key(const char *key, char *err, size_t len);
 
+/* 0 when pem is an OpenSSH private key file as ssh-keygen writes it (the marker lines
+ * around base64 lines, at most 16 KiB) and pub passes sshd_check_key; else -1 with a
+ * message in err.  The job's host key: setup --ssh-hostkey-fd N --ssh-host-pubkey KEY. */
+int sshd_check_host_key(const char *pem, const char *pub, char *err, size_t len);
+
 /* Host key, configs and the user's shell in the container (still writable), then sshd
  * started as the user inside it, listening on port 1204; its pid is recorded in
  * var/run/shifter-sshd.  Sets c->sshd_pidfd.  Dies on any failure (the cleanup stops it). */

@@ -14,13 +14,18 @@ node is fine; **1** for anything else, a fault of the node or its configuration 
 prolog fails and Slurm drains the node). The helper's ``setup`` mode uses the same two
 statuses, and ``setupRoot`` becomes the helper, so its status is the helper's.
 
+``SHIFTER_SSH_HOSTKEY`` in the environment (the Slurm plugin's job host key: the base64
+body of an unencrypted OpenSSH private key, its lines joined) makes that the container's
+sshd host key instead of a fresh one; it goes to the helper in a memfd, never in argv.
+
 Root only. Like ``shifter`` they check what needs no privilege (options, image id,
 volumes, modules, node list) and become the helper, which builds the container in the
 caller's mount namespace and writes ``shifterConfig.json`` (``setup``) or unmounts it all
 (``unsetup``)::
 
     shifter-helper setup --user NAME --uid U --gid G (--image-id ID | --local PATH)
-        [--volume LIST]… --modules LIST|none [--nodes "host/N …"] [--ssh-pubkey KEY]
+        [--volume LIST]… --modules LIST|none [--nodes "host/N …"] [--ssh-pubkey KEY
+        [--ssh-hostkey-fd N --ssh-host-pubkey KEY]]
     shifter-helper unsetup
 """
 
@@ -82,7 +87,15 @@ Prepare this node's container for a job (root only; the Slurm prolog runs it).
   -V          verbose: print what will be set up, then the helper's progress
   -h, --help  show this help; --version: show the version
 The image is <type> <identifier> (e.g. docker ubuntu:22.04) or one type:identifier.
+With -s, SHIFTER_SSH_HOSTKEY in the environment (the job's sshd host key: the base64 of
+an unencrypted OpenSSH private key, its lines joined) is the sshd's host key on every
+node of the job; without it each container gets a fresh one.
 """
+HOSTKEY_VAR = "SHIFTER_SSH_HOSTKEY"
+KEYGEN = "/usr/bin/ssh-keygen"  # the helper's too
+HOSTKEY_MAX = 12000  # base64 characters: an RSA-8192 key file is about 6,600
+HOSTKEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+                 "ecdsa-sha2-nistp521", "ssh-rsa")
 UNSETUP_USAGE = """\
 Usage: unsetupRoot [-V] [-h|--help] [--version]
 
@@ -225,6 +238,85 @@ def plan_setup(opts: SetupOptions) -> list[str]:
     return argv
 
 
+def job_host_key(body: str) -> tuple[str, str]:
+    """``SHIFTER_SSH_HOSTKEY`` → (the private key file, its public key line). The body is
+    an ``openssh-key-v1`` blob: magic, cipher and kdf names (``none``: sshd cannot use a
+    key with a passphrase), kdf options, the key count (1), then the public key blob,
+    whose first string is its type."""
+    import base64
+    import binascii
+
+    problem = f"{HOSTKEY_VAR} is not the base64 of an unencrypted OpenSSH private key"
+    if not 0 < len(body) <= HOSTKEY_MAX:
+        raise UserError(f"setupRoot: {problem} (empty or too long)")
+    try:
+        blob = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise UserError(f"setupRoot: {problem} (not base64)") from None
+    magic = b"openssh-key-v1\0"
+    fields: list[bytes] = []
+    at = len(magic)
+    try:
+        if not blob.startswith(magic):
+            raise ValueError("no openssh-key-v1 header")
+        for _ in range(3):  # cipher, kdf, kdf options
+            fields.append(_ssh_string(blob, at))
+            at += 4 + len(fields[-1])
+        count = int.from_bytes(blob[at:at + 4], "big")
+        public = _ssh_string(blob, at + 4)
+        kind = _ssh_string(public, 0).decode("ascii")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"setupRoot: {problem} ({exc})") from None
+    if fields[0] != b"none" or fields[1] != b"none":
+        raise UserError(f"setupRoot: {problem} (it has a passphrase)")
+    if count != 1 or kind not in HOSTKEY_TYPES:
+        raise UserError(f"setupRoot: {problem} (one key of type {', '.join(HOSTKEY_TYPES)})")
+    lines = [body[i:i + 70] for i in range(0, len(body), 70)]  # as ssh-keygen writes it
+    pem = ("-----BEGIN OPENSSH PRIVATE KEY-----\n" + "\n".join(lines) +
+           "\n-----END OPENSSH PRIVATE KEY-----\n")
+    return pem, f"{kind} {base64.b64encode(public).decode('ascii')}"
+
+
+def _ssh_string(blob: bytes, at: int) -> bytes:
+    """The SSH wire format's string at offset ``at``: a 32-bit length, then the bytes."""
+    if at + 4 > len(blob):
+        raise ValueError("truncated")
+    n = int.from_bytes(blob[at:at + 4], "big")
+    if at + 4 + n > len(blob):
+        raise ValueError("truncated")
+    return blob[at + 4:at + 4 + n]
+
+
+def host_key_args(body: str, uid: int, gid: int) -> list[str]:
+    """The helper's options for the job's host key: the private key in a memfd that the
+    helper inherits (argv is readable by anybody in /proc), the public line in argv.
+    ``ssh-keygen -y``, run as the user, must read the same public key out of the private
+    part: a key sshd cannot load is the user's error (status 2), found before anything is
+    built, not a failed sshd that would drain the node."""
+    import subprocess
+
+    pem, public = job_host_key(body)
+    data = pem.encode("ascii")
+    fd = os.memfd_create("shifter-job-host-key", 0)  # inherited by the helper
+    if os.write(fd, data) != len(data):
+        raise Failure("setupRoot: cannot pass the job host key on (short write)")
+    os.fchown(fd, uid, gid)  # ssh-keygen wants its key file the user's own, 0600
+    os.fchmod(fd, 0o600)
+    try:
+        proc = subprocess.run(
+            [KEYGEN, "-y", "-f", f"/proc/self/fd/{fd}"], pass_fds=(fd,), user=uid,
+            group=gid, extra_groups=[], env={"PATH": "/usr/bin:/bin"}, cwd="/",
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise Failure(f"setupRoot: cannot check the job's ssh host key with {KEYGEN}: "
+                      f"{exc}") from None
+    derived = proc.stdout.split()[:2]
+    if proc.returncode != 0 or derived != public.split():
+        raise UserError(f"setupRoot: {HOSTKEY_VAR} is not a usable ssh host key: "
+                        f"{proc.stderr.strip() or 'its private and public parts differ'}")
+    return ["--ssh-hostkey-fd", str(fd), "--ssh-host-pubkey", public]
+
+
 def _user_name(uid: int) -> str:
     import pwd
 
@@ -267,7 +359,12 @@ def _setup(args: list[str]) -> int:
         return _version("setupRoot")
     if os.getuid() != 0:
         raise Failure("setupRoot: must be run as root")
-    return exec_helper(plan_setup(opts))
+    host_key = os.environ.pop(HOSTKEY_VAR, None)  # not in the helper's environment either
+    argv = plan_setup(opts)
+    if host_key is not None and opts.ssh_key is not None:
+        assert opts.uid is not None and opts.gid is not None  # plan_setup checked them
+        argv += host_key_args(host_key, opts.uid, opts.gid)
+    return exec_helper(argv)
 
 
 def _unsetup(args: list[str]) -> int:

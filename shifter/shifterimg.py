@@ -12,6 +12,8 @@
 Gateways, system and timeout come from ``udiRoot.conf`` (``imageGateway``, ``system``,
 ``gatewayTimeout``). Requests carry a munge credential; registry logins from
 ``~/.udiRoot/.cred`` ride in its payload, so they cross the network encrypted.
+An ``https://`` gateway's certificate is checked against ``imageGatewayCAFile`` when
+set, else the node's system CA store (see :func:`ca_trust`), not requests' certifi copy.
 
 Errors are one line ``shifterimg: error: <what> ; <what to do>`` and exit status 1; a
 mistake on the command line exits 2. Shifter's own wording is kept where scripts match
@@ -154,6 +156,7 @@ class Gateway:
         munge_socket: str | None = None,
         verbose: bool = False,
         conf_path: str = "udiRoot.conf",
+        ca_file: str | None = None,
     ) -> None:
         if not urls:
             raise ClientError(
@@ -167,6 +170,10 @@ class Gateway:
         self.timeout = timeout
         self.munge_socket = munge_socket
         self.verbose = verbose
+        self.ca_file = ca_file
+        # Checked now, before any request: a broken key is the admin's to fix, not a
+        # gateway that "failed to answer".
+        self.verify, self.trusted = ca_trust(ca_file, conf_path)
         self.session = requests.Session()
 
     def _credential(self, logins: dict[str, str] | None) -> str:
@@ -183,6 +190,7 @@ class Gateway:
     ) -> tuple[int, Any]:
         unavailable: tuple[int, Any] | None = None
         failures: list[str] = []
+        untrusted = False  # some gateway's certificate failed verification
         for url in self.urls:
             headers = {"authentication": self._credential(logins)}  # one use each
             try:
@@ -192,9 +200,14 @@ class Gateway:
                     json=body,
                     headers=headers,
                     timeout=self.timeout,
+                    verify=self.verify,
                 )
             except requests.RequestException as exc:
-                reason = request_failure(exc, self.timeout)
+                reason = request_failure(exc, self.timeout, self.trusted)
+                # (A host name mismatch is the URL's fault, not the CA's.)
+                untrusted = untrusted or (
+                    reason.startswith(VERIFY_FAILED) and "mismatch" not in reason
+                )
                 if self.verbose:
                     print(f"gateway {url}: {reason}", file=sys.stderr)
                 failures.append(f"{ERROR}{url}: {reason}")
@@ -210,19 +223,79 @@ class Gateway:
             return answer
         if unavailable is not None:
             return unavailable
-        raise Unreachable(
-            "\n".join(
-                [
-                    NOT_CONTACTED,
-                    *failures,
-                    f"{PROG}: check imageGateway in {self.conf_path} and that shifter-imagegw "
-                    "runs there",
-                ]
+        if untrusted and self.ca_file:
+            hint = (
+                f"{PROG}: check that imageGatewayCAFile={self.ca_file} in {self.conf_path} "
+                "is the CA that signed the gateway's certificate"
             )
-        )
+        elif untrusted:
+            hint = (
+                f"{PROG}: if the gateway's certificate is signed by a site CA, add that CA to "
+                "the system CA store (update-ca-certificates) or name its PEM file with "
+                f"imageGatewayCAFile in {self.conf_path}"
+            )
+        else:
+            hint = (
+                f"{PROG}: check imageGateway in {self.conf_path} and that shifter-imagegw "
+                "runs there"
+            )
+        raise Unreachable("\n".join([NOT_CONTACTED, *failures, hint]))
 
 
-def request_failure(exc: requests.RequestException, timeout: float) -> str:
+# -- which CAs an https gateway's certificate is checked against -------------------------
+
+# The system CA store: the bundle that each distribution's ca-certificates tooling
+# (update-ca-certificates, update-ca-trust) keeps current, site CAs included. requests'
+# own default is certifi's copy of Mozilla's list, which no site CA ever reaches.
+SYSTEM_CA_FILES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Arch, Gentoo
+    "/etc/pki/tls/certs/ca-bundle.crt",  # RHEL, Rocky, Alma, Fedora
+    "/etc/ssl/ca-bundle.pem",  # SUSE
+    "/etc/ssl/cert.pem",  # Alpine
+)
+# Variables that already mean "trust this bundle" to requests and to OpenSSL.
+CA_ENV = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
+VERIFY_FAILED = "TLS certificate verify failed"
+
+
+def ca_trust(ca_file: str | None, conf_path: str) -> tuple[str | bool, str]:
+    """``verify=`` for requests and how to name it in messages: ``imageGatewayCAFile``
+    when set (checked here), else a bundle named in the environment, else the system
+    CA store, else requests' default."""
+    if ca_file:
+        check_ca_file(ca_file, conf_path)
+        return ca_file, f"imageGatewayCAFile={ca_file}"
+    for var in CA_ENV:
+        value = os.environ.get(var)
+        if value:
+            return value, f"{var}={value}"
+    for path in SYSTEM_CA_FILES:
+        if os.path.isfile(path):
+            return path, f"the system CA store {path}"
+    return True, "requests' default CAs (no system CA store found)"
+
+
+def check_ca_file(ca_file: str, conf_path: str) -> None:
+    """A CA file the client can use, or a ClientError saying what is wrong with it."""
+    import ssl
+
+    where = f"imageGatewayCAFile={ca_file} in {conf_path}"
+    todo = "give the PEM file of the CA that signed the gateway's certificate"
+    if not ca_file.startswith("/"):
+        raise ClientError(f"{where}: not an absolute path; {todo}")
+    try:
+        with open(ca_file, "rb"):
+            pass
+        ssl.create_default_context(cafile=ca_file)
+    except ssl.SSLError:
+        raise ClientError(f"{where}: no PEM certificate in it; {todo}") from None
+    except OSError as exc:
+        raise ClientError(f"{where}: {exc.strerror}; {todo}") from None
+
+
+def request_failure(
+    exc: requests.RequestException, timeout: float, trusted: str = "the system CA store"
+) -> str:
     """Why a request got no answer, in a few words (requests' own text is a page of
     urllib3 object reprs)."""
     import re
@@ -231,9 +304,13 @@ def request_failure(exc: requests.RequestException, timeout: float) -> str:
         return f"no answer within {timeout:g} s (gatewayTimeout)"
     text = str(exc)
     if isinstance(exc, requests.exceptions.SSLError):
-        found = re.search(r"certificate verify failed: ([^(')\]]+)", text)
-        detail = found.group(1).strip() if found else "handshake failed"
-        return f"TLS: {detail} (is the site CA trusted on this node?)"
+        found = re.search(r"certificate verify failed: (.+?)(?: \(_ssl\.c|'\)|\)\)|$)", text)
+        if found:
+            return f"{VERIFY_FAILED}: {found.group(1).strip()} (trusted: {trusted})"
+        if "WRONG_VERSION_NUMBER" in text:
+            return "TLS handshake failed: the server does not speak TLS (an http:// gateway?)"
+        found = re.search(r"\[SSL: [A-Z0-9_]+\] ([^(')\]]+)", text)
+        return f"TLS handshake failed: {found.group(1).strip() if found else type(exc).__name__}"
     found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
     if found:
         return found.group(1).strip()
@@ -526,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.get("MUNGE_SOCKET"),
             args.verbose,
             cfg.path,
+            cfg.get("imageGatewayCAFile") or None,
         )
         default_type = cfg.get("defaultImageType") or "docker"
         if args.mode == "images":

@@ -17,11 +17,16 @@ what the job carries, one ``NAME=VALUE`` per line on stdout::
     SHIFTER_VOLUME=<the --volume values joined with ;>     (when given)
     SHIFTER_MODULE=<the --module value>                      (when given)
     SHIFTER_SSH_PUBKEY=<the user's job key>                  (with --ssh-key)
+    SHIFTER_SSH_HOSTKEY=<a fresh host key for the job's sshd> (with --ssh-key)
 
 Any problem is one message on stderr (it reaches the user's terminal as it is) and exit
 status 1, and nothing on stdout. The plugin only passes strings and reads these lines.
 ``--ssh-key`` (plugstack ``enable_sshd=1``) makes ``~/.shifter/id_ed25519`` with
-``ssh-keygen`` if it is missing and prints its public half, for ``setupRoot -s``.
+``ssh-keygen`` if it is missing and prints its public half, for ``setupRoot -s``; and
+it makes a fresh host key pair for the job's sshd and prints the private key (the base64
+between its BEGIN and END lines, joined): the plugin gives it only to the prolog, whose
+``setupRoot`` makes it the sshd's host key on every node of the job and the one key the
+containers' ssh client trusts. It is stored nowhere else.
 """
 
 from __future__ import annotations
@@ -155,6 +160,7 @@ def check(req: Request) -> list[tuple[str, str]]:
         out.append(("SHIFTER_CCM", "1"))
     if req.ssh_key:
         out.append(("SHIFTER_SSH_PUBKEY", job_public_key()))
+        out.append(("SHIFTER_SSH_HOSTKEY", job_host_key()))
     for name, value in out:
         if "\n" in value or "\0" in value:
             raise Failure(f"shifter: {name} cannot contain a newline")
@@ -189,6 +195,31 @@ def job_public_key(home: str | None = None) -> str:
     if not text or "\n" in text:
         raise Failure(f"shifter: {key}.pub is not one public key line; remove it and resubmit")
     return text
+
+
+def job_host_key() -> str:
+    """A fresh ed25519 key pair for the job's sshd, made with ``ssh-keygen`` in a private
+    temporary directory (removed at once); returns the private key file's base64 body in
+    one line (``setupRoot`` rebuilds the file and reads the public key from it)."""
+    import subprocess
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="shifter-hostkey-") as tmp:
+            path = os.path.join(tmp, "ssh_host_ed25519_key")
+            proc = subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "shifter job host key",
+                 "-f", path], stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise Failure("shifter: cannot make the job's ssh host key: "
+                              f"{proc.stderr.strip() or 'ssh-keygen failed'}")
+            with open(path, encoding="ascii") as f:
+                lines = f.read().split("\n")
+    except OSError as exc:
+        raise Failure(f"shifter: cannot make the job's ssh host key: {exc.strerror}; "
+                      "check that TMPDIR is writable") from None
+    body = [line for line in lines if line and not line.startswith("-----")]
+    return "".join(body)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

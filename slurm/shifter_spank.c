@@ -15,6 +15,7 @@
  *   job_script (slurmd's prolog, epilog; root):
  *     prolog: for an exclusive job with SPANK_SHIFTER_IMAGE set, run
  *         setupRoot -U uid -G gid -u user -N "host/cpus …" [-v vol] [-m mods] [-s key] -- type id
+ *     (with -s, the job's sshd host key in setupRoot's environment, SHIFTER_SSH_HOSTKEY)
  *     and then extern_setup if configured. setupRoot's exit status says whose fault a
  *     failure is. 2, the user's (an image they may not use, a volume source that is
  *     gone): the message goes to slurmd's log, the job's Comment and a root-only record
@@ -29,6 +30,8 @@
  *     slurmd's cgroups with slurmd's rlimits, is moved into every cgroup of the extern
  *     step's task and given that task's rlimits, so ssh sessions are held to the job's
  *     limits and killed with it.
+ *   remote (slurmstepd, user_init): the job's private sshd host key is removed from the
+ *     tasks' environment (Slurm copies the job control environment there).
  *   remote (slurmstepd), task_init_privileged: a task of a job with such a record
  *     prints it on its stderr (the job's output file, srun's stderr) and fails, so the
  *     job ends FAILED with the reason where the user looks.
@@ -275,6 +278,26 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
     return 0;
 }
 
+/* Slurm gives the job control environment to every step as SLURM_SPANK_<name>. The
+ * job's private sshd host key is the prolog's alone: it leaves the tasks' environment
+ * (a job script's `env` would print it into an output file others may read). */
+int slurm_spank_user_init(spank_t sp, int ac, char **av)
+{
+    spank_err_t rc;
+
+    (void)ac;
+    (void)av;
+    if (spank_context() != S_CTX_REMOTE)
+        return 0;
+    rc = spank_unsetenv(sp, "SLURM_SPANK_SHIFTER_SSH_HOSTKEY");
+    if (rc != ESPANK_SUCCESS) {
+        slurm_error("shifter: cannot remove the job's ssh host key from the tasks' "
+                    "environment: %s", spank_strerror(rc));
+        return -1;
+    }
+    return 0;
+}
+
 /* -- running programs ------------------------------------------------------------------ */
 
 static void copy_out(char *out, size_t *len, const char *buf, size_t n)
@@ -370,8 +393,15 @@ static int already_pinned(void)
 
 static const char *const job_vars[] = {
     "SHIFTER_IMAGE",  "SHIFTER_IMAGETYPE", "SHIFTER_IMAGEREQUEST", "SHIFTER_VOLUME",
-    "SHIFTER_MODULE", "SHIFTER_CCM",       "SHIFTER_SSH_PUBKEY",
+    "SHIFTER_MODULE", "SHIFTER_CCM",       "SHIFTER_SSH_PUBKEY", "SHIFTER_SSH_HOSTKEY",
 };
+
+/* For the prolog only, never in the tasks' environment: the job key's public half and
+ * the private host key of the job's sshd. */
+static int prolog_only(const char *name)
+{
+    return strcmp(name, "SHIFTER_SSH_PUBKEY") == 0 || strcmp(name, "SHIFTER_SSH_HOSTKEY") == 0;
+}
 
 static int known_var(const char *name)
 {
@@ -415,7 +445,7 @@ static int apply_line(spank_t sp, char *line)
         slurm_error("shifter: the checker printed an unexpected variable %s", line);
         return -1;
     }
-    if (strcmp(line, "SHIFTER_SSH_PUBKEY") != 0 && setenv(line, eq + 1, 1) != 0) {
+    if (!prolog_only(line) && setenv(line, eq + 1, 1) != 0) {
         slurm_error("shifter: cannot set %s: %s", line, strerror(errno));
         return -1;
     }
@@ -856,12 +886,13 @@ static char *const root_env_plain[] = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin", NUL
 
 /* setupRoot's and unsetupRoot's environment: fixed, plus the configuration path and the
  * helper installed with this plugin (the front ends default to /usr/local's). */
-static int root_env(char *buf, size_t size, char *env[4])
+static int root_env(char *buf, size_t size, char *env[5])
 {
     env[0] = root_env_plain[0];
     env[1] = "SHIFTER_HELPER=" SHIFTER_PREFIX "/libexec/shifter/shifter-helper";
     env[2] = NULL;
     env[3] = NULL;
+    env[4] = NULL; /* room for the prolog's SHIFTER_SSH_HOSTKEY */
     if (cfg.shifter_config[0]) {
         if (snprintf(buf, size, "SHIFTER_UDIROOT_CONF=%s", cfg.shifter_config) >= (int)size)
             return -1;
@@ -889,7 +920,9 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
     const char *image = getenv("SPANK_SHIFTER_IMAGE"), *type = getenv("SPANK_SHIFTER_IMAGETYPE");
     const char *volume = getenv("SPANK_SHIFTER_VOLUME"), *module = getenv("SPANK_SHIFTER_MODULE");
     const char *key = getenv("SPANK_SHIFTER_SSH_PUBKEY");
-    char uid_s[16], gid_s[16], conf_buf[PATH_MAX + 32], *env[4], *argv[24], *out = NULL;
+    const char *host_key = getenv("SPANK_SHIFTER_SSH_HOSTKEY");
+    char uid_s[16], gid_s[16], conf_buf[PATH_MAX + 32], *env[5], *argv[24], *out = NULL;
+    char *host_key_var = NULL;
     char *nodes = NULL, pwbuf[4096];
     struct passwd pw, *found = NULL;
     job_info_msg_t *msg = NULL;
@@ -950,6 +983,16 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av)
     if (cfg.enable_sshd && key && key[0]) {
         argv[argc++] = "-s";
         argv[argc++] = (char *)key;
+        /* The job's sshd host key, the same on every node: in setupRoot's environment
+         * (root's to read, like this prolog's), never in its argv (anybody's). */
+        if (host_key && host_key[0]) {
+            if (asprintf(&host_key_var, "SHIFTER_SSH_HOSTKEY=%s", host_key) < 0) {
+                host_key_var = NULL;
+                report_failure(job_id, job, uid, gid, "setupRoot", "out of memory");
+                goto done;
+            }
+            env[env[2] ? 3 : 2] = host_key_var;
+        }
         if (cfg.extern_cgroup)
             check_extern_step(job_id);
     }
@@ -987,6 +1030,7 @@ undo: {
             slurm_error("shifter: unsetupRoot failed on %s: %s", hostname, out);
     }
 done:
+    free(host_key_var);
     free(nodes);
     free(out);
     if (msg)
@@ -997,7 +1041,7 @@ done:
 int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 {
     const char *image = getenv("SPANK_SHIFTER_IMAGE");
-    char conf_buf[PATH_MAX + 32], *env[4], *argv[] = {cfg.unsetuproot, NULL}, *out;
+    char conf_buf[PATH_MAX + 32], *env[5], *argv[] = {cfg.unsetuproot, NULL}, *out;
     job_info_msg_t *msg = NULL;
     job_info_t *job;
     uint32_t job_id;

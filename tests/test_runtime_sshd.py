@@ -14,17 +14,26 @@ process), and each leaves it closed.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pwd
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from world.runtime import RuntimeSite, busybox_tree, compile_static, mksquashfs, reachable_temp_dir
+from world.runtime import (
+    HELPER,
+    RuntimeSite,
+    busybox_tree,
+    compile_static,
+    mksquashfs,
+    reachable_temp_dir,
+)
 
 ALICE = "shifter-alice"
 BOB = "shifter-bob"
@@ -116,7 +125,9 @@ def site(test_users, tmp_path_factory, udiimage) -> Iterator[RuntimeSite]:
     write_conf(site)
     yield site
     site.root_tool("unsetupRoot")
-    assert site.our_mounts() == [] and site.our_loops() == []
+    assert site.our_mounts() == []
+    wait_loops_released(site)  # the kernel clears a lazily unmounted loop asynchronously
+    assert site.our_loops() == []
 
 
 @pytest.fixture(scope="module")
@@ -269,14 +280,18 @@ def test_what_sshd_trusts_is_root_s(site, image, job):
     etc = site.udi_mount / "opt/udiImage/etc"
     pw = pwd.getpwnam(ALICE)
     for path in (etc / "sshd_config", etc / "authorized_keys", etc / "ssh_config",
+                 etc / "ssh_known_hosts",
                  site.udi_mount / "var/run/shifter-sshd", site.udi_mount / "etc/passwd"):
         st = path.stat()
         assert st.st_uid == 0 and st.st_mode & 0o022 == 0, path
     st = (etc / "ssh_host_ed25519_key").stat()
     assert (st.st_uid, st.st_mode & 0o777) == (pw.pw_uid, 0o600)
     assert "AllowUsers shifter-alice\n" in (etc / "sshd_config").read_text()
+    client = (etc / "ssh_config").read_text()
+    assert "StrictHostKeyChecking yes\n" in client and "StrictHostKeyChecking no" not in client
     attempts = (f"echo evil >> {etc}/authorized_keys", f"rm -f {etc}/sshd_config",
                 f"echo 1 1 > {site.udi_mount}/var/run/shifter-sshd",
+                f"echo '* ssh-ed25519 AAAA' >> {etc}/ssh_known_hosts",
                 f"mv {etc}/ssh_host_ed25519_key {etc}/x",
                 f"chmod 644 {etc}/ssh_host_ed25519_key", f"touch {etc}/new")
     for cmd in attempts:
@@ -302,8 +317,15 @@ def test_unsetup_stops_sshd_and_its_sessions(site, image, keys, job):
         assert session.stdout is not None and session.stdout.readline() == "STARTED\n"
         per_connection = [p for p in in_container(site, sshd_only=True) if p != pid]
         assert per_connection, "no per-connection sshd found"
-        inside = in_container(site)
-        sleeper = [p for p in inside if open(f"/proc/{p}/cmdline").read() == "sleep\x00120\x00"]
+        # The shell prints STARTED before its child has become sleep: give it a moment.
+        deadline = time.monotonic() + 5
+        while True:
+            inside = in_container(site)
+            sleeper = [p for p in inside
+                       if open(f"/proc/{p}/cmdline").read() == "sleep\x00120\x00"]
+            if sleeper or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert len(sleeper) == 1, "the session's command is not running in the container"
         res = site.root_tool("unsetupRoot")
         assert res.returncode == 0, res.stderr
@@ -338,6 +360,8 @@ def test_setup_fails_cleanly_when_port_1204_is_taken(site, image, keys):
     blockers = []
     for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
         s = socket.socket(family)
+        # as sshd does: a connection of an earlier test may linger in TIME_WAIT on 1204
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.bind((addr, PORT))
@@ -351,7 +375,9 @@ def test_setup_fails_cleanly_when_port_1204_is_taken(site, image, keys):
     assert res.returncode == 1
     assert "Failed to start sshd in the container" in res.stderr
     assert "Address already in use" in res.stderr, res.stderr
-    assert site.our_mounts() == [] and site.our_loops() == []
+    assert site.our_mounts() == []
+    wait_loops_released(site)  # a detached root goes with its last reference, not at once
+    assert site.our_loops() == []
 
 
 def test_setup_that_fails_after_starting_sshd_stops_it(site, image, keys, tmp_path):
@@ -371,9 +397,7 @@ def test_setup_that_fails_after_starting_sshd_stops_it(site, image, keys, tmp_pa
     assert res.returncode == 1
     assert "did not listen on port 1204" in res.stderr, res.stderr
     assert site.our_mounts() == []
-    leftovers = subprocess.run(["pgrep", "-f", "^/opt/udiImage/sbin/sshd"],
-                               capture_output=True, text=True).stdout.split()
-    assert [p for p in leftovers if alive(int(p))] == []
+    assert container_sshds() == []
 
 
 @pytest.mark.parametrize("victim_user", [ALICE, "root"])
@@ -482,3 +506,245 @@ def test_unsetup_stops_more_session_processes_than_it_can_track_at_once(
         while count_procs(uid, argv0) and time.monotonic() < deadline:
             time.sleep(0.5)
         crowd.unlink()
+
+
+# -- squatters (issue 10, hole 6) ------------------------------------------------------------
+
+
+SQUAT = """
+import socket, sys
+addr = sys.argv[1]
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if ":" in addr:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+s.bind((addr, 1204))
+s.listen()
+print("LISTENING", flush=True)
+sys.stdin.read()
+"""
+
+
+def container_sshds() -> list[int]:
+    """Live processes running a container's copy of sshd in this network namespace (other
+    checkouts may run their tests in their own)."""
+    out = subprocess.run(["pgrep", "-f", "^/opt/udiImage/sbin/sshd"], capture_output=True,
+                         text=True).stdout.split()
+    ours = os.readlink("/proc/self/ns/net")
+    found = []
+    for pid in map(int, out):
+        try:
+            if os.readlink(f"/proc/{pid}/ns/net") == ours and alive(pid):
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize(("address", "shown", "other"), [
+    ("0.0.0.0", "0.0.0.0:1204", ("::1", socket.AF_INET6)),
+    ("::", "[::]:1204", ("127.0.0.1", socket.AF_INET)),
+    ("127.0.0.1", "127.0.0.1:1204", ("::1", socket.AF_INET6)),
+])
+def test_setup_fails_when_another_user_holds_port_1204_on_one_family(
+        site, image, keys, address, shown, other):
+    """Attack: bob listens on 0.0.0.0:1204 (IPv4 only; or [::]:1204 IPv6 only, or just
+    127.0.0.1:1204, which wins over a wildcard) before the prolog runs. sshd skips the
+    address it cannot bind and listens on the other family, so the old start check passed,
+    and bob received those ssh connections of alice's job. setupRoot must fail, name bob's
+    socket, and leave nothing mounted or running."""
+    bob_uid = pwd.getpwnam(BOB).pw_uid
+    # An earlier test's container may still be going (its many killed processes are
+    # reaped slowly here): judge only what this setupRoot attaches.
+    loops_before = set(site.our_loops())
+    squatter = subprocess.Popen([sys.executable, "-I", "-c", SQUAT, address],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                **site.spawn_kwargs(BOB))
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == "LISTENING\n"
+        res = site.root_tool("setupRoot", *setup_args(image, keys["alice"][1]))
+        assert res.returncode == 1, "setupRoot accepted an sshd while bob holds part of port 1204"
+        assert "Failed to start sshd in the container" in res.stderr, res.stderr
+        assert shown in res.stderr and f"uid {bob_uid}" in res.stderr, res.stderr
+        assert f"pid {squatter.pid}" in res.stderr, res.stderr
+        assert site.our_mounts() == []
+        deadline = time.monotonic() + 10  # the loop goes with the killed sshd's last reference
+        while set(site.our_loops()) - loops_before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert set(site.our_loops()) <= loops_before
+        assert container_sshds() == []
+        with socket.socket(other[1]) as probe:  # sshd's listener on the other family is gone
+            probe.settimeout(2)
+            assert probe.connect_ex((other[0], PORT)) != 0
+    finally:
+        squatter.kill()
+        squatter.wait()
+        site.root_tool("unsetupRoot")
+
+
+def squatter_sshd(site: RuntimeSite, directory: Path) -> subprocess.Popen[bytes]:
+    """bob's own sshd on port 1204 (both families), with bob's own host key."""
+    directory.mkdir()
+    host_key, _ = keypair(directory / "host_key", BOB)
+    config = directory / "sshd_config"
+    config.write_text(f"Port {PORT}\nListenAddress 0.0.0.0\nListenAddress ::\n"
+                      f"HostKey {host_key}\nAuthorizedKeysFile {directory}/authorized_keys\n"
+                      "PidFile none\nStrictModes no\nUsePAM no\nLogLevel VERBOSE\n")
+    os.chmod(directory, 0o755)
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd insists on it
+    log = open(directory / "log", "wb")  # noqa: SIM115 - the child's
+    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                            **site.spawn_kwargs(BOB))
+    log.close()
+    deadline = time.monotonic() + 10
+    while not port_open():
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            (directory / "log").read_text()
+        time.sleep(0.05)
+    return proc
+
+
+def test_ssh_to_a_squatter_sshd_is_refused_by_host_key_checking(
+        site, image, keys, alice_home, tmp_path_factory):
+    """Attack: the job's sshd is gone from a node (it died, or never got the port) and bob
+    runs his own sshd on port 1204 there. A task's `ssh <node>` used to connect with host
+    key checking off and offer alice's name and key to bob's server. Now the container's
+    client trusts only the job's host key and stops before authenticating."""
+    bob_dir = reachable_temp_dir(tmp_path_factory, "squatter") / "bob-sshd"
+    res = site.root_tool("setupRoot", *setup_args(image, keys["alice"][1],
+                                                  "-v", f"{alice_home}:/home/{ALICE}"))
+    squatter = None
+    try:
+        assert res.returncode == 0, res.stderr
+        pid = recorded_pid(site)
+        os.kill(pid, 9)  # alice's sshd dies in the middle of the job
+        deadline = time.monotonic() + 10
+        while port_open() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        squatter = squatter_sshd(site, bob_dir)
+        res = site.shifter(ALICE, f"--image=id:{image}", f"--volume={alice_home}:/home/{ALICE}",
+                           "ssh", HOST, "echo REMOTE")
+        assert "REMOTE" not in res.stdout
+        assert res.returncode == 255, res.stderr
+        assert "Host key verification failed" in res.stderr, res.stderr
+        log = (bob_dir / "log").read_text()
+        assert "Connection from" in log, log  # it did reach bob's sshd ...
+        assert ALICE not in log, log  # ... and never told it who it is
+    finally:
+        if squatter is not None:
+            squatter.kill()
+            squatter.wait()
+        site.root_tool("unsetupRoot")
+    assert site.our_mounts() == []
+
+
+def openssh_private_body(path: Path) -> str:
+    """The one-line form of a private key file that SHIFTER_SSH_HOSTKEY carries: the
+    base64 between the BEGIN and END lines, joined."""
+    lines = path.read_text().split()
+    return "".join(w for w in lines if not w.startswith("-----") and w not in
+                   ("BEGIN", "END", "OPENSSH", "PRIVATE", "KEY-----"))
+
+
+def test_the_job_host_key_is_the_containers_and_the_only_one_trusted(
+        site, image, keys, alice_home, tmp_path):
+    """The Slurm plugin's job host key (SHIFTER_SSH_HOSTKEY, in setupRoot's environment:
+    never in an argv) is the container's host key on every node of the job, and the one
+    key the container's ssh client trusts (a root-owned known_hosts, checking on)."""
+    host_key = tmp_path / "job_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "job host",
+                    "-f", str(host_key)], check=True, stdin=subprocess.DEVNULL)
+    public = host_key.with_name("job_host_key.pub").read_text().split()[:2]
+    env = {"SHIFTER_SSH_HOSTKEY": openssh_private_body(host_key)}
+    res = site.root_tool("setupRoot", *setup_args(image, keys["alice"][1],
+                                                  "-v", f"{alice_home}:/home/{ALICE}"),
+                         env=env)
+    try:
+        assert res.returncode == 0, res.stderr
+        etc = site.udi_mount / "opt/udiImage/etc"
+        assert (etc / "ssh_host_ed25519_key").read_text() == host_key.read_text()
+        scan = subprocess.run(["ssh-keyscan", "-p", str(PORT), "-t", "ed25519", "127.0.0.1"],
+                              capture_output=True, text=True, timeout=30)
+        assert scan.stdout.split()[1:3] == public, scan
+        known = (etc / "ssh_known_hosts").read_text().split("\n")
+        entries = [line.split()[1:3] for line in known if line and not line.startswith("#")]
+        assert entries == [public]
+        ok = site.shifter(ALICE, f"--image=id:{image}", f"--volume={alice_home}:/home/{ALICE}",
+                          "ssh", HOST, "echo REMOTE")
+        assert ok.returncode == 0 and ok.stdout == "REMOTE\n", ok.stderr
+    finally:
+        site.root_tool("unsetupRoot")
+    assert site.our_mounts() == []
+
+
+def test_a_bad_job_host_key_is_refused_with_a_clear_message(site, image, keys, tmp_path):
+    """The job host key comes from the user's submission: a bad one is the user's error
+    (status 2: the job fails, the node stays in service), found before anything is built,
+    also when only its private part is damaged (sshd could not load it)."""
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],
+                   check=True, stdin=subprocess.DEVNULL)
+    good = openssh_private_body(other)
+    # openssh-key-v1: magic, cipher, kdf, kdf options, key count, public key, then the
+    # private section, which opens with two equal check words: make them differ.
+    raw = bytearray(base64.b64decode(good))
+    at = len(b"openssh-key-v1\0")
+    for _ in range(3):
+        at += 4 + int.from_bytes(raw[at:at + 4], "big")
+    at += 4
+    at += 4 + int.from_bytes(raw[at:at + 4], "big")
+    raw[at + 4] ^= 0xFF
+    damaged = base64.b64encode(bytes(raw)).decode()
+    for bad in ("", "not base64!", "AAAA", "b3BlbnNzaC1rZXktdjEAAAAA", damaged):
+        res = site.root_tool("setupRoot", *setup_args(image, keys["alice"][1]),
+                             env={"SHIFTER_SSH_HOSTKEY": bad})
+        assert res.returncode == 2, (bad, res.stderr)
+        assert "SHIFTER_SSH_HOSTKEY" in res.stderr, (bad, res.stderr)
+        assert site.our_mounts() == [] and not port_open()
+
+
+def test_the_helper_checks_the_job_host_key_it_is_given(site, image, keys, tmp_path):
+    """The helper's own checks of --ssh-hostkey-fd/--ssh-host-pubkey (setupRoot checks
+    first; the helper trusts no front end): each refusal names the problem, builds nothing."""
+    host_key = tmp_path / "key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)],
+                   check=True, stdin=subprocess.DEVNULL)
+    good, public = host_key.read_bytes(), host_key.with_name("key.pub").read_text().strip()
+    pw = pwd.getpwnam(ALICE)
+    base = [str(HELPER), "setup", "--user", ALICE, "--uid", str(pw.pw_uid), "--gid",
+            str(pw.pw_gid), "--image-id", image, "--modules", "none",
+            "--ssh-pubkey", keys["alice"][1]]
+    # The key's content is the user's (status 2); how the front end passes it is not (1).
+    cases = [
+        (good.replace(b"-----END", b"ju!k\n-----END"), public, "Invalid job ssh host key", 2),
+        (good.replace(b"\n-----END", b"-----END"), public, "Invalid job ssh host key", 2),
+        (b"ssh-ed25519 AAAA\n", public, "Invalid job ssh host key", 2),
+        (good, "ssh-ed25519 AAAA", "Invalid ssh public key", 2),
+        (good, None, "--ssh-hostkey-fd and --ssh-host-pubkey go together", 1),
+        (None, public, "--ssh-hostkey-fd and --ssh-host-pubkey go together", 1),
+        (b"pipe", public, "must be a regular file (memfd)", 1),
+    ]
+    for content, pub, message, status in cases:
+        argv, fds = list(base), []
+        if content == b"pipe":
+            r, w = os.pipe()
+            os.write(w, good)
+            os.close(w)
+            fds.append(r)
+        elif content is not None:
+            fds.append(os.memfd_create("key", 0))
+            os.write(fds[0], content)
+        if fds:
+            argv += ["--ssh-hostkey-fd", str(fds[0])]
+        if pub is not None:
+            argv += ["--ssh-host-pubkey", pub]
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                                 env=site.user_env("root"), pass_fds=fds,
+                                 stdin=subprocess.DEVNULL)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        assert res.returncode == status and message in res.stderr, (message, res.stderr)
+        assert site.our_mounts() == [] and not port_open()

@@ -35,6 +35,8 @@ from world.gateway import Gateway
 from world.imagebuild import File, build_layer, push_image
 from world.ports import free_port
 from world.reftree import mksquashfs
+from world.registry import make_tls_files
+from world.tlsproxy import TlsProxy
 
 from imagegw.fasthash import fasthash
 from shifter import shifterimg
@@ -69,12 +71,15 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-def write_udiroot_conf(path: Path, gateways: Sequence[str], timeout: int = 5) -> Path:
+def write_udiroot_conf(
+    path: Path, gateways: Sequence[str], timeout: int = 5, extra: str = ""
+) -> Path:
     # The runtime keys are required by the parser but unused by shifterimg: dummy paths.
     path.write_text(
         "udiMount=/var/udiMount\nloopMount=/var/udiLoop\nimagePath=/images\n"
         "udiRootPath=/etc/shifter\netcPath=/etc/shifter/etc\nrootfsType=tmpfs\n"
         f"imageGateway={' '.join(gateways)}\nsystem={SYS}\ngatewayTimeout={timeout}\n"
+        + extra
     )
     os.chmod(path, 0o644)  # the test users read it (shifterimg loads it untrusted)
     return path
@@ -634,6 +639,145 @@ def test_unresolvable_gateway_host_is_named(world):
     line = res.stderr.splitlines()[1]
     assert line.startswith("shifterimg: error: http://gw.invalid:7777: ") and len(line) < 160
     assert "resolution" in line or "not known" in line, line
+
+
+# -- https gateways: which CAs the client trusts ------------------------------------------
+
+SYSTEM_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")  # Debian's system CA store
+
+
+@dataclass
+class TlsSite:
+    proxy: TlsProxy  # https in front of world.gw, as nginx at a site
+    ca: Path  # the site CA that signed the proxy's certificate
+    other_ca: Path  # a CA that signed nothing here
+    url: str
+
+
+@pytest.fixture(scope="module")
+def tls(world) -> Iterator[TlsSite]:
+    site, other = world.base / "tls-site", world.base / "tls-other"
+    for d in (site, other):
+        d.mkdir()
+        os.chmod(d, 0o755)
+    ca, cert, key = make_tls_files(site)
+    other_ca = make_tls_files(other)[0]
+    for path in (ca, other_ca):
+        os.chmod(path, 0o644)  # what a site publishes
+    os.chmod(key, 0o600)  # the server's key: root's alone
+    with TlsProxy("127.0.0.1", world.gw.port, cert, key) as proxy:
+        yield TlsSite(proxy, ca, other_ca, proxy.url)
+
+
+def _run_with_system_bundle(world: World, user: str, bundle: Path, *args: str,
+                            conf: Path) -> Result:
+    """shifterimg as ``user`` in a mount namespace where ``bundle`` is bind-mounted over
+    the system CA store (the machine's own file is never touched)."""
+    kwargs = world._spawn_kwargs(user, conf)
+    pw = pwd.getpwnam(user)
+    script = (
+        'mount --bind "$1" "$2" || exit 99; uid=$3; gid=$4; shift 4; '
+        'exec setpriv --reuid="$uid" --regid="$gid" --init-groups -- "$@"'
+    )
+    argv = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script,
+            "sh", str(bundle), str(SYSTEM_BUNDLE), str(pw.pw_uid), str(pw.pw_gid),
+            *shifterimg_argv(), *args]
+    start = time.monotonic()
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=90, start_new_session=True, env=kwargs["env"],
+                          cwd=kwargs["cwd"])
+    assert proc.returncode != 99, proc.stderr
+    return Result(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start)
+
+
+def test_https_gateway_with_the_ca_named_by_imageGatewayCAFile(world, basic, tls):
+    world.gw.wait_status(basic.ref())
+    image_id = basic.config_digest.split(":")[1]
+    conf = write_udiroot_conf(world.base / "udiRoot-tls-key.conf", [tls.url],
+                              extra=f"imageGatewayCAFile={tls.ca}\n")
+    before = tls.proxy.handshakes
+    res = world.run(ALICE, "lookup", basic.ref(), conf=conf)
+    assert (res.returncode, res.stdout, res.stderr) == (0, image_id + "\n", ""), res
+    res = world.run(ALICE, "pull", basic.ref(), conf=conf)
+    assert res.returncode == 0 and res.stdout.splitlines()[-1].endswith("READY"), res
+    res = world.run(ALICE, "images", conf=conf)
+    assert res.returncode == 0 and basic.ref() in res.stdout, res
+    assert tls.proxy.handshakes >= before + 3  # every answer came through TLS
+
+
+def test_https_gateway_signed_by_a_ca_in_the_system_store(world, basic, tls):
+    """No key, no REQUESTS_CA_BUNDLE: the site CA added to the node's system store (here
+    bind-mounted over it in a mount namespace) is all the client needs."""
+    world.gw.wait_status(basic.ref())
+    image_id = basic.config_digest.split(":")[1]
+    conf = write_udiroot_conf(world.base / "udiRoot-tls-system.conf", [tls.url])
+    bundle = world.base / "tls-site" / "ca-certificates.crt"
+    bundle.write_bytes(SYSTEM_BUNDLE.read_bytes() + tls.ca.read_bytes())
+    os.chmod(bundle, 0o644)
+    # Without the site CA in the store the same command is refused...
+    res = _run_with_system_bundle(world, ALICE, SYSTEM_BUNDLE, "lookup", basic.ref(), conf=conf)
+    assert res.returncode == 1 and "certificate verify failed" in res.stderr, res
+    # ...and with it, it works.
+    res = _run_with_system_bundle(world, ALICE, bundle, "lookup", basic.ref(), conf=conf)
+    assert (res.returncode, res.stdout, res.stderr) == (0, image_id + "\n", ""), res
+    res = _run_with_system_bundle(world, BOB, bundle, "pull", basic.ref(), conf=conf)
+    assert res.returncode == 0 and res.stdout.splitlines()[-1].endswith("READY"), res
+
+
+def test_untrusted_gateway_certificate_says_what_to_do(world, tls):
+    conf = write_udiroot_conf(world.base / "udiRoot-tls-untrusted.conf", [tls.url])
+    res = world.run(ALICE, "lookup", "x:v1", conf=conf)
+    assert (res.returncode, res.stdout) == (1, ""), res
+    lines = res.stderr.splitlines()
+    assert lines[0] == NOT_CONTACTED
+    assert lines[1].startswith(f"shifterimg: error: {tls.url}: TLS certificate verify failed: ")
+    assert str(SYSTEM_BUNDLE) in lines[1], lines  # what it trusted
+    assert f"imageGatewayCAFile in {conf}" in lines[2], lines  # what to do
+    # The key naming a CA that did not sign the gateway's certificate: named back.
+    wrong = write_udiroot_conf(world.base / "udiRoot-tls-wrong.conf", [tls.url],
+                               extra=f"imageGatewayCAFile={tls.other_ca}\n")
+    res = world.run(ALICE, "lookup", "x:v1", conf=wrong)
+    assert (res.returncode, res.stdout) == (1, ""), res
+    lines = res.stderr.splitlines()
+    assert lines[0] == NOT_CONTACTED
+    assert lines[1].startswith(f"shifterimg: error: {tls.url}: TLS certificate verify failed: ")
+    assert f"imageGatewayCAFile={tls.other_ca}" in lines[2] and str(wrong) in lines[2], lines
+
+
+def test_an_unusable_imageGatewayCAFile_is_named_before_any_request(world, tls):
+    not_pem = world.base / "tls-site" / "not-a-ca.pem"
+    not_pem.write_text("hello\n")
+    os.chmod(not_pem, 0o644)
+    secret = world.base / "tls-site" / "server-key.pem"  # root's 0600
+    for value, why in (
+        ("/nonexistent/ca.pem", "No such file or directory"),
+        ("ca.pem", "not an absolute path"),
+        (str(not_pem), "no PEM certificate"),
+        (str(secret), "Permission denied"),
+    ):
+        conf = write_udiroot_conf(world.base / "udiRoot-tls-bad.conf", [tls.url],
+                                  extra=f"imageGatewayCAFile={value}\n")
+        before = tls.proxy.handshakes + tls.proxy.refused
+        res = world.run(ALICE, "lookup", "x:v1", conf=conf)
+        assert (res.returncode, res.stdout) == (1, ""), res
+        assert res.stderr.startswith(
+            f"shifterimg: error: imageGatewayCAFile={value} in {conf}: {why}"), res.stderr
+        assert len(res.stderr.splitlines()) == 1, res.stderr
+        assert tls.proxy.handshakes + tls.proxy.refused == before
+
+
+def test_which_cas_are_trusted_key_then_environment_then_system_store(monkeypatch, tmp_path):
+    """imageGatewayCAFile wins; else a bundle the user named the usual way (requests'
+    REQUESTS_CA_BUNDLE, OpenSSL's SSL_CERT_FILE) still works as before; else the system
+    store, never requests' certifi copy."""
+    ca = make_tls_files(tmp_path)[0]
+    for var in shifterimg.CA_ENV:
+        monkeypatch.delenv(var, raising=False)
+    assert shifterimg.ca_trust(None, "c") == (
+        str(SYSTEM_BUNDLE), f"the system CA store {SYSTEM_BUNDLE}")
+    monkeypatch.setenv("SSL_CERT_FILE", "/elsewhere.pem")
+    assert shifterimg.ca_trust(None, "c")[0] == "/elsewhere.pem"
+    assert shifterimg.ca_trust(str(ca), "c") == (str(ca), f"imageGatewayCAFile={ca}")
 
 
 # -- admin modes -----------------------------------------------------------------------------

@@ -36,6 +36,8 @@ from world.slurm import (
     write_launchers,
 )
 
+from shifter.setuproot import job_host_key
+
 ALICE = "shifter-alice"
 REPO = "slurm/app"
 PULL_AGAIN_AFTER = 3
@@ -130,7 +132,10 @@ def world(test_users, munged, registry, tmp_path_factory):
     os.chmod(extern, 0o755)
     # setupRoot as the plugin runs it, its argv kept (NUL-separated) for the tests to read
     logged = bindir / "setupRoot-logged"
+    # (and the job host key it got in its environment, root's only: umask 077)
     logged.write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" > {base}/setupRoot.argv\n'
+                      f'(umask 077; printf "%s" "${{SHIFTER_SSH_HOSTKEY-}}" '
+                      f'> {base}/setupRoot.hostkey)\n'
                       f'exec {bindir}/setupRoot "$@"\n')
     os.chmod(logged, 0o755)
     gateway = Gateway(base / "gw", munge_socket=munged.socket, registry=registry,
@@ -321,7 +326,12 @@ def test_enable_sshd_ssh_from_a_task_lands_in_the_jobs_container(world, v1, udii
                           siteEnvPrepend="PATH=/opt/udiImage/bin")
     script = (f"#!/bin/sh\nsrun shifter readlink /proc/self/ns/mnt\n"
               f"srun shifter ssh {NODE} 'echo REMOTE $(id -un); cat /var/shifterConfig.json; "
-              f"echo; readlink /proc/self/ns/mnt'\n")
+              f"echo; readlink /proc/self/ns/mnt'\n"
+              # the host key the node's sshd presents, and the one key the containers trust
+              f"echo SCAN $(ssh-keyscan -p 1204 -t ed25519 {NODE} 2>/dev/null)\n"
+              "srun shifter sh -c 'echo KNOWN $(grep -v ^# /opt/udiImage/etc/ssh_known_hosts);"
+              " echo TASKENV $(env | grep -c SSH_HOSTKEY)'\n"
+              "echo JOBENV $(env | grep -c SSH_HOSTKEY)\n")
     try:
         with world.plugstack_args("enable_sshd=1"):
             res = world.sbatch(script, f"--image={world.tag('v1')}", "--exclusive",
@@ -342,7 +352,18 @@ def test_enable_sshd_ssh_from_a_task_lands_in_the_jobs_container(world, v1, udii
     assert f"REMOTE {ALICE}" in lines, world.output(res.job_id)
     config = json.loads(next(line for line in lines if line.startswith("{")))
     assert config["identifier"] == v1 and config["user"] == ALICE
-    assert lines[-1] == task_ns  # the ssh session is in the task's (prepared) container
+    remote_ns = lines[lines.index(next(li for li in lines if li.startswith("{"))) + 1]
+    assert remote_ns == task_ns  # the ssh session is in the task's (prepared) container
+    # Host key checking is on and passed: the sshd presents the job's host key (made at
+    # submit, given to setupRoot in its environment, not in its argv), which is the one
+    # key in the containers' known_hosts; it is not in the job's or the tasks' environment.
+    host_key = (world.site.base.parent / "setupRoot.hostkey").read_text()
+    assert host_key and host_key not in "\0".join(argv)
+    _, public = job_host_key(host_key)
+    scan = next(li for li in lines if li.startswith("SCAN ")).split()
+    known = next(li for li in lines if li.startswith("KNOWN ")).split()
+    assert scan[2:4] == public.split() and known[2:4] == public.split(), lines
+    assert "TASKENV 0" in lines and "JOBENV 0" in lines, lines
     # this cluster has no extern step: the admin is told the sshd is outside the job
     assert (f"shifter: job {res.job_id}: the container's sshd stays outside the job's cgroups"
             in world.cluster.slurmd_log())

@@ -61,6 +61,7 @@ OPTIONAL = (
     "gpuDeviceDir",
     "cdiSpecDirs",
     "allowCdiHooks",
+    "imageGatewayCAFile",
 )
 ACCUMULATING = ("siteFs",)
 DEPRECATED = ("autoLoadKernelModule", "kmodBasePath", "kmodCacheFile", "optionalSshdAsRoot")

@@ -352,14 +352,16 @@ class RuntimeSite:
         )
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
-    def root_tool(self, name: str, *args: str, timeout: float = 60) -> Result:
-        """``setupRoot``/``unsetupRoot`` as root (as the batch system's prolog runs them)."""
+    def root_tool(self, name: str, *args: str, timeout: float = 60,
+                  env: dict[str, str] | None = None) -> Result:
+        """``setupRoot``/``unsetupRoot`` as root (as the batch system's prolog runs them),
+        ``env`` added to the fixed environment."""
         module = "shifter.setuproot"
         fn = "main" if name == "setupRoot" else "main_unsetup"
         code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); "
                 f"from {module} import {fn}; sys.argv[0] = {name!r}; sys.exit({fn}())")
         proc = subprocess.run([PYTHON, "-I", "-S", "-c", code, *args], capture_output=True,
-                              text=True, timeout=timeout, env=self.user_env("root"),
+                              text=True, timeout=timeout, env=self.user_env("root", env),
                               stdin=subprocess.DEVNULL)
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
