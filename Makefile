@@ -37,8 +37,10 @@ $(VENV)/.installed: pyproject.toml
 # What `make install` and the packages put where (PREFIX /usr/local by default; the
 # packages use /usr; DESTDIR stages everything under another root):
 #   runtime (compute and login nodes)
-#     $(PREFIX)/libexec/shifter/                 what `make -C helpers install` installs: the
-#                                                setuid-root helper (the only privileged part)
+#     $(PREFIX)/libexec/shifter/                 what `make -C helpers install` installs:
+#                                                shifter-helper, setuid root, run mode only (all
+#                                                a user can reach); shifter-setup, root:root
+#                                                0700, never setuid (setupRoot's, unsetupRoot's)
 #     $(PREFIX)/lib/shifter/python/              udiroot + shifter (+ imagegw.munge for
 #                                                shifterimg), byte-compiled
 #     $(PREFIX)/bin/shifter setupRoot unsetupRoot shifter-prep-mpi shifter-prep-udiimage

@@ -19,6 +19,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "util.h"
+
 /*
  * The key tables: conf.h says what each means.  udiroot/config.py holds the same
  * tables (REQUIRED, TOOL_PATHS, OPTIONAL, DEPRECATED, MODULE_KEYS) and
@@ -58,26 +60,6 @@ const char *const conf_module_subkeys[] = {
     "siteFs", "siteEnv", "siteEnvAppend", "siteEnvPrepend", "siteEnvUnset",
     "copyPath", "roothook", "userhook", "conflict", "enabled", NULL,
 };
-
-/* Always returns -1 so callers can write "return set_err(...)". */
-__attribute__((format(printf, 3, 4))) static int set_err(char *err, size_t errlen,
-                                                         const char *fmt, ...)
-{
-    va_list ap;
-    int n;
-
-    if (err == NULL || errlen == 0)
-        return -1;
-    va_start(ap, fmt);
-    n = vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-    if (n < 0) {
-        /* Only an encoding error gets here; keep some message rather than none. */
-        err[0] = '\0';
-        strncat(err, "udiRoot.conf: cannot format error message", errlen - 1);
-    }
-    return -1;
-}
 
 /* ASCII characters Python's str.strip() removes. */
 static int is_blank(unsigned char c)
@@ -476,36 +458,15 @@ int conf_load(const char *path, struct udiroot_conf *conf, char *err, size_t err
         close(fd);
         return -1;
     }
-    text = malloc(CONF_MAX_FILE + 1);
-    if (text == NULL) {
-        close(fd);
-        return set_err(err, errlen, "udiRoot.conf: out of memory");
-    }
-    /* Read one byte past the limit so an oversized file is noticed, not truncated. */
-    for (;;) {
-        ssize_t n = read(fd, text + used, CONF_MAX_FILE + 1 - used);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0) {
-            set_err(err, errlen, "cannot read %s: %s", path, strerror(errno));
-            free(text);
-            close(fd);
-            return -1;
-        }
-        if (n == 0)
-            break;
-        used += (size_t)n;
-        if (used > CONF_MAX_FILE) {
-            set_err(err, errlen, "%s is larger than %d bytes", path, CONF_MAX_FILE);
-            free(text);
-            close(fd);
-            return -1;
-        }
-    }
-    if (close(fd) != 0) {
-        free(text);
-        return set_err(err, errlen, "cannot read %s: %s", path, strerror(errno));
-    }
+    /* One byte past the limit is read, so an oversized file is noticed, not truncated. */
+    rc = read_all_fd(fd, CONF_MAX_FILE, &text, &used);
+    if (rc != 0 && errno == EFBIG)
+        set_err(err, errlen, "%s is larger than %d bytes", path, CONF_MAX_FILE);
+    else if (rc != 0)
+        set_err(err, errlen, "cannot read %s: %s", path, strerror(errno));
+    close(fd);
+    if (rc != 0)
+        return -1;
     rc = conf_parse_text(text, used, conf, err, errlen);
     free(text);
     return rc;

@@ -6,10 +6,11 @@
  *   3 image loop-mounted ro,nosuid,nodev at loopMount (or --local bound there)
  *   4 rootfsType at udiMount, nosuid,nodev, 0755
  *   5 site: dirs, pre-mount hook, siteFs, post-mount hook, module siteFs, /etc,
- *     /opt/udiImage, hostsfile, module roothooks, proc sys dev tmp var/tmp
+ *     /opt/udiImage, (shifter-setup) hostsfile, module roothooks, the front end's
+ *     passwd/group (--etc-fd), proc sys dev tmp var/tmp
  *   6 image content: top level of /, then /var, /opt and /etc, site entries win
- *   7 user volumes; setup --ssh-pubkey: the container's sshd (sshd.c, spec 6.15)
- *   8 var/shifterConfig.json; root read-only unless mountUdiRootWritable=1
+ *   7 user volumes; then shifter-setup's sshd (its setup_step)
+ *   8 (shifter-setup) var/shifterConfig.json; root read-only unless mountUdiRootWritable=1
  *
  * The container root is handled as a directory fd (the rootfs mount fd) from
  * step 4 on; every entry is created relative to it without following links.
@@ -32,7 +33,6 @@
 #include "etcfiles.h"
 #include "loop.h"
 #include "mnt.h"
-#include "sshd.h"
 #include "util.h"
 #include "volmount.h"
 
@@ -40,59 +40,49 @@
 
 /* ---- signature ---------------------------------------------------------------- */
 
-static void json_add(char **p, const char *s)
+/* s as the inside of a JSON string. */
+static void json_add(FILE *f, const char *s)
 {
     for (; *s; s++) {
         unsigned char ch = (unsigned char)*s;
-        if (ch == '"' || ch == '\\') {
-            *(*p)++ = '\\';
-            *(*p)++ = (char)ch;
-        } else if (ch < 0x20) {
-            *p += sprintf(*p, "\\u%04x", ch);
-        } else {
-            *(*p)++ = (char)ch;
-        }
+        if (ch == '"' || ch == '\\')
+            fprintf(f, "\\%c", ch);
+        else if (ch < 0x20)
+            fprintf(f, "\\u%04x", ch);
+        else
+            fputc(ch, f);
     }
 }
 
 char *container_signature(const struct ctx *c)
 {
-    char *vols = vol_signature(&c->vols);
-    const char *ident = c->image_id ? c->image_id : c->local_path;
-    size_t mods_len = 1, size;
-    char *mods, *out, *p;
+    char *vols = vol_signature(&c->vols), *out = NULL;
+    size_t len;
+    FILE *f = open_memstream(&out, &len);
 
-    if (vols == NULL)
+    if (vols == NULL || f == NULL)
         die("shifter-helper: out of memory");
-    for (size_t i = 0; i < c->n_modules; i++)
-        mods_len += strlen(c->modules[i]) + 1;
-    mods = xmalloc(mods_len);
-    mods[0] = '\0';
+    fputs("{\"identifier\":\"", f);
+    json_add(f, c->image_id ? c->image_id : c->local_path);
+    fputs("\",\"user\":\"", f);
+    json_add(f, c->id.name);
+    fputs("\",\"volMap\":\"", f);
+    json_add(f, vols);
+    fputs("\",\"modules\":\"", f);
     for (size_t i = 0; i < c->n_modules; i++) {
-        strcat(mods, c->modules[i]);
-        strcat(mods, ",");
+        json_add(f, c->modules[i]);
+        fputc(',', f);
     }
-    /* Worst case every byte becomes \u00XX (6 bytes). */
-    size = 6 * (strlen(ident) + strlen(c->id.name) + strlen(vols) + strlen(mods)) + 64 +
-           GPU_MAX * 4;
-    out = p = xmalloc(size);
-    p += sprintf(p, "{\"identifier\":\"");
-    json_add(&p, ident);
-    p += sprintf(p, "\",\"user\":\"");
-    json_add(&p, c->id.name);
-    p += sprintf(p, "\",\"volMap\":\"");
-    json_add(&p, vols);
-    p += sprintf(p, "\",\"modules\":\"");
-    json_add(&p, mods);
     if (c->gpu.requested) {
         /* Only with --gpu, so that every other signature stays Shifter's byte for byte. */
         char gpus[GPU_MAX * 4];
         gpu_signature(&c->gpu, gpus, sizeof gpus);
-        p += sprintf(p, "\",\"gpus\":\"%s", gpus);
+        fprintf(f, "\",\"gpus\":\"%s", gpus);
     }
-    sprintf(p, "\"}");
+    fputs("\"}", f);
+    if (fclose(f) != 0)
+        die("shifter-helper: out of memory");
     free(vols);
-    free(mods);
     return out;
 }
 
@@ -144,7 +134,7 @@ static int mount_image(struct ctx *c)
     int dst = open_config_dir(c->loop, "loopMount"), mfd;
 
     if (c->local_path != NULL) {
-        int src = volmount_open_as_user(&c->id, c->local_path);
+        int src = volmount_open_as_user(&c->id, c->local_path, 1);
         if (src < 0)
             die_user("FAILED to use %s as the image root: %s", c->local_path, strerror(errno));
         /* With what is mounted below it (not the files those mounts hide), read-only,
@@ -234,7 +224,7 @@ static void opt_udi_image(struct ctx *c)
         die_errno("Cannot open opt/udiImage");
     if (opt != NULL && *opt != '\0') {
         int src = open_config_dir(opt, "optUdiImage");
-        copy_tree(src, dst, opt);
+        copy_tree(src, dst, opt, 1);
         close(src);
     }
     for (size_t i = 0; i < c->n_modules; i++) {
@@ -249,12 +239,11 @@ static void opt_udi_image(struct ctx *c)
         mdst = open_dir_at(mods, c->modules[i]);
         if (mdst < 0)
             die_errno("Cannot open opt/udiImage/modules/%s", c->modules[i]);
-        copy_tree(src, mdst, path);
+        copy_tree(src, mdst, path, 1);
         close(src);
         close(mdst);
         close(mods);
     }
-    chmod_a_rX(dst);
     close(dst);
 }
 
@@ -317,11 +306,11 @@ static void site_steps(struct ctx *c)
         if (fs != NULL && *fs != '\0')
             volmount_site(c, fs, c->modules[i]);
     }
-    etc_populate(c->root, c->conf, &c->id);
+    etc_populate(c->root, c->conf);
     verbose("etc populated");
     opt_udi_image(c);
-    if (c->nodes != NULL)
-        hosts_write(c->root, c->nodes);
+    if (c->setup_step != NULL)
+        c->setup_step(c, STEP_SITE_FILES);
     for (size_t i = 0; i < c->n_modules; i++) {
         const char *h = module_get(c->conf, c->modules[i], "roothook");
         if (h != NULL && *h != '\0') {
@@ -330,6 +319,8 @@ static void site_steps(struct ctx *c)
             run_root_hook(h, c->udi, what);
         }
     }
+    /* After the root hooks: root never runs anything on the front end's files. */
+    etc_write_files(c->root, c->etc_files);
     system_mounts(c);
 }
 
@@ -388,7 +379,7 @@ static void merge(int src, int dst, int top)
 
 /* ---- the whole build ---------------------------------------------------------------- */
 
-void container_build(struct ctx *c, const char *signature)
+void container_build(struct ctx *c)
 {
     int image;
 
@@ -404,8 +395,8 @@ void container_build(struct ctx *c, const char *signature)
         if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0)
             die_errno("Cannot make / a slave mount");
     }
-    if (c->setup_mode)
-        sshd_stop(c); /* a previous job's, left by a missed unsetup */
+    if (c->setup_step != NULL)
+        c->setup_step(c, STEP_CLEAR);
     if (container_teardown(c) != 0)
         die("Cannot clear %s and %s", c->udi, c->loop);
     image = mount_image(c);
@@ -418,15 +409,8 @@ void container_build(struct ctx *c, const char *signature)
     close(image);
     verbose("image content added");
     volmount_user(c);
-    if (c->ssh_key != NULL)
-        sshd_start(c, c->ssh_key);
-    {
-        int var = open_dir_at(c->root, "var");
-        if (var < 0)
-            die_errno("Cannot open the container's /var");
-        write_file_at(var, "shifterConfig.json", signature, strlen(signature), 0644);
-        close(var);
-    }
+    if (c->setup_step != NULL)
+        c->setup_step(c, STEP_USER_VOLUMES);
     if (!config_flag(conf_get(c->conf, "mountUdiRootWritable"), 0))
         mnt_set(c->root, 0, ATTR_RO, 0, "the container root");
     verbose("container ready at %s", c->udi);

@@ -2,7 +2,7 @@
  * copy.c - file and tree copies by directory fd.  Sources are opened with
  * O_NOFOLLOW and checked with fstat on the opened fd; destinations are created
  * with O_EXCL|O_NOFOLLOW after removing what was there, so a planted symlink
- * can never redirect a write.  Data moves with copy_file_range (in-kernel).
+ * can never redirect a write.  Data moves with sendfile (in-kernel).
  *
  * Trees (optUdiImage, module copyPaths, etcPath subdirectories) are root's: a file
  * over 64 KiB there that is root-owned, not group/other writable, without set-id bits and
@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/sendfile.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -32,31 +33,9 @@
 
 static void copy_data(int in, int out, off_t size, const char *name)
 {
-    off_t done = 0;
-
-    while (done < size) {
-        ssize_t n = copy_file_range(in, NULL, out, NULL, (size_t)(size - done), 0);
-        if (n < 0 && (errno == EXDEV || errno == ENOSYS || errno == EINVAL)) {
-            /* Fallback: plain read/write. */
-            char buf[65536];
-            ssize_t r = read(in, buf, sizeof buf);
-            if (r < 0 && errno == EINTR)
-                continue;
-            if (r < 0)
-                die_errno("Cannot read %s", name);
-            if (r == 0)
-                break;
-            for (ssize_t w = 0; w < r;) {
-                ssize_t k = write(out, buf + w, (size_t)(r - w));
-                if (k < 0 && errno == EINTR)
-                    continue;
-                if (k < 0)
-                    die_errno("Cannot write %s", name);
-                w += k;
-            }
-            done += r;
-            continue;
-        }
+    /* sendfile: in-kernel, and unlike copy_file_range it crosses filesystem types. */
+    for (off_t done = 0; done < size;) {
+        ssize_t n = sendfile(out, in, NULL, (size_t)(size - done));
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
@@ -135,7 +114,7 @@ static int bindable(const struct stat *st)
            (m & 06000) == 0 && (m & 0444) == 0444 && ((m & 0111) == 0 || (m & 0111) == 0111);
 }
 
-static void tree(int src, int dst, const char *what, int depth)
+static void tree(int src, int dst, const char *what, int a_rx, int depth)
 {
     int rfd;
     DIR *d;
@@ -158,17 +137,19 @@ static void tree(int src, int dst, const char *what, int depth)
                 die_errno("Cannot replace %s in %s", e->d_name, what);
             mnt_bind_at(rfd, e->d_name, dst, 0);
         } else if (S_ISREG(st.st_mode)) {
-            copy_file_at(rfd, e->d_name, dst, e->d_name, 0, 0);
+            mode_t m = st.st_mode & 0777; /* a+rX: x for all when anyone may execute */
+            copy_file_at(rfd, e->d_name, dst, e->d_name,
+                         a_rx ? m | 0444 | (m & 0111 ? 0111 : 0) : 0, 0);
         } else if (S_ISLNK(st.st_mode)) {
             copy_symlink_at(rfd, e->d_name, dst, e->d_name);
         } else if (S_ISDIR(st.st_mode)) {
             int s, t;
-            mkdir_at(dst, e->d_name, st.st_mode & 0777);
+            mkdir_at(dst, e->d_name, (st.st_mode & 0777) | (a_rx ? 0555 : 0));
             s = open_dir_at(rfd, e->d_name);
             t = open_dir_at(dst, e->d_name);
             if (s < 0 || t < 0)
                 die_errno("Cannot open directory %s in %s", e->d_name, what);
-            tree(s, t, what, depth + 1);
+            tree(s, t, what, a_rx, depth + 1);
             close(s);
             close(t);
         }
@@ -178,51 +159,7 @@ static void tree(int src, int dst, const char *what, int depth)
     closedir(d);
 }
 
-void copy_tree(int src, int dst, const char *what)
+void copy_tree(int src, int dst, const char *what, int a_rx)
 {
-    tree(src, dst, what, 0);
-}
-
-static void rx(int dir, int depth)
-{
-    int rfd;
-    DIR *d;
-    struct dirent *e;
-    struct stat st;
-
-    if (depth > MAX_DEPTH)
-        die("chmod a+rX: more than %d levels deep", MAX_DEPTH);
-    rfd = openat(dir, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (rfd < 0 || fstat(rfd, &st) != 0)
-        die_errno("chmod a+rX: cannot open a directory");
-    if (fchmod(rfd, (st.st_mode & 07777) | 0555) != 0)
-        die_errno("chmod a+rX");
-    if ((d = fdopendir(rfd)) == NULL)
-        die_errno("chmod a+rX: cannot read a directory");
-    while ((errno = 0, e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-            continue;
-        if (fstatat(rfd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0)
-            die_errno("chmod a+rX: cannot stat %s", e->d_name);
-        if (S_ISDIR(st.st_mode)) {
-            int s = open_dir_at(rfd, e->d_name);
-            if (s < 0)
-                die_errno("chmod a+rX: cannot open %s", e->d_name);
-            rx(s, depth + 1);
-            close(s);
-        } else if (S_ISREG(st.st_mode)) {
-            mode_t m = (st.st_mode & 07777) | 0444 | ((st.st_mode & 0111) ? 0111 : 0);
-            /* Only when it changes: a bound file (already a+rX) is read-only. */
-            if (m != (st.st_mode & 07777) && fchmodat(rfd, e->d_name, m, 0) != 0)
-                die_errno("chmod a+rX: %s", e->d_name);
-        }
-    }
-    if (errno != 0)
-        die_errno("chmod a+rX: cannot read a directory");
-    closedir(d);
-}
-
-void chmod_a_rX(int dir)
-{
-    rx(dir, 0);
+    tree(src, dst, what, a_rx, 0);
 }

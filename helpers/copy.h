@@ -22,11 +22,9 @@ int copy_fd_at(int in, const char *name, int dst_dir, const char *dst_name, mode
 void copy_symlink_at(int src_dir, const char *name, int dst_dir, const char *dst_name);
 
 /* Copy the contents of directory src into directory dst, recursively (files, symlinks,
- * directories; other types skipped).  Existing entries are replaced. */
-void copy_tree(int src, int dst, const char *what);
-
-/* chmod -R a+rX below (and including) dir: read for all, execute for all on directories
- * and on files someone may execute.  Symlinks untouched. */
-void chmod_a_rX(int dir);
+ * directories; other types skipped).  Existing entries are replaced.  a_rx: the copies
+ * are made a+rX (read for all; execute for all on directories and on files someone may
+ * execute). */
+void copy_tree(int src, int dst, const char *what, int a_rx);
 
 #endif

@@ -26,24 +26,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "conf.h" /* module_get */
 #include "util.h"
 
 #define DEFAULT_PATH "/usr/local/bin:/usr/bin:/bin"
-
-static int last_cap(void)
-{
-    int fd = open("/proc/sys/kernel/cap_last_cap", O_RDONLY | O_CLOEXEC);
-    char buf[16] = {0};
-    long n;
-
-    if (fd < 0 || read(fd, buf, sizeof buf - 1) <= 0)
-        die_errno("Cannot read /proc/sys/kernel/cap_last_cap");
-    close(fd);
-    n = strtol(buf, NULL, 10);
-    if (n < CAP_LAST_CAP || n > 63)
-        die("Unexpected cap_last_cap %ld", n);
-    return (int)n;
-}
 
 static void caps(int set_zero)
 {
@@ -63,14 +49,15 @@ static void caps(int set_zero)
             die("Failed to drop privileges: capabilities remain");
 }
 
-static void drop_privileges(const struct ident *id, int lastcap)
+static void drop_privileges(const struct ident *id)
 {
     uid_t r, e, s;
     gid_t rg, eg, sg;
     gid_t groups[IDENT_MAX_GROUPS + 1];
     int n;
 
-    for (int cap = 0; cap <= lastcap; cap++)
+    /* Every capability the kernel knows: PR_CAPBSET_READ fails past the last one. */
+    for (int cap = 0; prctl(PR_CAPBSET_READ, cap, 0, 0, 0) >= 0; cap++)
         if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0)
             die_errno("Failed to drop capability %d from the bounding set", cap);
     if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0)
@@ -93,17 +80,16 @@ static void drop_privileges(const struct ident *id, int lastcap)
     n = getgroups(IDENT_MAX_GROUPS + 1, groups);
     if (n < 0 || (size_t)n != id->ngroups)
         die("Failed to drop privileges: groups");
-    /* The kernel keeps the list sorted: compare as sets, not position by position. */
-    for (int i = 0; i < n; i++) {
-        size_t j = 0;
-        while (j < id->ngroups && id->groups[j] != groups[i])
-            j++;
-        if (j == id->ngroups || groups[i] == 0)
+    for (int i = 0; i < n; i++) { /* the kernel keeps them sorted, not in our order */
+        size_t k = 0;
+        while (k < id->ngroups && id->groups[k] != groups[i])
+            k++;
+        if (k == id->ngroups || groups[i] == 0)
             die("Failed to drop privileges: groups");
     }
     caps(0);
-    for (int cap = 0; cap <= lastcap; cap++)
-        if (prctl(PR_CAPBSET_READ, cap, 0, 0, 0) != 0)
+    for (int cap = 0, r; (r = prctl(PR_CAPBSET_READ, cap, 0, 0, 0)) >= 0; cap++)
+        if (r != 0)
             die("Failed to drop privileges: bounding set");
     if (prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1)
         die("Failed to drop privileges: no_new_privs");
@@ -139,12 +125,10 @@ static void userhooks(const struct ctx *c, char *const envp[])
 
 void enter_user(const struct ctx *c, int root)
 {
-    int lastcap = last_cap();
-
     if (fchdir(root) != 0 || chroot(".") != 0 || chdir("/") != 0)
         die_errno("Failed to chroot to the container");
     close(root);
-    drop_privileges(&c->id, lastcap);
+    drop_privileges(&c->id);
     verbose("privileges dropped");
 }
 

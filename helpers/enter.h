@@ -4,7 +4,7 @@
 #ifndef SHIFTER_HELPERS_ENTER_H
 #define SHIFTER_HELPERS_ENTER_H
 
-#include "container.h"
+#include "ctx.h"
 
 /* chroot into root (closed), drop every privilege for good (verified); dies (status 1)
  * on any failure.  enter() and the per-container sshd (sshd.c) both start with this. */

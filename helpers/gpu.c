@@ -1,14 +1,12 @@
 /*
  * gpu.c - NVIDIA GPU support.  See gpu.h.
  *
- * What is injected comes only from root's domain:
- *   libraries  the entries of the ld.so cache (gpuLdCache, default /etc/ld.so.cache;
- *              root-owned, not group/other writable) whose name is <lib>.so* for a
- *              <lib> of gpuLibraries, placed in gpu/lib64 or gpu/lib by their ELF class;
- *   tools      gpuBinaries looked up in gpuBinaryPath (first match wins);
- *   devices    /dev/nvidiaN and the control devices in gpuDeviceDir (default /dev).
- * The user picks only indexes, and each must name a character device that exists.
- * Every file is opened here, checked on the open fd and bound from that fd.
+ * devices    /dev/nvidiaN and the control devices in gpuDeviceDir (default /dev), root's
+ *            domain: the user picks only indexes, each must name a character device;
+ * files      the driver's libraries and tools, found by the front end (udiroot/gpu.py:
+ *            the ld.so cache, gpuBinaryPath) and given as --gpu-file DIR/NAME=PATH; each
+ *            is opened with the caller's own rights, as a volume source is, and bound
+ *            read-only, nosuid, nodev: a caller can only add files they can read.
  */
 #define _GNU_SOURCE
 #include "gpu.h"
@@ -29,23 +27,12 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
-#include "container.h"
+#include "ctx.h"
 #include "copy.h"
 #include "mnt.h"
 #include "util.h"
 #include "volmount.h"
 
-#define LD_CACHE_MAX (64 * 1024 * 1024)
-
-static const char *const default_libraries =
-    "libcuda libnvidia-ml libnvidia-ptxjitcompiler libnvidia-fatbinaryloader "
-    "libnvidia-compiler libnvidia-encode libnvidia-opencl libnvcuvid libnvidia-nvvm "
-    "libnvidia-cfg libnvidia-allocator libnvidia-gpucomp libcudadebugger";
-static const char *const default_binaries =
-    "nvidia-smi nvidia-debugdump nvidia-persistenced nvidia-cuda-mps-control "
-    "nvidia-cuda-mps-server";
-static const char *const default_binary_path =
-    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /* Devices every CUDA program needs besides its GPUs; those missing are skipped. */
 static const char *const control_devices[] = {
     "nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset",
@@ -65,39 +52,24 @@ int gpu_parse(const char *text, struct gpu_plan *g, char *err, size_t errlen)
 
     g->requested = 1;
     g->n_sel = 0;
-    if (strcmp(text, "all") == 0) {
-        g->n_sel = -1; /* every GPU of the node, found by gpu_discover */
-        return 0;
-    }
     while (*p) {
         int idx = 0, digits = 0;
         while (isdigit((unsigned char)*p) && digits < 3) {
             idx = idx * 10 + (*p++ - '0');
             digits++;
         }
-        if (digits == 0 || (*p != ',' && *p != '\0') || idx >= GPU_MAX) {
-            snprintf(err, errlen,
-                     "Invalid GPU list '%.64s': expected device indexes from 0 to %d, "
-                     "such as 0,1",
-                     text, GPU_MAX - 1);
-            return -1;
-        }
+        if (digits == 0 || (*p != ',' && *p != '\0') || idx >= GPU_MAX)
+            return set_err(err, errlen, "Invalid GPU list '%.64s': expected device indexes "
+                           "from 0 to %d, such as 0,1", text, GPU_MAX - 1);
         for (int k = 0; k < g->n_sel; k++)
-            if (g->sel[k] == idx) {
-                snprintf(err, errlen, "Invalid GPU list '%.64s': GPU %d given twice", text, idx);
-                return -1;
-            }
+            if (g->sel[k] == idx)
+                return set_err(err, errlen, "Invalid GPU list '%.64s': GPU %d given twice",
+                               text, idx);
         g->sel[g->n_sel++] = idx;
-        if (*p == ',' && *++p == '\0') {
-            snprintf(err, errlen, "Invalid GPU list '%.64s': it ends with ','", text);
-            return -1;
-        }
+        if (*p == ',' && *++p == '\0')
+            return set_err(err, errlen, "Invalid GPU list '%.64s': it ends with ','", text);
     }
-    if (g->n_sel == 0) {
-        snprintf(err, errlen, "Invalid GPU list: it is empty");
-        return -1;
-    }
-    return 0;
+    return g->n_sel == 0 ? set_err(err, errlen, "Invalid GPU list: it is empty") : 0;
 }
 
 void gpu_signature(const struct gpu_plan *g, char *buf, size_t len)
@@ -109,180 +81,30 @@ void gpu_signature(const struct gpu_plan *g, char *buf, size_t len)
         n += (size_t)snprintf(buf + n, len - n, "%s%d", k ? "," : "", g->sel[k]);
 }
 
-/* ---- the driver's files ---------------------------------------------------------- */
-
-/* A regular file's ELF class (ELFCLASS32/64), or 0 when it is not ELF. */
-static int elf_class(int fd)
+int gpu_add_file(const char *spec, struct gpu_plan *g, char *err, size_t errlen)
 {
-    unsigned char id[EI_NIDENT];
-
-    if (pread(fd, id, sizeof id, 0) != (ssize_t)sizeof id || memcmp(id, ELFMAG, SELFMAG) != 0)
-        return 0;
-    return id[EI_CLASS] == ELFCLASS64 || id[EI_CLASS] == ELFCLASS32 ? id[EI_CLASS] : 0;
-}
-
-static int have_file(const struct gpu_plan *g, const char *dir, const char *name)
-{
-    for (size_t i = 0; i < g->n_files; i++)
-        if (strcmp(g->files[i].dir, dir) == 0 && strcmp(g->files[i].name, name) == 0)
-            return 1;
-    return 0;
-}
-
-static void add_file(struct gpu_plan *g, const char *dir, const char *name, const char *path)
-{
+    const char *slash = strchr(spec, '/'), *eq = slash ? strchr(slash, '=') : NULL;
+    size_t dl = slash ? (size_t)(slash - spec) : 0, nl = eq ? (size_t)(eq - slash - 1) : 0;
     struct gpu_file *f;
 
     if (g->n_files >= GPU_MAX_FILES)
-        die("FAILED to set up GPU support: more than %d driver files", GPU_MAX_FILES);
-    f = &g->files[g->n_files++];
-    snprintf(f->name, sizeof f->name, "%s", name);
-    snprintf(f->dir, sizeof f->dir, "%s", dir);
-    f->path = xstrdup(path);
-    verbose("gpu: %s/%s from %s", dir, name, path);
-}
-
-/* name is "<lib>.so" or "<lib>.so.<anything>" for a word <lib> of the list. */
-static int wanted_library(const char *name, const char *list)
-{
-    const char *w = list;
-
-    while (*w) {
-        size_t len;
-        w += strspn(w, " \t");
-        len = strcspn(w, " \t");
-        if (len > 0 && strncmp(name, w, len) == 0 && strncmp(name + len, ".so", 3) == 0 &&
-            (name[len + 3] == '\0' || name[len + 3] == '.'))
-            return 1;
-        w += len;
-    }
+        return set_err(err, errlen, "More than %d --gpu-file", GPU_MAX_FILES);
+    f = &g->files[g->n_files];
+    if (eq == NULL || nl == 0 || nl >= sizeof f->name || memchr(slash + 1, '/', nl) != NULL ||
+        !((dl == 5 && strncmp(spec, "lib64", 5) == 0) || (dl == 3 && strncmp(spec, "lib", 3) == 0) ||
+          (dl == 3 && strncmp(spec, "bin", 3) == 0)) ||
+        (nl == 1 && slash[1] == '.') || (nl == 2 && strncmp(slash + 1, "..", 2) == 0) ||
+        !is_abs_clean_path(eq + 1))
+        return set_err(err, errlen, "Invalid --gpu-file '%.256s': expected "
+                       "lib64|lib|bin/NAME=/PATH", spec);
+    snprintf(f->dir, sizeof f->dir, "%.*s", (int)dl, spec);
+    snprintf(f->name, sizeof f->name, "%.*s", (int)nl, slash + 1);
+    for (size_t i = 0; i < g->n_files; i++)
+        if (strcmp(g->files[i].dir, f->dir) == 0 && strcmp(g->files[i].name, f->name) == 0)
+            return set_err(err, errlen, "--gpu-file %s/%s given twice", f->dir, f->name);
+    f->path = eq + 1;
+    g->n_files++;
     return 0;
-}
-
-/*
- * The ld.so cache as glibc 2.32+ writes it ("glibc-ld.so.cache1.1", possibly after the
- * old "ld.so-1.7.0" table): a header, nlibs entries {flags, key, value, osversion, hwcap}
- * and a string table; key and value are offsets from the start of the new header.
- */
-struct cache_header {
-    char magic[17];
-    char version[3];
-    uint32_t nlibs;
-    uint32_t len_strings;
-    uint8_t flags;
-    uint8_t pad[3];
-    uint32_t extension_offset;
-    uint32_t unused[3];
-};
-struct cache_entry {
-    int32_t flags;
-    uint32_t key, value;
-    uint32_t osversion;
-    uint64_t hwcap;
-};
-
-static const char *cache_string(const char *base, size_t size, uint32_t off)
-{
-    if (off >= size || memchr(base + off, '\0', size - off) == NULL)
-        return NULL;
-    return base + off;
-}
-
-static void find_libraries(const struct udiroot_conf *conf, struct gpu_plan *g)
-{
-    const char *path = conf_or(conf, "gpuLdCache", "/etc/ld.so.cache");
-    const char *list = conf_or(conf, "gpuLibraries", default_libraries);
-    char *data, err[512];
-    size_t len, off = 0;
-    const struct cache_header *h;
-    const char *base;
-    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC), found = 0;
-
-    if (fd < 0)
-        die_errno("FAILED to set up GPU support: cannot open the library cache %s", path);
-    if (conf_check_fd(fd, path, err, sizeof err) != 0)
-        die("FAILED to set up GPU support: %s", err);
-    if (read_all_fd(fd, LD_CACHE_MAX, &data, &len) != 0)
-        die_errno("FAILED to set up GPU support: cannot read %s", path);
-    close(fd);
-    if (len >= 16 && memcmp(data, "ld.so-1.7.0", 11) == 0) { /* magic[11], then nlibs */
-        uint32_t old_n;
-        memcpy(&old_n, data + 12, sizeof old_n);
-        off = (16 + (size_t)old_n * 12 + 3) & ~(size_t)3;
-    }
-    if (off > len || len - off < sizeof *h ||
-        memcmp(data + off, "glibc-ld.so.cache1.1", 20) != 0)
-        die("FAILED to set up GPU support: %s is not an ld.so cache this helper reads "
-            "(glibc-ld.so.cache1.1)", path);
-    h = (const struct cache_header *)(data + off);
-    base = data + off;
-    len -= off;
-    if (h->nlibs > (len - sizeof *h) / sizeof(struct cache_entry))
-        die("FAILED to set up GPU support: %s is truncated", path);
-    for (uint32_t i = 0; i < h->nlibs; i++) {
-        struct cache_entry e;
-        const char *key, *value, *dir;
-        int lib, cls;
-        struct stat st;
-
-        memcpy(&e, base + sizeof *h + (size_t)i * sizeof e, sizeof e);
-        key = cache_string(base, len, e.key);
-        value = cache_string(base, len, e.value);
-        if (key == NULL || value == NULL || !wanted_library(key, list))
-            continue;
-        if (strchr(key, '/') != NULL || strlen(key) >= sizeof g->files[0].name ||
-            !is_abs_clean_path(value))
-            continue;
-        lib = open(value, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-        if (lib < 0) {
-            verbose("gpu: %s -> %s: %s", key, value, strerror(errno));
-            continue;
-        }
-        cls = fstat(lib, &st) == 0 && S_ISREG(st.st_mode) ? elf_class(lib) : 0;
-        dir = cls == ELFCLASS64 ? "lib64" : "lib";
-        close(lib);
-        if (cls == 0 || have_file(g, dir, key))
-            continue; /* not ELF, or a lower-priority duplicate (the cache's first wins) */
-        add_file(g, dir, key, value);
-        found |= strncmp(key, "libcuda.so", 10) == 0;
-    }
-    free(data);
-    if (!found)
-        die("FAILED to set up GPU support: GPUs were requested (--gpu or "
-            "CUDA_VISIBLE_DEVICES) but this node has no NVIDIA driver (no libcuda.so in %s). "
-            "Run without --gpu, or on a GPU node.",
-            path);
-}
-
-static void find_binaries(const struct udiroot_conf *conf, struct gpu_plan *g)
-{
-    char *dirs = xstrdup(conf_or(conf, "gpuBinaryPath", default_binary_path));
-    char *names = xstrdup(conf_or(conf, "gpuBinaries", default_binaries));
-    char *s1 = NULL, *s2;
-
-    for (char *n = strtok_r(names, " \t", &s1); n != NULL; n = strtok_r(NULL, " \t", &s1)) {
-        char *d, *copy = xstrdup(dirs);
-        s2 = NULL;
-        if (strchr(n, '/') != NULL || strcmp(n, "..") == 0 || strcmp(n, ".") == 0)
-            die("FAILED to parse udiRoot configuration. (gpuBinaries: %s is not a file name)", n);
-        for (d = strtok_r(copy, ":", &s2); d != NULL; d = strtok_r(NULL, ":", &s2)) {
-            char *path;
-            struct stat st;
-            int found;
-            if (!is_abs_clean_path(d))
-                continue;
-            path = xasprintf("%s/%s", d, n);
-            found = stat(path, &st) == 0 && S_ISREG(st.st_mode) && (st.st_mode & 0111);
-            if (found)
-                add_file(g, "bin", n, path);
-            free(path);
-            if (found)
-                break;
-        }
-        free(copy);
-    }
-    free(names);
-    free(dirs);
 }
 
 /* ---- the devices ----------------------------------------------------------------- */
@@ -299,61 +121,31 @@ static int gpu_index(const char *name)
     return *end == '\0' && n >= 0 && n < GPU_MAX ? (int)n : -1;
 }
 
-static void find_devices(const struct udiroot_conf *conf, struct gpu_plan *g)
-{
-    const char *dir = conf_or(conf, "gpuDeviceDir", "/dev");
-    int present[GPU_MAX] = {0}, fd;
-    char have[GPU_MAX * 4 + 1] = "";
-    DIR *d;
-    struct dirent *e;
-
-    if (!is_abs_clean_path(dir) || strlen(dir) >= sizeof g->dev_dir)
-        die("FAILED to parse udiRoot configuration. (gpuDeviceDir must be an absolute path)");
-    snprintf(g->dev_dir, sizeof g->dev_dir, "%s", dir);
-    fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0 || (d = fdopendir(fd)) == NULL)
-        die_errno("FAILED to set up GPU support: cannot read the device dir %s", dir);
-    while ((e = readdir(d)) != NULL) {
-        struct stat st;
-        int n = gpu_index(e->d_name);
-        if (n >= 0 && fstatat(fd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
-            S_ISCHR(st.st_mode))
-            present[n] = 1;
-    }
-    closedir(d);
-    for (int n = 0; n < GPU_MAX; n++)
-        if (present[n])
-            snprintf(have + strlen(have), sizeof have - strlen(have), "%s%d", *have ? "," : "",
-                     n);
-    if (*have == '\0')
-        die("FAILED to set up GPU support: GPUs were requested but this node has no GPU "
-            "devices (no %s/nvidiaN). Run without --gpu, or on a GPU node.",
-            dir);
-    if (g->n_sel < 0) {
-        g->n_sel = 0;
-        for (int n = 0; n < GPU_MAX; n++)
-            if (present[n])
-                g->sel[g->n_sel++] = n;
-        return;
-    }
-    for (int k = 0; k < g->n_sel; k++)
-        if (!present[g->sel[k]])
-            die("FAILED to set up GPU support: GPU %d was requested but this node has no "
-                "%s/nvidia%d (its GPUs: %s)",
-                g->sel[k], dir, g->sel[k], have);
-}
-
 void gpu_discover(const struct udiroot_conf *conf, struct gpu_plan *g)
 {
     const char *sr = conf_or(conf, "siteResources", "/opt/shifter/site-resources");
+    const char *dir = conf_or(conf, "gpuDeviceDir", "/dev");
+    int fd;
 
     if (!is_abs_clean_path(sr) || strcmp(sr, "/") == 0 || strlen(sr) >= sizeof g->resources)
         die("FAILED to parse udiRoot configuration. (siteResources must be an absolute "
             "path other than /)");
     snprintf(g->resources, sizeof g->resources, "%s", sr);
-    find_devices(conf, g);
-    find_libraries(conf, g);
-    find_binaries(conf, g);
+    if (!is_abs_clean_path(dir) || strlen(dir) >= sizeof g->dev_dir)
+        die("FAILED to parse udiRoot configuration. (gpuDeviceDir must be an absolute path)");
+    snprintf(g->dev_dir, sizeof g->dev_dir, "%s", dir);
+    fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        die_errno("FAILED to set up GPU support: cannot open the device dir %s", dir);
+    for (int k = 0; k < g->n_sel; k++) {
+        char name[32];
+        struct stat st;
+        snprintf(name, sizeof name, "nvidia%d", g->sel[k]);
+        if (fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISCHR(st.st_mode))
+            die("FAILED to set up GPU support: GPU %d was requested but this node has no "
+                "%s/%s", g->sel[k], dir, name);
+    }
+    close(fd);
 }
 
 /* ---- mounting ---------------------------------------------------------------------- */
@@ -495,13 +287,12 @@ void gpu_mount_files(struct ctx *c, int image)
     }
     for (size_t i = 0; i < c->gpu.n_files; i++) {
         const struct gpu_file *f = &c->gpu.files[i];
-        /* Opened again here: a bind needs a file of this mount namespace, and "run"
-         * made a new one after discovery. */
-        int src = open(f->path, O_PATH | O_CLOEXEC), dst;
+        /* Opened with the caller's rights, in the namespace it is bound in. */
+        int src = volmount_open_as_user(&c->id, f->path, 0), dst;
         struct stat st;
         if (src < 0 || fstat(src, &st) != 0 || !S_ISREG(st.st_mode))
-            die("Cannot bind GPU driver file %s: it is gone or no longer a regular file",
-                f->path);
+            die("Cannot bind GPU driver file %s: %s", f->path,
+                src < 0 ? strerror(errno) : "it is not a regular file");
         snprintf(path, sizeof path, "%s/gpu/%s/%s", c->gpu.resources, f->dir, f->name);
         dst = volmount_target(c, path, 0, &why);
         if (dst < 0)

@@ -3,8 +3,9 @@
  * tools bound into <siteResources>/gpu/{lib64,lib,bin}, and a /dev in which only the
  * selected /dev/nvidiaN (plus the control devices) exist.
  *
- * Everything injected is found by the helper itself in root's domain (the ld.so cache,
- * the configured binary dirs, the device dir); the user chooses only which GPUs.
+ * The devices come from root's domain (gpuDeviceDir); the user chooses only which GPUs.
+ * The driver's files are the caller's to name (the front end finds them): each is opened
+ * with the caller's rights and bound read-only.
  */
 #ifndef SHIFTER_HELPERS_GPU_H
 #define SHIFTER_HELPERS_GPU_H
@@ -17,9 +18,9 @@
 #define GPU_MAX_FILES 256 /* libraries + binaries injected */
 
 struct gpu_file {
-    char name[256]; /* name in the container: the ld.so cache key, or the tool's name */
-    char dir[8];    /* "lib64", "lib" or "bin" */
-    char *path;     /* the host file, checked when found; reopened to be mounted */
+    char name[256];   /* name in the container: the ld.so cache key, or the tool's name */
+    char dir[8];      /* "lib64", "lib" or "bin" */
+    const char *path; /* the host file (absolute), opened as the caller when mounted */
 };
 
 struct gpu_plan {
@@ -32,11 +33,15 @@ struct gpu_plan {
     char resources[4096];           /* siteResources, a path inside the container */
 };
 
-/* Parse --gpu: "all" or comma-separated indexes (no repeats).  0, or -1 with err. */
+/* Parse --gpu: comma-separated indexes (no repeats; the front end expands "all" to the
+ * node's GPUs).  0, or -1 with err. */
 int gpu_parse(const char *text, struct gpu_plan *g, char *err, size_t errlen);
 
-/* Find the driver libraries, tools and devices for a parsed request; dies with a clear
- * message when the node has no driver or a requested GPU does not exist. */
+/* One --gpu-file "lib64|lib|bin/NAME=/PATH" (spec kept, not copied).  0, or -1 with err. */
+int gpu_add_file(const char *spec, struct gpu_plan *g, char *err, size_t errlen);
+
+/* Check siteResources and gpuDeviceDir; dies with a clear message when a requested GPU
+ * is not a character device there. */
 void gpu_discover(const struct udiroot_conf *conf, struct gpu_plan *g);
 
 /* The selected GPUs as the reuse signature's text ("0,1"), in buf. */

@@ -83,30 +83,6 @@ int ident_parse_pw_line(char *line, struct pw_fields *f)
     return 0;
 }
 
-int ident_parse_gr_line(char *line, struct gr_fields *f)
-{
-    char *field[4];
-    size_t n = 0;
-    char *p = line;
-
-    for (;;) {
-        if (n == 4)
-            return -1; /* a fifth field */
-        field[n++] = p;
-        p = strchr(p, ':');
-        if (p == NULL)
-            break;
-        *p++ = '\0';
-    }
-    if ((n != 3 && n != 4) || field[0][0] == '\0')
-        return -1;
-    if (ident_parse_id(field[2], strlen(field[2]), &f->gid) != 0)
-        return -1;
-    f->name = field[0];
-    f->members = n == 4 ? field[3] : field[2] + strlen(field[2]); /* "" when absent */
-    return 0;
-}
-
 int ident_name_ok(const char *name)
 {
     size_t n = strlen(name);
@@ -194,50 +170,4 @@ void ident_from_caller(const struct udiroot_conf *conf, struct ident *id)
     for (int i = 0; i < n; i++)
         id->groups[id->ngroups++] = raw[i] == 0 ? rgid : raw[i];
     lookup_name(conf, id);
-}
-
-/*
- * setup mode (the caller is root): the user's supplementary groups as the host has them
- * now (getgrouplist: /etc/group, LDAP, sssd, ...), not etcPath's copy of group, which is
- * refreshed only now and then: a user just removed from a group must not keep reaching
- * its files through a volume.  gid 0 becomes the primary gid, as for a caller's groups.
- */
-static void groups_from_host(struct ident *id)
-{
-    gid_t list[IDENT_MAX_GROUPS];
-    int n = IDENT_MAX_GROUPS;
-
-    if (getgrouplist(id->name, id->gid, list, &n) < 0)
-        die("%s is in more than %d groups; shifter cannot keep them all", id->name,
-            IDENT_MAX_GROUPS);
-    id->groups[id->ngroups++] = id->gid;
-    for (int i = 0; i < n; i++) {
-        gid_t g = list[i] == 0 ? id->gid : list[i];
-        int seen = 0;
-        for (size_t k = 0; k < id->ngroups; k++)
-            seen |= id->groups[k] == g;
-        if (!seen)
-            id->groups[id->ngroups++] = g;
-    }
-}
-
-void ident_from_args(const struct udiroot_conf *conf, const char *name, const char *uid,
-                     const char *gid, struct ident *id)
-{
-    unsigned long u, g;
-
-    memset(id, 0, sizeof *id);
-    if (name == NULL || uid == NULL || gid == NULL)
-        die("setup needs --user NAME --uid UID --gid GID");
-    if (ident_parse_id(uid, strlen(uid), &u) != 0 || ident_parse_id(gid, strlen(gid), &g) != 0)
-        die("Invalid --uid or --gid (decimal ids expected)");
-    if (u == 0 || g == 0)
-        die(NO_USER);
-    if (!ident_name_ok(name))
-        die("Invalid user name '%s'", name);
-    id->uid = (uid_t)u;
-    id->gid = (gid_t)g;
-    snprintf(id->name, sizeof id->name, "%s", name);
-    (void)conf; /* the groups come from the host, not etcPath (groups_from_host) */
-    groups_from_host(id);
 }

@@ -1,6 +1,6 @@
 /*
- * ident.h - who the helper is working for, and the passwd/group parsing the
- * rest of the helper shares (rules of udiroot/groups.py).
+ * ident.h - who the helper is working for, and the passwd parsing it needs (rules of
+ * udiroot/groups.py).
  */
 #ifndef SHIFTER_HELPERS_IDENT_H
 #define SHIFTER_HELPERS_IDENT_H
@@ -28,29 +28,15 @@ struct pw_fields {
     unsigned long uid, gid;
 };
 
-struct gr_fields {
-    const char *name;
-    unsigned long gid;
-    char *members; /* comma-separated, possibly empty */
-};
-
 /* The caller of a setuid run: real ids and groups from the kernel, the name from
  * <etcPath>/passwd (or libc with allowLibcPwdCalls=1).  Dies for uid/gid 0. */
 void ident_from_caller(const struct udiroot_conf *conf, struct ident *id);
-
-/* setup mode: the user named by root on the command line; groups from the host
- * (getgrouplist), not from etcPath's copy of group, which may be stale. */
-void ident_from_args(const struct udiroot_conf *conf, const char *name, const char *uid,
-                     const char *gid, struct ident *id);
 
 /* Decimal id as groups.py reads it: 1..10 digits, at most IDENT_MAX_ID; -1 if not. */
 int ident_parse_id(const char *text, size_t len, unsigned long *out);
 
 /* Split one passwd line (modified in place) into fields; 0 or -1 when libc would skip it. */
 int ident_parse_pw_line(char *line, struct pw_fields *f);
-
-/* Split one group line (3 or 4 fields, modified in place); 0 or -1 to skip it. */
-int ident_parse_gr_line(char *line, struct gr_fields *f);
 
 /* Iterate lines: returns the next line (NUL-terminated in place) or NULL. */
 char *ident_next_line(char **cursor);

@@ -59,22 +59,14 @@ static int parse_ids(char *value, const char *key, unsigned long *ids, size_t *n
         piece = next;
         if (*p == '\0')
             continue;
-        if (ident_parse_id(p, strlen(p), &v) != 0) {
-            snprintf(err, errlen, "Invalid id '%.64s' in %s of image metadata", p, key);
-            return -1;
-        }
-        if (*n >= META_MAX_ACL) {
-            snprintf(err, errlen, "%s in image metadata lists more than %d ids", key,
-                     META_MAX_ACL);
-            return -1;
-        }
+        if (ident_parse_id(p, strlen(p), &v) != 0)
+            return set_err(err, errlen, "Invalid id '%.64s' in %s of image metadata", p, key);
+        if (*n >= META_MAX_ACL)
+            return set_err(err, errlen, "%s in image metadata lists more than %d ids", key,
+                           META_MAX_ACL);
         ids[(*n)++] = v;
     }
-    if (*n == 0) {
-        snprintf(err, errlen, "%s in image metadata is empty", key);
-        return -1;
-    }
-    return 0;
+    return *n == 0 ? set_err(err, errlen, "%s in image metadata is empty", key) : 0;
 }
 
 static int assign(struct image_meta *meta, const char *key, char *value, char *err,
@@ -83,12 +75,10 @@ static int assign(struct image_meta *meta, const char *key, char *value, char *e
     if (strcmp(key, "FORMAT") == 0) {
         /* Refused here rather than at mount time, so the front end (which reads the
          * same rule) and the helper fail alike and before anything is built. */
-        if (value[0] != '\0' && strcmp(value, "squashfs") != 0 && strcmp(value, "xfs") != 0) {
-            snprintf(err, errlen,
-                     "FAILED: image format '%.32s%s' is not supported (squashfs or xfs)", value,
-                     strlen(value) > 32 ? "..." : "");
-            return -1;
-        }
+        if (value[0] != '\0' && strcmp(value, "squashfs") != 0 && strcmp(value, "xfs") != 0)
+            return set_err(err, errlen,
+                           "FAILED: image format '%.32s%s' is not supported (squashfs or xfs)",
+                           value, strlen(value) > 32 ? "..." : "");
         snprintf(meta->format, sizeof meta->format, "%s", value);
     } else if (strcmp(key, "USERACL") == 0) {
         return parse_ids(value, key, meta->user_acl, &meta->n_user_acl, err, errlen);

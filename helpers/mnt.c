@@ -176,37 +176,51 @@ static int under(const char *path, const char *prefix)
     return strncmp(path, prefix, n) == 0 && (path[n] == '\0' || path[n] == '/');
 }
 
-/* Mount points at or below the prefixes, in mountinfo order; returns how many. */
-static int collect(const char *const prefixes[], int np, char **out, int max)
+/* The next line of mountinfo text at *cursor cut into blank-separated fields (at most 16;
+ * the mount point, f[4], unescaped); returns how many, 0 at the end. */
+static int next_mount(char **cursor, char *f[16])
+{
+    char *line = *cursor, *nl, *save = NULL;
+    int n = 0;
+
+    if (*line == '\0')
+        return 0;
+    nl = strchr(line, '\n');
+    *cursor = nl != NULL ? nl + 1 : line + strlen(line);
+    if (nl != NULL)
+        *nl = '\0';
+    for (char *w = strtok_r(line, " ", &save); w != NULL && n < 16; w = strtok_r(NULL, " ", &save))
+        f[n++] = w;
+    if (n > 4)
+        unescape(f[4]);
+    return n > 0 ? n : next_mount(cursor, f);
+}
+
+static char *read_mountinfo(void)
 {
     int fd = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC);
-    char *text, *cursor, *line;
+    char *text;
     size_t len;
-    int n = 0;
 
     if (fd < 0 || read_all_fd(fd, 64 * 1024 * 1024, &text, &len) != 0)
         die_errno("Cannot read /proc/self/mountinfo");
     close(fd);
-    cursor = text;
-    while ((line = cursor) != NULL && *line) {
-        char *nl = strchr(line, '\n'), *f, *save = NULL;
-        cursor = nl != NULL ? nl + 1 : NULL;
-        if (nl != NULL)
-            *nl = '\0';
-        /* id parent major:minor root mountpoint ... */
-        f = strtok_r(line, " ", &save);
-        for (int i = 0; f != NULL && i < 4; i++)
-            f = strtok_r(NULL, " ", &save);
-        if (f == NULL)
-            continue;
-        unescape(f);
-        for (int i = 0; i < np; i++) {
-            if (under(f, prefixes[i]) && n < max) {
-                out[n++] = xstrdup(f);
+    return text;
+}
+
+/* Mount points at or below the prefixes, in mountinfo order; returns how many. */
+static int collect(const char *const prefixes[], int np, char **out, int max)
+{
+    char *text = read_mountinfo(), *cursor = text, *f[16];
+    int n = 0, nf;
+
+    /* id parent major:minor root mountpoint ... */
+    while ((nf = next_mount(&cursor, f)) > 0)
+        for (int i = 0; nf > 4 && i < np; i++)
+            if (under(f[4], prefixes[i]) && n < max) {
+                out[n++] = xstrdup(f[4]);
                 break;
             }
-        }
-    }
     free(text);
     return n;
 }
@@ -233,39 +247,21 @@ static void keep_options(const char *opts, const char *const keep[], char *out, 
 void mnt_proc_options(char *out, size_t len)
 {
     static const char *const keep[] = {"hidepid", "gid", "subset", NULL};
-    int fd = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC);
-    char *text, *cursor, *line;
-    size_t tlen;
+    char *text = read_mountinfo(), *cursor = text, *f[16];
+    int nf;
 
     out[0] = '\0';
-    if (fd < 0 || read_all_fd(fd, 64 * 1024 * 1024, &text, &tlen) != 0)
-        die_errno("Cannot read /proc/self/mountinfo");
-    close(fd);
     /* id parent major:minor root mountpoint opts [optional...] - fstype source superopts.
      * The last /proc line is the mount on top, the one everybody sees. */
-    for (cursor = text; (line = cursor) != NULL && *line;) {
-        char *nl = strchr(line, '\n'), *f, *sep, *save = NULL;
-        cursor = nl != NULL ? nl + 1 : NULL;
-        if (nl != NULL)
-            *nl = '\0';
-        sep = strstr(line, " - ");
-        if (sep == NULL)
-            continue;
-        *sep = '\0';
-        f = strtok_r(line, " ", &save);
-        for (int i = 0; f != NULL && i < 4; i++)
-            f = strtok_r(NULL, " ", &save);
-        if (f == NULL || strcmp(f, "/proc") != 0)
-            continue;
-        save = NULL;
-        f = strtok_r(sep + 3, " ", &save); /* fstype */
-        if (f == NULL || strcmp(f, "proc") != 0)
-            continue;
-        f = strtok_r(NULL, " ", &save); /* source */
-        f = f != NULL ? strtok_r(NULL, " ", &save) : NULL;
-        out[0] = '\0';
-        if (f != NULL)
-            keep_options(f, keep, out, len);
+    while ((nf = next_mount(&cursor, f)) > 0) {
+        int sep = 6;
+        while (sep < nf && strcmp(f[sep], "-") != 0)
+            sep++;
+        if (nf > 4 && strcmp(f[4], "/proc") == 0 && sep + 3 < nf &&
+            strcmp(f[sep + 1], "proc") == 0) {
+            out[0] = '\0';
+            keep_options(f[sep + 3], keep, out, len);
+        }
     }
     free(text);
 }

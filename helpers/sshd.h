@@ -7,7 +7,7 @@
 
 #include <stddef.h>
 
-#include "container.h"
+#include "ctx.h"
 
 /* 0 when key is one OpenSSH public key "<type> <base64> [comment]" (a known type whose
  * base64 blob names that type), else -1 with a message in err. */

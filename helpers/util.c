@@ -196,30 +196,22 @@ int read_small_file_at(int dirfd, const char *name, int root_owned, char **out, 
 {
     struct stat st;
     int fd = openat(dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
-    int rc, e;
+    int rc = -1, e;
 
     if (fd < 0)
         return -1;
     if (fstat(fd, &st) != 0)
-        goto fail;
-    if (!S_ISREG(st.st_mode)) {
+        ; /* errno set */
+    else if (!S_ISREG(st.st_mode))
         errno = EINVAL;
-        goto fail;
-    }
-    if (root_owned && (st.st_uid != 0 || (st.st_mode & (S_IWGRP | S_IWOTH)))) {
+    else if (root_owned && (st.st_uid != 0 || (st.st_mode & (S_IWGRP | S_IWOTH))))
         errno = EPERM;
-        goto fail;
-    }
-    rc = read_all_fd(fd, HELPER_MAX_SMALL_FILE, out, len);
+    else
+        rc = read_all_fd(fd, HELPER_MAX_SMALL_FILE, out, len);
     e = errno;
     close(fd);
     errno = e;
     return rc;
-fail:
-    e = errno;
-    close(fd);
-    errno = e;
-    return -1;
 }
 
 void write_file_at(int dirfd, const char *name, const char *data, size_t len, mode_t mode)
@@ -487,4 +479,21 @@ int config_flag(const char *value, int dflt)
         if (strlen(yes[i]) == n && strncasecmp(value, yes[i], n) == 0)
             return 1;
     return 0;
+}
+
+int vset_err(char *err, size_t errlen, const char *fmt, va_list ap)
+{
+    if (err != NULL && errlen > 0 && vsnprintf(err, errlen, fmt, ap) < 0)
+        snprintf(err, errlen, "(cannot format message)"); /* an encoding error only */
+    return -1;
+}
+
+int set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vset_err(err, errlen, fmt, ap);
+    va_end(ap);
+    return -1;
 }

@@ -7,12 +7,13 @@
  * impossible (an image they may not use, a volume source they cannot open):
  * setup mode exits 2 there, so that the Slurm prolog can tell the user's
  * mistake (fail the job) from the node's fault (drain the node).  Both first
- * tear down what was mounted (the cleanup hook set by main.c).  Nothing here
+ * tear down what was mounted (the cleanup hook set by setup.c).  Nothing here
  * reads the environment.
  */
 #ifndef SHIFTER_HELPERS_UTIL_H
 #define SHIFTER_HELPERS_UTIL_H
 
+#include <stdarg.h>
 #include <stddef.h>
 #include <sys/types.h>
 
@@ -78,6 +79,11 @@ int run_program(const char *const argv[], const char *cwd, int extra_fd, int qui
 
 /* A /bin/sh hook as root (sitePreMountHook, roothook): non-zero dies with what. */
 void run_root_hook(const char *hook, const char *cwd, const char *what);
+
+/* Format a message into err (errlen bytes); always -1, for "return set_err(...)". */
+__attribute__((format(printf, 3, 4))) int set_err(char *err, size_t errlen, const char *fmt, ...);
+__attribute__((format(printf, 3, 0))) int vset_err(char *err, size_t errlen, const char *fmt,
+                                                   va_list ap);
 
 int is_abs_clean_path(const char *p); /* absolute, no "..", no control chars, bounded */
 int str_in_words(const char *word, const char *list); /* word in a blank-separated list */

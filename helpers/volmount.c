@@ -49,7 +49,7 @@ static void set_fs_ids(uid_t uid, gid_t gid)
         die("Cannot switch filesystem ids");
 }
 
-int volmount_open_as_user(const struct ident *id, const char *path)
+int volmount_open_as_user(const struct ident *id, const char *path, int want_dir)
 {
     static gid_t saved[IDENT_MAX_GROUPS + 1];
     int fd, dir, e, nsaved;
@@ -59,15 +59,15 @@ int volmount_open_as_user(const struct ident *id, const char *path)
     if (nsaved < 0 || setgroups(id->ngroups, id->groups) != 0)
         die_errno("Cannot switch to the user's groups");
     set_fs_ids(id->uid, id->gid);
-    fd = openat2_resolve(AT_FDCWD, path, O_PATH | O_DIRECTORY | O_CLOEXEC,
+    fd = openat2_resolve(AT_FDCWD, path, O_PATH | (want_dir ? O_DIRECTORY : 0) | O_CLOEXEC,
                          RESOLVE_NO_MAGICLINKS);
     /* Looking up "." in it needs search permission: the user can reach inside. */
-    dir = fd >= 0 ? openat(fd, ".", O_PATH | O_DIRECTORY | O_CLOEXEC) : -1;
+    dir = fd >= 0 && want_dir ? openat(fd, ".", O_PATH | O_DIRECTORY | O_CLOEXEC) : fd;
     e = errno;
     set_fs_ids(0, 0);
     if (setgroups((size_t)nsaved, saved) != 0)
         die_errno("Cannot restore groups");
-    if (fd >= 0)
+    if (fd >= 0 && want_dir)
         close(fd);
     errno = e;
     return dir;
@@ -385,7 +385,7 @@ void volmount_user(struct ctx *c)
         int src = -1, dst, mfd;
 
         if (!v->flag[VOL_CACHE]) {
-            src = volmount_open_as_user(&c->id, v->source);
+            src = volmount_open_as_user(&c->id, v->source, 1);
             if (src < 0)
                 die_user(DENIED, v->source, v->target,
                     errno == ENOTDIR ? "the source is not a directory"

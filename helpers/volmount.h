@@ -5,7 +5,7 @@
 #ifndef SHIFTER_HELPERS_VOLMOUNT_H
 #define SHIFTER_HELPERS_VOLMOUNT_H
 
-#include "container.h"
+#include "ctx.h"
 
 /* Mount a siteFs list (global or a module's); what names it in messages. */
 void volmount_site(struct ctx *c, const char *text, const char *what);
@@ -22,8 +22,8 @@ void volmount_user(struct ctx *c);
  * else an empty file); -1 with the reason in *why. */
 int volmount_target(const struct ctx *c, const char *path, int want_dir, const char **why);
 
-/* Open a directory with the user's filesystem identity (O_PATH, symlinks followed but
- * no /proc magic links), requiring search permission on it; -1 with errno. */
-int volmount_open_as_user(const struct ident *id, const char *path);
+/* Open a path with the user's filesystem identity and groups (O_PATH, symlinks followed
+ * but no /proc magic links); want_dir: a directory the user can search.  -1 with errno. */
+int volmount_open_as_user(const struct ident *id, const char *path, int want_dir);
 
 #endif

@@ -14,6 +14,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include "util.h"
+
 #define DENIED "Invalid mount request, permission denied!"
 #define LIST_BLANKS " \t\r\n\v\f" /* what volumes.py strips around an entry */
 #define SIZE_SUFFIXES "bkmgtpe"   /* index = power of 1024 */
@@ -29,30 +31,6 @@ static const char *const site_forbidden_exact[] = {
 };
 
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))
-
-/* Formats into err; always returns -1 so callers can "return set_err(...)". */
-__attribute__((format(printf, 3, 0))) static int vset_err(char *err, size_t errlen,
-                                                          const char *fmt, va_list ap)
-{
-    if (err == NULL || errlen == 0)
-        return -1;
-    if (vsnprintf(err, errlen, fmt, ap) < 0) {
-        err[0] = '\0';
-        strncat(err, "volume: cannot format error message", errlen - 1);
-    }
-    return -1;
-}
-
-__attribute__((format(printf, 3, 4))) static int set_err(char *err, size_t errlen,
-                                                         const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    vset_err(err, errlen, fmt, ap);
-    va_end(ap);
-    return -1;
-}
 
 /* 'Invalid volume map "<entry>": <reason>.' */
 __attribute__((format(printf, 4, 5))) static int syntax_err(char *err, size_t errlen,

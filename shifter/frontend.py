@@ -343,13 +343,14 @@ def env_records(env: Mapping[str, str]) -> bytes:
     return bytes(out)
 
 
-def env_fd(env: Mapping[str, str]) -> int:
+def env_fd(env: Mapping[str, str], name: str = "shifter-env") -> int:
     """An inheritable memfd holding the environment, positioned at 0, for ``--env-fd``
     (the helper cannot take it from its own environment: glibc strips ``LD_*`` from a
-    setuid program's environment and modules legitimately set ``LD_LIBRARY_PATH``)."""
+    setuid program's environment and modules legitimately set ``LD_LIBRARY_PATH``); the
+    same records carry the container's ``/etc`` files for ``--etc-fd``."""
     data = env_records(env)
     try:
-        fd = posix.memfd_create("shifter-env", 0)
+        fd = posix.memfd_create(name, 0)
     except (AttributeError, OSError) as exc:
         raise Failure(f"shifter: error: cannot create the environment memfd: {exc}") from None
     view = memoryview(data)

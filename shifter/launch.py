@@ -11,8 +11,8 @@ directory and modules, and then *becomes* the setuid helper with ``execv`` (no f
 signals, stdin, the terminal and the exit status are the command's)::
 
     shifter-helper run (--image-id ID | --local PATH) [--volume LIST]…
-        --modules LIST|none [--gpu all|N,N] --workdir DIR --request TYPE:TAG --env-fd N [--verbose]
-        -- CMD [ARG…]
+        --modules LIST|none [--gpu N,N [--gpu-file DIR/NAME=PATH]…] --workdir DIR
+        --request TYPE:TAG --env-fd N [--etc-fd N] [--verbose] -- CMD [ARG…]
 
 The helper trusts none of it and re-checks what needs checking (helpers/PROTOCOL.md).
 Every error found here is one clear message on stderr and exit status 1, before exec;
@@ -47,6 +47,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+    from udiroot.config import UdiRootConfig
 
 # Shifter's getopt string is "hvV:i:e:w:m:" (+E): -w takes an argument; only the long
 # --workdir has the bare form, as only --entrypoint exists for the entrypoint.
@@ -243,8 +244,10 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
     modules = select_modules(cfg, requested_modules(opts.module, environ))
     env_file = read_env_file(opts.env_file) if opts.env_file is not None else []
     gpus = None
+    gpu_files: list[str] = []
+    gpu_devices = ""
     if opts.use_gpu or environ.get("CUDA_VISIBLE_DEVICES"):
-        from udiroot.gpu import requested_gpus
+        from udiroot.gpu import driver_files, helper_argument, node_gpus, requested_gpus
 
         gpus = requested_gpus(opts.use_gpu, opts.gpu, environ)
 
@@ -262,6 +265,10 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
             raise
         if not image_allows(meta, posix.getuid(), posix.getgid(), posix.getgroups()):
             raise Failure(ACL_DENIED)
+
+    if gpus is not None:
+        gpu_devices = helper_argument(node_gpus(gpus, cfg.values))
+        gpu_files = driver_files(cfg.values)
 
     command = select_command(
         opts.command,
@@ -295,18 +302,50 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
     )
     fd = env_fd(env)
     argv = [helper_path(environ), "run", *target]
+    files = _etc_files(cfg)
+    if files:
+        argv += ["--etc-fd", str(env_fd(files, "shifter-etc"))]
     for text in volume_args:
         argv += ["--volume", text]
     argv += ["--modules", ",".join(m.name for m in modules) or "none"]
     if gpus is not None:
-        from udiroot.gpu import helper_argument
-
-        argv += ["--gpu", helper_argument(gpus)]
+        argv += ["--gpu", gpu_devices]
+        for spec in gpu_files:
+            argv += ["--gpu-file", spec]
     argv += ["--workdir", workdir, "--request", str(request), "--env-fd", str(fd)]
     if opts.verbose:
         argv.append("--verbose")
     argv += ["--", *command]
     return argv
+
+
+def _etc_files(cfg: UdiRootConfig) -> dict[str, str]:
+    """The container's passwd/group for the caller (``udiroot.groups``). A caller the
+    site's passwd does not know gets none: the helper refuses them with its message."""
+    from udiroot.groups import container_files, find_user
+
+    uid = posix.getuid()
+    if cfg.flag("allowLibcPwdCalls"):
+        import pwd
+
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return {}
+    else:
+        try:
+            with open(f"{cfg.get('etcPath')}/passwd", encoding="utf-8",
+                      errors="surrogateescape") as f:
+                entry = find_user(f.read(), uid)
+        except OSError:
+            return {}
+        if entry is None:
+            return {}
+        user = entry.name
+    if uid == 0 or user == "" or any(c in user for c in ":,\n"):
+        return {}
+    gid = posix.getgid()
+    return container_files(cfg, user, gid, [g or gid for g in posix.getgroups()])
 
 
 def _request_text(option: str | None, environ: Mapping[str, str]) -> str | None:

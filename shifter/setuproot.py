@@ -19,14 +19,15 @@ body of an unencrypted OpenSSH private key, its lines joined) makes that the con
 sshd host key instead of a fresh one; it goes to the helper in a memfd, never in argv.
 
 Root only. Like ``shifter`` they check what needs no privilege (options, image id,
-volumes, modules, node list) and become the helper, which builds the container in the
-caller's mount namespace and writes ``shifterConfig.json`` (``setup``) or unmounts it all
-(``unsetup``)::
+volumes, modules, node list) and become ``shifter-setup``, the root-only program installed
+beside the setuid ``shifter-helper`` (never setuid itself), which builds the container in
+the caller's mount namespace and writes ``shifterConfig.json`` (``setup``) or unmounts it
+all (``unsetup``)::
 
-    shifter-helper setup --user NAME --uid U --gid G (--image-id ID | --local PATH)
+    shifter-setup setup --user NAME --uid U --gid G (--image-id ID | --local PATH)
         [--volume LIST]… --modules LIST|none [--nodes "host/N …"] [--ssh-pubkey KEY
-        [--ssh-hostkey-fd N --ssh-host-pubkey KEY]]
-    shifter-helper unsetup
+        [--ssh-hostkey-fd N --ssh-host-pubkey KEY]] [--etc-fd N]
+    shifter-setup unsetup
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from shifter.frontend import (
     REQUIRED,
     Failure,
     UsageError,
+    env_fd,
     error_status,
     exec_helper,
     getopt_long,
@@ -51,7 +53,7 @@ from shifter.frontend import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
 SHORT = {
     "h": NO_ARG,
@@ -169,6 +171,7 @@ def plan_setup(opts: SetupOptions) -> list[str]:
     """The helper's ``setup`` argv. Raises :class:`Failure` or a rule module's error."""
     from udiroot.config import load_or_exit
     from udiroot.descriptor import make_request, parse_descriptor
+    from udiroot.groups import container_files
     from udiroot.hostsfile import parse_node_list
     from udiroot.meta import ACL_DENIED, MetaError, image_allows, read_meta
     from udiroot.modules import select_modules
@@ -216,7 +219,7 @@ def plan_setup(opts: SetupOptions) -> list[str]:
             raise
         raise UserError(str(exc)) from None
 
-    argv = [helper_path(os.environ), "setup", "--user", user, "--uid", str(opts.uid)]
+    argv = [setup_path(os.environ), "setup", "--user", user, "--uid", str(opts.uid)]
     argv += ["--gid", str(opts.gid), *target]
     for text in volumes:
         argv += ["--volume", text]
@@ -225,6 +228,11 @@ def plan_setup(opts: SetupOptions) -> list[str]:
         argv += ["--nodes", opts.nodes]
     if opts.ssh_key is not None:
         argv += ["--ssh-pubkey", opts.ssh_key.strip()]  # a .pub file's line, newline and all
+    # The host's groups, as shifter-setup takes them (getgrouplist), gid 0 as the primary.
+    groups = [g or opts.gid for g in _groups(user, opts.gid)]
+    files = container_files(cfg, user, opts.gid, [g for g in groups if g != opts.gid])
+    if files:
+        argv += ["--etc-fd", str(env_fd(files, "shifter-etc"))]
     if opts.verbose:
         # Shifter's -V printed its setup and udiRoot settings to stdout: ours says the same
         # things as the request it will make of the helper.
@@ -236,6 +244,12 @@ def plan_setup(opts: SetupOptions) -> list[str]:
         print(f"setupRoot: nodes {opts.nodes or '(none)'}")
         argv.append("--verbose")
     return argv
+
+
+def setup_path(environ: Mapping[str, str]) -> str:
+    """``shifter-setup`` beside the helper (``$SHIFTER_HELPER`` or the installed path):
+    both are installed in one directory, and the test builds too."""
+    return os.path.join(os.path.dirname(helper_path(environ)), "shifter-setup")
 
 
 def job_host_key(body: str) -> tuple[str, str]:
@@ -380,7 +394,7 @@ def _unsetup(args: list[str]) -> int:
     if os.getuid() != 0:
         raise Failure("unsetupRoot: must be run as root")
     verbose = ["--verbose"] if "V" in names else []
-    return exec_helper([helper_path(os.environ), "unsetup", *verbose])
+    return exec_helper([setup_path(os.environ), "unsetup", *verbose])
 
 
 def _version(name: str) -> int:

@@ -250,6 +250,50 @@ def test_helper_takes_only_gpu_indexes(site, image, value):
     assert "Invalid GPU list" in res.stderr
 
 
+def helper_gpu(site, image, *args: str):
+    """The setuid helper called directly, bypassing the front end's discovery."""
+    return site.run(ALICE, [str(HELPER), "run", "--image-id", image, "--gpu", "0", *args,
+                            "--", "/bin/cat", f"{GPU_DIR}/lib64/libcuda.so.1"])
+
+
+@pytest.mark.parametrize("spec", ["lib64/libcuda.so.1", "etc/passwd=/etc/passwd",
+                                  "lib64/=/etc/passwd", "lib64/../x=/etc/passwd",
+                                  "lib64/a/b=/etc/passwd", "lib64/x=relative",
+                                  "lib64/x=/a/../etc/passwd"])
+def test_helper_refuses_malformed_gpu_files(site, image, spec):
+    res = helper_gpu(site, image, "--gpu-file", spec)
+    assert res.returncode == 1 and "Invalid --gpu-file" in res.stderr
+    res = site.run(ALICE, [str(HELPER), "run", "--image-id", image, "--gpu-file",
+                           "lib/x=/etc/passwd", "--", "/bin/true"])
+    assert res.returncode == 1 and "--gpu-file needs --gpu" in res.stderr
+
+
+def test_helper_opens_gpu_files_with_the_callers_rights(site, image, host):
+    """Attack: the driver's files are the caller's to name, so a caller bypassing the
+    front end names root's files. Each is opened as the caller: a file in a directory
+    only root can search, a /proc magic link or a device is refused; a file the caller
+    can read is bound read-only."""
+    secret_dir = site.base / "root-only"
+    secret_dir.mkdir(exist_ok=True)
+    os.chmod(secret_dir, 0o700)
+    (secret_dir / "secret").write_text("root's\n")
+    for path, why in ((secret_dir / "secret", "Permission denied"),
+                      ("/proc/self/root/etc/passwd", "Too many levels of symbolic links"),
+                      ("/dev/null", "not a regular file")):
+        res = helper_gpu(site, image, "--gpu-file", f"lib64/libcuda.so.1={path}")
+        assert res.returncode == 1 and "Cannot bind GPU driver file" in res.stderr, path
+        assert why in res.stderr, (path, res.stderr)
+    readable = site.base / "mine.so"
+    readable.write_text("readable\n")
+    os.chmod(readable, 0o644)
+    res = helper_gpu(site, image, "--gpu-file", f"lib64/libcuda.so.1={readable}")
+    assert (res.returncode, res.stdout) == (0, "readable\n"), res.stderr
+    res = site.run(ALICE, [str(HELPER), "run", "--image-id", image, "--gpu", "0",
+                           "--gpu-file", f"lib64/libcuda.so.1={readable}", "--", "/bin/sh",
+                           "-c", f"echo x > {GPU_DIR}/lib64/libcuda.so.1"])
+    assert res.returncode != 0 and "Read-only file system" in res.stderr
+
+
 def test_a_library_cache_users_can_write_is_refused(site, image, host, tmp_path):
     cache = site.base / "writable-ld.so.cache"
     cache.write_bytes(host.cache.read_bytes())

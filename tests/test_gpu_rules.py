@@ -70,3 +70,60 @@ def test_gpu_layer_sits_between_env_options_and_the_site():
         site={"siteEnvPrepend": "LD_LIBRARY_PATH=/site", "siteResources": "/sr"},
     )
     assert env["LD_LIBRARY_PATH"] == "/site:/sr/gpu/lib64:/sr/gpu/lib:/opt"
+
+
+def test_ld_cache_reader_agrees_with_ldconfig():
+    """The front end reads the ld.so cache itself (no ``ldconfig -p`` process per launch):
+    every entry of this machine's cache, in ldconfig's order."""
+    import subprocess
+
+    from udiroot.gpu import ld_cache_entries
+
+    with open("/etc/ld.so.cache", "rb") as f:
+        ours = ld_cache_entries(f.read(), "/etc/ld.so.cache")
+    lines = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    lines = [line for line in lines if " => " in line]
+    theirs = [(line.split(" (", 1)[0].strip(), line.rsplit(" => ", 1)[1]) for line in lines]
+    assert ours == theirs and len(ours) > 10
+
+
+@pytest.mark.parametrize("data", [b"", b"ld.so-1.7.0\0\xff\xff\xff\xff", b"garbage" * 10,
+                                  b"glibc-ld.so.cache1.1" + b"\0" * 28])
+def test_ld_cache_reader_refuses_what_it_cannot_read(data):
+    from udiroot.gpu import ld_cache_entries
+
+    if data.endswith(b"\0" * 28):  # a header claiming entries it does not have
+        data = data[:20] + b"\x05\0\0\0" + data[24:]
+    with pytest.raises(GpuError, match="FAILED to set up GPU support"):
+        ld_cache_entries(data, "/x")
+
+
+def test_ld_cache_reader_survives_damaged_caches():
+    """The C fuzz target of the helper's cache reader went with the reader: the front end
+    reads the cache now. Damaged copies of this machine's cache (bytes flipped, cut short,
+    counts and offsets made huge) give entries or a GpuError, never another exception."""
+    import random
+    import struct
+
+    from udiroot.gpu import ld_cache_entries
+
+    with open("/etc/ld.so.cache", "rb") as f:
+        good = f.read()
+    rng = random.Random(10)
+    for _ in range(400):
+        data = bytearray(good)
+        kind = rng.randrange(4)
+        if kind == 0:
+            data = data[: rng.randrange(len(data))]
+        elif kind == 1:
+            for _ in range(rng.randrange(1, 16)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        else:
+            at = rng.randrange(0, min(len(data), 4096) - 4)
+            struct.pack_into("<I", data, at, rng.choice([0xFFFFFFFF, 0x7FFFFFFF, len(data)]))
+        try:
+            entries = ld_cache_entries(bytes(data), "/x")
+        except GpuError:
+            continue
+        assert all(isinstance(n, str) and isinstance(p, str) for n, p in entries)

@@ -116,6 +116,9 @@ class Site:
         self.helper = base / "helper"
         self.helper.write_text(DUMP_HELPER)
         self.helper.chmod(0o755)
+        self.setup = base / "shifter-setup"  # setupRoot's program, beside the helper
+        self.setup.write_text(DUMP_HELPER)
+        self.setup.chmod(0o755)
         self.out = base / "dump"
         self.runs = 0
         self.launchers = {}
@@ -798,7 +801,7 @@ def test_setup_root_argv(site: Site) -> None:
                    "-s", "ssh-ed25519 AAAA key", "id", iid)
     assert res.returncode == 0, res.stderr
     assert res.argv == [
-        str(site.helper), "setup", "--user", "someone", "--uid", "1001", "--gid", "1002",
+        str(site.setup), "setup", "--user", "someone", "--uid", "1001", "--gid", "1002",
         "--image-id", iid, "--volume", "/a:/b", "--volume", "/c:/d:ro", "--modules", "none",
         "--nodes", "nid1/2 nid2/1", "--ssh-pubkey", "ssh-ed25519 AAAA key",
     ]
@@ -854,7 +857,7 @@ def test_setup_root_acl_uses_the_target_user(site: Site) -> None:
 def test_unsetup_root_argv(site: Site) -> None:
     res = site.run("unsetupRoot")
     assert res.returncode == 0, res.stderr
-    assert res.argv == [str(site.helper), "unsetup"]
+    assert res.argv == [str(site.setup), "unsetup"]
     res = site.run("unsetupRoot", "extra")
     assert res.returncode == 1 and "unexpected argument 'extra'" in res.stderr
 

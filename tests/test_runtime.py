@@ -116,6 +116,61 @@ def test_container_etc_and_identity_files(site, image):
     assert rest.splitlines() == ["/proc/mounts", "from the site", "from the image"]
 
 
+def test_populate_etc_dynamically(site, image):
+    """populateEtcDynamically: passwd holds the user and usersToImport, group the user's
+    groups (the user listed), nsswitch.conf files-only; nothing else of etcPath."""
+    site.write_conf(populateEtcDynamically="1", usersToImport="shifter-bob nosuchuser",
+                    maxGroupCount="1")
+    try:
+        res = site.shifter(ALICE, f"--image=id:{image}", "sh", "-c",
+                           "cat /etc/passwd; echo ---; cat /etc/group; echo ---; "
+                           "head -1 /etc/nsswitch.conf; ls /etc/site-only.conf")
+    finally:
+        site.write_conf()
+    assert res.returncode != 0 and "site-only.conf" in res.stderr  # not copied
+    passwd, group, nss = res.stdout.split("---\n")
+    assert [line.split(":")[0] for line in passwd.splitlines()] == [ALICE, "shifter-bob"]
+    names = {line.split(":")[0]: line.split(":")[3] for line in group.splitlines()}
+    assert ALICE in names and TEAM in names
+    assert sorted(names.values()).count(ALICE) == 1  # maxGroupCount=1
+    assert nss == "passwd: files\n"
+
+
+def test_front_end_etc_files_are_the_callers_own(site, image):
+    """Attack: the /etc files are the caller's to give (--etc-fd). Only passwd, group and
+    nsswitch.conf are taken, and the root hooks, run before they are written, see the
+    site's passwd."""
+    from world.runtime import HELPER
+
+    hook = site.base / "etc-roothook.sh"
+    hook.write_text("grep -c '^evil:' etc/passwd > etc/hook-saw || true\n")
+    os.chmod(hook, 0o755)
+    site.write_conf(module_peek_roothook=str(hook))
+
+    def run_with(records: bytes) -> subprocess.CompletedProcess:
+        fd = os.memfd_create("etc", 0)
+        os.write(fd, records)
+        try:
+            return subprocess.run(
+                [str(HELPER), "run", "--image-id", image, "--modules", "peek", "--etc-fd",
+                 str(fd), "--", "/bin/sh", "-c", "cat /etc/hook-saw; grep -c evil /etc/passwd"],
+                pass_fds=(fd,), capture_output=True, text=True, env=site.user_env(ALICE),
+                **site.spawn_kwargs(ALICE), timeout=60)
+        finally:
+            os.close(fd)
+
+    try:
+        res = run_with(b"shadow=root::0:0:::::\0")
+        assert res.returncode == 1 and "shadow is not a file the front end writes" in res.stderr
+        res = run_with(b"../x=1\0")
+        assert res.returncode == 1 and "not a file the front end writes" in res.stderr
+        res = run_with(b"passwd=evil:x:0:0::/:/bin/sh\n\0")
+        assert (res.returncode, res.stdout.split()) == (0, ["0", "1"]), res.stderr
+    finally:
+        site.write_conf()
+    assert site.our_mounts() == [] and site.our_loops() == []
+
+
 def test_confinement_inside_the_container(site, image):
     script = ("grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Uid|Gid|Groups):' "
               "/proc/self/status; touch /newfile && echo ROOT-WRITABLE; true")
@@ -458,13 +513,19 @@ def test_setup_root_failure_leaves_nothing(site, image):
 
 
 def test_setup_root_is_for_root_only(site, image):
-    from world.runtime import HELPER
+    """The setuid helper has no setup or unsetup mode; the program that has them is
+    root's alone and never setuid."""
+    from world.runtime import HELPER, SETUP
 
     res = site.run(ALICE, [str(HELPER), "setup", "--user", ALICE, "--uid", "1001",
                            "--gid", "1001", "--image-id", image])
-    assert res.returncode == 1 and res.stderr.strip()
+    assert res.returncode == 1 and "usage: shifter-helper run" in res.stderr
     res = site.run(ALICE, [str(HELPER), "unsetup"])
-    assert res.returncode == 1 and res.stderr.strip()
+    assert res.returncode == 1 and "usage: shifter-helper run" in res.stderr
+    st = SETUP.stat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o700)
+    res = site.run(ALICE, ["/bin/sh", "-c", 'exec "$0" unsetup', str(SETUP)])
+    assert res.returncode == 126 and "Permission denied" in res.stderr
 
 
 # -- the whole main job: registry → gateway → shifterimg pull → shifter ----------------------

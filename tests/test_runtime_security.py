@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from world.runtime import (
     HELPER,
+    SETUP,
     TEST_CONF,
     RuntimeSite,
     busybox_tree,
@@ -339,7 +340,8 @@ def ns_script(site: RuntimeSite, user: str, body: str, **values: object) -> str:
     pw = pwd.getpwnam(user)
     head = (f"UID = {pw.pw_uid}\nGID = {pw.pw_gid}\n"
             f"GROUPS = {os.getgrouplist(user, pw.pw_gid)!r}\nENV = {site.user_env(user)!r}\n"
-            f"HELPER = {str(HELPER)!r}\nLAUNCHER = {str(site.launcher)!r}\n")
+            f"HELPER = {str(HELPER)!r}\nSETUP = {str(SETUP)!r}\n"
+            f"LAUNCHER = {str(site.launcher)!r}\n")
     head += "".join(f"{k} = {v!r}\n" for k, v in values.items())
     return head + NS_PRELUDE + body
 
@@ -389,7 +391,7 @@ racer_code = (
 )
 racer = subprocess.Popen(["/usr/bin/python3", "-c", racer_code], user=UID, group=GID,
                          extra_groups=GROUPS, env=ENV)
-setup = [HELPER, "setup", "--user", USER, "--uid", str(UID), "--gid", str(GID),
+setup = [SETUP, "setup", "--user", USER, "--uid", str(UID), "--gid", str(GID),
          "--image-id", IMAGE, "--volume", VOLUMES]
 runs = built = 0
 lost = False
@@ -398,11 +400,11 @@ while time.monotonic() < end and not lost:
     res = as_root(setup)
     runs += 1
     built += res.returncode == 0
-    as_root([HELPER, "unsetup"])
+    as_root([SETUP, "unsetup"])
     lost = not mounted(FAKE + "/inner")
 open(STOP, "w").close()
 racer.wait()
-final = as_root([HELPER, "unsetup"])
+final = as_root([SETUP, "unsetup"])
 after = table()
 print(json.dumps({"runs": runs, "built": built, "lost": lost, "unsetup": final.returncode,
                   "left": mounts_under(UDI, LOOP), "same": before == after,
@@ -649,9 +651,9 @@ subprocess.run(["mount", "-t", "tmpfs", "-o", "suid,dev", "hostdata", DATA], che
 open(DATA + "/mounted-content", "w").write("host\n")
 ls = as_user([LAUNCHER, "--image=local:" + ROOT, "ls", "/srv/data"])
 mi = as_user([LAUNCHER, "--image=local:" + ROOT, "grep", " /srv/data ", "/proc/self/mountinfo"])
-setup = as_root([HELPER, "setup", "--user", USER, "--uid", str(UID), "--gid", str(GID),
+setup = as_root([SETUP, "setup", "--user", USER, "--uid", str(UID), "--gid", str(GID),
                  "--local", ROOT])
-unsetup = as_root([HELPER, "unsetup"])
+unsetup = as_root([SETUP, "unsetup"])
 print(json.dumps({"ls": ls.stdout.split(), "err": ls.stderr, "mi": mi.stdout,
                   "setup": [setup.returncode, setup.stderr], "unsetup": unsetup.returncode,
                   "kept": mounted(DATA), "left": mounts_under(UDI, LOOP)}))
@@ -693,7 +695,7 @@ def test_setup_takes_groups_from_the_host_not_a_stale_etc_copy(site, image):
     group_copy.write_text("\n".join([*lines, f"{STALE_GROUP}:x:{gid}:{ALICE}"]) + "\n")
     pw = pwd.getpwnam(ALICE)
     try:
-        res = site.run("root", [str(HELPER), "setup", "--user", ALICE, "--uid",
+        res = site.run("root", [str(SETUP), "setup", "--user", ALICE, "--uid",
                                 str(pw.pw_uid), "--gid", str(pw.pw_gid), "--image-id", image,
                                 "--volume", f"{secret}:/data"])
         # refused as the user's error (2: the prolog fails the job, not the node)
@@ -701,4 +703,4 @@ def test_setup_takes_groups_from_the_host_not_a_stale_etc_copy(site, image):
         assert "you cannot access the source" in res.stderr, res.stderr
     finally:
         group_copy.write_text(saved)
-        site.run("root", [str(HELPER), "unsetup"])
+        site.run("root", [str(SETUP), "unsetup"])

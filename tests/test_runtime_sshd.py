@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from world.runtime import (
-    HELPER,
+    SETUP,
     RuntimeSite,
     busybox_tree,
     compile_static,
@@ -712,7 +712,7 @@ def test_the_helper_checks_the_job_host_key_it_is_given(site, image, keys, tmp_p
                    check=True, stdin=subprocess.DEVNULL)
     good, public = host_key.read_bytes(), host_key.with_name("key.pub").read_text().strip()
     pw = pwd.getpwnam(ALICE)
-    base = [str(HELPER), "setup", "--user", ALICE, "--uid", str(pw.pw_uid), "--gid",
+    base = [str(SETUP), "setup", "--user", ALICE, "--uid", str(pw.pw_uid), "--gid",
             str(pw.pw_gid), "--image-id", image, "--modules", "none",
             "--ssh-pubkey", keys["alice"][1]]
     # The key's content is the user's (status 2); how the front end passes it is not (1).

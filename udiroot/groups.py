@@ -12,13 +12,26 @@ is among the user's gids. Password fields are always ``x``.
 
 Lines are ``:``-split with no other processing; a line that does not have the right
 number of fields or a decimal id is skipped, as libc's parser skips it.
+
+:func:`container_files` applies these rules for a launch: the front ends (``shifter`` as
+the user, ``setupRoot`` as root) hand the files to the helper (``--etc-fd``), which writes
+them into the container's ``/etc`` after the site's root hooks ran. They grant nothing:
+the container's processes have the ids and groups the kernel gave them.
 """
 
 from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
+
+    from udiroot.config import UdiRootConfig
+
+NSSWITCH = (
+    "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\n"
+    "protocols: files\nservices: files\nethers: files\nrpc: files\nnetgroup: files\n"
+)
+MAX_USERS = 64  # the caller and usersToImport
 
 MAX_ID = 0xFFFFFFFE
 _DIGITS = "0123456789"
@@ -163,3 +176,77 @@ def _check_user(user: str) -> None:
 def _clean_fields(*fields: str) -> bool:
     # A ':' or newline inside a field would shift or split the line for every reader.
     return not any(":" in f or "\n" in f for f in fields)
+
+
+def _etc_text(etc_path: str, name: str, required: bool) -> str | None:
+    try:
+        with open(f"{etc_path}/{name}", encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except FileNotFoundError:
+        if required:
+            raise ValueError(f"Cannot read {etc_path}/{name}: it does not exist") from None
+        return None
+    except OSError as exc:
+        raise ValueError(f"Cannot read {etc_path}/{name}: {exc.strerror}") from None
+
+
+def container_files(cfg: UdiRootConfig, user: str, gid: int, groups: Sequence[int]
+                    ) -> dict[str, str]:
+    """The container's ``passwd``, ``group`` and ``nsswitch.conf`` as the site's rules
+    make them for ``user`` (primary ``gid``, supplementary ``groups``): the filtered
+    ``etcPath/group`` (the helper copies the rest of ``etcPath``), or with
+    ``populateEtcDynamically`` the user and ``usersToImport`` from ``etcPath`` (or libc
+    with ``allowLibcPwdCalls``)."""
+    from udiroot.config import ConfigError
+
+    etc = cfg.get("etcPath") or ""
+    try:
+        max_groups = cfg.number("maxGroupCount")
+    except ConfigError:
+        max_groups = -1
+    if max_groups < 0:
+        raise ValueError("FAILED to parse udiRoot configuration. (maxGroupCount must be a "
+                         "whole number)")
+    if not cfg.flag("populateEtcDynamically"):
+        group = _etc_text(etc, "group", False)
+        return {} if group is None else {"group": filter_group(group, user, max_groups)}
+    libc = cfg.flag("allowLibcPwdCalls")
+    names = [user]
+    for name in cfg.words("usersToImport"):
+        if name not in names and len(names) < MAX_USERS:
+            names.append(name)
+    if libc:
+        import pwd
+
+        entries = []
+        for name in names:
+            try:
+                pw = pwd.getpwnam(name)
+            except KeyError:
+                continue
+            entries.append(PasswdEntry(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_gecos,
+                                       pw.pw_dir, pw.pw_shell))
+    else:
+        known = parse_passwd(_etc_text(etc, "passwd", True) or "")
+        entries = [next(e for e in known if e.name == n) for n in names
+                   if any(e.name == n for e in known)]
+    pairs = []
+    table = None if libc else parse_group(_etc_text(etc, "group", False) or "")
+    for wanted in [gid, *groups, *(e.gid for e in entries)]:
+        name = None
+        if table is None:
+            import grp
+
+            try:
+                name = grp.getgrgid(wanted).gr_name
+            except KeyError:
+                pass
+        else:
+            name = next((g.name for g in table if g.gid == wanted), None)
+        if name is not None and "," not in name:
+            pairs.append((name, wanted))
+    return {
+        "passwd": dynamic_passwd(entries),
+        "group": dynamic_group(pairs, user, [gid, *groups], max_groups),
+        "nsswitch.conf": NSSWITCH,
+    }

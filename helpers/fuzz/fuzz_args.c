@@ -1,18 +1,39 @@
-/* The helper's command line (main.c parse_options + common_checks, static: the harness
- * includes main.c): the input is NUL-separated arguments, the first byte picks run or
- * setup.  common_checks re-validates the image id, --local, --volume, --modules, --gpu,
- * --nodes and --ssh-pubkey against a fixed udiRoot.conf (an empty imagePath, so no
- * image is ever found; no device dir and no ld.so cache, so --gpu finds nothing). */
+/* The helpers' command lines (request.c parse_options + common_checks, run.c's own
+ * options; the harness includes both): the input is NUL-separated arguments, the first
+ * byte picks run's options or setup's (--user, --uid, --gid, --nodes, --ssh-pubkey, whose
+ * checks, hosts_validate and sshd_check_key, run too).  common_checks re-validates the
+ * image id, --local, --volume, --modules, --gpu and --gpu-file against a fixed
+ * udiRoot.conf (an empty imagePath, so no image is ever found; no device dir). */
 /* Renamed, main() loses its implicit "return 0" (it ends in usage(), which dies). */
 #pragma clang diagnostic ignored "-Wreturn-type"
 #define main shifter_helper_main
-#include "../main.c"
+#include "../run.c"
 #undef main
+#include "../request.c"
+#include "../hosts.h"
+#include "../sshd.h"
 #include <stdio.h>
 
 #include "fuzz.h"
 
 static char image_dir[] = "/tmp/shifter-fuzz-args.XXXXXX";
+static const char *setup_user, *setup_uid, *setup_gid, *setup_key;
+
+/* setup.c's own options (it has a main of its own and is not included). */
+static int setup_like(const char *a, const char *v, struct options *o)
+{
+    const char **slot = strcmp(a, "--user") == 0         ? &setup_user
+                        : strcmp(a, "--uid") == 0        ? &setup_uid
+                        : strcmp(a, "--gid") == 0        ? &setup_gid
+                        : strcmp(a, "--nodes") == 0      ? &ctx.nodes
+                        : strcmp(a, "--ssh-pubkey") == 0 ? &setup_key
+                                                         : NULL;
+    (void)o;
+    if (slot == NULL || *slot != NULL)
+        return 0;
+    *slot = v;
+    return 1;
+}
 
 static void remove_image_dir(void)
 {
@@ -57,10 +78,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         argv[argc++] = p;
     argv[argc] = NULL;
     memset(&ctx, 0, sizeof ctx);
+    setup_user = setup_uid = setup_gid = setup_key = NULL;
     g_verbose = 0;
     if (FUZZ_TRY) {
-        parse_options(argc, argv, 0, data[0] & 1, &o);
+        char err[VOL_ERR_LEN];
+        parse_options(argc, argv, 0, data[0] & 1 ? run_option : setup_like, &o);
         common_checks(&o);
+        if (ctx.nodes != NULL)
+            (void)hosts_validate(ctx.nodes, err, sizeof err);
+        if (setup_key != NULL)
+            (void)sshd_check_key(setup_key, err, sizeof err);
     }
     fuzz_release(); /* o.volumes, ctx.vols' strings, ... */
     g_verbose = 0;

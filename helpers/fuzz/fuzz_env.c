@@ -1,13 +1,14 @@
-/* The command's environment records (main.c read_env, static: the harness includes
- * main.c): NUL-terminated NAME=VALUE records in a memfd, as --env-fd passes them. */
-/* Renamed, main() loses its implicit "return 0" (it ends in usage(), which dies). */
-#pragma clang diagnostic ignored "-Wreturn-type"
-#define main shifter_helper_main
-#include "../main.c"
-#undef main
+/* The records of --env-fd and --etc-fd (request.c read_records; the harness includes
+ * request.c): NUL-terminated NAME=VALUE records in a memfd. */
+#include "../request.c"
 #include <sys/mman.h>
 
 #include "fuzz.h"
+
+void usage(void) /* run.c's or setup.c's in the programs; helper_init() names it */
+{
+    die("usage");
+}
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -20,7 +21,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         abort();
     envp = NULL;
     if (FUZZ_TRY)
-        envp = read_env(fd); /* closes fd */
+        envp = read_records(fd, "environment"); /* closes fd */
     else
         close(fd); /* it died before closing it */
     if (envp != NULL)

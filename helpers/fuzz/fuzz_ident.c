@@ -1,7 +1,8 @@
-/* passwd and group lines (ident.c) as the helper reads <etcPath>/passwd and group, the
- * ids and names in them, and the node list of setup's --nodes (etcfiles.c). */
+/* passwd lines (ident.c) as the helper reads <etcPath>/passwd for the caller's name, the
+ * ids and names in them, and the node list of setup's --nodes (hosts.c).  Group files are
+ * the front ends' now (udiroot/groups.py). */
 #include "fuzz.h"
-#include "../etcfiles.h"
+#include "../hosts.h"
 #include "../ident.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -12,18 +13,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     while ((line = ident_next_line(&cursor)) != NULL) {
         size_t n = strlen(line);
-        char *pw = fuzz_cstr((const uint8_t *)line, n), *gr = fuzz_cstr((const uint8_t *)line, n);
+        char *pw = fuzz_cstr((const uint8_t *)line, n);
         struct pw_fields pf;
-        struct gr_fields gf;
         unsigned long id;
 
         if (ident_parse_pw_line(pw, &pf) == 0)
             (void)ident_name_ok(pf.name);
-        if (ident_parse_gr_line(gr, &gf) == 0)
-            (void)ident_name_ok(gf.name);
         (void)ident_parse_id(line, n, &id);
         free(pw);
-        free(gr);
     }
     (void)hosts_validate(copy, err, sizeof err);
     free(text);

@@ -49,6 +49,7 @@ TEST_CONF_DIR = Path(f"/etc/shifter-test{SLOT}")
 TEST_CONF = TEST_CONF_DIR / "udiRoot.conf"
 HELPER_DIR = Path(f"/usr/local/libexec/shifter-test{SLOT}")
 HELPER = HELPER_DIR / "shifter-helper"
+SETUP = HELPER_DIR / "shifter-setup"  # root-only, never setuid (setupRoot/unsetupRoot)
 TESTERS = "shifter-testers"
 # The unprivileged users the tests act as; the only members of TESTERS.
 TEST_USERS = ("shifter-alice", "shifter-bob")
@@ -98,7 +99,9 @@ def testers_gid() -> int:
 
 def install_helper() -> Path:
     """Build the sanitized helper and install it setuid root where only the testers group
-    can reach it (see the module doc); returns its path. Removed by ``remove_helper()``."""
+    can reach it (see the module doc), and beside it the sanitized ``shifter-setup``,
+    root's only (0700, never setuid); returns the helper's path. Removed by
+    ``remove_helper()``."""
     subprocess.run(["make", "-s", "-C", str(HELPERS), "sanitize",
                     f"TEST_CONF_PATH={TEST_CONF}", f"SLOT={SLOT}"], check=True)
     gid = testers_gid()
@@ -118,6 +121,11 @@ def install_helper() -> Path:
     os.chown(tmp, 0, gid)
     os.chmod(tmp, 0o4750)  # after chown, which clears set-id bits
     os.replace(tmp, HELPER)
+    tmp = HELPER_DIR / ".shifter-setup.new"
+    shutil.copyfile(HELPERS / "build" / f"shifter-setup-san{SLOT}", tmp)
+    os.chown(tmp, 0, 0)
+    os.chmod(tmp, 0o700)
+    os.replace(tmp, SETUP)
     return HELPER
 
 
