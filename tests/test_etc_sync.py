@@ -117,6 +117,8 @@ def test_make_install_with_destdir(tmp_path: Path) -> None:
         helper = dest / "usr/local/libexec/shifter/shifter-helper"
         st = helper.stat()
         assert stat.S_IMODE(st.st_mode) == 0o4755 and st.st_uid == 0
+        setup = (dest / "usr/local/libexec/shifter/shifter-setup").stat()
+        assert stat.S_IMODE(setup.st_mode) == 0o700 and setup.st_uid == 0  # root's, not setuid
         for name, flags in (("bin/shifter", "-IS"), ("bin/setupRoot", "-IS"),
                             ("bin/shifterimg", "-I"), ("sbin/shifter-etc-sync", "-IS"),
                             ("libexec/shifter/shifter-spank", "-IS")):

@@ -147,6 +147,7 @@ apt-get -q -y -o APT::Sandbox::User=root install --no-install-recommends \
     > /var/log/apt-install.log
 echo "== installed $(t)"
 stat -c 'helper %a %U:%G' /usr/libexec/shifter/shifter-helper
+stat -c 'setup %a %U:%G' /usr/libexec/shifter/shifter-setup
 for t in docker-registry skopeo umoci charliecloud slurm-wlm slurmd mpich clang gcc; do
     if dpkg-query -W -f='${{Status}}' "$t" 2>/dev/null | grep -q 'ok installed'; then
         echo "test tool installed: $t"
@@ -328,6 +329,7 @@ def run_in_fresh_root(root: Path, debs: dict[str, list[Path]],
     assert proc.returncode == 0, f"the main job failed in the fresh root (exit " \
         f"{proc.returncode}):\n{out[-6000:]}"
     assert "helper 4755 root:root" in out
+    assert "setup 700 root:root" in out
     assert "gateway process of shifter" in out, out
     assert "test tool installed" not in out, out
     assert "Failed to lookup username" in out, out  # before shifter-etc-sync
