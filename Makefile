@@ -9,7 +9,8 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make \
 	docker-registry skopeo umoci apache2-utils busybox-static \
 	munge libmunge-dev openssh-server openssh-client attr \
 	bubblewrap charliecloud squashfuse fuse3 kmod libcap2-bin \
-	mpich libmpich-dev patchelf slurm-wlm libslurm-dev clang libclang-rt-14-dev
+	mpich libmpich-dev patchelf slurm-wlm libslurm-dev clang libclang-rt-14-dev \
+	debootstrap rpm dpkg-dev
 
 .PHONY: setup apt venv install helper udiimage slurm demo test lint fuzz bench-pull \
 	bench-launch bench-slurm clean docs-man
@@ -33,64 +34,132 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[gateway,test]'
 	touch $@
 
-# The runtime, installed where every user can run it:
-#   $(PREFIX)/libexec/shifter/shifter-helper   setuid root, mode run only (all a user can reach)
-#   $(PREFIX)/libexec/shifter/shifter-setup    root:root 0700, never setuid: setupRoot's and
-#        unsetupRoot's program (prepared container, its sshd, hostsfile, teardown)
-#   $(PREFIX)/lib/shifter/python/              udiroot + shifter, byte-compiled
-#   $(PREFIX)/bin/shifter setupRoot unsetupRoot  `python3 -I -S` launchers: no site-packages,
-#        no venv, no pyenv shim on the path that runs once per task (see bench/launch)
-#   $(PREFIX)/bin/shifter-prep-mpi            the same kind of launcher (site admin tools)
-#   $(PREFIX)/bin/shifter-prep-udiimage
-#   $(UDIIMAGE)                               the optUdiImage tree (copied into every container
-#        as /opt/udiImage): Debian's sshd and ssh with their libraries, runnable in any
-#        image (`make udiimage`; replaced on every install)
-#   $(PREFIX)/bin/shifterimg                  the gateway client, from the project's venv
-#   $(PREFIX)/lib/shifter/shifter_slurm.so    the Slurm SPANK plugin (slurm/; README "Slurm")
-#   $(PREFIX)/libexec/shifter/shifter-spank   its submit-time checker, a `python3 -I -S` launcher
-PREFIX  ?= /usr/local
-PYLIB   := $(PREFIX)/lib/shifter/python
+# What `make install` and the packages put where (PREFIX /usr/local by default; the
+# packages use /usr; DESTDIR stages everything under another root):
+#   runtime (compute and login nodes)
+#     $(PREFIX)/libexec/shifter/                 what `make -C helpers install` installs:
+#                                                shifter-helper, setuid root, run mode only (all
+#                                                a user can reach); shifter-setup, root:root
+#                                                0700, never setuid (setupRoot's, unsetupRoot's)
+#     $(PREFIX)/lib/shifter/python/              udiroot + shifter (+ imagegw.munge for
+#                                                shifterimg), byte-compiled
+#     $(PREFIX)/bin/shifter setupRoot unsetupRoot shifter-prep-mpi shifter-prep-udiimage
+#                                                `python3 -I -S` launchers: no site-packages,
+#                                                no venv, no pyenv shim (see bench/launch)
+#     $(PREFIX)/bin/shifterimg                   `python3 -I` launcher (Debian's python3-requests)
+#     $(PREFIX)/sbin/shifter-etc-sync            etcPath's passwd/group from getent (root)
+#     $(UDIIMAGE)                                the optUdiImage tree: the builder's sshd and ssh
+#                                                with their libraries, runnable in any image
+#     $(UNITDIR)/shifter-etc-sync.{service,timer}
+#   slurm
+#     $(PREFIX)/lib/shifter/shifter_slurm.so     the SPANK plugin, against SLURM_PREFIX's headers
+#     $(PREFIX)/libexec/shifter/shifter-spank    its submit-time checker (`python3 -I -S`)
+#   gateway (`make install-gateway`; not part of `make install`)
+#     $(GWVENV)                                  a venv with the project and its `gateway` extra
+#     $(UNITDIR)/shifter-imagegw.service, shifter-imagegw-autoexpire.{service,timer}
+# `make install` needs only the build tools of BUILD_PACKAGES (`make build-deps`), never
+# the test tools of `make setup`.
+PREFIX   ?= /usr/local
+DESTDIR  ?=
+PYLIB    := $(PREFIX)/lib/shifter/python
 UDIIMAGE ?= /opt/shifter/udiImage
+GWVENV   ?= /opt/shifter/gateway
+UNITDIR  ?= $(PREFIX)/lib/systemd/system
+SLURM_PREFIX ?=
+VERSION  := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+D        := $(if $(DESTDIR),$(abspath $(DESTDIR)))
 LAUNCHERS := shifter:shifter.launch setupRoot:shifter.setuproot unsetupRoot:shifter.setuproot:main_unsetup \
 	shifter-prep-mpi:shifter.prep_mpi shifter-prep-udiimage:shifter.prep_udiimage
+# Building: the C compiler, the udiImage sources (sshd, patchelf), the Slurm and munge
+# headers, the package builders. A node needs none of these (what each role depends on
+# is in packaging/deb.sh and packaging/shifter.spec).
+BUILD_PACKAGES := python3 python3-venv python3-requests gcc make libc6-dev patchelf \
+	openssh-server openssh-client libslurm-dev libmunge-dev dpkg-dev rpm
+
+.PHONY: build-deps install install-runtime install-slurm install-gateway packages deb rpm
+
+build-deps:
+	@$(MAKE) -s apt APT_PACKAGES="$(BUILD_PACKAGES)"
 
 helper:
-	$(MAKE) -C helpers
+	$(MAKE) -C helpers PREFIX=$(PREFIX)
 
 # The tree optUdiImage names (etc/udiRoot.conf.example: /opt/shifter/udiImage).
-udiimage: setup
-	mkdir -p $(dir $(UDIIMAGE))
+udiimage:
+	mkdir -p $(dir $(D)$(UDIIMAGE))
 	$(PYTHON_SYS) -I -c 'import sys; sys.path.insert(0, "$(CURDIR)"); \
-		from shifter.prep_udiimage import main; sys.exit(main())' --out $(UDIIMAGE) --force
+		from shifter.prep_udiimage import main; sys.exit(main())' --out $(D)$(UDIIMAGE) --force
 
 slurm:
-	$(MAKE) -C slurm PREFIX=$(PREFIX)
+	$(MAKE) -C slurm PREFIX=$(PREFIX) SLURM_PREFIX=$(SLURM_PREFIX)
 
-install: setup helper udiimage slurm
-	$(MAKE) -C helpers install PREFIX=$(PREFIX)
-	$(MAKE) -C slurm install PREFIX=$(PREFIX)
-	mkdir -p $(PREFIX)/bin
-	rm -rf $(PYLIB).new && mkdir -p $(PYLIB).new
-	cp -r udiroot shifter $(PYLIB).new/
-	find $(PYLIB).new -name __pycache__ -prune -exec rm -rf {} +
-	$(PYTHON_SYS) -I -m compileall -q $(PYLIB).new
-	rm -rf $(PYLIB) && mv $(PYLIB).new $(PYLIB)
-	chmod -R a+rX $(PREFIX)/lib/shifter
+# launcher NAME MODULE FUNCTION FLAGS DIR: a script that runs MODULE.FUNCTION from PYLIB.
+launcher = printf '\#!%s %s\nimport sys\nsys.path.insert(0, "%s")\nfrom %s import %s\nsys.exit(%s())\n' \
+	$(PYTHON_SYS) $(4) $(PYLIB) $(2) $(3) $(3) > $(D)$(5)/$(1).new && \
+	chmod 755 $(D)$(5)/$(1).new && mv $(D)$(5)/$(1).new $(D)$(5)/$(1)
+
+install: install-runtime install-slurm
+
+install-runtime: helper udiimage
+	$(MAKE) -C helpers install PREFIX=$(PREFIX) DESTDIR=$(D)
+	mkdir -p $(D)$(PREFIX)/bin $(D)$(PREFIX)/sbin $(D)$(UNITDIR)
+	rm -rf $(D)$(PYLIB).new && mkdir -p $(D)$(PYLIB).new/imagegw
+	cp -r udiroot shifter $(D)$(PYLIB).new/
+	cp imagegw/__init__.py imagegw/munge.py $(D)$(PYLIB).new/imagegw/
+	find $(D)$(PYLIB).new -name __pycache__ -prune -exec rm -rf {} +
+	# The front ends find the helper where this install puts it.
+	grep -rl '/usr/local/libexec/shifter/' $(D)$(PYLIB).new | xargs -r sed -i \
+		's|/usr/local/libexec/shifter/|$(PREFIX)/libexec/shifter/|g'
+	$(PYTHON_SYS) -I -m compileall -q -s $(D)$(PYLIB).new -p $(PYLIB) $(D)$(PYLIB).new
+	rm -rf $(D)$(PYLIB) && mv $(D)$(PYLIB).new $(D)$(PYLIB)
+	chmod -R a+rX $(D)$(PREFIX)/lib/shifter
 	for spec in $(LAUNCHERS); do \
 		name=$${spec%%:*}; rest=$${spec#*:}; mod=$${rest%%:*}; fn=$${rest#*:}; \
 		[ "$$fn" = "$$rest" ] && fn=main; \
-		printf '#!%s -IS\nimport sys\nsys.path.insert(0, "%s")\nfrom %s import %s\nsys.exit(%s())\n' \
-			$(PYTHON_SYS) $(PYLIB) $$mod $$fn $$fn > $(PREFIX)/bin/$$name.new; \
-		chmod 755 $(PREFIX)/bin/$$name.new && mv $(PREFIX)/bin/$$name.new $(PREFIX)/bin/$$name; \
+		$(call launcher,$$name,$$mod,$$fn,-IS,$(PREFIX)/bin); \
 	done
-	printf '#!/bin/sh\nexec %s/$(VENV)/bin/shifterimg "$$@"\n' $(CURDIR) > $(PREFIX)/bin/shifterimg
-	chmod 755 $(PREFIX)/bin/shifterimg
-	printf '#!%s -IS\nimport sys\nsys.path.insert(0, "%s")\nfrom shifter.spank import main\nsys.exit(main())\n' \
-		$(PYTHON_SYS) $(PYLIB) > $(PREFIX)/libexec/shifter/shifter-spank.new
-	chmod 755 $(PREFIX)/libexec/shifter/shifter-spank.new
-	mv $(PREFIX)/libexec/shifter/shifter-spank.new $(PREFIX)/libexec/shifter/shifter-spank
+	$(call launcher,shifterimg,shifter.shifterimg,main,-I,$(PREFIX)/bin)
+	$(call launcher,shifter-etc-sync,shifter.etc_sync,main,-IS,$(PREFIX)/sbin)
+	sed 's|/usr/local/sbin/|$(PREFIX)/sbin/|' etc/shifter-etc-sync.service \
+		> $(D)$(UNITDIR)/shifter-etc-sync.service
+	cp etc/shifter-etc-sync.timer $(D)$(UNITDIR)/
 
-demo: install
+install-slurm: slurm
+	$(MAKE) -C slurm install PREFIX=$(PREFIX) SLURM_PREFIX=$(SLURM_PREFIX) DESTDIR=$(D)
+	mkdir -p $(D)$(PREFIX)/libexec/shifter
+	$(call launcher,shifter-spank,shifter.spank,main,-IS,$(PREFIX)/libexec/shifter)
+
+# The gateway's own Python environment, built from pyproject's `gateway` extra (PyPI or
+# the index pip is configured with). Built under DESTDIR, then its scripts and byte code
+# are made to name GWVENV, where it will run.
+install-gateway:
+	rm -rf $(D)$(GWVENV)
+	$(PYTHON_SYS) -m venv $(D)$(GWVENV)
+	$(D)$(GWVENV)/bin/pip install -q --no-cache-dir '$(CURDIR)[gateway]'
+	rm -f $(D)$(GWVENV)/bin/activate* $(D)$(GWVENV)/bin/Activate.ps1
+	if [ -n "$(D)" ]; then \
+		grep -rlI '$(D)$(GWVENV)' $(D)$(GWVENV)/bin $(D)$(GWVENV)/pyvenv.cfg | xargs -r sed -i 's|$(D)$(GWVENV)|$(GWVENV)|g'; \
+		find $(D)$(GWVENV) -name __pycache__ -prune -exec rm -rf {} +; \
+		$(D)$(GWVENV)/bin/python -m compileall -q -s $(D) -p / $(D)$(GWVENV)/lib; \
+		! grep -rlI '$(D)' $(D)$(GWVENV) ; \
+	fi
+	mkdir -p $(D)$(UNITDIR)
+	sed 's|/opt/shifter/gateway|$(GWVENV)|' etc/shifter-imagegw.service \
+		> $(D)$(UNITDIR)/shifter-imagegw.service
+	sed 's|/opt/shifter/gateway|$(GWVENV)|' etc/shifter-imagegw-autoexpire.service \
+		> $(D)$(UNITDIR)/shifter-imagegw-autoexpire.service
+	cp etc/shifter-imagegw-autoexpire.timer $(D)$(UNITDIR)/
+
+# Packages per role into dist/: .deb (packaging/deb.sh) and .rpm (packaging/shifter.spec).
+packages: deb rpm
+
+deb:
+	packaging/deb.sh "$(VERSION)" "$(SLURM_PREFIX)"
+
+rpm:
+	packaging/rpm.sh "$(VERSION)" "$(SLURM_PREFIX)"
+
+demo: setup install
 	$(PY) tests/world/demo.py
 
 # After pytest (its status is kept): a short fuzzing run (TEST_FUZZ_SECONDS per target),
@@ -120,11 +189,11 @@ docs-man: venv
 bench-pull: setup
 	$(PY) bench/pull
 
-bench-launch: install
+bench-launch: setup install
 	$(PYTHON_SYS) bench/launch
 
-bench-slurm: install
+bench-slurm: setup install
 	$(PY) bench/slurm
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache dist build

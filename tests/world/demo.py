@@ -8,7 +8,8 @@
 3. Makes an image available: ``--image REF`` pulls REF from its registry (for a machine
    with registry access); without it, a small demo image (Debian's static busybox and an
    ``/etc/os-release``) is built and served from a local registry on 127.0.0.1.
-4. As the unprivileged user ``shifter-demo`` (created if missing):
+4. As the unprivileged user ``shifter-demo`` (created if missing; ``shifter-etc-sync`` then
+   refreshes ``etcPath``'s passwd and group, as a site's timer does):
    ``shifterimg pull IMAGE`` then ``shifter --image=IMAGE cat /etc/os-release``.
 
 The gateway, registry and munged it started are stopped at the end; the pulled image
@@ -37,6 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 SITE_CONF = Path("/etc/shifter/udiRoot.conf")
 IMAGE_PATH = Path("/var/lib/shifter/images")
 ETC_PATH = Path("/etc/shifter/shifter_etc_files")
+ETC_SYNC = "/usr/local/sbin/shifter-etc-sync"
 DEMO_USER = "shifter-demo"
 BUSYBOX = Path("/bin/busybox")
 OS_RELEASE = """PRETTY_NAME="Shifter demo image (BusyBox)"
@@ -90,10 +92,7 @@ def site_config() -> dict[str, str]:
     """Write the site's udiRoot.conf if there is none; return its key=value pairs."""
     if not SITE_CONF.exists():
         SITE_CONF.parent.mkdir(parents=True, exist_ok=True)
-        ETC_PATH.mkdir(parents=True, exist_ok=True)
-        for name in ("passwd", "group"):
-            shutil.copyfile(f"/etc/{name}", ETC_PATH / name)
-            os.chmod(ETC_PATH / name, 0o644)
+        ETC_PATH.mkdir(parents=True, exist_ok=True)  # filled by shifter-etc-sync
         SITE_CONF.write_text(SITE_CONF_TEXT.format(image_path=IMAGE_PATH, repo=REPO,
                                                    etc_path=ETC_PATH))
         os.chmod(SITE_CONF, 0o644)
@@ -114,14 +113,9 @@ def demo_user() -> pwd.struct_passwd:
     except KeyError:
         subprocess.run(["useradd", "--create-home", "--user-group", DEMO_USER], check=True)
         pw = pwd.getpwnam(DEMO_USER)
-    # The site's passwd copy must know the user (the runtime reads names from etcPath).
-    etc = Path(site_config_cache["etcPath"])
-    for name, db in (("passwd", "/etc/passwd"), ("group", "/etc/group")):
-        if DEMO_USER not in (etc / name).read_text():
-            lines = [ln for ln in Path(db).read_text().splitlines()
-                     if ln.startswith(DEMO_USER + ":")]
-            with open(etc / name, "a") as f:
-                f.write("".join(ln + "\n" for ln in lines))
+    # etcPath must know the user (the runtime reads names from there, not from the name
+    # service): refresh it as a site's shifter-etc-sync.timer does.
+    subprocess.run([ETC_SYNC, "--config", str(SITE_CONF)], check=True)
     return pw
 
 
@@ -144,7 +138,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("ERROR: the demo installs a site configuration: run it as root (sudo make demo)")
         return 1
-    for tool in ("/usr/local/bin/shifter", "/usr/local/libexec/shifter/shifter-helper"):
+    for tool in ("/usr/local/bin/shifter", "/usr/local/libexec/shifter/shifter-helper",
+                 ETC_SYNC):
         if not os.path.exists(tool):
             print(f"ERROR: {tool} is missing: run 'sudo make install'")
             return 1

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import pytest
 
+from shifter.etc_sync import sync as etc_sync
+
 REPO = Path(__file__).resolve().parents[2]
 HELPERS = REPO / "helpers"
 # SHIFTER_TEST_SLOT lets two checkouts run the runtime tests at once on one machine
@@ -243,8 +245,7 @@ class RuntimeSite:
         TEST_CONF_DIR.mkdir(parents=True, exist_ok=True)
         os.chmod(TEST_CONF_DIR, 0o755)
         site.etc_dir.mkdir(exist_ok=True)
-        for name in ("passwd", "group"):
-            shutil.copyfile(f"/etc/{name}", site.etc_dir / name)
+        etc_sync(site.etc_dir)  # passwd and group from getent, as a site's timer writes them
         (site.etc_dir / "site-only.conf").write_text("from the site\n")
         for path in site.etc_dir.iterdir():
             os.chmod(path, 0o644)
