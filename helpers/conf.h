@@ -1,7 +1,7 @@
 /*
  * conf.h - read udiRoot.conf, the site configuration the setuid helper trusts.
  *
- * The rules are those of udiroot/config.py (behaviour spec section 6.1); the
+ * The rules are those of udiroot/config.py (docs/behaviour.md, 'Runtime: udiRoot.conf'); the
  * helper reads the file itself rather than believing anything the unprivileged
  * Python front end passes it.  Limits are fixed so a hostile or broken file
  * cannot make the helper allocate without bound.

@@ -1,5 +1,5 @@
 /*
- * container.c - build the container in the order of spec 6.6:
+ * container.c - build the container in the order of docs/behaviour.md, 'Runtime: building the container':
  *
  *   1 (run) unshare(CLONE_NEWNS), / recursively slave
  *   2 unmount anything under udiMount and loopMount

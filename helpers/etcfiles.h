@@ -1,5 +1,5 @@
 /*
- * etcfiles.h - the container's /etc (spec 6.6 steps 5.6-5.8; rules of
+ * etcfiles.h - the container's /etc (docs/behaviour.md, 'Runtime: building the container'; rules of
  * udiroot/groups.py).
  */
 #ifndef SHIFTER_HELPERS_ETCFILES_H

@@ -1,5 +1,5 @@
 /*
- * gpu.h - NVIDIA GPU support (behaviour spec 6.13): the host's driver libraries and
+ * gpu.h - NVIDIA GPU support (docs/behaviour.md, 'Runtime: GPU'): the host's driver libraries and
  * tools bound into <siteResources>/gpu/{lib64,lib,bin}, and a /dev in which only the
  * selected /dev/nvidiaN (plus the control devices) exist.
  *

@@ -1,7 +1,7 @@
 /*
  * ident.c - the caller's identity.  The kernel says who the caller is
  * (getresuid/getresgid/getgroups); only the user name is looked up, in the
- * site's <etcPath>/passwd unless allowLibcPwdCalls=1 (spec 6.4).
+ * site's <etcPath>/passwd unless allowLibcPwdCalls=1 (docs/behaviour.md, 'Runtime: identity').
  */
 #define _GNU_SOURCE
 #include "ident.h"

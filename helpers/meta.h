@@ -1,6 +1,7 @@
 /*
  * meta.h - the parts of <imagePath>/<id>.meta the helper needs: FORMAT and the
- * image ACL (rules of udiroot/meta.py, spec sections 4 and 6.4).
+ * image ACL (rules of udiroot/meta.py; docs/behaviour.md, 'Conversion and the .meta file'
+ * and 'Runtime: image selection').
  */
 #ifndef SHIFTER_HELPERS_META_H
 #define SHIFTER_HELPERS_META_H

@@ -1,5 +1,5 @@
 /*
- * sshd.c - the per-container sshd of spec 6.15 (setup --ssh-pubkey KEY).
+ * sshd.c - the per-container sshd (docs/behaviour.md, 'Runtime: per-container sshd'; setup --ssh-pubkey KEY).
  *
  * sshd_start (setup, after the user volumes, while the container root is still writable):
  *   1 opt/udiImage/etc: the job's host key (setup --ssh-hostkey-fd) or a fresh one (the
@@ -258,7 +258,7 @@ static void write_configs(struct ctx *c, int etc, const char *key, const char *h
     write_file_at(etc, "authorized_keys", text, strlen(text), 0644);
     free(text);
     text = xasprintf(
-        "# The container's own sshd (shifter-helper setup --ssh-pubkey; spec 6.15): it runs\n"
+        "# The container's own sshd (shifter-setup setup --ssh-pubkey): it runs\n"
         "# as %s, accepts only the job's key and nothing else.\n"
         "Port %d\n"
         "%s%s"

@@ -1,5 +1,5 @@
 /*
- * sshd.h - the per-container sshd of spec 6.15: setup --ssh-pubkey KEY starts it as the
+ * sshd.h - the per-container sshd (docs/behaviour.md, 'Runtime: per-container sshd'): setup --ssh-pubkey KEY starts it as the
  * user inside the prepared container; unsetup (and a failing setup) stops it.
  */
 #ifndef SHIFTER_HELPERS_SSHD_H

@@ -14,7 +14,7 @@ void volmount_site(struct ctx *c, const char *text, const char *what);
  * more than perNodeCacheTotalSizeLimit (unset: perNodeCacheSizeLimit). */
 void volmount_check_caches(const struct ctx *c);
 
-/* Mount c->vols (spec 6.7, 6.8). */
+/* Mount c->vols (docs/behaviour.md, 'Runtime: volumes' and 'Runtime: perNodeCache'). */
 void volmount_user(struct ctx *c);
 
 /* Open (O_PATH) path inside the container root, creating missing components while

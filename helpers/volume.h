@@ -1,7 +1,8 @@
 /*
  * volume.h - volume maps (--volume and siteFs): syntax, validation, sizes and
- * the normalised signature, with the rules of udiroot/volumes.py (behaviour
- * spec sections 6.5, 6.7, 6.8).  The helper re-validates every volume the user
+ * the normalised signature, with the rules of udiroot/volumes.py (docs/behaviour.md,
+ * 'Runtime: volumes', 'Runtime: perNodeCache', 'Runtime: reusing a prepared
+ * container').  The helper re-validates every volume the user
  * asked for instead of trusting the Python front end's checks.
  */
 #ifndef SHIFTER_HELPERS_VOLUME_H
