@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from udiroot.config import UdiRootConfig
     from udiroot.descriptor import ImageRequest
+    from udiroot.meta import ImageMeta
 
 DEFAULT_HELPER = "/usr/local/libexec/shifter/shifter-helper"
 HELPER_ENV = "SHIFTER_HELPER"
@@ -267,6 +268,24 @@ def resolve_id(cfg: UdiRootConfig, request: ImageRequest, verbose: bool = False)
 
 def meta_path(cfg: UdiRootConfig, image_id: str) -> str:
     return f"{(cfg.get('imagePath') or '').rstrip('/')}/{image_id}.meta"
+
+
+def usable_image(cfg: UdiRootConfig, image_id: str, uid: int, gid: int,
+                 groups: Sequence[int]) -> ImageMeta:
+    """The image's ``.meta`` when the caller may use it; :class:`Failure` with the
+    reference's words when it is missing or its ACL leaves the caller out. The helper
+    checks again: this only gives the message before anything is started."""
+    from udiroot.meta import ACL_DENIED, MetaError, image_allows, read_meta
+
+    try:
+        meta = read_meta(meta_path(cfg, image_id))
+    except MetaError as exc:
+        if str(exc) == NOT_FOUND:
+            raise Failure(NOT_FOUND) from None
+        raise
+    if not image_allows(meta, uid, gid, groups):
+        raise Failure(ACL_DENIED)
+    return meta
 
 
 # -- handing over -------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from shifter import __version__
 from shifter.frontend import (
     EXPECTED_ERRORS,
     NO_ARG,
-    NOT_FOUND,
     OPTIONAL,
     REQUIRED,
     Failure,
@@ -40,8 +39,8 @@ from shifter.frontend import (
     exec_helper,
     getopt_long,
     helper_path,
-    meta_path,
     resolve_id,
+    usable_image,
 )
 
 TYPE_CHECKING = False
@@ -217,7 +216,7 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
     from udiroot.config import load_or_exit
     from udiroot.descriptor import select_image
     from udiroot.environ import build_environment
-    from udiroot.meta import ACL_DENIED, ImageMeta, MetaError, image_allows, read_meta
+    from udiroot.meta import ImageMeta
     from udiroot.modules import requested_modules, select_modules
     from udiroot.volumes import (
         cache_total_limit,
@@ -259,14 +258,7 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
     else:
         image_id = resolve_id(cfg, request, opts.verbose)
         target = ["--image-id", image_id]
-        try:
-            meta = read_meta(meta_path(cfg, image_id))
-        except MetaError as exc:
-            if str(exc) == NOT_FOUND:
-                raise Failure(NOT_FOUND) from None
-            raise
-        if not image_allows(meta, posix.getuid(), posix.getgid(), posix.getgroups()):
-            raise Failure(ACL_DENIED)
+        meta = usable_image(cfg, image_id, posix.getuid(), posix.getgid(), posix.getgroups())
 
     if gpus is not None:
         gpu_devices = helper_argument(node_gpus(gpus, cfg.values))

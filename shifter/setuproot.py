@@ -39,7 +39,6 @@ import sys
 from shifter.frontend import (
     EXPECTED_ERRORS,
     NO_ARG,
-    NOT_FOUND,
     REQUIRED,
     Failure,
     UsageError,
@@ -48,8 +47,8 @@ from shifter.frontend import (
     exec_helper,
     getopt_long,
     helper_path,
-    meta_path,
     resolve_id,
+    usable_image,
 )
 
 TYPE_CHECKING = False
@@ -174,7 +173,6 @@ def plan_setup(opts: SetupOptions) -> list[str]:
     from udiroot.descriptor import make_request, parse_descriptor
     from udiroot.groups import container_files
     from udiroot.hostsfile import parse_node_list
-    from udiroot.meta import ACL_DENIED, MetaError, image_allows, read_meta
     from udiroot.modules import select_modules
     from udiroot.volumes import parse_user_volumes
 
@@ -205,14 +203,7 @@ def plan_setup(opts: SetupOptions) -> list[str]:
         else:
             image_id = resolve_id(cfg, request)
             target = ["--image-id", image_id]
-            try:
-                meta = read_meta(meta_path(cfg, image_id))
-            except MetaError as exc:
-                if str(exc) == NOT_FOUND:
-                    raise Failure(NOT_FOUND) from None
-                raise
-            if not image_allows(meta, opts.uid, opts.gid, _groups(user, opts.gid)):
-                raise Failure(ACL_DENIED)
+            usable_image(cfg, image_id, opts.uid, opts.gid, _groups(user, opts.gid))
     except Failure as exc:
         raise UserError(str(exc)) from None
     except ValueError as exc:

@@ -37,14 +37,13 @@ import sys
 from shifter.frontend import (
     EXPECTED_ERRORS,
     NO_ARG,
-    NOT_FOUND,
     REQUIRED,
     Failure,
     UsageError,
     error_status,
     getopt_long,
-    meta_path,
     resolve_id,
+    usable_image,
 )
 
 TYPE_CHECKING = False
@@ -112,7 +111,6 @@ def check(req: Request) -> list[tuple[str, str]]:
     ``ValueError`` with the message to print."""
     from udiroot.config import load_or_exit
     from udiroot.descriptor import NO_IMAGE, parse_descriptor
-    from udiroot.meta import ACL_DENIED, MetaError, image_allows, read_meta
     from udiroot.modules import select_modules
     from udiroot.volumes import parse_user_volumes
 
@@ -143,13 +141,9 @@ def check(req: Request) -> list[tuple[str, str]]:
     else:
         image_id = resolve_id(cfg, request)
         try:
-            meta = read_meta(meta_path(cfg, image_id))
-        except MetaError as exc:
-            if str(exc) == NOT_FOUND:
-                raise Failure(f"{NOT_FOUND} ({request})") from None
-            raise
-        if not image_allows(meta, os.getuid(), os.getgid(), os.getgroups()):
-            raise Failure(f"{ACL_DENIED} ({request})")
+            usable_image(cfg, image_id, os.getuid(), os.getgid(), os.getgroups())
+        except Failure as exc:
+            raise Failure(f"{exc} ({request})") from None
         out += [("SHIFTER_IMAGE", image_id), ("SHIFTER_IMAGETYPE", "id")]
     out.append(("SHIFTER_IMAGEREQUEST", image))
     if volume_text:

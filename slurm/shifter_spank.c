@@ -1110,36 +1110,40 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 
 /* -- the job's extern step: the container's sshd joins the job -------------------------- */
 
-/* ppid, real uid and start time (clock ticks after boot) of pid; -1 when it is gone. */
-static int proc_info(pid_t pid, pid_t *ppid, uid_t *uid, unsigned long long *start)
+/* /proc/PID/NAME as text (at most size - 1 bytes) into buf; -1 when unreadable. */
+static int read_proc(pid_t pid, const char *name, char *buf, size_t size)
 {
-    char path[64], buf[4096], *p;
-    unsigned long real;
-    int fd, n;
+    char path[64];
+    ssize_t n;
+    int fd;
 
-    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    snprintf(path, sizeof(path), "/proc/%d/%s", (int)pid, name);
     fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -1;
-    n = (int)read(fd, buf, sizeof(buf) - 1);
+    n = read(fd, buf, size - 1);
     close(fd);
-    if (n <= 0)
+    if (n < 0)
         return -1;
     buf[n] = '\0';
+    return 0;
+}
+
+/* ppid, real uid and start time (clock ticks after boot) of pid; -1 when it is gone. */
+static int proc_info(pid_t pid, pid_t *ppid, uid_t *uid, unsigned long long *start)
+{
+    char buf[4096], *p;
+    unsigned long real;
+
+    if (read_proc(pid, "stat", buf, sizeof(buf)) != 0)
+        return -1;
     p = strrchr(buf, ')'); /* the command name may hold anything */
     if (p == NULL || sscanf(p + 1, " %*s %d %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s"
                                    " %*s %*s %*s %*s %llu", ppid, start) != 2)
         return -1;
     /* the owner of /proc/PID is not the uid of a process that is not dumpable (sshd) */
-    snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    if (read_proc(pid, "status", buf, sizeof(buf)) != 0)
         return -1;
-    n = (int)read(fd, buf, sizeof(buf) - 1);
-    close(fd);
-    if (n <= 0)
-        return -1;
-    buf[n] = '\0';
     p = strstr(buf, "\nUid:");
     if (p == NULL || sscanf(p + 5, "%lu", &real) != 1)
         return -1;
@@ -1228,25 +1232,6 @@ static int cgroup_mount(const char *controllers, char *out, size_t size)
     return found;
 }
 
-/* /proc/PID/cgroup as text (at most OUT_MAX bytes) into out; -1 when unreadable. */
-static int read_cgroups(pid_t pid, char *out)
-{
-    char path[64];
-    ssize_t n;
-    int fd;
-
-    snprintf(path, sizeof(path), "/proc/%d/cgroup", (int)pid);
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    n = read(fd, out, OUT_MAX - 1);
-    close(fd);
-    if (n < 0)
-        return -1;
-    out[n] = '\0';
-    return 0;
-}
-
 /* Move pid into the cgroup of one line of the task's /proc/PID/cgroup. */
 static int join_one(pid_t pid, char *line)
 {
@@ -1281,8 +1266,8 @@ static int join_cgroups(pid_t pid, pid_t task)
     char *want = malloc(OUT_MAX), *have = malloc(OUT_MAX), *line, *save = NULL;
     int rc = -1;
 
-    if (want == NULL || have == NULL || read_cgroups(task, want) != 0 ||
-        read_cgroups(pid, have) != 0)
+    if (want == NULL || have == NULL || read_proc(task, "cgroup", want, OUT_MAX) != 0 ||
+        read_proc(pid, "cgroup", have, OUT_MAX) != 0)
         goto done;
     rc = 0;
     for (line = strtok_r(want, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
