@@ -116,9 +116,10 @@ class World:
             return ""
 
 
-@pytest.fixture(scope="module")
-def world(test_users, munged, registry, tmp_path_factory):
-    base = reachable_temp_dir(tmp_path_factory, "slurm")
+def site_parts(base: Path, test_users, munged, registry,
+               **gateway_extra) -> tuple[RuntimeSite, Path, Path, Path, Gateway]:
+    """What every test cluster's world has: a runtime site, the launchers, alice's job and
+    data dirs, a gateway that places images in the site's imagePath."""
     site = RuntimeSite.create(base / "site")
     bindir = write_launchers(base / "bin", HELPER)
     uid, gid = test_users[ALICE]
@@ -126,6 +127,31 @@ def world(test_users, munged, registry, tmp_path_factory):
     for d in (jobdir, data):
         d.mkdir()
         os.chown(d, uid, gid)
+    gateway = Gateway(base / "gw", munge_socket=munged.socket, registry=registry,
+                      extra={"Platforms": {"testsys": {
+                          "mungeSocketPath": munged.socket, "accesstype": "local",
+                          "admins": ["root"], "local": {"imageDir": str(site.image_dir)}}},
+                          **gateway_extra})
+    return site, bindir, jobdir, data, gateway
+
+
+def plugin_cluster(base: Path, munged, bindir: Path, args: dict[str, str],
+                   **kwargs) -> SlurmCluster:
+    """A cluster whose slurmd loads the UBSan build of the plugin and whose clients load
+    the ASan build, both with the plugstack arguments ``args``."""
+    return SlurmCluster(
+        base / "cluster", munge_socket=munged.socket,
+        plugstack=plugstack_line(build_plugin("ubsan"), bindir, TEST_CONF, **args),
+        client_plugstack=plugstack_line(build_plugin("asan"), bindir, TEST_CONF, **args),
+        client_preload=asan_runtime(), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def world(test_users, munged, registry, tmp_path_factory):
+    base = reachable_temp_dir(tmp_path_factory, "slurm")
+    # a READY tag pulled over 3 s ago pulls again (re-pull test)
+    site, bindir, jobdir, data, gateway = site_parts(
+        base, test_users, munged, registry, PullUpdateTimeout=PULL_AGAIN_AFTER)
     (data / "from-the-host").write_text("volume content\n")
     marker = base / "extern-setup-ran"
     extern = base / "extern_setup.sh"
@@ -139,18 +165,8 @@ def world(test_users, munged, registry, tmp_path_factory):
                       f'> {base}/setupRoot.hostkey)\n'
                       f'exec {bindir}/setupRoot "$@"\n')
     os.chmod(logged, 0o755)
-    gateway = Gateway(base / "gw", munge_socket=munged.socket, registry=registry,
-                      extra={"Platforms": {"testsys": {
-                          "mungeSocketPath": munged.socket, "accesstype": "local",
-                          "admins": ["root"], "local": {"imageDir": str(site.image_dir)}}},
-                          # a READY tag pulled over 3 s ago pulls again (re-pull test)
-                          "PullUpdateTimeout": PULL_AGAIN_AFTER})
     args = {"setuproot": str(logged), "extern_setup": str(extern)}
-    cluster = SlurmCluster(
-        base / "cluster", munge_socket=munged.socket,
-        plugstack=plugstack_line(build_plugin("ubsan"), bindir, TEST_CONF, **args),
-        client_plugstack=plugstack_line(build_plugin("asan"), bindir, TEST_CONF, **args),
-        client_preload=asan_runtime())
+    cluster = plugin_cluster(base, munged, bindir, args)
     with gateway:
         site.write_conf(imageGateway=gateway.url)
         with cluster:

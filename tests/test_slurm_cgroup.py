@@ -17,17 +17,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_slurm import ALICE, World, assert_nothing_left
-from world.gateway import Gateway
-from world.runtime import HELPER, TEST_CONF, RuntimeSite, reachable_temp_dir
-from world.slurm import (
-    NODE,
-    SlurmCluster,
-    asan_runtime,
-    build_plugin,
-    plugstack_line,
-    write_launchers,
-)
+from test_slurm import ALICE, World, assert_nothing_left, plugin_cluster, site_parts
+from world.runtime import reachable_temp_dir
+from world.slurm import NODE
 
 MEM_MB = 300
 
@@ -35,23 +27,9 @@ MEM_MB = 300
 @pytest.fixture(scope="module")
 def cworld(test_users, munged, registry, udiimage, tmp_path_factory):
     base = reachable_temp_dir(tmp_path_factory, "slurmcg")
-    site = RuntimeSite.create(base / "site")
-    bindir = write_launchers(base / "bin", HELPER)
-    uid, gid = test_users[ALICE]
-    jobdir, data = base / "jobs", base / "data"
-    for d in (jobdir, data):
-        d.mkdir()
-        os.chown(d, uid, gid)
-    gateway = Gateway(base / "gw", munge_socket=munged.socket, registry=registry,
-                      extra={"Platforms": {"testsys": {
-                          "mungeSocketPath": munged.socket, "accesstype": "local",
-                          "admins": ["root"], "local": {"imageDir": str(site.image_dir)}}}})
+    site, bindir, jobdir, data, gateway = site_parts(base, test_users, munged, registry)
     args = {"enable_sshd": "1", "extern_cgroup": "1"}
-    cluster = SlurmCluster(
-        base / "cluster", munge_socket=munged.socket, cgroup=True,
-        plugstack=plugstack_line(build_plugin("ubsan"), bindir, TEST_CONF, **args),
-        client_plugstack=plugstack_line(build_plugin("asan"), bindir, TEST_CONF, **args),
-        client_preload=asan_runtime())
+    cluster = plugin_cluster(base, munged, bindir, args, cgroup=True)
     conf = {"optUdiImage": str(udiimage), "siteEnvPrepend": "PATH=/opt/udiImage/bin"}
     with gateway:
         site.write_conf(imageGateway=gateway.url, **conf)
