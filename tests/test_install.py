@@ -109,31 +109,11 @@ def push_busybox(registry: Registry, work: Path) -> str:
     return f"docker:{registry.host}/inst/busybox:1"
 
 
-UDIROOT_CONF = """udiMount=/var/udiMount
-loopMount=/var/udiLoopMount
-imagePath=/var/lib/shifter/images
-udiRootPath=/opt/shifter/udiRoot
-etcPath=/etc/shifter/shifter_etc_files
-optUdiImage=/opt/shifter/udiImage
-rootfsType=tmpfs
-modprobePath=/sbin/modprobe
-insmodPath=/sbin/insmod
-cpPath=/bin/cp
-mvPath=/bin/mv
-chmodPath=/bin/chmod
-ddPath=/bin/dd
-mkfsXfsPath=/sbin/mkfs.xfs
-perNodeCachePath=/tmp
-perNodeCacheSizeLimit=1G
-perNodeCacheAllowedFsType=xfs
-allowLocalChroot=0
-mountUdiRootWritable=0
-maxGroupCount=31
-mountPropagationStyle=slave
-imageGateway=http://127.0.0.1:{gw_port}
-system={system}
-defaultImageType=docker
-"""
+# What an admin edits in the packaged /etc/shifter/udiRoot.conf (the admin guide's list):
+# the gateway, the system name, siteFs (this root has /home but no /scratch).
+UDIROOT_EDITS = ("s|^imageGateway=.*|imageGateway=http://127.0.0.1:{gw_port}|; "
+                 "s|^system=.*|system={system}|; "
+                 "s|^siteFs=.*|siteFs=/home:/home|; /^ *\\/scratch:\\/scratch$/d")
 
 # The main job, run by bash inside the root. Each step prints "== step"; the test reads
 # the output. {placeholders} are filled by the test.
@@ -153,8 +133,8 @@ for t in docker-registry skopeo umoci charliecloud slurm-wlm slurmd mpich clang 
         echo "test tool installed: $t"
     fi
 done
-cat > /etc/shifter/udiRoot.conf <<'EOF'
-{udiroot_conf}EOF
+sed -i -e '{udiroot_edits}' /etc/shifter/udiRoot.conf
+grep -E '^(imageGateway|system|siteFs)=' /etc/shifter/udiRoot.conf
 mkdir -p /var/udiMount /var/udiLoopMount
 
 echo "== munge $(t)"
@@ -295,7 +275,7 @@ def run_in_fresh_root(root: Path, debs: dict[str, list[Path]],
     with Registry() as registry:
         image = push_busybox(registry, tmp_path)
         job = JOB.format(
-            udiroot_conf=UDIROOT_CONF.format(gw_port=gw_port, system=SYSTEM),
+            udiroot_edits=UDIROOT_EDITS.format(gw_port=gw_port, system=SYSTEM),
             gw_port=gw_port, system=SYSTEM, user=USER, image=image,
             image_tag=image.split(":", 1)[1],
             reg_host=registry.host, reg_url=registry.url)
