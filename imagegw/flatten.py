@@ -147,11 +147,15 @@ class _File:
 
 
 class _Link:
-    __slots__ = ("added", "target")
+    __slots__ = ("added", "target", "mtime", "ino")
 
-    def __init__(self, added: int, target: bytes) -> None:
+    def __init__(self, added: int, target: bytes, mtime: int = 0, ino: int = 0) -> None:
         self.added = added
         self.target = target
+        # Only the streaming path (imagegw.treeplan) uses these: the mtime in nanoseconds,
+        # and an inode number shared by hard links to one symlink.
+        self.mtime = mtime
+        self.ino = ino
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,9 +189,14 @@ def _has_default_acl(fd: int) -> bool:
 
 
 class _Flattener:
+    """Applies members to the in-memory model and, through the methods that touch the
+    disk (``_mkdir``, ``_remove``, ``_write_file``, ``_symlink``, ``_link``, ``finish``),
+    to the tree under ``root``. With ``root=None`` nothing is opened: a subclass
+    (imagegw.treeplan) overrides those methods to build the model alone."""
+
     def __init__(
         self,
-        root: Path,
+        root: Path | None,
         warn: Callable[[str], None],
         progress: Callable[[int], None] | None,
     ) -> None:
@@ -204,9 +213,12 @@ class _Flattener:
         self._layer = 0
         self._digest = ""
         self._member_name: bytes | None = None
+        self._ordinal = 0  # members of the current layer handed to _apply so far
         self.dropped: list[str] = []
         self._dropped_paths: set[bytes] = set()  # archive paths of dropped members
         self.root = _Dir(None, b"", 0)
+        if root is None:
+            return
         self.root.fd = os.open(root, _DIR_FLAGS)
         try:
             if os.listdir(self.root.fd):
@@ -274,11 +286,13 @@ class _Flattener:
         self._layer = index
         self._digest = layer.digest
         self._member_name = None
+        self._ordinal = 0
         self._stream = stream
         reader = TarReader(stream, self._report if self._progress else None)
         try:
             for member in reader.members():
                 self._member_name = member.name
+                self._ordinal += 1
                 self._apply(member, reader)
                 self._member_name = None
             # Read past the end-of-archive marker to the end of the blob, so that the
@@ -546,10 +560,18 @@ class _Flattener:
             if type(existing) is _Dir and _is_below(tdir, existing):
                 raise self._malformed("hard link target is inside the directory it replaces")
             self._remove(parent, name, existing)
+        self._link(tdir, tparts[-1], parent, name)
+        if type(target) is _File:
+            node: _File | _Link = _File(self._layer, target.size, target.fix, target.ino)
+        else:
+            node = _Link(self._layer, target.target, target.mtime, target.ino)
+        parent.children[name] = node
+
+    def _link(self, tdir: _Dir, tname: bytes, parent: _Dir, name: bytes) -> None:
         src_fd = os.dup(self._dirfd(tdir))  # the next _dirfd may evict tdir's descriptor
         try:
             os.link(
-                tparts[-1],
+                tname,
                 name,
                 src_dir_fd=src_fd,
                 dst_dir_fd=self._dirfd(parent),
@@ -557,11 +579,6 @@ class _Flattener:
             )
         finally:
             os.close(src_fd)
-        if type(target) is _File:
-            node: _File | _Link = _File(self._layer, target.size, target.fix, target.ino)
-        else:
-            node = _Link(self._layer, target.target)
-        parent.children[name] = node
 
     def _split_link(self, linkname: bytes) -> list[bytes]:
         if b"\0" in linkname:
