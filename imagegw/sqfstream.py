@@ -312,7 +312,9 @@ def stream_squashfs(
     fails (``no_space`` set for a full filesystem); the caller removes ``out``."""
     cmd = [TAR2SQFS, *tar2sqfs_args(options), str(out)]
     now = int(time.time()) * 1_000_000_000
-    with tempfile.TemporaryFile() as errors:
+    # tar2sqfs deletes its output when it fails; held open, the file keeps its blocks, so
+    # a full filesystem can still be recognised afterwards.
+    with tempfile.TemporaryFile() as errors, open(out, "ab") as held:
         try:
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors
@@ -337,10 +339,20 @@ def stream_squashfs(
         code = proc.wait()
         errors.seek(0)
         text = errors.read().decode("utf-8", "replace")
+        full = (code != 0 or broken) and _nearly_full(held.fileno())
     if code != 0 or broken:
         lines = text.strip().splitlines()
         tail = " | ".join(lines[-3:]) or f"exit status {code}"
-        raise SquashfsError(f"{TAR2SQFS} failed: {tail}", no_space="No space left" in text)
+        raise SquashfsError(f"{TAR2SQFS} failed: {tail}", no_space="No space left" in text or full)
+
+
+def _nearly_full(fd: int) -> bool:
+    """tar2sqfs reports a failed write as a bare "I/O error": look at the filesystem."""
+    try:
+        st = os.fstatvfs(fd)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
 
 
 def build(
