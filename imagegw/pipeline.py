@@ -18,6 +18,7 @@ Two ways from layers to squashfs, same image (docs/design/pipeline.md):
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -43,6 +44,8 @@ from .sqfstream import stream_squashfs, stream_unavailable
 from .squashfs import SquashfsError, is_no_space, make_squashfs
 from .transfer import LocalTransfer, Transfer, TransferError, pid_alive
 from .treeplan import ScannedLayer, TreePlan, plan_tree, scan_layer
+
+log = logging.getLogger(__name__)
 
 StatusFn = Callable[[str, str], None]
 ProgressFn = Callable[[str, int, int], None]  # (layer digest, bytes done, layer size)
@@ -405,7 +408,10 @@ class Pipeline:
                 reused=True,
                 warnings=warnings,
             )
-        scans: list[ScannedLayer] | None = None if self.streaming_unavailable() else []
+        on_disk = self.streaming_unavailable()
+        if on_disk:
+            log.info("converting on disk: %s image=%s", on_disk, text)
+        scans: list[ScannedLayer] | None = None if on_disk else []
         layers, downloaded, hits = self.fetch_layers(
             text, client, ref.repository, resolved.layers, status, on_progress, scans
         )

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from imagegw import layerio
 from imagegw.flatten import FlattenResult, LayerFile, MalformedLayerError
-from imagegw.squashfs import SquashfsError
+from imagegw.squashfs import SquashfsError, with_default_compression
 from imagegw.tarstream import TarError, TarReader
 from imagegw.treeplan import Inode, ScannedLayer, TreePlan, plan_tree, scan_layers
 
@@ -80,7 +80,7 @@ def _block_size(text: str) -> str:
 def tar2sqfs_args(options: Sequence[str] | None) -> list[str]:
     """tar2sqfs options for the site's mksquashfs ``options``; raises UnsupportedOption
     for one it cannot translate."""
-    opts = list(options or [])
+    opts = with_default_compression(options)
     comp = _DEFAULT_COMP
     extra: list[str] = []
     args: list[str] = []
