@@ -165,6 +165,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _FD_CACHE = 256  # open directory descriptors kept (the fd limit may be 1024)
 _MAX_SYMLINKS = 40  # as the kernel's ELOOP limit
+_NAME_MAX = 255  # bytes in one name: what Linux and squashfs directories hold
+_SYMLINK_MAX = 4095  # bytes in a symlink target (PATH_MAX less the NUL)
 _DEFAULT_DIR_MODE = 0o755
 
 
@@ -340,6 +342,8 @@ class _Flattener:
                 self._remove(parent, base, existing)
             self._write_file(parent, base, m, reader)
         elif kind is SYMLINK:
+            if len(m.linkname) > _SYMLINK_MAX:
+                raise self._malformed(f"symlink target longer than {_SYMLINK_MAX} bytes")
             if existing is not None:
                 self._remove(parent, base, existing)
             self._symlink(parent, base, m)
@@ -358,7 +362,15 @@ class _Flattener:
         parts = [p for p in name.split(b"/") if p and p != b"."]
         if b".." in parts:
             raise self._unsafe("'..' in member name")
+        self._check_names(parts)
         return parts
+
+    def _check_names(self, parts: Sequence[bytes]) -> None:
+        # On disk such a name fails with ENAMETOOLONG; a squashfs writer reading a tar
+        # would store it and make a filesystem the kernel calls corrupt. Refused on both.
+        for part in parts:
+            if len(part) > _NAME_MAX:
+                raise self._malformed(f"a name in the path is longer than {_NAME_MAX} bytes")
 
     def _parent(self, parts: list[bytes]) -> _Dir:
         """The directory that will hold the member (created as needed, symlinks resolved)."""
@@ -396,6 +408,7 @@ class _Flattener:
             elif child is None:
                 if not create:
                     return None
+                self._check_names((name,))  # a directory made where a symlink points
                 d = self._mkdir(d, name)
             elif type(child) is _Link:
                 nxt = self._follow(d, child, create)

@@ -120,7 +120,8 @@ def tar2sqfs_args(options: Sequence[str] | None) -> list[str]:
         else:
             raise UnsupportedOption(opt)
     args = ["-c", comp, *(["-X", ",".join(extra)] if extra else []), "-j", jobs, *args]
-    return args + ["--no-xattr", "--quiet", "--force"]
+    # --no-skip: a record it cannot read fails the conversion instead of vanishing
+    return args + ["--no-xattr", "--no-skip", "--quiet", "--force"]
 
 
 def stream_unavailable(options: Sequence[str] | None) -> str | None:

@@ -1033,3 +1033,30 @@ def test_open_layer_closed_early_stops_worker(tmp_path: Path) -> None:
     stream.close()
     assert stream.closed
     assert not stream._source._thread.is_alive()  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------
+# names longer than a filesystem holds
+
+
+@pytest.mark.parametrize(
+    "layer, reason",
+    [
+        (Layer().file("d/" + "n" * 256, b"x"), "longer than 255 bytes"),
+        (Layer().symlink("l", "t/" + "n" * 256).file("l/f", b"x"), "longer than 255 bytes"),
+        (Layer().symlink("l", "t" * 4096), "longer than 4095 bytes"),
+    ],
+    ids=["member", "through-symlink", "symlink-target"],
+)
+def test_overlong_names_refused(world: World, layer: Layer, reason: str) -> None:
+    # Written to disk these fail with ENAMETOOLONG; streamed, tar2sqfs would store them
+    # and make a squashfs that unsquashfs and the kernel call corrupt.
+    with pytest.raises(MalformedLayerError, match=reason):
+        world.flatten(layer)
+
+
+def test_longest_names_accepted(world: World) -> None:
+    name = "n" * 255
+    world.flatten(Layer().file(f"d/{name}", b"x").symlink("l", "t" * 4095))
+    assert (world.root / "d" / name).read_bytes() == b"x"
+    assert os.readlink(world.root / "l") == "t" * 4095
