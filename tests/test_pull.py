@@ -156,6 +156,18 @@ def test_zstd_and_mixed_layers_give_the_same_tree_as_their_gzip_twin(images, bot
         )
 
 
+@pytest.mark.parametrize("options, codec", [(None, "zstd"), ("-comp gzip", "gzip")])
+def test_default_codec_and_the_switch_back_to_gzip(images, tmp_path, options, codec):
+    # zstd by default on both paths; "-comp gzip" is the admin guide's switch for nodes
+    # whose kernels cannot mount zstd squashfs.
+    for streaming in (True, False):
+        extra = {"ConverterOptions": {"squashfs": options}} if options else {}
+        site = Site(tmp_path / f"{codec}-{streaming}", StreamConversion=streaming, **extra)
+        image = site.pull(images["basic"].ref()).squashfs
+        stat = subprocess.run(["unsquashfs", "-s", str(image)], capture_output=True, text=True)
+        assert f"Compression {codec}" in stat.stdout, stat.stdout
+
+
 def test_no_xattr_or_file_capability_reaches_the_image(images, both_sites):
     tree = squashfs_tree(both_sites.pull(images["xattrs"].ref()).squashfs, xattrs=True)
     carrying = {path: e.xattrs for path, e in tree.items() if e.xattrs}
