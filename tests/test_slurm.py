@@ -426,7 +426,8 @@ def test_ccm_runs_the_nodes_own_root_when_enabled(world):
     (["--image=IMAGE", "--volume=relative/path:/data"], "relative/path"),
     (["--image=IMAGE", "--volume=/tmp:/etc/x"], "/etc/x"),
     (["--image=IMAGE", "--module=nosuch"], "Unknown shifter module: nosuch"),
-    (["--image=docker:127.0.0.1:1/no/such:image"], "FAILED to find requested image."),
+    # (pulled at submit, and the pull fails: the registry does not answer)
+    (["--image=docker:127.0.0.1:1/no/such:image"], "could not be pulled: the job was not"),
     (["--image=id:" + "0" * 64], "FAILED to find requested image."),
     (["--image=docker:bad chars!"], "Invalid character U+0020 in docker image tag"),
 ])
@@ -451,6 +452,9 @@ def test_srun_and_salloc_refuse_bad_options_too(world, v1):
 @pytest.mark.parametrize("arg, message", [
     ("enable_sshd=yes", "enable_sshd must be 0 or 1, not 'yes'"),
     ("extern_cgroup=2", "extern_cgroup must be 0 or 1, not '2'"),
+    ("pull_timeout=10m", "pull_timeout must be 0 (never pull at submit) to 86400 seconds, "
+                         "not '10m'"),
+    ("pull_timeout=-1", "not '-1'"),
     # Shifter's memory cgroup mount: the job's cgroups are read from /proc instead
     ("memory_cgroup=/sys/fs/cgroup/memory", "memory_cgroup is not supported"),
 ])
@@ -602,3 +606,97 @@ def test_srun_shows_why_its_allocation_failed(world, v1):
     finally:
         world.cluster.settle()
         world.cluster.resume()
+
+
+# -- images on demand: a tag the system lacks is pulled at submit ---------------------------
+
+
+def pulls_started(world, tag: str) -> int:
+    """How many pulls of ``tag`` the gateway started (its log)."""
+    log = (world.gateway.workdir / "gateway.log").read_text(errors="replace")
+    return sum(1 for line in log.splitlines() if "pull start" in line and f"tag={tag} " in line)
+
+
+def test_a_tag_never_pulled_is_pulled_at_submit_and_the_job_runs(world, tmp_path):
+    world.push("ondemand", "slurm-ondemand", tmp_path)
+    tag = world.tag("ondemand")
+    res = world.sbatch("#!/bin/sh\nsrun shifter cat /etc/os-release\n"
+                       "echo SHIFTER_IMAGE=$SHIFTER_IMAGE\n", f"--image={tag}", "--exclusive")
+    assert res.returncode == 0 and res.job_id, res
+    # The submitter saw the pull on their terminal (sbatch's stderr), ending READY.
+    lines = res.stderr.splitlines()
+    assert lines[0] == (f"shifter: docker:{tag} is not on this system yet: pulling it now "
+                        "(up to 600 s)"), res.stderr
+    assert lines[-1].endswith(f"Pulling Image: docker:{tag}, status: READY"), res.stderr
+    assert pulls_started(world, tag) == 1
+    from shifter.frontend import quote_tag
+
+    pulled = (world.site.image_dir / "tags" / "docker" / quote_tag(tag)).read_text().strip()
+    assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+    out = world.output(res.job_id).splitlines()
+    assert "ID=slurm-ondemand" in out and f"SHIFTER_IMAGE={pulled}" in out, out
+    # Now on the system: the next submission pulls nothing and says nothing.
+    again = world.sbatch("#!/bin/sh\ntrue\n", f"--image={tag}")
+    assert (again.returncode, again.stderr) == (0, ""), again
+    assert world.cluster.wait(again.job_id) == "COMPLETED"
+    assert pulls_started(world, tag) == 1
+
+
+def test_a_tag_that_does_not_exist_fails_at_submit_with_the_gateways_reason(world, v1):
+    tag = world.tag("no-such-tag")  # in a repository that exists (v1)
+    before = world.cluster.admin("squeue", "-h", "-t", "all").stdout
+    res = world.sbatch("#!/bin/sh\ntrue\n", f"--image={tag}")
+    assert res.returncode != 0 and res.job_id is None, res
+    # Ours, then sbatch's own two lines ("spank: required plugin ... failed").
+    lines = res.stderr.splitlines()[:-2]
+    assert lines[-3].endswith(f"Pulling Image: docker:{tag}, status: FAILURE"), res.stderr
+    # shifterimg's line carries the registry's answer, as the gateway recorded it.
+    assert lines[-2] == (f"shifterimg: error: pull of docker:{tag} failed: {tag}: tag "
+                         f"'no-such-tag' not found in {REPO} at {world.registry.url}"), lines
+    assert lines[-1] == f"shifter: docker:{tag} could not be pulled: the job was not submitted"
+    assert world.cluster.admin("squeue", "-h", "-t", "all").stdout == before
+
+
+def test_a_pull_longer_than_pull_timeout_stops_the_submission(world, tmp_path, fault_proxy):
+    """pull_timeout=2: the submission stops after 2 s and says how to go on; the gateway
+    finishes the pull, and the same submission then goes through with no pull."""
+    world.push("slowpull", "slurm-slow", tmp_path)
+    proxy = fault_proxy(world.registry)
+    proxy.delay(r"/blobs/sha256:", 6.0, times=1)
+    tag = f"{proxy.host}/{REPO}:slowpull"
+    with world.plugstack_args("pull_timeout=2"):
+        started = time.monotonic()
+        res = world.sbatch("#!/bin/sh\ntrue\n", f"--image={tag}")
+        took = time.monotonic() - started
+        assert res.returncode != 0 and res.job_id is None, res
+        assert res.stderr.splitlines()[-3] == (
+            f"shifter: the pull of docker:{tag} did not finish within 2 s (pull_timeout in "
+            f"plugstack.conf); the gateway goes on with it: submit again once "
+            f"`shifterimg lookup docker:{tag}` prints its id"), res.stderr
+        assert took < 6, took
+        assert world.gateway.wait_status(tag, timeout=60)["status"] == "READY"
+        res = world.sbatch("#!/bin/sh\nsrun shifter cat /etc/os-release\n", f"--image={tag}")
+        assert (res.returncode, res.stderr) == (0, ""), res
+        assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+    assert "ID=slurm-slow" in world.output(res.job_id)
+
+
+def test_nothing_is_pulled_inside_a_job_or_with_pull_timeout_0(world, v1, tmp_path):
+    """Compute nodes never pull: a batch script's srun (on the compute node, inside the
+    job) with a tag the system lacks is refused as before. pull_timeout=0 turns pulls at
+    submit off."""
+    world.push("notinjob", "slurm-notinjob", tmp_path)
+    tag = world.tag("notinjob")
+    script = (f"#!/bin/sh\nsrun --image={tag} shifter true\necho srun-status=$?\n")
+    res = world.sbatch(script, f"--image={world.tag('v1')}", "--exclusive")
+    assert res.returncode == 0, res
+    assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+    out = world.output(res.job_id)
+    assert f"shifter: pull it first: shifterimg pull docker:{tag}" in out, out
+    assert "pulling it now" not in out and "srun-status=0" not in out
+    with world.plugstack_args("pull_timeout=0"):
+        res = world.sbatch("#!/bin/sh\ntrue\n", f"--image={tag}")
+        assert res.returncode != 0 and res.job_id is None, res
+        assert f"shifter: pull it first: shifterimg pull docker:{tag}" in res.stderr
+        assert "pulling it now" not in res.stderr
+    assert pulls_started(world, tag) == 0
