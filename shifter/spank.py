@@ -43,15 +43,19 @@ import sys
 
 from shifter.frontend import (
     EXPECTED_ERRORS,
+    LOOKUP_MISSING,
     NO_ARG,
+    NOT_FOUND,
     REQUIRED,
     Failure,
     UsageError,
     error_status,
     getopt_long,
+    index_lookup,
     resolve_id,
     shifterimg_path,
     usable_image,
+    valid_id,
 )
 
 TYPE_CHECKING = False
@@ -187,14 +191,50 @@ def parse_pull_timeout(text: str) -> int:
 
 def resolve_or_pull(cfg: UdiRootConfig, request: ImageRequest, pull_timeout: int | None) -> str:
     """The image id of ``request``; a docker tag the system lacks is pulled first when
-    ``pull_timeout`` is given (the pyxis way: the submission waits for the image)."""
-    try:
+    ``pull_timeout`` is given (the pyxis way: the submission waits for the image). Only
+    a tag the gateway says it does not have is pulled: a gateway that cannot be asked
+    fails the submission with its reasons, as without pulls."""
+    if pull_timeout is None or request.type != "docker":
         return resolve_id(cfg, request)
-    except Failure:
-        if pull_timeout is None or request.type != "docker":
-            raise
+    image_path = (cfg.get("imagePath") or "").rstrip("/") or "/"
+    found = index_lookup(image_path, request.type, request.tag)
+    if found is not None:
+        return found
+    found, lacks = ask_gateway(request)
+    if found is not None:
+        return found
+    if not lacks:  # its reasons are printed
+        raise Failure(f"FAILED to lookup {request.type} image {request.tag}\n{NOT_FOUND}")
     pull_on_demand(request, pull_timeout)
-    return resolve_id(cfg, request)
+    return resolve_id(cfg, request)  # from the index (or the gateway) now
+
+
+def ask_gateway(request: ImageRequest) -> tuple[str | None, bool]:
+    """``shifterimg lookup`` as the user: (the id, False), or (None, True) when the
+    system does not have the image, or (None, False) after printing why it could not
+    say (an unreachable gateway, no shifterimg)."""
+    import subprocess
+
+    client = shifterimg_path()
+    if client is None:
+        print("shifter: error: cannot ask the image gateway: no shifterimg found (install "
+              "the runtime package, or put shifterimg on PATH)", file=sys.stderr)
+        return None, False
+    try:
+        proc = subprocess.run([client, "lookup", f"{request.type}:{request.tag}"],
+                              capture_output=True, stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        print(f"shifter: error: cannot run {client}: {exc.strerror}", file=sys.stderr)
+        return None, False
+    lines = proc.stderr.decode("utf-8", "replace").splitlines()
+    answer = proc.stdout.decode("ascii", "replace").split()
+    if proc.returncode == 0 and answer and valid_id(answer[-1]):
+        return answer[-1], False
+    if proc.returncode == 1 and any(line.startswith(LOOKUP_MISSING) for line in lines):
+        return None, True
+    for line in lines:
+        print(line, file=sys.stderr)
+    return None, False
 
 
 def pull_on_demand(request: ImageRequest, timeout: int) -> None:

@@ -700,3 +700,21 @@ def test_nothing_is_pulled_inside_a_job_or_with_pull_timeout_0(world, v1, tmp_pa
         assert f"shifter: pull it first: shifterimg pull docker:{tag}" in res.stderr
         assert "pulling it now" not in res.stderr
     assert pulls_started(world, tag) == 0
+
+
+def test_a_gateway_that_does_not_answer_is_not_taken_for_a_missing_image(world, tmp_path):
+    """Only a tag the gateway says it lacks is pulled: with the gateway unreachable the
+    submission stops with its reasons, once, and nothing is pulled."""
+    world.push("gwdown", "slurm-gwdown", tmp_path)
+    tag = world.tag("gwdown")
+    world.site.write_conf(imageGateway="http://127.0.0.1:1")
+    try:
+        res = world.sbatch("#!/bin/sh\ntrue\n", f"--image={tag}")
+    finally:
+        world.site.write_conf(imageGateway=world.gateway.url)
+    assert res.returncode != 0 and res.job_id is None, res
+    assert res.stderr.count("ERROR: failed to contact the image gateway.") == 1, res.stderr
+    assert "http://127.0.0.1:1: Connection refused" in res.stderr
+    assert f"FAILED to lookup docker image {tag}\nFAILED to find requested image.\n" in res.stderr
+    assert "pulling it now" not in res.stderr and "pull it first" not in res.stderr
+    assert pulls_started(world, tag) == 0
