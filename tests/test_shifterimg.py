@@ -842,6 +842,25 @@ def test_rm_removes_a_private_image_its_puller_pulled(world, registry, tmp_path)
         f"on {SYS}\n")
 
 
+def test_rm_of_an_image_with_two_tags_says_both_went(world, registry, tmp_path):
+    # The same image pulled under two names is one record with both tags: removing it
+    # by one name removes the other too, and the user is told.
+    layer = build_layer([File("hello", os.urandom(16).hex())], "gzip", tmp_path)
+    for name in ("one", "two"):
+        push_image(registry, "shifterimg/rm-twice", name, [layer], {"Cmd": ["/hello"]})
+    one, two = (f"{registry.host}/shifterimg/rm-twice:{n}" for n in ("one", "two"))
+    for tag in (one, two):
+        assert world.run(ALICE, "-u", ALICE, "pull", f"docker:{tag}").returncode == 0
+    image_id = _record(world, one)["id"]
+    assert _record(world, two)["id"] == image_id
+    res = world.run(ALICE, "rm", f"docker:{two}")
+    assert (res.returncode, res.stderr) == (0, ""), res
+    assert res.stdout == (f"removed docker:{two} (id {image_id})\n"
+                          f"removed docker:{one} too (same image)\n")
+    for tag in (one, two):
+        assert world.run(ALICE, "lookup", tag).returncode == 1
+
+
 def test_rm_refuses_public_images_and_hides_others_private_ones(world, registry, tmp_path):
     _push(registry, tmp_path / "a", "shifterimg/rm-public")
     public = f"{registry.host}/shifterimg/rm-public:v1"
