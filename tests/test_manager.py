@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
@@ -1108,6 +1109,25 @@ def test_a_removal_loses_to_a_pull_merged_in_meanwhile(mgr, registry, store, tmp
         store.find_tagged = real_find  # type: ignore[method-assign]
     assert store.get(rec["_id"])["status"] == READY
     assert (image_dir(tmp_path) / f"{image_id}.squashfs").exists()
+
+
+def test_a_removal_that_fails_on_the_files_can_be_retried(mgr, registry, store, tmp_path):
+    # The image file cannot be unlinked (here: a directory in its place): the record is
+    # READY again, with the reason, not stuck EXPIRING; the next rm finishes the job.
+    image_id = registry.publish("stuck:1")
+    rec = pull_ready(mgr, ALICE, "stuck:1", uids="1001")
+    squashfs = image_dir(tmp_path) / f"{image_id}.squashfs"
+    squashfs.unlink()
+    (squashfs / "in-the-way").mkdir(parents=True)
+    with pytest.raises(GatewayError, match="could not remove image files"):
+        mgr.remove(ALICE, SYS, "docker", "stuck:1")
+    after = store.get(rec["_id"])
+    assert after["status"] == READY and "failed" in after["status_message"]
+    shutil.rmtree(squashfs)
+    assert mgr.remove(ALICE, SYS, "docker", "stuck:1")["id"] == image_id
+    assert store.get(rec["_id"])["status"] == EXPIRED
+    assert not (image_dir(tmp_path) / f"{image_id}.meta").exists()
+    assert not index_file(tmp_path, "stuck:1").exists()
 
 
 def test_an_interrupted_removal_is_finished_by_the_next_gateway(mgr, registry, store, tmp_path):
