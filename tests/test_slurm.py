@@ -718,3 +718,62 @@ def test_a_gateway_that_does_not_answer_is_not_taken_for_a_missing_image(world, 
     assert f"FAILED to lookup docker image {tag}\nFAILED to find requested image.\n" in res.stderr
     assert "pulling it now" not in res.stderr and "pull it first" not in res.stderr
     assert pulls_started(world, tag) == 0
+
+
+def test_on_a_terminal_the_submitter_sees_the_pull_progress(world, tmp_path, fault_proxy):
+    """sbatch on a terminal: shifterimg's line is rewritten in place with layers and
+    bytes done while the pull runs (the checker's stderr is sbatch's, the terminal)."""
+    import pty
+    import re
+    import select
+    import termios
+
+    small = build_layer([File("small", os.urandom(64).hex())], "gzip", tmp_path / "a")
+    big = build_layer([File("big", os.urandom(300_000))], "none", tmp_path / "b")
+    busybox = build_layer([File("bin/busybox", Path("/bin/busybox").read_bytes(), mode=0o755),
+                           Symlink("bin/sh", "busybox"), Symlink("bin/true", "busybox")],
+                          "gzip", tmp_path / "c")
+    push_image(world.registry, REPO, "tty", [busybox, small, big], {"Env": ["PATH=/bin"]})
+    proxy = fault_proxy(world.registry)
+    proxy.delay(re.escape(big.digest), 3.0)  # PULLING lasts, with layers already done
+    tag = f"{proxy.host}/{REPO}:tty"
+    script = world.jobdir / "tty.sh"
+    script.write_text("#!/bin/sh\nsrun shifter true\n")
+    os.chmod(script, 0o755)
+    master, slave = pty.openpty()
+    attrs = termios.tcgetattr(slave)
+    attrs[1] &= ~termios.ONLCR  # a bare "\r" in the output is a line rewritten in place
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    env = world.cluster.client_env(world.env())
+    proc = subprocess.Popen(
+        ["runuser", "-u", ALICE, "--", "env", "-i", *[f"{k}={v}" for k, v in env.items()],
+         "sbatch", "--parsable", f"--output={world.jobdir}/%j.out", f"--image={tag}",
+         str(script)], stdin=slave, stdout=slave, stderr=slave, cwd=world.jobdir,
+        start_new_session=True)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 0.2)[0]:
+                continue
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: sbatch and its children closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+        proc.wait(timeout=30)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    frames = [f.strip() for f in re.split(r"[\r\n]", text) if f.strip()]
+    progress = [f for f in frames if re.search(
+        rf"Pulling Image: docker:{re.escape(tag)}, status: PULLING \(\d+ layers, "
+        r"[\d.]+ \w?i?B of [\d.]+ \w?i?B\)$", f)]
+    assert progress, frames
+    assert "\r" in text  # rewritten in place, not a line per update
+    job_id = int(frames[-1])
+    assert world.cluster.wait(job_id) == "COMPLETED", world.output(job_id)
