@@ -56,6 +56,10 @@ _COMP_KEYS = {
     "-Xhc": None,
 }
 _DEFAULT_COMP = "gzip"  # mksquashfs's default: the same image whichever path built it
+# Codecs streamed. tar2sqfs 1.2's xz and lz4 (without -Xhc) images mount, but
+# unsquashfs 4.5 calls them corrupt ("failed to read id table block"): admins inspect
+# images with it, so those codecs take the on-disk path (mksquashfs).
+STREAM_CODECS = frozenset(("gzip", "zstd"))
 
 
 class UnsupportedOption(ValueError):
@@ -119,6 +123,8 @@ def tar2sqfs_args(options: Sequence[str] | None) -> list[str]:
             i += 1
         else:
             raise UnsupportedOption(opt)
+    if comp not in STREAM_CODECS:
+        raise UnsupportedOption(f"-comp {comp}")
     args = ["-c", comp, *(["-X", ",".join(extra)] if extra else []), "-j", jobs, *args]
     # --no-skip: a record it cannot read fails the conversion instead of vanishing
     return args + ["--no-xattr", "--no-skip", "--quiet", "--force"]

@@ -229,11 +229,13 @@ def test_crash_while_pulling_a_layer(gateways, registry, fault_proxy, tmp_path):
 
 @pytest.mark.parametrize("streaming", [True, False], ids=["stream", "disk"])
 def test_crash_while_converting(gateways, registry, tmp_path, streaming):
-    # 150 MB of random bytes squashed with xz: the writer runs for seconds (about 8 here).
+    # 150 MB of random bytes squashed with zstd -22: the writer runs for seconds (about 10
+    # here), long enough to be killed in the middle.
     content = {"hello": b"converted\n", "big": RandomData(150 << 20, "crash-conversion")}
     _push(registry, tmp_path, "crash/conversion", content, compression="none")
     tag = f"{registry.host}/crash/conversion:v1"
-    gw = gateways(ConverterOptions={"squashfs": "-comp xz"}, StreamConversion=streaming).start()
+    slow = "-comp zstd -Xcompression-level 22"
+    gw = gateways(ConverterOptions={"squashfs": slow}, StreamConversion=streaming).start()
     _post_pull(gw, tag)
     _wait_state(gw, tag, "CONVERSION", lambda _: bool(_partials(gw.image_dir)))
     gw.kill()
