@@ -19,6 +19,9 @@ those our own in-memory model of the tree resolved inside the root. The model is
 what makes this fast: existence checks, symlink resolution and whiteout handling need
 no system calls, and directory descriptors are cached (and dropped when the directory
 is removed).
+
+The streaming conversion (imagegw.treeplan) subclasses ``_Flattener`` and replaces only
+its disk operations: the rules above are this module's code on both paths.
 """
 
 from __future__ import annotations
