@@ -9,6 +9,7 @@ failing, modes when the gateway is not root).
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 from pathlib import Path
 
@@ -209,3 +210,80 @@ def test_unsquash_helper_sees_every_type(world: World) -> None:
     assert oct(os.lstat(world.root / "d").st_mode & 0o7777) == oct(0o750)
     assert oct(os.lstat(world.root / "d/f").st_mode & 0o7777) == oct(0o604)
     assert os.readlink(world.root / "s") == "d/f"
+
+
+# ---------------------------------------------------------------------------------------
+# both paths, same result: random layer stacks
+
+
+def _random_stack(rng: random.Random) -> list[Layer]:
+    """Three layers of random changes over a small namespace, so that names collide:
+    replacements, whiteouts, opaque dirs, symlinks (in and across dirs), hard links."""
+    names = ["a", "b", "c", "d/e", "d/f", "d/g/h", "x/y", "x/z", "l"]
+    layers = []
+    made: list[str] = []
+    for _ in range(3):
+        layer = Layer()
+        for _ in range(rng.randint(3, 10)):
+            name = rng.choice(names)
+            op = rng.random()
+            if op < 0.35:
+                layer.file(
+                    name,
+                    rng.randbytes(rng.randint(0, 3000)),
+                    rng.choice([0o644, 0o755, 0o4755, 0o600]),
+                )
+                made.append(name)
+            elif op < 0.5:
+                layer.dir(name, rng.choice([0o755, 0o700, 0o1777, 0o555]))
+            elif op < 0.6:
+                layer.symlink(name, rng.choice(["d", "x", "/d", "../x", "a", "nowhere"]))
+            elif op < 0.7 and made:
+                layer.hardlink(name, rng.choice(made))
+            elif op < 0.85:
+                head, _, base = name.rpartition("/")
+                layer.file(f"{head}/.wh.{base}" if head else f".wh.{base}")
+            else:
+                head = name.rpartition("/")[0]
+                layer.file(f"{head}/.wh..wh..opq" if head else ".wh..wh..opq")
+        layers.append(layer)
+    return layers
+
+
+def _inode_groups(root: Path) -> list[list[str]]:
+    groups: dict[int, list[str]] = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if not os.path.islink(path):
+                groups.setdefault(st.st_ino, []).append(os.path.relpath(path, root))
+    return sorted(sorted(g) for g in groups.values())
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_stacks_give_the_same_tree_on_both_paths(tmp_path: Path, seed: int) -> None:
+    from test_flatten import tree
+
+    layers = _random_stack(random.Random(seed))
+    outcomes = []
+    for path in ("disk", "stream"):
+        (tmp_path / path).mkdir()
+        world = World(tmp_path / path, path)
+        try:
+            result = world.flatten(*layers)
+        except Exception as exc:  # noqa: BLE001 (the refusal itself is compared)
+            outcomes.append(("refused", type(exc).__name__, str(exc)))
+            continue
+        outcomes.append(
+            (
+                "built",
+                tree(world.root),
+                _inode_groups(world.root),
+                result.files,
+                result.dirs,
+                result.bytes,
+                result.dropped,
+            )
+        )
+    assert outcomes[0] == outcomes[1]
