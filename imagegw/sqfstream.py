@@ -137,7 +137,7 @@ def stream_unavailable(options: Sequence[str] | None) -> str | None:
     try:
         tar2sqfs_args(options)
     except UnsupportedOption as exc:
-        return f"ConverterOptions.squashfs has '{exc}', which only mksquashfs takes"
+        return f"ConverterOptions.squashfs has '{exc}', which only the on-disk path takes"
     return None
 
 
