@@ -50,12 +50,14 @@ def mpi_image(vcluster, tmp_path_factory) -> str:
 def healthy_cluster(vcluster):
     """Each test ends with every node idle and nothing of ours mounted on any node."""
     yield
-    vcluster.cluster.settle()
-    states = vcluster.cluster.node_states()
-    if any(not s.startswith("IDLE") for s in states.values()):
-        vcluster.cluster.admin("scancel", "--full", "--user", ALICE)
-        vcluster.cluster.settle()
-        vcluster.cluster.resume()
+    c = vcluster.cluster
+    try:
+        c.settle(timeout=30)  # srun returns before the epilogs have run
+    except TimeoutError:  # a failed test's job, held or still running
+        c.admin("scancel", "--user", ALICE)
+        c.settle()
+    if any(not s.startswith("IDLE") for s in c.node_states().values()):
+        c.resume()
     assert vcluster.leftover_mounts() == {}, "a mount of ours is left on a node"
 
 

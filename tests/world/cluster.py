@@ -310,7 +310,9 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
         if os.getpid() != self._owner:
             return
         if self._procs and all(p.poll() is None for p in self._procs.values()):
-            self.admin("scancel", "--full", "--user=" + ",".join(self._job_users() or ["root"]))
+            users = "--user=" + ",".join(self._job_users() or ["root"])
+            self.admin("scancel", users)  # pending and held jobs too
+            self.admin("scancel", "--full", users)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and (self._active_jobs() or self._steps()):
                 time.sleep(0.2)
