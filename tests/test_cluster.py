@@ -9,11 +9,14 @@ log). Every ``srun`` of an MPI program runs under ``timeout``: a rank that hangs
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from world.cluster import VirtualCluster
+from world import netns
+from world.cluster import VirtualCluster, reap_stale_namespaces
 from world.clusterworld import ALICE
 from world.mpi import build_ring
 from world.runtime import add_dynamic_program
@@ -275,3 +278,23 @@ def test_a_cluster_that_cannot_start_leaves_nothing_behind(tmp_path):
         vc.start(timeout=10)
     assert "Munge encode failed" in str(failed.value)  # the daemons' logs say why
     assert vc.leftovers() == []
+
+
+def test_namespaces_of_a_killed_run_are_deleted_with_what_runs_in_them():
+    """A run killed outright (SIGKILL: no teardown) leaves its namespaces and whatever
+    outlived its daemons; the next cluster's start deletes them and kills those."""
+    dead = subprocess.Popen(["true"])  # a pid that no longer runs
+    dead.wait()
+    name = f"sc{dead.pid}-1-node9"
+    netns.add(name)
+    orphan = subprocess.Popen(["nsenter", f"--net={netns.path(name)}", "sleep", "300"])
+    try:
+        time.sleep(0.2)
+        assert name in reap_stale_namespaces()
+        assert orphan.wait(timeout=10) == -signal.SIGKILL
+        assert netns.names(name) == []
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+        netns.delete(name)
+        netns.release_dir()
