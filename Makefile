@@ -10,7 +10,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make \
 	munge libmunge-dev openssh-server openssh-client attr \
 	bubblewrap charliecloud squashfuse fuse3 kmod libcap2-bin \
 	mpich libmpich-dev patchelf slurm-wlm libslurm-dev clang libclang-rt-14-dev \
-	debootstrap rpm dpkg-dev iproute2
+	debootstrap rpm dpkg-dev iproute2 sshfs
 
 .PHONY: setup apt venv install helper udiimage slurm demo test lint fuzz bench-pull \
 	bench-launch bench-slurm clean docs-man
