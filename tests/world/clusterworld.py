@@ -12,7 +12,7 @@ Who is where: the login node is the ``ctl`` host (slurmctld's namespaces: client
 ``shifterimg``, the submit-time checker run there); the gateway runs on the service node
 ``svc`` (``http://10.251.0.2:8080``), reaches the registry through a relay, and writes
 images into ``export`` (the service node's disk); every compute node and the login node
-see ``export`` at the site's ``imagePath`` (the shared filesystem). The plugin's
+mount ``export`` at the site's ``imagePath`` (the shared filesystem, sshfs by default). The plugin's
 ``state_dir`` and the per-node cache are private to each node. The runtime is the test
 site's (``RuntimeSite``: the sanitized setuid helper of this checkout's test slot and its
 udiRoot.conf), ``conf`` adds to that file; ``plugstack_args`` to the plugin's line
