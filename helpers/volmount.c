@@ -95,6 +95,11 @@ static void container_path(const struct ctx *c, int fd, char *out, size_t len)
     }
 }
 
+void volmount_container_path(const struct ctx *c, int fd, char *out, size_t len)
+{
+    container_path(c, fd, out, len);
+}
+
 /*
  * Open the destination path inside the container, creating missing components while
  * their parent is the container's own rootfs.  want_dir: the last component is a

@@ -1,0 +1,198 @@
+/*
+ * pmix.c - the Slurm step's PMIx server directory in the container (docs/behaviour.md,
+ * 'Runtime: PMIx').
+ *
+ * With srun --mpi=pmix, slurmstepd runs a PMIx server for the step and gives every task
+ * PMIX_* variables; its directory (PMIX_SERVER_TMPDIR, <SlurmdSpoolDir>/pmix.<job>.<step>,
+ * made for the job's user, mode 0700) holds the shared-memory job data the clients map.
+ * The front end passes that directory as --pmix-dir and it is bound at the same path in
+ * the container, as enroot's slurm-pmi hook does.  What crosses is only a directory the
+ * user already owns and reaches, opened with the user's identity along a path without
+ * symbolic links, named like Slurm's (pmix.N.N: no site file is called that), never
+ * under /etc, /opt/udiImage, /proc, /sys or /dev, mounted nosuid, nodev, noexec and
+ * without the mounts below it.
+ */
+#define _GNU_SOURCE
+#include "pmix.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/openat2.h>
+#include <sched.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/fsuid.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "container.h"
+#include "mnt.h"
+#include "util.h"
+#include "volmount.h"
+
+#define WHAT "The PMIx server directory %s (PMIX_SERVER_TMPDIR)"
+#define WAYOUT "Run the MPI program with srun --mpi=pmix, which makes the step's own " \
+               "directory, or unset PMIX_SERVER_TMPDIR to run without it."
+
+static int under(const char *path, const char *base)
+{
+    size_t n = strlen(base);
+    return strncmp(path, base, n) == 0 && (path[n] == '\0' || path[n] == '/');
+}
+
+/* "pmix.<digits>.<digits>", each number 1 to 10 digits (Slurm's %u). */
+static int slurm_name(const char *name)
+{
+    const char *p = name + 5;
+
+    if (strncmp(name, "pmix.", 5) != 0)
+        return 0;
+    for (int part = 0; part < 2; part++) {
+        size_t n = strspn(p, "0123456789");
+        if (n == 0 || n > 10 || p[n] != (part == 0 ? '.' : '\0'))
+            return 0;
+        p += n + 1;
+    }
+    return 1;
+}
+
+int pmix_check_path(const char *path, char *out, size_t len, char *err, size_t errlen)
+{
+    static const char *const reserved[] = {"/etc", "/opt/udiImage", "/proc", "/sys", "/dev"};
+    size_t n = strlen(path);
+    const char *base;
+
+    if (!is_abs_clean_path(path) || n >= len)
+        return set_err(err, errlen, "it is not an absolute path without \"..\"");
+    while (n > 1 && path[n - 1] == '/')
+        n--;
+    memcpy(out, path, n);
+    out[n] = '\0';
+    if (strstr(out, "//") != NULL || strstr(out, "/./") != NULL)
+        return set_err(err, errlen, "it is not a canonical path");
+    base = strrchr(out, '/') + 1;
+    if (!slurm_name(base))
+        return set_err(err, errlen, "its name is not Slurm's pmix.<job>.<step>");
+    for (size_t i = 0; i < sizeof reserved / sizeof reserved[0]; i++)
+        if (under(out, reserved[i]))
+            return set_err(err, errlen, "it is under %s, which is the system's", reserved[i]);
+    return 0;
+}
+
+static void set_fs_ids(uid_t uid, gid_t gid)
+{
+    setfsgid(gid);
+    setfsuid(uid);
+    if ((uid_t)setfsuid((uid_t)-1) != uid || (gid_t)setfsgid((gid_t)-1) != gid)
+        die("Cannot switch filesystem ids");
+}
+
+/* path opened O_PATH as the user (fs ids and groups), no symbolic link anywhere. */
+static int open_as_user(const struct ident *id, const char *path)
+{
+    static gid_t saved[IDENT_MAX_GROUPS + 1];
+    int nsaved = getgroups(IDENT_MAX_GROUPS + 1, saved), fd, dir = -1, e;
+
+    if (nsaved < 0 || setgroups(id->ngroups, id->groups) != 0)
+        die_errno("Cannot switch to the user's groups");
+    set_fs_ids(id->uid, id->gid);
+    fd = openat2_resolve(AT_FDCWD, path, O_PATH | O_DIRECTORY | O_CLOEXEC,
+                         RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS);
+    /* Looking up "." in it needs search permission: the user can reach inside. */
+    if (fd >= 0)
+        dir = openat(fd, ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    e = errno;
+    set_fs_ids(0, 0);
+    if (setgroups((size_t)nsaved, saved) != 0)
+        die_errno("Cannot restore groups");
+    if (fd >= 0)
+        close(fd);
+    errno = e;
+    return dir;
+}
+
+/* The directory checked: opened as the user, a directory of theirs; dies otherwise. */
+static int open_checked(const struct ctx *c, const char *canon, struct stat *st)
+{
+    int fd = open_as_user(&c->id, canon);
+
+    if (fd < 0)
+        die_user(WHAT " cannot be opened: %s. " WAYOUT, canon,
+                 errno == ELOOP ? "its path has a symbolic link"
+                 : errno == ENOTDIR ? "it is not a directory"
+                                    : strerror(errno));
+    if (fstat(fd, st) != 0)
+        die_errno("Cannot stat %s", canon);
+    if (st->st_uid != c->id.uid)
+        die_user(WHAT " is owned by uid %lu, not by you (uid %lu): it is not mounted. "
+                 "Only your job step's own directory is. " WAYOUT,
+                 canon, (unsigned long)st->st_uid, (unsigned long)c->id.uid);
+    return fd;
+}
+
+void pmix_open(struct ctx *c, const char *path)
+{
+    static char canon[HELPER_MAX_PATH];
+    char err[256];
+    struct stat st;
+
+    if (pmix_check_path(path, canon, sizeof canon, err, sizeof err) != 0)
+        die_user(WHAT " is not mounted: %s. " WAYOUT, path, err);
+    c->pmix_fd = open_checked(c, canon, &st);
+    c->pmix_dir = canon;
+}
+
+void pmix_mount(struct ctx *c)
+{
+    char where[HELPER_MAX_PATH];
+    const char *why = NULL;
+    struct stat first, now;
+    int dst, mfd, src;
+
+    /* A mount can only be cloned in the namespace it belongs to: open it again here (in
+     * the private one) and make sure it is still the directory checked before. */
+    if (fstat(c->pmix_fd, &first) != 0)
+        die_errno("Cannot stat %s", c->pmix_dir);
+    src = open_checked(c, c->pmix_dir, &now);
+    if (now.st_dev != first.st_dev || now.st_ino != first.st_ino)
+        die_user(WHAT " was replaced while the container was built: it is not mounted",
+                 c->pmix_dir);
+    dst = volmount_target(c, c->pmix_dir, 1, &why);
+    if (dst < 0)
+        die_user(WHAT " cannot be mounted in the container: %s", c->pmix_dir, why);
+    volmount_container_path(c, dst, where, sizeof where);
+    if (strcmp(where, c->pmix_dir) != 0)
+        die_user(WHAT " leads to %s in the image (a symbolic link on the way): it is not "
+                 "mounted", c->pmix_dir, where);
+    mfd = mnt_clone(src, 0, ATTR_NOSUID | ATTR_NODEV | ATTR_NOEXEC, c->pmix_dir);
+    mnt_attach(mfd, dst, MS_PRIVATE, c->pmix_dir);
+    verbose("PMIx server directory on %s", c->pmix_dir);
+    close(mfd);
+    close(dst);
+    close(src);
+}
+
+int pmix_enter_prepared(struct ctx *c, int root, const char *signature)
+{
+    int writable = config_flag(conf_get(c->conf, "mountUdiRootWritable"), 0);
+
+    close(root);
+    if (unshare(CLONE_NEWNS) != 0)
+        die_errno("Cannot create a private mount namespace");
+    if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0)
+        die_errno("Cannot make / a slave mount");
+    /* This namespace's copy of the container, checked again: it may have gone meanwhile. */
+    root = container_prepared(c, signature);
+    if (root < 0)
+        die("The prepared container at %s went away; try again", c->udi);
+    c->root = root;
+    /* Writable in this namespace only (the flag is this copy's), for the mount point. */
+    if (!writable)
+        mnt_clear(root, ATTR_RO, "the container root");
+    pmix_mount(c);
+    if (!writable)
+        mnt_set(root, 0, ATTR_RO, 0, "the container root");
+    return root;
+}
