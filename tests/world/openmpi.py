@@ -52,6 +52,16 @@ def _place(root: Path, host: str) -> None:
         os.chmod(dest, os.stat(host).st_mode & 0o755)
 
 
+def _place_chain(root: Path, host: str) -> None:
+    """``host`` and every link on the way to its file (Debian's alternatives included:
+    ``libpsm_infinipath.so.1`` -> ``/etc/alternatives/…`` -> the library)."""
+    for _ in range(40):
+        _place(root, host)
+        if not os.path.islink(host):
+            return
+        host = os.path.normpath(os.path.join(os.path.dirname(host), os.readlink(host)))
+
+
 def _is_elf(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -81,10 +91,8 @@ def _closure(root: Path, elves: list[Path]) -> None:
             if path in seen:
                 continue
             seen.add(path)
-            real = os.path.realpath(path)
-            _place(root, real)
-            _place(root, path)  # the name it is asked for: a link to the real file
-            todo.append(Path(real))
+            _place_chain(root, path)
+            todo.append(Path(os.path.realpath(path)))
 
 
 def openmpi_tree(root: Path, build: Path) -> tuple[Path, Path]:
