@@ -253,9 +253,14 @@ PartitionName=whole Nodes={NODE} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=
 
     # -- clients -------------------------------------------------------------------------
 
+    def client_argv(self, argv: list[str], cwd: str | Path | None = None) -> list[str]:
+        """How a client command runs (a multi-node cluster runs it on its login node:
+        world/cluster.py)."""
+        return argv
+
     def admin(self, *argv: str, timeout: float = 60) -> Client:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                              env=self.env(), stdin=subprocess.DEVNULL)
+        proc = subprocess.run(self.client_argv(list(argv)), capture_output=True, text=True,
+                              timeout=timeout, env=self.env(), stdin=subprocess.DEVNULL)
         return Client(proc.returncode, proc.stdout, proc.stderr)
 
     def as_user(self, user: str, argv: list[str], *, env: dict[str, str] | None = None,
@@ -266,8 +271,9 @@ PartitionName=whole Nodes={NODE} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=
                *[f"{k}={v}" for k, v in full.items()], *argv]
         if user == "root":
             cmd = ["env", "-i", *[f"{k}={v}" for k, v in full.items()], *argv]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              cwd=str(cwd) if cwd else None, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(self.client_argv(cmd, cwd), capture_output=True, text=True,
+                              timeout=timeout, cwd=str(cwd) if cwd else None,
+                              stdin=subprocess.DEVNULL)
         return Client(proc.returncode, proc.stdout, proc.stderr)
 
     def sbatch(self, user: str, script: str, *args: str, env: dict[str, str] | None = None,
@@ -276,8 +282,8 @@ PartitionName=whole Nodes={NODE} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=
         full = self.client_env(env)
         cmd = ["runuser", "-u", user, "--", "env", "-i",
                *[f"{k}={v}" for k, v in full.items()], "sbatch", "--parsable", *args]
-        proc = subprocess.run(cmd, input=script, capture_output=True, text=True, timeout=120,
-                              cwd=str(cwd) if cwd else None)
+        proc = subprocess.run(self.client_argv(cmd, cwd), input=script, capture_output=True,
+                              text=True, timeout=120, cwd=str(cwd) if cwd else None)
         job_id = None
         match = re.match(r"(\d+)", proc.stdout.strip())
         if proc.returncode == 0 and match:
