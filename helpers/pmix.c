@@ -160,8 +160,15 @@ void pmix_mount(struct ctx *c)
         die_user(WHAT " was replaced while the container was built: it is not mounted",
                  c->pmix_dir);
     dst = volmount_target(c, c->pmix_dir, 1, &why);
-    if (dst < 0)
-        die_user(WHAT " cannot be mounted in the container: %s", c->pmix_dir, why);
+    if (dst < 0) {
+        /* The site's layout, not the user's doing (a spool dir below a host directory the
+         * container has without it): PMIx still works, by messages to the server. */
+        warn("shifter: " WHAT " is not mounted in the container: %s. PMIx clients ask "
+             "the server for the job's data instead (slower at scale); tell your site "
+             "admin (docs/admin-guide.md, 'Open MPI and PMIx').", c->pmix_dir, why);
+        close(src);
+        return;
+    }
     volmount_container_path(c, dst, where, sizeof where);
     if (strcmp(where, c->pmix_dir) != 0)
         die_user(WHAT " leads to %s in the image (a symbolic link on the way): it is not "

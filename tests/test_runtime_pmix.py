@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -210,6 +211,28 @@ def test_an_image_symlink_cannot_lead_it_into_etc(site, home_to_etc_image):
                 f"/etc/{home.name}/{path.name} in the image") in err
     finally:
         shutil.rmtree(path)
+
+
+def test_a_directory_the_container_cannot_hold_is_left_out_with_a_warning(site, image):
+    """The spool dir below a host directory the container has without it (here: a
+    filesystem mounted inside the host's /tmp, which the container gets without the
+    mounts below it). No mount point can be made there (the host's directory is never
+    written): the task runs, PMIx falls back to messages, and stderr says why."""
+    below = site.base / "covered"
+    below.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "pmixtest", str(below)],
+                   check=True)
+    try:
+        path = step_dir(ALICE, parent=below)
+        res = site.shifter(ALICE, f"--image=id:{image}", "sh", "-c",
+                           f"test -e {path} && echo THERE || echo ABSENT", env=step_env(path))
+    finally:
+        subprocess.run(["umount", str(below)], check=True)
+    assert (res.returncode, res.stdout) == (0, "ABSENT\n"), res
+    assert (f"shifter: The PMIx server directory {path} (PMIX_SERVER_TMPDIR) is not mounted "
+            "in the container: it does not exist and its parent is not on the container's "
+            "own filesystem, so it cannot be created.") in res.stderr
+    assert list(below.iterdir()) == []  # nothing made in the host's /tmp
 
 
 # -- the prepared container of a batch job ---------------------------------------------------------
