@@ -164,3 +164,4 @@ def vcluster(test_users, munged, registry, udiimage, mpich_modules,
                        nodes=4, conf=conf, keep_tmp=(tmp_path_factory.getbasetemp(),),
                        plugstack_args={"enable_sshd": "1", "extern_cgroup": "0"}) as world:
         yield world
+    assert world.cluster.leftovers() == [], "the virtual cluster left something behind"

@@ -38,7 +38,7 @@ What there is (``NET`` is 10.251.0.0/16, on a bridge that exists only inside the
 Every daemon runs as a child of the test process with ``setpriv --pdeathsig KILL``;
 ``stop()`` (also at interpreter exit, and from the context manager on failure) cancels
 jobs, stops the daemons and deletes the namespaces (``ip netns del`` unmounts their
-``/run/netns`` files). Namespaces are named ``sc<pid>-…``: one left by a killed run
+``/run/netns`` files). Namespaces are named ``sc<pid>-<n>-…``: one left by a killed run
 (its pid gone) is deleted when the next cluster starts.
 
 The shared filesystem is a bind mount because this kernel has no NFS: neither ``nfs``
@@ -52,6 +52,7 @@ its two cores (bench/cluster). Node count and addresses allow up to 4000 nodes.
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import re
 import signal
@@ -68,6 +69,7 @@ CTL_ADDR = f"{NET}.0.1"
 SVC_ADDR = f"{NET}.0.2"
 
 _running: weakref.WeakSet[VirtualCluster] = weakref.WeakSet()
+_serial = itertools.count(1)
 
 
 @atexit.register
@@ -86,11 +88,23 @@ def reap_stale_namespaces() -> list[str]:
         try:
             os.kill(int(m.group(1)), 0)
         except ProcessLookupError:
+            _kill_netns_processes(name)  # steps and sshds outlive their slurmd
             netns.delete(name)
             gone.append(name)
         except PermissionError:
             pass
     return gone
+
+
+def _kill_netns_processes(name: str) -> None:
+    """Whatever still runs in a namespace of ours (a step or a container's sshd that
+    outlived its slurmd): SIGKILL, so the namespace and its mounts go."""
+    res = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+    for pid in res.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
 
 
 class VirtualCluster(SlurmCluster):
@@ -111,7 +125,7 @@ class VirtualCluster(SlurmCluster):
         self.keep_tmp = [Path(p) for p in keep_tmp]
         self.private_dirs = [Path(p) for p in private_dirs]
         self.shared = {Path(k): Path(v) for k, v in (shared or {}).items()}
-        self.prefix = f"sc{os.getpid()}-"
+        self.prefix = f"sc{os.getpid()}-{next(_serial)}-"
         self.ctl_netns = self.prefix + "ctl"
         self.svc_netns = self.prefix + "svc"
         self.svc_address = SVC_ADDR
@@ -314,20 +328,10 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
             relay.close()
         self._relays.clear()
         for name in self._netns:
-            self._kill_netns_processes(name)
+            _kill_netns_processes(name)
             netns.delete(name)
         self._netns.clear()
         _running.discard(self)
-
-    def _kill_netns_processes(self, name: str) -> None:
-        """Whatever still runs in a namespace we made (a step or a container's sshd that
-        outlived its slurmd): SIGKILL, so the namespace and its mounts go."""
-        res = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
-        for pid in res.stdout.split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
 
     def _steps(self) -> list[str]:
         out = []
@@ -335,6 +339,21 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
             spool = self.workdir / "nodes" / node / "spool"
             if spool.is_dir():
                 out += [f"{node}:{p.name}" for p in spool.iterdir() if p.is_socket()]
+        return out
+
+    def leftovers(self) -> list[str]:
+        """What of this cluster still exists: its namespaces, processes that name its
+        workdir (daemons, steps). Empty after ``stop()``."""
+        out = [f"netns {n}" for n in netns.names(self.prefix)]
+        needle = str(self.workdir).encode()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if needle in cmdline and int(pid) != os.getpid():
+                words = cmdline.replace(b"\0", b" ").decode(errors="replace")
+                out.append(f"pid {pid}: {words}")
         return out
 
     # -- nodes ---------------------------------------------------------------------------
