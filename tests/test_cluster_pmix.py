@@ -4,34 +4,59 @@ with Debian's Open MPI 4.1.4 in the image. Each node's slurmstepd runs a PMIx se
 its ranks; the servers exchange the job's data over the cluster network, each rank reads
 it from its own node's server directory, mounted in its container, and the ranks talk to
 each other over TCP between the nodes (shared memory within one).
+
+A cluster of its own, not the shared ``vcluster``: that one lives in the test world's
+temp dir, so its nodes' spool dirs are below ``/tmp``, which the containers have without
+the mounts below it (the directory is then left out: tests/test_runtime_pmix.py). Here
+everything is outside ``/tmp``, as a site's ``/var/spool/slurmd`` is.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
+from world.clusterworld import cluster_world
 from world.openmpi import LIBMPI, openmpi_tree
-from world.runtime import file_id, mksquashfs
+from world.runtime import SLOT, TEST_CONF, file_id, mksquashfs
 
 NODES = ["node1", "node2", "node3", "node4"]
+BASE = Path(f"/var/spool/shifter-test{SLOT}-vcpmix")
 
 
 @pytest.fixture(scope="module")
-def ompi_image(vcluster, tmp_path_factory) -> str:
+def pcluster(test_users, munged, registry, tmp_path_factory):
+    """Four nodes, everything below BASE; the slot's udiRoot.conf as it was afterwards
+    (the session's ``vcluster`` may be running with its own)."""
+    saved = TEST_CONF.read_text() if TEST_CONF.exists() else None
+    shutil.rmtree(BASE, ignore_errors=True)
+    BASE.mkdir(parents=True)
+    os.chmod(BASE, 0o755)
+    try:
+        with cluster_world(BASE, munged=munged, registry=registry, test_users=test_users,
+                           nodes=4, keep_tmp=(tmp_path_factory.getbasetemp(),)) as world:
+            yield world
+        assert world.cluster.leftovers() == []
+    finally:
+        if saved is not None:
+            TEST_CONF.write_text(saved)
+        shutil.rmtree(BASE, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ompi_image(pcluster, tmp_path_factory) -> str:
     """The Open MPI image placed in the shared image dir, as the gateway places one."""
     work = tmp_path_factory.mktemp("ompi-cluster")
     tree, _ = openmpi_tree(work / "root", work / "build")
     sqfs = mksquashfs(tree, work / "ompi.squashfs")
     image_id = file_id(sqfs)
-    shutil.copyfile(sqfs, vcluster.export / f"{image_id}.squashfs")
-    (vcluster.export / f"{image_id}.meta").write_text("FORMAT: squashfs\n")
+    shutil.copyfile(sqfs, pcluster.export / f"{image_id}.squashfs")
+    (pcluster.export / f"{image_id}.meta").write_text("FORMAT: squashfs\n")
     for suffix in ("squashfs", "meta"):
-        os.chmod(vcluster.export / f"{image_id}.{suffix}", 0o644)
-    yield image_id
-    for suffix in ("squashfs", "meta"):
-        (vcluster.export / f"{image_id}.{suffix}").unlink()
+        os.chmod(pcluster.export / f"{image_id}.{suffix}", 0o644)
+    return image_id
 
 
 RING_JOB = """#!/bin/sh
@@ -42,8 +67,8 @@ echo "SRUN $?"
 """
 
 
-def test_open_mpi_ring_across_four_nodes_through_slurms_pmix(vcluster, ompi_image):
-    w = vcluster
+def test_open_mpi_ring_across_four_nodes_through_slurms_pmix(pcluster, ompi_image):
+    w = pcluster
     res = w.sbatch(RING_JOB, "-N", "4", "-n", "8", "--exclusive", f"--image=id:{ompi_image}")
     assert res.returncode == 0 and res.job_id, res
     state = w.cluster.wait(res.job_id, timeout=240)
@@ -57,7 +82,8 @@ def test_open_mpi_ring_across_four_nodes_through_slurms_pmix(vcluster, ompi_imag
     assert sorted(node for node, _, _ in tasks.values()) == sorted(NODES * 2), out
     for node, path, mounted in tasks.values():
         assert os.path.basename(path).startswith(f"pmix.{res.job_id}."), path
-        assert f"/nodes/{node}/spool/" in path and mounted == "1", (node, path, mounted)
+        assert path.startswith(f"{BASE}/cluster/nodes/{node}/spool/"), (node, path)
+        assert mounted == "1", (node, path, mounted)
     libs = {}
     for line in out.splitlines():
         if line.startswith("rank "):
