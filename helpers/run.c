@@ -28,8 +28,6 @@ void usage(void)
         "-- CMD [ARG...]");
 }
 
-static const char *pmix_arg; /* --pmix-dir, checked by pmix_open */
-
 /* run's own options; setup's are not known here at all. */
 static int run_option(const char *a, const char *v, struct options *o)
 {
@@ -46,8 +44,8 @@ static int run_option(const char *a, const char *v, struct options *o)
         o->request = v;
     else if (strcmp(a, "--env-fd") == 0 && o->env_fd < 0)
         o->env_fd = parse_fd(a, v);
-    else if (strcmp(a, "--pmix-dir") == 0 && pmix_arg == NULL)
-        pmix_arg = v;
+    else if (strcmp(a, "--pmix-dir") == 0 && o->pmix_dir == NULL)
+        o->pmix_dir = v;
     else
         return 0;
     return 1;
@@ -76,8 +74,8 @@ int main(int argc, char **argv)
     envp = read_records(o.env_fd, "environment (--env-fd)");
     ctx.etc_files = read_records(o.etc_fd, "/etc files (--etc-fd)");
     common_checks(&o);
-    if (pmix_arg != NULL)
-        pmix_open(&ctx, pmix_arg);
+    if (o.pmix_dir != NULL)
+        pmix_open(&ctx, o.pmix_dir);
     if (o.request != NULL)
         verbose("image request %.256s", o.request);
     sig = container_signature(&ctx);
