@@ -43,6 +43,14 @@ def pworld(test_users, munged, registry, tmp_path_factory):
     assert_nothing_left(site)
 
 
+@pytest.fixture(autouse=True)
+def settled(pworld):
+    """Each test ends with its jobs and epilogs done and nothing of ours mounted."""
+    yield
+    pworld.cluster.settle()
+    assert pworld.site.our_mounts() == [], "a mount of ours is left after the job"
+
+
 @pytest.fixture(scope="module")
 def ompi_image(pworld, tmp_path_factory) -> str:
     work = tmp_path_factory.mktemp("ompi")
