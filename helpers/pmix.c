@@ -17,12 +17,10 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <grp.h>
 #include <linux/openat2.h>
 #include <sched.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/fsuid.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -81,42 +79,70 @@ int pmix_check_path(const char *path, char *out, size_t len, char *err, size_t e
     return 0;
 }
 
-static void set_fs_ids(uid_t uid, gid_t gid)
+/* The mount point: path inside the container root, every component a real directory
+ * (no symbolic link followed, so an image's link cannot move it, into /etc say), the
+ * missing ones made on the container's own filesystem.  -1 with the reason in *why;
+ * *link set when a symbolic link (or a non-directory) is on the way. */
+static int open_mount_point(const struct ctx *c, const char *path, const char **why, int *link)
 {
-    setfsgid(gid);
-    setfsuid(uid);
-    if ((uid_t)setfsuid((uid_t)-1) != uid || (gid_t)setfsgid((gid_t)-1) != gid)
-        die("Cannot switch filesystem ids");
-}
+    uint64_t root_id = mnt_id(c->root);
+    int dir = openat(c->root, ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    const char *p = path;
 
-/* path opened O_PATH as the user (fs ids and groups), no symbolic link anywhere. */
-static int open_as_user(const struct ident *id, const char *path)
-{
-    static gid_t saved[IDENT_MAX_GROUPS + 1];
-    int nsaved = getgroups(IDENT_MAX_GROUPS + 1, saved), fd, dir = -1, e;
+    *link = 0;
+    if (dir < 0)
+        die_errno("Cannot open the container root");
+    while (*p) {
+        const unsigned long long how = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+                                       RESOLVE_NO_MAGICLINKS;
+        char name[256];
+        size_t len;
+        int next;
 
-    if (nsaved < 0 || setgroups(id->ngroups, id->groups) != 0)
-        die_errno("Cannot switch to the user's groups");
-    set_fs_ids(id->uid, id->gid);
-    fd = openat2_resolve(AT_FDCWD, path, O_PATH | O_DIRECTORY | O_CLOEXEC,
-                         RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS);
-    /* Looking up "." in it needs search permission: the user can reach inside. */
-    if (fd >= 0)
-        dir = openat(fd, ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
-    e = errno;
-    set_fs_ids(0, 0);
-    if (setgroups((size_t)nsaved, saved) != 0)
-        die_errno("Cannot restore groups");
-    if (fd >= 0)
-        close(fd);
-    errno = e;
+        p += strspn(p, "/");
+        len = strcspn(p, "/");
+        if (len == 0)
+            break;
+        if (len >= sizeof name) {
+            close(dir);
+            *why = "a name on its path is too long";
+            return -1;
+        }
+        memcpy(name, p, len);
+        name[len] = '\0';
+        p += len;
+        next = openat2_resolve(dir, name, O_PATH | O_DIRECTORY | O_CLOEXEC, how);
+        if (next < 0 && errno == ENOENT) {
+            if (mnt_id(dir) != root_id) {
+                close(dir);
+                *why = "it does not exist and its parent is not on the container's own "
+                       "filesystem, so it cannot be created";
+                return -1;
+            }
+            if (mkdirat(dir, name, 0755) != 0 && errno != EEXIST) {
+                close(dir);
+                *why = "it cannot be created";
+                return -1;
+            }
+            next = openat2_resolve(dir, name, O_PATH | O_DIRECTORY | O_CLOEXEC, how);
+        }
+        close(dir);
+        if (next < 0) {
+            *link = errno == ELOOP || errno == ENOTDIR;
+            *why = *link ? "something on its path in the image is a symbolic link or not a "
+                           "directory"
+                         : strerror(errno);
+            return -1;
+        }
+        dir = next;
+    }
     return dir;
 }
 
 /* The directory checked: opened as the user, a directory of theirs; dies otherwise. */
 static int open_checked(const struct ctx *c, const char *canon, struct stat *st)
 {
-    int fd = open_as_user(&c->id, canon);
+    int fd = volmount_open_dir_as_user_nofollow(&c->id, canon);
 
     if (fd < 0)
         die_user(WHAT " cannot be opened: %s. " WAYOUT, canon,
@@ -146,10 +172,9 @@ void pmix_open(struct ctx *c, const char *path)
 
 void pmix_mount(struct ctx *c)
 {
-    char where[HELPER_MAX_PATH];
     const char *why = NULL;
     struct stat first, now;
-    int dst, mfd, src;
+    int dst, mfd, src, link;
 
     /* A mount can only be cloned in the namespace it belongs to: open it again here (in
      * the private one) and make sure it is still the directory checked before. */
@@ -159,7 +184,9 @@ void pmix_mount(struct ctx *c)
     if (now.st_dev != first.st_dev || now.st_ino != first.st_ino)
         die_user(WHAT " was replaced while the container was built: it is not mounted",
                  c->pmix_dir);
-    dst = volmount_target(c, c->pmix_dir, 1, &why);
+    dst = open_mount_point(c, c->pmix_dir, &why, &link);
+    if (dst < 0 && link)
+        die_user(WHAT " is not mounted: %s", c->pmix_dir, why);
     if (dst < 0) {
         /* The site's layout, not the user's doing (a spool dir below a host directory the
          * container has without it): PMIx still works, by messages to the server. */
@@ -169,10 +196,6 @@ void pmix_mount(struct ctx *c)
         close(src);
         return;
     }
-    volmount_container_path(c, dst, where, sizeof where);
-    if (strcmp(where, c->pmix_dir) != 0)
-        die_user(WHAT " leads to %s in the image (a symbolic link on the way): it is not "
-                 "mounted", c->pmix_dir, where);
     mfd = mnt_clone(src, 0, ATTR_NOSUID | ATTR_NODEV | ATTR_NOEXEC, c->pmix_dir);
     mnt_attach(mfd, dst, MS_PRIVATE, c->pmix_dir);
     verbose("PMIx server directory on %s", c->pmix_dir);

@@ -22,12 +22,11 @@ void volmount_user(struct ctx *c);
  * else an empty file); -1 with the reason in *why. */
 int volmount_target(const struct ctx *c, const char *path, int want_dir, const char **why);
 
-/* The path fd (opened inside the container root) has in the container, in out; dies
- * when it lies outside the container. */
-void volmount_container_path(const struct ctx *c, int fd, char *out, size_t len);
-
 /* Open a path with the user's filesystem identity and groups (O_PATH, symlinks followed
  * but no /proc magic links); want_dir: a directory the user can search.  -1 with errno. */
 int volmount_open_as_user(const struct ident *id, const char *path, int want_dir);
+
+/* The same for a directory, with no symbolic link anywhere on the path (ELOOP). */
+int volmount_open_dir_as_user_nofollow(const struct ident *id, const char *path);
 
 #endif

@@ -202,13 +202,28 @@ def test_only_a_real_path_named_like_slurms_is_taken(site, image, tmp_path):
 
 def test_an_image_symlink_cannot_lead_it_into_etc(site, home_to_etc_image):
     """/home is a link to /etc in the image: the user's ~/pmix.N.0 would land in the
-    container's /etc. Refused, and nothing of it stays."""
+    container's /etc. Refused before anything is made, also in a prepared container
+    (which the job's other steps share): its /etc gets nothing."""
     home = Path(pwd.getpwnam(ALICE).pw_dir)
     path = step_dir(ALICE, parent=home)
+    pw = pwd.getpwnam(ALICE)
+    want = (f"The PMIx server directory {path} (PMIX_SERVER_TMPDIR) is not mounted: "
+            "something on its path in the image is a symbolic link or not a directory")
     try:
-        err = refused(site, home_to_etc_image, str(path))
-        assert (f"The PMIx server directory {path} (PMIX_SERVER_TMPDIR) leads to "
-                f"/etc/{home.name}/{path.name} in the image") in err
+        assert want in refused(site, home_to_etc_image, str(path))
+        res = site.root_tool("setupRoot", "-U", str(pw.pw_uid), "-G", str(pw.pw_gid), "-u",
+                             ALICE, "id", home_to_etc_image)
+        assert res.returncode == 0, res.stderr
+        try:
+            res = site.shifter(ALICE, f"--image=id:{home_to_etc_image}", "echo", "ran",
+                               env=step_env(path))
+            assert (res.returncode, res.stdout) == (1, ""), res
+            assert want in res.stderr
+            assert not (site.udi_mount / "etc" / home.name).exists()
+            assert (site.udi_mount / "home").is_symlink()
+        finally:
+            done = site.root_tool("unsetupRoot")
+        assert done.returncode == 0, done.stderr
     finally:
         shutil.rmtree(path)
 
