@@ -13,6 +13,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,6 +57,11 @@ def clean(site):
     site.write_conf()
     yield
     site.write_conf()
+    # A task's private namespace holds a copy of a prepared container's mounts; the kernel
+    # drops them (and frees the autoclear loop device) shortly after the task has gone.
+    deadline = time.monotonic() + 5
+    while site.our_loops() and time.monotonic() < deadline:
+        time.sleep(0.1)
     site.assert_nothing_left()
 
 
