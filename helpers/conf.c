@@ -133,23 +133,6 @@ static int is_tab_space(char c)
     return c == ' ' || c == '\t';
 }
 
-/* word is one of the space/tab-separated words of list. */
-static int in_words(const char *word, const char *list)
-{
-    size_t wl = strlen(word);
-
-    while (*list) {
-        size_t n;
-        while (is_tab_space(*list))
-            list++;
-        n = strcspn(list, " \t");
-        if (n == wl && n > 0 && strncmp(list, word, n) == 0)
-            return 1;
-        list += n;
-    }
-    return 0;
-}
-
 /* "none" alone (any case), blanks around it allowed. */
 static int is_none(const char *t)
 {
@@ -188,7 +171,7 @@ static int add_module(const struct udiroot_conf *conf, struct conf_modules *out,
     mine = module_get(conf, w, "conflict");
     for (size_t k = 0; k < out->n; k++) {
         const char *theirs = module_get(conf, out->names[k], "conflict");
-        if ((mine && in_words(out->names[k], mine)) || (theirs && in_words(w, theirs)))
+        if ((mine && str_in_words(out->names[k], mine)) || (theirs && str_in_words(w, theirs)))
             return set_err(err, errlen, "ERROR: cannot load conflicting modules %s and %s", w,
                            out->names[k]);
     }

@@ -39,6 +39,7 @@
 #include <linux/openat2.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -53,6 +54,21 @@
 
 #include "enter.h"
 #include "util.h"
+
+/* A formatted, malloc'd string; dies when out of memory. */
+__attribute__((format(printf, 1, 2))) static char *xasprintf(const char *fmt, ...)
+{
+    va_list ap;
+    char *out;
+    int n;
+
+    va_start(ap, fmt);
+    n = vasprintf(&out, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        die("shifter-helper: out of memory");
+    return out;
+}
 
 #define SSHD_PORT 1204
 #define KEYGEN "/usr/bin/ssh-keygen"

@@ -126,20 +126,6 @@ char *xstrdup(const char *s)
     return p;
 }
 
-char *xasprintf(const char *fmt, ...)
-{
-    va_list ap;
-    char *out;
-    int n;
-
-    va_start(ap, fmt);
-    n = vasprintf(&out, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        die("shifter-helper: out of memory");
-    return out;
-}
-
 const char *fd_path(int fd, char *buf, size_t len)
 {
     snprintf(buf, len, "/proc/self/fd/%d", fd);
@@ -148,31 +134,16 @@ const char *fd_path(int fd, char *buf, size_t len)
 
 int read_all_fd(int fd, size_t max, char **out, size_t *len)
 {
-    size_t cap = 4096, used = 0;
-    char *buf = xmalloc(cap + 1);
+    /* One buffer of the limit (pages are only used as they are written). */
+    char *buf = xmalloc(max + 2);
+    size_t used = 0;
 
     for (;;) {
-        ssize_t n;
-
-        if (used == cap) {
-            if (cap > max) {
-                free(buf);
-                errno = EFBIG;
-                return -1;
-            }
-            cap = cap * 2 > max + 1 ? max + 1 : cap * 2;
-            char *nb = realloc(buf, cap + 1);
-            if (nb == NULL) {
-                free(buf);
-                die("shifter-helper: out of memory");
-            }
-            buf = nb;
-        }
-        n = read(fd, buf + used, cap - used);
+        ssize_t n = read(fd, buf + used, max + 1 - used);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n < 0) {
-            int e = errno;
+        if (n < 0 || used + (size_t)n > max) { /* one byte past the limit: too long */
+            int e = n < 0 ? errno : EFBIG;
             free(buf);
             errno = e;
             return -1;
@@ -180,11 +151,6 @@ int read_all_fd(int fd, size_t max, char **out, size_t *len)
         if (n == 0)
             break;
         used += (size_t)n;
-        if (used > max) {
-            free(buf);
-            errno = EFBIG;
-            return -1;
-        }
     }
     buf[used] = '\0';
     *out = buf;

@@ -38,7 +38,6 @@ __attribute__((format(printf, 1, 2))) void warn(const char *fmt, ...);
 void *xmalloc(size_t n);
 void *xcalloc(size_t n, size_t size);
 char *xstrdup(const char *s);
-__attribute__((format(printf, 1, 2))) char *xasprintf(const char *fmt, ...);
 
 /* "/proc/self/fd/N" in buf (at least 32 bytes). */
 const char *fd_path(int fd, char *buf, size_t len);
