@@ -75,14 +75,6 @@ static int is_break(unsigned char c)
            c == 0x1e;
 }
 
-static int in_list(const char *key, const char *const *list)
-{
-    for (size_t i = 0; list[i] != NULL; i++)
-        if (strcmp(key, list[i]) == 0)
-            return 1;
-    return 0;
-}
-
 /* module_<name>_<subkey>: a known subkey after a non-empty name (names may hold '_'). */
 static int is_module_key(const char *key)
 {
@@ -284,9 +276,9 @@ static int handle_line(struct udiroot_conf *conf, char *line, size_t lineno, cha
         end--;
     *end = '\0';
 
-    if (in_list(key, conf_defunct_keys))
+    if (str_in_list(key, conf_defunct_keys))
         return 0;
-    if (in_list(key, conf_deprecated_keys)) {
+    if (str_in_list(key, conf_deprecated_keys)) {
         /* A file full of deprecated keys is odd but harmless: keep the first warnings. */
         if (conf->n_warnings >= CONF_MAX_WARNINGS)
             return 0;
@@ -298,8 +290,8 @@ static int handle_line(struct udiroot_conf *conf, char *line, size_t lineno, cha
     if (strcmp(key, "siteFs") == 0)
         return add_string(conf->site_fs, &conf->n_site_fs, CONF_MAX_SITEFS, "siteFs lines",
                           value, err, errlen);
-    if (in_list(key, conf_required_keys) || in_list(key, conf_tool_keys) ||
-        in_list(key, conf_optional_keys) || is_module_key(key))
+    if (str_in_list(key, conf_required_keys) || str_in_list(key, conf_tool_keys) ||
+        str_in_list(key, conf_optional_keys) || is_module_key(key))
         return set_value(conf, key, value, err, errlen);
     return set_err(err, errlen, "Couldn't understand key: %s (udiRoot.conf line %zu)", key,
                    lineno);

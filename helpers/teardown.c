@@ -35,15 +35,6 @@ static void unescape(char *s)
     *w = '\0';
 }
 
-static int under(const char *path, const char *prefix)
-{
-    size_t n = strlen(prefix);
-
-    if (n == 1 && prefix[0] == '/')
-        return 1;
-    return strncmp(path, prefix, n) == 0 && (path[n] == '\0' || path[n] == '/');
-}
-
 /* The mount point (fifth field, unescaped) of each mountinfo line under a root is
  * reported; returns how many. */
 static int report_left(const char *const roots[], int np)
@@ -66,7 +57,7 @@ static int report_left(const char *const roots[], int np)
         f[strcspn(f, " ")] = '\0';
         unescape(f);
         for (int i = 0; i < np; i++)
-            if (under(f, roots[i])) {
+            if (path_under(f, roots[i])) {
                 warn("shifter-helper: could not unmount %s", f);
                 n++;
                 break;

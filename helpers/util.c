@@ -134,16 +134,31 @@ const char *fd_path(int fd, char *buf, size_t len)
 
 int read_all_fd(int fd, size_t max, char **out, size_t *len)
 {
-    /* One buffer of the limit (pages are only used as they are written). */
-    char *buf = xmalloc(max + 2);
-    size_t used = 0;
+    size_t cap = 4096, used = 0;
+    char *buf = xmalloc(cap + 1);
 
     for (;;) {
-        ssize_t n = read(fd, buf + used, max + 1 - used);
+        ssize_t n;
+
+        if (used == cap) {
+            if (cap > max) {
+                free(buf);
+                errno = EFBIG;
+                return -1;
+            }
+            cap = cap * 2 > max + 1 ? max + 1 : cap * 2;
+            char *nb = realloc(buf, cap + 1);
+            if (nb == NULL) {
+                free(buf);
+                die("shifter-helper: out of memory");
+            }
+            buf = nb;
+        }
+        n = read(fd, buf + used, cap - used);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n < 0 || used + (size_t)n > max) { /* one byte past the limit: too long */
-            int e = n < 0 ? errno : EFBIG;
+        if (n < 0) {
+            int e = errno;
             free(buf);
             errno = e;
             return -1;
@@ -151,6 +166,11 @@ int read_all_fd(int fd, size_t max, char **out, size_t *len)
         if (n == 0)
             break;
         used += (size_t)n;
+        if (used > max) {
+            free(buf);
+            errno = EFBIG;
+            return -1;
+        }
     }
     buf[used] = '\0';
     *out = buf;
@@ -407,6 +427,23 @@ int is_abs_clean_path(const char *p)
         if ((c == p || c[-1] == '/') && (c[2] == '\0' || c[2] == '/'))
             return 0;
     return 1;
+}
+
+int path_under(const char *path, const char *base)
+{
+    size_t n = strlen(base);
+
+    if (n == 1 && base[0] == '/')
+        return path[0] == '/';
+    return strncmp(path, base, n) == 0 && (path[n] == '\0' || path[n] == '/');
+}
+
+int str_in_list(const char *s, const char *const list[])
+{
+    for (size_t i = 0; list[i] != NULL; i++)
+        if (strcmp(s, list[i]) == 0)
+            return 1;
+    return 0;
 }
 
 int str_in_words(const char *word, const char *list)
