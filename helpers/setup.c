@@ -194,6 +194,11 @@ int main(int argc, char **argv)
     if (o.argv != NULL)
         usage();
     ident_from_args(g_user, g_uid, g_gid, &ctx.id);
+    /* The user's groups for the whole setup, as the caller's are in run: what is opened
+     * with the user's fs ids (volume sources, --local) is reached with them.  Root's own
+     * work needs no group (its children set theirs: run_program, the sshd). */
+    if (setgroups(ctx.id.ngroups, ctx.id.groups) != 0)
+        die_errno("Cannot switch to the user's groups");
     g_user_error_status = 2; /* the prolog fails the job, not the node (PROTOCOL.md) */
     if (g_host_key_fd >= 0)
         ctx.ssh_host_key = read_host_key(g_host_key_fd);

@@ -13,17 +13,14 @@
 #include "volmount.h"
 
 #include <errno.h>
-#include <grp.h>
 #include <fcntl.h>
 #include <linux/openat2.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/fsuid.h>
 #include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -45,13 +42,10 @@ static void set_fs_ids(uid_t uid, gid_t gid)
 
 int volmount_open_as_user(const struct ident *id, const char *path, int want_dir)
 {
-    static gid_t saved[IDENT_MAX_GROUPS + 1];
-    int fd, dir, e, nsaved;
+    int fd, dir, e;
 
-    /* setup mode runs with root's groups: take the user's for the lookup. */
-    nsaved = getgroups(IDENT_MAX_GROUPS + 1, saved);
-    if (nsaved < 0 || setgroups(id->ngroups, id->groups) != 0)
-        die_errno("Cannot switch to the user's groups");
+    /* The supplementary groups are already the user's: run's caller's, and setup takes
+     * the user's for its whole run (setup.c). */
     set_fs_ids(id->uid, id->gid);
     fd = openat2_resolve(AT_FDCWD, path, O_PATH | (want_dir ? O_DIRECTORY : 0) | O_CLOEXEC,
                          RESOLVE_NO_MAGICLINKS);
@@ -59,8 +53,6 @@ int volmount_open_as_user(const struct ident *id, const char *path, int want_dir
     dir = fd >= 0 && want_dir ? openat(fd, ".", O_PATH | O_DIRECTORY | O_CLOEXEC) : fd;
     e = errno;
     set_fs_ids(0, 0);
-    if (setgroups((size_t)nsaved, saved) != 0)
-        die_errno("Cannot restore groups");
     if (fd >= 0 && want_dir)
         close(fd);
     errno = e;
