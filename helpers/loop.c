@@ -3,29 +3,106 @@
  * configured in one LOOP_CONFIGURE call (no window where it is bound but not
  * yet read-only/autoclear).  Another process may take the device between
  * LOOP_CTL_GET_FREE and LOOP_CONFIGURE; that is EBUSY, and we ask again.
+ *
+ * An image is shared: a launch that finds the same image file already on a
+ * read-only autoclear device (another launch's, or setupRoot's) mounts that
+ * device, and the kernel gives it the same squashfs superblock, page cache
+ * and all.  Mounts stay per mount namespace; autoclear frees the device when
+ * the last mount in any namespace is gone.
  */
 #define _GNU_SOURCE
 #include "loop.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/fs.h>
 #include <linux/loop.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/ioctl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "util.h"
 
 #define LOOP_TRIES 32
 
+/* Does the open device fd hold exactly the file st: same inode, whole of it (offset 0,
+ * as long as the file is now: a size limit, or a file changed in place since, differs),
+ * read-only, autoclear?  Asked on the open fd: while we hold it, autoclear cannot release the
+ * device, so what was checked here is what gets mounted (a device cleared or rebound
+ * since the scan fails this, ENXIO or another inode, and is not used). */
+static int loop_holds(int fd, const struct stat *st)
+{
+    const unsigned want = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
+    struct loop_info64 li;
+    unsigned long long size;
+
+    return ioctl(fd, LOOP_GET_STATUS64, &li) == 0 && ioctl(fd, BLKGETSIZE64, &size) == 0 &&
+           li.lo_device == (unsigned long long)st->st_dev && li.lo_inode == st->st_ino &&
+           li.lo_offset == 0 && (li.lo_flags & want) == want &&
+           size == ((unsigned long long)st->st_size & ~511ULL);
+}
+
+/* A device that already holds the image (see loop_holds), opened; -1 if none.  Cheap:
+ * sysfs lists bound devices with their backing file's path; only those whose path ends
+ * in /label (the image's file name) are opened and checked. */
+static int loop_find(const struct stat *st, const char *label, char *dev, size_t devlen)
+{
+    DIR *d = opendir("/sys/block");
+    size_t n = strlen(label);
+    struct dirent *e;
+    int fd = -1;
+
+    while (d != NULL && fd < 0 && (e = readdir(d)) != NULL) {
+        char path[300], back[HELPER_MAX_PATH];
+        ssize_t len;
+        int bf;
+
+        if (strncmp(e->d_name, "loop", 4) != 0)
+            continue;
+        snprintf(path, sizeof path, "/sys/block/%s/loop/backing_file", e->d_name);
+        if ((bf = open(path, O_RDONLY | O_CLOEXEC)) < 0)
+            continue; /* not bound */
+        len = read(bf, back, sizeof back);
+        close(bf);
+        if (len < (ssize_t)n + 2 || back[len - 1] != '\n' || back[len - n - 2] != '/' ||
+            memcmp(back + len - n - 1, label, n) != 0)
+            continue;
+        snprintf(dev, devlen, "/dev/%s", e->d_name);
+        fd = open(dev, O_RDONLY | O_CLOEXEC);
+        if (fd >= 0 && !loop_holds(fd, st)) {
+            close(fd);
+            fd = -1;
+        }
+    }
+    if (d != NULL)
+        closedir(d);
+    return fd;
+}
+
 int loop_attach(int backing_fd, int read_only, const char *label, char *dev, size_t devlen)
 {
     struct loop_config cfg;
+    struct stat st;
     int ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
 
     if (ctl < 0)
         die_errno("Cannot open /dev/loop-control (is the loop module loaded?)");
+    if (read_only) {
+        /* Finding and attaching under one lock (on loop-control, which only root can
+         * open): a burst of launches of one image shares one device, not one each. */
+        int fd;
+        if (flock(ctl, LOCK_EX) != 0 || fstat(backing_fd, &st) != 0)
+            die_errno("Cannot look for a loop device holding %s", label);
+        if ((fd = loop_find(&st, label, dev, devlen)) >= 0) {
+            close(ctl);
+            verbose("sharing %s, which holds %s", dev, label);
+            return fd;
+        }
+    }
     memset(&cfg, 0, sizeof cfg);
     cfg.fd = (unsigned)backing_fd;
     cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR | (read_only ? LO_FLAGS_READ_ONLY : 0);
@@ -42,7 +119,7 @@ int loop_attach(int backing_fd, int read_only, const char *label, char *dev, siz
         if (fd < 0)
             die_errno("Cannot open %s", dev);
         if (ioctl(fd, LOOP_CONFIGURE, &cfg) == 0) {
-            close(ctl);
+            close(ctl); /* the lock goes with it: the device is bound, others find it */
             verbose("attached %s to %s", label, dev);
             return fd;
         }
