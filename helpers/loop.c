@@ -20,7 +20,6 @@
 #include <linux/loop.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -46,22 +45,23 @@ static int loop_holds(int fd, const struct stat *st)
            size == ((unsigned long long)st->st_size & ~511ULL);
 }
 
-/* A device that already holds the image (see loop_holds), opened; -1 if none.  Cheap:
- * sysfs lists bound devices with their backing file's path; only those whose path ends
- * in /label (the image's file name) are opened and checked. */
+/* The lowest-numbered device that holds the image (see loop_holds), opened; -1 if none.
+ * Cheap: sysfs lists bound devices with their backing file's path; only those whose path
+ * ends in /label (the image's file name) are opened and checked. */
 static int loop_find(const struct stat *st, const char *label, char *dev, size_t devlen)
 {
     DIR *d = opendir("/sys/block");
     size_t n = strlen(label);
     struct dirent *e;
-    int fd = -1;
+    int fd = -1, best = -1;
 
-    while (d != NULL && fd < 0 && (e = readdir(d)) != NULL) {
+    while (d != NULL && (e = readdir(d)) != NULL) {
         char path[300], back[HELPER_MAX_PATH];
+        int num, bf, got;
         ssize_t len;
-        int bf;
 
-        if (strncmp(e->d_name, "loop", 4) != 0)
+        if (sscanf(e->d_name, "loop%d%n", &num, &got) != 1 || e->d_name[got] != '\0' ||
+            (fd >= 0 && num > best))
             continue;
         snprintf(path, sizeof path, "/sys/block/%s/loop/backing_file", e->d_name);
         if ((bf = open(path, O_RDONLY | O_CLOEXEC)) < 0)
@@ -71,12 +71,17 @@ static int loop_find(const struct stat *st, const char *label, char *dev, size_t
         if (len < (ssize_t)n + 2 || back[len - 1] != '\n' || back[len - n - 2] != '/' ||
             memcmp(back + len - n - 1, label, n) != 0)
             continue;
-        snprintf(dev, devlen, "/dev/%s", e->d_name);
-        fd = open(dev, O_RDONLY | O_CLOEXEC);
-        if (fd >= 0 && !loop_holds(fd, st)) {
-            close(fd);
-            fd = -1;
+        snprintf(path, sizeof path, "/dev/%s", e->d_name);
+        if ((bf = open(path, O_RDONLY | O_CLOEXEC)) < 0 || !loop_holds(bf, st)) {
+            if (bf >= 0)
+                close(bf);
+            continue;
         }
+        if (fd >= 0)
+            close(fd);
+        fd = bf;
+        best = num;
+        snprintf(dev, devlen, "%s", path);
     }
     if (d != NULL)
         closedir(d);
@@ -87,30 +92,25 @@ int loop_attach(int backing_fd, int read_only, const char *label, char *dev, siz
 {
     struct loop_config cfg;
     struct stat st;
-    int ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+    int ctl, fd;
 
-    if (ctl < 0)
-        die_errno("Cannot open /dev/loop-control (is the loop module loaded?)");
     if (read_only) {
-        /* Finding and attaching under one lock (on loop-control, which only root can
-         * open): a burst of launches of one image shares one device, not one each. */
-        int fd;
-        if (flock(ctl, LOCK_EX) != 0 || fstat(backing_fd, &st) != 0)
-            die_errno("Cannot look for a loop device holding %s", label);
+        if (fstat(backing_fd, &st) != 0)
+            die_errno("Cannot stat %s", label);
         if ((fd = loop_find(&st, label, dev, devlen)) >= 0) {
-            close(ctl);
             verbose("sharing %s, which holds %s", dev, label);
             return fd;
         }
     }
+    if ((ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC)) < 0)
+        die_errno("Cannot open /dev/loop-control (is the loop module loaded?)");
     memset(&cfg, 0, sizeof cfg);
     cfg.fd = (unsigned)backing_fd;
     cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR | (read_only ? LO_FLAGS_READ_ONLY : 0);
     snprintf((char *)cfg.info.lo_file_name, sizeof cfg.info.lo_file_name, "%s", label);
 
     for (int i = 0; i < LOOP_TRIES; i++) {
-        int n = ioctl(ctl, LOOP_CTL_GET_FREE);
-        int fd;
+        int n = ioctl(ctl, LOOP_CTL_GET_FREE), low;
 
         if (n < 0)
             die_errno("Cannot get a free loop device");
@@ -119,8 +119,15 @@ int loop_attach(int backing_fd, int read_only, const char *label, char *dev, siz
         if (fd < 0)
             die_errno("Cannot open %s", dev);
         if (ioctl(fd, LOOP_CONFIGURE, &cfg) == 0) {
-            close(ctl); /* the lock goes with it: the device is bound, others find it */
+            close(ctl);
             verbose("attached %s to %s", label, dev);
+            /* Launches started together may each have attached one: all take the lowest
+             * (ours or not) and the others go, autoclear, with their last close.  No lock:
+             * a launch its user stops must not stop anyone else's. */
+            if (read_only && (low = loop_find(&st, label, dev, devlen)) >= 0) {
+                close(fd);
+                fd = low;
+            }
             return fd;
         }
         if (errno != EBUSY)

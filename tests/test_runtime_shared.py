@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -172,8 +173,8 @@ def test_the_device_lives_as_long_as_its_last_user(site, image):
 
 
 def test_a_burst_of_launches_shares_one_device(site, image):
-    """Launches started all at once: the first one attaches, every other one finds it
-    (finding and attaching are one step under a lock): one device, one superblock."""
+    """Launches started all at once: one device, one superblock. Those that found none
+    and attached one at the same moment all move to the lowest-numbered one."""
     n = 24
     holders = [Holder(site, ALICE if i % 2 else BOB, f"--image=id:{image}") for i in range(n)]
     try:
@@ -185,6 +186,49 @@ def test_a_burst_of_launches_shares_one_device(site, image):
     finally:
         for h in holders:
             h.kill()
+
+
+def test_a_launch_its_user_stops_holds_up_no_one_else(site, image):
+    """The attack: Alice stops (SIGSTOP) her own launches at moments spread over the
+    helper's work, the device search included, and leaves them stopped. Bob's launches of
+    the same image still run at once: the helper holds nothing across that work that
+    another launch would wait for (a lock would be Alice's to keep)."""
+    stopped: list[subprocess.Popen] = []
+    alice_did_it = False
+    try:
+        for i in range(60):
+            p = subprocess.Popen([str(site.launcher), f"--image=id:{image}", "true"],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, env=site.user_env(ALICE),
+                                 cwd=str(site.base), **site.spawn_kwargs(ALICE))
+            stopped.append(p)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and p.poll() is None:
+                try:
+                    if Path(f"/proc/{p.pid}/comm").read_text().strip() == "shifter-helper":
+                        break
+                except OSError:
+                    break
+            time.sleep((i % 30) * 0.0001)
+            # Never a pid we reaped (poll() below only reaps one that ended): not reused.
+            if not alice_did_it and p.poll() is None:
+                # Alice may do this herself: the setuid helper's real uid is hers.
+                res = site.run(ALICE, ["kill", "-STOP", str(p.pid)])
+                alice_did_it = res.returncode == 0
+                assert alice_did_it, res.stderr
+            else:
+                p.send_signal(signal.SIGSTOP)  # nothing if it ended already
+            try:
+                res = site.shifter(BOB, f"--image=id:{image}", "cat", "/etc/marker",
+                                   timeout=20)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"Bob's launch waited on Alice's stopped one ({i})") from None
+            assert (res.returncode, res.stdout) == (0, "real\n"), res.stderr
+        assert alice_did_it
+    finally:
+        for p in stopped:
+            p.kill()
+            p.wait()
 
 
 def test_a_launch_shares_the_device_of_a_prepared_container(site, image):
