@@ -13,7 +13,6 @@
 #define _GNU_SOURCE
 #include "loop.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fs.h>
@@ -46,45 +45,36 @@ static int loop_holds(int fd, const struct stat *st)
 }
 
 /* The lowest-numbered device that holds the image (see loop_holds), opened; -1 if none.
- * Cheap: sysfs lists bound devices with their backing file's path; only those whose path
- * ends in /label (the image's file name) are opened and checked. */
-static int loop_find(const struct stat *st, const char *label, char *dev, size_t devlen)
+ * Cheap: /proc/partitions lists only bound devices (an unbound one has no size), with
+ * their size in KiB; only those of the image's size are opened and checked. */
+static int loop_find(const struct stat *st, char *dev, size_t devlen)
 {
-    DIR *d = opendir("/sys/block");
-    size_t n = strlen(label);
-    struct dirent *e;
-    int fd = -1, best = -1;
+    FILE *parts = fopen("/proc/partitions", "re");
+    unsigned long long kib;
+    char line[256], path[64];
+    int fd = -1, best = -1, num, got, lfd;
 
-    while (d != NULL && (e = readdir(d)) != NULL) {
-        char path[300], back[HELPER_MAX_PATH];
-        int num, bf, got;
-        ssize_t len;
-
-        if (sscanf(e->d_name, "loop%d%n", &num, &got) != 1 || e->d_name[got] != '\0' ||
+    while (parts != NULL && fgets(line, sizeof line, parts) != NULL) {
+        got = 0;
+        if (sscanf(line, "%*u %*u %llu loop%d%n", &kib, &num, &got) != 2 ||
+            line[got] != '\n' || kib != (unsigned long long)st->st_size >> 10 ||
             (fd >= 0 && num > best))
             continue;
-        snprintf(path, sizeof path, "/sys/block/%s/loop/backing_file", e->d_name);
-        if ((bf = open(path, O_RDONLY | O_CLOEXEC)) < 0)
-            continue; /* not bound */
-        len = read(bf, back, sizeof back);
-        close(bf);
-        if (len < (ssize_t)n + 2 || back[len - 1] != '\n' || back[len - n - 2] != '/' ||
-            memcmp(back + len - n - 1, label, n) != 0)
-            continue;
-        snprintf(path, sizeof path, "/dev/%s", e->d_name);
-        if ((bf = open(path, O_RDONLY | O_CLOEXEC)) < 0 || !loop_holds(bf, st)) {
-            if (bf >= 0)
-                close(bf);
+        snprintf(path, sizeof path, "/dev/loop%d", num);
+        if ((lfd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
+            continue; /* released meanwhile */
+        if (!loop_holds(lfd, st)) {
+            close(lfd);
             continue;
         }
         if (fd >= 0)
             close(fd);
-        fd = bf;
+        fd = lfd;
         best = num;
         snprintf(dev, devlen, "%s", path);
     }
-    if (d != NULL)
-        closedir(d);
+    if (parts != NULL)
+        fclose(parts);
     return fd;
 }
 
@@ -97,7 +87,7 @@ int loop_attach(int backing_fd, int read_only, const char *label, char *dev, siz
     if (read_only) {
         if (fstat(backing_fd, &st) != 0)
             die_errno("Cannot stat %s", label);
-        if ((fd = loop_find(&st, label, dev, devlen)) >= 0) {
+        if ((fd = loop_find(&st, dev, devlen)) >= 0) {
             verbose("sharing %s, which holds %s", dev, label);
             return fd;
         }
@@ -124,7 +114,7 @@ int loop_attach(int backing_fd, int read_only, const char *label, char *dev, siz
             /* Launches started together may each have attached one: all take the lowest
              * (ours or not) and the others go, autoclear, with their last close.  No lock:
              * a launch its user stops must not stop anyone else's. */
-            if (read_only && (low = loop_find(&st, label, dev, devlen)) >= 0) {
+            if (read_only && (low = loop_find(&st, dev, devlen)) >= 0) {
                 close(fd);
                 fd = low;
             }
