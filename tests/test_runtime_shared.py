@@ -55,16 +55,7 @@ def clean(site):
     site.write_conf()
     yield
     site.write_conf()
-    devices_released(site)
     site.assert_nothing_left()
-
-
-def devices_released(site: RuntimeSite, within: float = 2.0) -> None:
-    """Wait (bounded) for the kernel to release the last launch's device: it may finish
-    that a few ms after the launch's process was reaped (seen here under load)."""
-    deadline = time.monotonic() + within
-    while site.our_loops() and time.monotonic() < deadline:
-        time.sleep(0.005)
 
 
 class Holder:
