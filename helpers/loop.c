@@ -29,9 +29,9 @@
 
 /* Does the open device fd hold exactly the file st: same inode, whole of it (offset 0,
  * as long as the file is now: a size limit, or a file changed in place since, differs),
- * read-only, autoclear?  Asked on the open fd: while we hold it, autoclear cannot release the
- * device, so what was checked here is what gets mounted (a device cleared or rebound
- * since the scan fails this, ENXIO or another inode, and is not used). */
+ * read-only, autoclear?  Asked on the open fd: while we hold it, autoclear cannot
+ * release the device, so what was checked here is what gets mounted (a device cleared
+ * or rebound since the scan fails this, ENXIO or another inode, and is not used). */
 static int loop_holds(int fd, const struct stat *st)
 {
     const unsigned want = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
