@@ -122,7 +122,11 @@ int loop_attach(int backing_fd, int read_only, const char *label, char *dev, siz
         }
         if (errno != EBUSY)
             die_errno("Cannot configure %s for %s", dev, label);
-        close(fd); /* lost the race for this device: ask for another */
+        close(fd); /* lost the race for this device: perhaps to a launch of this image */
+        if (read_only && (fd = loop_find(&st, dev, devlen)) >= 0) {
+            close(ctl);
+            return fd;
+        }
     }
     die("Cannot get a free loop device after %d tries", LOOP_TRIES);
 }

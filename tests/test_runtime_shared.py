@@ -166,7 +166,7 @@ def test_the_device_lives_as_long_as_its_last_user(site, image):
 def test_a_burst_of_launches_shares_one_device(site, image):
     """Launches started all at once: one device, one superblock. Those that found none
     and attached one at the same moment all move to the lowest-numbered one."""
-    n = 24
+    n = 64
     holders = [Holder(site, ALICE if i % 2 else BOB, f"--image=id:{image}") for i in range(n)]
     try:
         reports = [h.report() for h in holders]
