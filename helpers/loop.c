@@ -82,27 +82,28 @@ int loop_attach(int backing_fd, int read_only, const char *label, char *dev, siz
 {
     struct loop_config cfg;
     struct stat st;
-    int ctl, fd;
+    int ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
 
-    if (read_only) {
-        if (fstat(backing_fd, &st) != 0)
-            die_errno("Cannot stat %s", label);
-        if ((fd = loop_find(&st, dev, devlen)) >= 0) {
-            verbose("sharing %s, which holds %s", dev, label);
-            return fd;
-        }
-    }
-    if ((ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC)) < 0)
+    if (ctl < 0)
         die_errno("Cannot open /dev/loop-control (is the loop module loaded?)");
+    if (read_only && fstat(backing_fd, &st) != 0)
+        die_errno("Cannot stat %s", label);
     memset(&cfg, 0, sizeof cfg);
     cfg.fd = (unsigned)backing_fd;
     cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR | (read_only ? LO_FLAGS_READ_ONLY : 0);
     snprintf((char *)cfg.info.lo_file_name, sizeof cfg.info.lo_file_name, "%s", label);
 
     for (int i = 0; i < LOOP_TRIES; i++) {
-        int n = ioctl(ctl, LOOP_CTL_GET_FREE), low;
+        int n, fd, low;
 
-        if (n < 0)
+        /* First, and again after losing a device to another launch (perhaps of this
+         * image): a device that holds the image already is shared. */
+        if (read_only && (fd = loop_find(&st, dev, devlen)) >= 0) {
+            close(ctl);
+            verbose("sharing %s, which holds %s", dev, label);
+            return fd;
+        }
+        if ((n = ioctl(ctl, LOOP_CTL_GET_FREE)) < 0)
             die_errno("Cannot get a free loop device");
         snprintf(dev, devlen, "/dev/loop%d", n);
         fd = open(dev, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
@@ -122,11 +123,7 @@ int loop_attach(int backing_fd, int read_only, const char *label, char *dev, siz
         }
         if (errno != EBUSY)
             die_errno("Cannot configure %s for %s", dev, label);
-        close(fd); /* lost the race for this device: perhaps to a launch of this image */
-        if (read_only && (fd = loop_find(&st, dev, devlen)) >= 0) {
-            close(ctl);
-            return fd;
-        }
+        close(fd); /* lost the race for this device: look again, then ask for another */
     }
     die("Cannot get a free loop device after %d tries", LOOP_TRIES);
 }
