@@ -249,6 +249,16 @@ def test_metrics_limit_and_order(gateway, basic):
     gateway.wait_status(basic.ref())
     for _ in range(3):
         gateway.request("GET", f"/api/lookup/{SYS}/docker/{basic.ref()}/", user="shifter-bob")
+    # Each worker writes its lookups' rows once a second (imagegw/metrics_batch.py): the
+    # worker answering /api/metrics writes its own first, the others' follow within 1 s.
+    deadline = time.monotonic() + 3
+    while True:
+        rows = gateway.request("GET", f"/api/metrics/{SYS}/?limit=100").json()
+        bobs = [r for r in rows if r["user"] == "shifter-bob" and r["tag"] == basic.ref()]
+        if len(bobs) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(bobs) == 3, rows
     rows = gateway.request("GET", f"/api/metrics/{SYS}/?limit=2").json()
     assert len(rows) == 2 and rows[0]["time"] <= rows[1]["time"]
     assert rows[-1]["user"] == "shifter-bob" and rows[-1]["tag"] == basic.ref()

@@ -538,6 +538,17 @@ def test_metrics_rows_of_the_same_time_keep_insertion_order(store: RecordStore) 
     assert [r["user"] for r in store.last_metrics(3)] == ["u2", "u3", "u4"]
 
 
+def test_metrics_rows_added_as_a_batch_keep_their_order(store: RecordStore) -> None:
+    # The gateway writes a second's worth of lookups' rows at once (imagegw/metrics_batch.py).
+    store.add_metric(_metric(0, when=42.0))
+    rows = [_metric(i, when=42.0) for i in range(1, 6)]
+    store.add_metrics(iter(rows))  # any iterable, read once
+    store.add_metrics([])
+    assert all("_id" not in row for row in rows)  # the caller's dicts are left alone
+    assert store.last_metrics(4) == rows[-4:]
+    assert [r["user"] for r in store.last_metrics(100)] == [f"u{i}" for i in range(6)]
+
+
 # -- lifecycle -------------------------------------------------------------------------
 
 

@@ -103,6 +103,14 @@ def _columns(doc: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple(v if isinstance(v := doc.get(name), str) else None for name in _COLUMNS)
 
 
+def _metric_values(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A metrics row's (system, time, doc) columns; system and time are indexed copies."""
+    doc = dict(row)
+    system = doc.get("system") if isinstance(doc.get("system"), str) else None
+    when = doc.get("time") if isinstance(doc.get("time"), int | float) else None
+    return system, when, _dumps(doc)
+
+
 class SQLiteStore(RecordStore):
     """Records in the SQLite file ``path`` (created, with its directory, if missing)."""
 
@@ -398,9 +406,6 @@ class SQLiteStore(RecordStore):
     # -- metrics -----------------------------------------------------------------------
 
     def add_metric(self, row: Mapping[str, Any]) -> None:
-        doc = dict(row)
-        system = doc.get("system") if isinstance(doc.get("system"), str) else None
-        when = doc.get("time") if isinstance(doc.get("time"), int | float) else None
         # One statement in autocommit mode, not BEGIN IMMEDIATE/INSERT/COMMIT: every
         # lookup writes a row, and between those three calls the thread holds the
         # database's write lock while it waits for the GIL (up to the 5 ms switch
@@ -408,9 +413,14 @@ class SQLiteStore(RecordStore):
         # handler, which sleeps 1, 2, 5, 10 ... ms. A lone INSERT takes and releases the
         # lock inside one sqlite3_step with the GIL released, and is just as atomic.
         self._conn().execute(
-            "INSERT INTO metrics (system, time, doc) VALUES (?, ?, ?)",
-            (system, when, _dumps(doc)),
+            "INSERT INTO metrics (system, time, doc) VALUES (?, ?, ?)", _metric_values(row)
         )
+
+    def add_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        values = [_metric_values(row) for row in rows]
+        if values:
+            with self._write() as conn:
+                conn.executemany("INSERT INTO metrics (system, time, doc) VALUES (?, ?, ?)", values)
 
     def trim_metrics(self, keep: int) -> int:
         # seq grows with insertion: the row ``keep`` places below the newest is the
