@@ -502,6 +502,59 @@ def test_one_claim_wins_among_2_processes_of_25_threads(shared_backend: Backend)
     assert store.claims() == [{"_id": "sys|docker|busy:latest", "owner": winners[0], "time": 700.0}]
 
 
+def _change_in_child(i: int, backend: Backend, change: str, rid: str) -> None:
+    store = backend.open()  # the child's own store, as another gunicorn worker has
+    if change == "expire":
+        store.update(rid, {"status": EXPIRED})
+    elif change == "ready":
+        store.update(rid, {"status": READY, "LABELS": {"v": "2"}})
+    elif change == "move":
+        store.insert(pull_record(status=READY, tag=["t:1"], LABELS={"v": "3"}))
+    elif change == "add":
+        store.insert(pull_record(status=READY, tag=["t:2"]))
+    elif change == "delete":
+        store.delete(rid)
+    store.close()
+
+
+def test_find_tagged_sees_at_once_what_another_process_changed(shared_backend: Backend) -> None:
+    # Lookups answer from a per-process cache (SQLite); a change committed by any other
+    # process must show in the very next lookup, found or not found.
+    reader = shared_backend.open()
+    rid = reader.insert(pull_record(status=READY, tag=["t:1"], LABELS={"v": "1"}))["_id"]
+    assert reader.find_tagged("sys", "t:1")["_id"] == rid
+    assert reader.find_tagged("sys", "t:2") is None
+
+    def change(what: str) -> None:
+        run_processes(1, _change_in_child, shared_backend, what, rid)
+
+    change("expire")
+    assert reader.find_tagged("sys", "t:1") is None
+    assert reader.find_tagged("sys", "t:1", status=None)["status"] == EXPIRED
+    change("ready")
+    assert reader.find_tagged("sys", "t:1")["LABELS"] == {"v": "2"}
+    change("move")  # a newer record takes the tag
+    moved = reader.find_tagged("sys", "t:1")
+    assert moved["_id"] != rid and moved["LABELS"] == {"v": "3"}
+    assert reader.get(rid)["tag"] == []
+    change("add")
+    assert reader.find_tagged("sys", "t:2") is not None
+    change("delete")
+    assert reader.find_tagged("sys", "t:1")["_id"] == moved["_id"]
+    assert reader.get(rid) is None
+
+
+def test_find_tagged_answers_are_the_callers_to_change(store: RecordStore) -> None:
+    # The manager sets fields on the record it is given: that must not reach the store
+    # or the next caller (a cached answer is a fresh copy each time).
+    store.insert(pull_record(status=READY, tag=["t:1"], userACL=[1000]))
+    first = store.find_tagged("sys", "t:1")
+    first["expiration"] = 1.0
+    first["userACL"].append(0)
+    again = store.find_tagged("sys", "t:1")
+    assert "expiration" not in again and again["userACL"] == [1000]
+
+
 # -- metrics ---------------------------------------------------------------------------
 
 
