@@ -41,11 +41,13 @@ def munge_cred(socket: str, user: str | None = None, payload: bytes = b"") -> st
 class Gateway:
     def __init__(self, workdir: Path, *, munge_socket: str, registry: Any = None,
                  workers: int = 2, threads: int = 1, extra: dict[str, Any] | None = None,
-                 admins: tuple[str, ...] = ("root",)) -> None:
+                 admins: tuple[str, ...] = ("root",),
+                 gunicorn_config: str | None = None) -> None:
         self.workdir = Path(workdir)
         self.munge_socket = munge_socket
         self.workers = workers
         self.threads = threads
+        self.gunicorn_config = gunicorn_config  # None: the service's own
         self.image_dir = self.workdir / "images"
         self.config_path = self.workdir / "imagemanager.json"
         self.log_path = self.workdir / "gateway.log"
@@ -93,7 +95,8 @@ class Gateway:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "imagegw.service", "-c", str(self.config_path),
              "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.workers),
-             "--threads", str(self.threads)],
+             "--threads", str(self.threads),
+             *(["--gunicorn-config", self.gunicorn_config] if self.gunicorn_config else [])],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
