@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 # grow without bound.
 MAX_PENDING = 100_000
 
+# This process's pid, kept by a fork hook rather than asked of the kernel on every row.
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
 
 class MetricsBatcher:
     """Queue of metrics rows for ``store``, written by one thread per process."""
@@ -52,9 +56,9 @@ class MetricsBatcher:
         with self._lock:
             self._rows.append(dict(row))
             full = len(self._rows) >= self.max_rows
-            if self._thread_pid != os.getpid():
+            if self._thread_pid != _pid[0]:
                 # First row in this process (gunicorn forks workers): its own writer.
-                self._thread_pid = os.getpid()
+                self._thread_pid = _pid[0]
                 threading.Thread(target=self._run, name="imagegw-metrics", daemon=True).start()
         if full:
             self._wake.set()
@@ -84,7 +88,7 @@ class MetricsBatcher:
                 )  # fmt: skip
 
     def _run(self) -> None:
-        me = os.getpid()
+        me = _pid[0]
         while self._thread_pid == me:
             self._wake.wait(self.interval)
             self._wake.clear()
