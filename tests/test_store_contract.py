@@ -623,6 +623,19 @@ def test_everything_survives_reopening(backend: Backend) -> None:
 # -- backend specifics -----------------------------------------------------------------
 
 
+def test_sqlite_without_its_change_counter_answers_uncached(tmp_path: Path, caplog) -> None:
+    # No usable <database>-gen (here a directory stands in its way): no cache, correct
+    # answers, and a warning that says which file.
+    path = tmp_path / "s.sqlite"
+    (tmp_path / "s.sqlite-gen").mkdir()
+    reader, writer = SQLiteStore(path), SQLiteStore(path)
+    assert "s.sqlite-gen" in caplog.text
+    rid = writer.insert(pull_record(status=READY, tag=["t:1"]))["_id"]
+    assert reader.find_tagged("sys", "t:1")["_id"] == rid
+    writer.update(rid, {"status": EXPIRED})
+    assert reader.find_tagged("sys", "t:1") is None
+
+
 def test_sqlite_file_is_wal_and_the_database_keeps_tags_unique(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "s.sqlite"  # parents are created
     store = SQLiteStore(path)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import mmap
 import os
 import sqlite3
@@ -96,6 +97,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _COLUMNS = ("system", "itype", "status", "pulltag", "id")
+log = logging.getLogger(__name__)
 
 # find_tagged's cache (see the module docstring). The age limit is a safety net only, for
 # a change that did not move the counter: a writer killed between its commit and the
@@ -117,14 +119,16 @@ class _Generation:
         try:
             # The database file's own default mode: whoever may open the one opens the other.
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError:
+        except OSError as exc:
+            log.warning("lookups answered without a cache: cannot open %s: %s", path, exc)
             return
         try:
             if os.fstat(fd).st_size < _GEN.size:
                 os.ftruncate(fd, _GEN.size)  # zeros; a concurrent opener truncates to the same
             self._map = mmap.mmap(fd, _GEN.size, mmap.MAP_SHARED)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
+            log.warning("lookups answered without a cache: cannot map %s: %s", path, exc)
             return
         self._fd = fd
 
