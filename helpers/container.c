@@ -9,7 +9,7 @@
  *     /opt/udiImage, (shifter-setup) hostsfile, module roothooks, the front end's
  *     passwd/group (--etc-fd), proc sys dev tmp var/tmp
  *   6 image content: top level of /, then /var, /opt and /etc, site entries win
- *   7 user volumes; then shifter-setup's sshd (its setup_step)
+ *   7 user volumes, (run) the step's PMIx directory; then shifter-setup's sshd
  *   8 (shifter-setup) var/shifterConfig.json; root read-only unless mountUdiRootWritable=1
  *
  * The container root is handled as a directory fd (the rootfs mount fd) from
@@ -33,6 +33,7 @@
 #include "etcfiles.h"
 #include "loop.h"
 #include "mnt.h"
+#include "pmix.h"
 #include "util.h"
 #include "volmount.h"
 
@@ -409,6 +410,8 @@ void container_build(struct ctx *c)
     close(image);
     verbose("image content added");
     volmount_user(c);
+    if (c->pmix_dir != NULL)
+        pmix_mount(c);
     if (c->setup_step != NULL)
         c->setup_step(c, STEP_USER_VOLUMES);
     if (!config_flag(conf_get(c->conf, "mountUdiRootWritable"), 0))

@@ -95,6 +95,16 @@ void mnt_set(int mfd, int rec, unsigned attrs, unsigned long propagation, const 
         die_errno("Cannot set mount flags on %s", what);
 }
 
+void mnt_clear(int mfd, unsigned attrs, const char *what)
+{
+    struct mount_attr attr;
+
+    memset(&attr, 0, sizeof attr);
+    attr.attr_clr = to_mount_attr(attrs);
+    if (mount_setattr(mfd, "", AT_EMPTY_PATH, &attr, sizeof attr) != 0)
+        die_errno("Cannot clear mount flags on %s", what);
+}
+
 void mnt_attach(int mfd, int dst_fd, unsigned long propagation, const char *what)
 {
     if (move_mount(mfd, "", dst_fd, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) != 0)

@@ -30,6 +30,9 @@ void mnt_attach(int mfd, int dst_fd, unsigned long propagation, const char *what
 /* Set (recursively when rec) attrs on an attached mount. */
 void mnt_set(int mfd, int rec, unsigned attrs, unsigned long propagation, const char *what);
 
+/* Clear attrs on an attached mount (not recursive). */
+void mnt_clear(int mfd, unsigned attrs, const char *what);
+
 /* Create the mount point dst_dir/name (a directory of mode dir_mode when is_dir, else an
  * empty file; a directory may already exist, a file must not) and return it O_PATH. */
 int mnt_point_at(int dst_dir, const char *name, int is_dir, unsigned dir_mode);

@@ -49,7 +49,8 @@ static void set_fs_ids(uid_t uid, gid_t gid)
         die("Cannot switch filesystem ids");
 }
 
-int volmount_open_as_user(const struct ident *id, const char *path, int want_dir)
+static int open_as_user(const struct ident *id, const char *path, int want_dir,
+                        unsigned long long resolve)
 {
     static gid_t saved[IDENT_MAX_GROUPS + 1];
     int fd, dir, e, nsaved;
@@ -60,7 +61,7 @@ int volmount_open_as_user(const struct ident *id, const char *path, int want_dir
         die_errno("Cannot switch to the user's groups");
     set_fs_ids(id->uid, id->gid);
     fd = openat2_resolve(AT_FDCWD, path, O_PATH | (want_dir ? O_DIRECTORY : 0) | O_CLOEXEC,
-                         RESOLVE_NO_MAGICLINKS);
+                         resolve);
     /* Looking up "." in it needs search permission: the user can reach inside. */
     dir = fd >= 0 && want_dir ? openat(fd, ".", O_PATH | O_DIRECTORY | O_CLOEXEC) : fd;
     e = errno;
@@ -71,6 +72,16 @@ int volmount_open_as_user(const struct ident *id, const char *path, int want_dir
         close(fd);
     errno = e;
     return dir;
+}
+
+int volmount_open_as_user(const struct ident *id, const char *path, int want_dir)
+{
+    return open_as_user(id, path, want_dir, RESOLVE_NO_MAGICLINKS);
+}
+
+int volmount_open_dir_as_user_nofollow(const struct ident *id, const char *path)
+{
+    return open_as_user(id, path, 1, RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS);
 }
 
 /* The container path fd resolved to (fd inside the container root), in out. */

@@ -2,7 +2,8 @@
 manager.
 
 Status codes: 400 bad body or tag, 401 no or invalid credential, 403 not allowed, 404
-not found, 500 only for real faults. Error bodies: ``{"status", "error", "message"}``.
+not found, 409 the record changed under a removal, 500 only for real faults. Error bodies:
+``{"status", "error", "message"}``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ _REASONS = {
     401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
+    409: "Conflict",
     500: "Internal Server Error",
 }
 
@@ -166,6 +168,13 @@ def create_app(manager: ImageManager, *, auth_method: str | None = None) -> Flas
     def expire(system: str, itype: str, tag: str):
         who = caller(system)
         return jsonify({"status": manager.expire(who, system, itype, tag.rstrip("/"))})
+
+    @app.post("/api/remove/<system>/<itype>/<path:tag>", strict_slashes=False)
+    def remove(system: str, itype: str, tag: str):
+        # Beyond Shifter: a user removes a private image they pulled (Shifter #233).
+        who = caller(system)
+        rec = manager.remove(who, system, itype, tag.rstrip("/"))
+        return jsonify({"status": True, "id": rec.get("id"), "tag": rec.get("tag") or []})
 
     @app.get("/api/autoexpire/<system>/", strict_slashes=False)
     def autoexpire(system: str):

@@ -73,6 +73,10 @@ class NotFound(GatewayError):
     status = 404
 
 
+class Conflict(GatewayError):
+    status = 409
+
+
 def normalize_tag(itype: str, tag: str) -> str:
     """Validate a tag; docker and custom tags without a tag part get ``:latest``."""
     if not tag or len(tag) > 512:
@@ -93,10 +97,14 @@ def normalize_tag(itype: str, tag: str) -> str:
     return tag if ":" in last else f"{tag}:latest"
 
 
-def _queued(owner: str, now: float, uacl: list[int], gacl: list[int], user: str) -> dict[str, Any]:
-    """Fields of a record just claimed by ``owner`` for ``user``, waiting for a worker."""
+def _queued(
+    owner: str, now: float, uacl: list[int], gacl: list[int], caller: Caller
+) -> dict[str, Any]:
+    """Fields of a record just claimed by ``owner`` for ``caller``, waiting for a worker."""
     return {
-        "requester": user,  # for the log lines of a pull re-queued after a restart
+        "requester": caller.user,  # for the log lines of a pull re-queued after a restart
+        # Who may remove the image besides admins (docs/behaviour.md, 'Gateway: removal').
+        "puller_uid": caller.uid,
         "status": "PENDING",
         "status_message": "Queued",
         "last_heartbeat": now,
@@ -105,6 +113,25 @@ def _queued(owner: str, now: float, uacl: list[int], gacl: list[int], user: str)
         "groupACL": gacl,
         "private": bool(uacl or gacl),
     }
+
+
+def _not_removable_by(rec: Record, caller: Caller, name: str, system: str) -> str | None:
+    """Why ``caller`` (no admin) may not remove ``rec``, or None if they may."""
+    if not (rec.get("private") and (rec.get("userACL") or rec.get("groupACL"))):
+        return (
+            f"{name} is a public image: only an admin of {system} can remove it "
+            "(they use shifterimg expire)"
+        )
+    puller = rec.get("puller_uid")
+    if puller is None:
+        return (
+            f"{name} was not pulled by you alone (pulled by several users, or before "
+            f"users could remove images): ask an admin of {system} to remove it"
+        )
+    if puller != caller.uid:
+        who = rec.get("requester") or f"uid {puller}"
+        return f"{name} was pulled by {who}: only they or an admin of {system} can remove it"
+    return None
 
 
 def _host_pid(owner: str | None) -> tuple[str, int] | None:
@@ -388,7 +415,7 @@ class ImageManager:
             return None
         rid = None
         try:
-            fields = _queued(owner, now, uacl, gacl, caller.user)
+            fields = _queued(owner, now, uacl, gacl, caller)
             if (
                 rec is not None
                 and rec.get("status") in (*INFLIGHT, FAILURE)
@@ -611,9 +638,12 @@ class ImageManager:
         'Gateway: states')."""
         existing = self.store.find_image(system, image_id, READY)
         if existing is not None and existing["_id"] != rid:
-            self.store.update(
-                existing["_id"], {k: v for k, v in fields.items() if k not in ("status", "id")}
-            )
+            merged = {k: v for k, v in fields.items() if k not in ("status", "id")}
+            puller = (self.store.get(rid) or {}).get("puller_uid")
+            if existing.get("puller_uid") != puller:
+                # Pulled by two users: neither may remove it alone, only an admin.
+                merged["puller_uid"] = None
+            self.store.update(existing["_id"], merged)
             self.store.set_tag(system, existing["_id"], tag)
             self.store.delete(rid)
         else:
@@ -675,7 +705,7 @@ class ImageManager:
         try:
             rec = self.store.insert(
                 self._new_record(system, itype, tag)
-                | _queued(owner, now, uacl, gacl, caller.user)
+                | _queued(owner, now, uacl, gacl, caller)
                 | {"remotetype": "import", "filepath": path}
             )
             log.info(
@@ -791,8 +821,17 @@ class ImageManager:
 
     # -- expiry ----------------------------------------------------------------------
 
-    def _expire(self, rec: Record) -> bool:
-        if not self.store.update(rec["_id"], {"status": "EXPIRING"}, if_status=[READY]):
+    def _expire(
+        self,
+        rec: Record,
+        message: str = "Expired",
+        if_fields: dict[str, str | int | None] | None = None,
+    ) -> bool:
+        """READY → EXPIRING → EXPIRED, files and tag index removed; False if the record was
+        no longer READY (or no longer matched ``if_fields``) when the expiry began."""
+        if not self.store.update(
+            rec["_id"], {"status": "EXPIRING"}, if_status=[READY], if_fields=if_fields
+        ):
             return False
         transfer = self.transfer(rec["system"])
         image_id = rec.get("id")
@@ -809,9 +848,41 @@ class ImageManager:
             raise GatewayError(f"could not remove image files: {exc}") from None
         # Compare-and-set: a pull that took over this record meanwhile keeps it.
         self.store.update(
-            rec["_id"], {"status": EXPIRED, "status_message": "Expired"}, if_status=["EXPIRING"]
+            rec["_id"], {"status": EXPIRED, "status_message": message}, if_status=["EXPIRING"]
         )
         return True
+
+    def remove(self, caller: Caller, system: str, itype: str, tag: str) -> Record:
+        """A user removes a private image they pulled; an admin any image
+        (docs/behaviour.md, 'Gateway: removal'). Returns the record as it was."""
+        self.platform(system)
+        tag = normalize_tag(itype, tag)
+        rec = self.store.find_tagged(system, tag, READY)
+        # An image the caller cannot read answers as lookup does: not found, so that
+        # nobody learns which private images others have.
+        if rec is None or rec.get("itype") != itype or not can_read(rec, caller):
+            raise NotFound(f"image {itype}:{tag} not found on {system}")
+        guard: dict[str, str | int | None] | None = None
+        if not self.is_admin(caller, system):
+            refusal = _not_removable_by(rec, caller, f"{itype}:{tag}", system)
+            if refusal:
+                log.warning(
+                    "remove refused user=%s system=%s tag=%s id=%s",
+                    caller.user, system, tag, rec.get("id"),
+                )  # fmt: skip
+                raise Forbidden(refusal)
+            # Still theirs when it goes: a pull by someone else merged in meanwhile wins.
+            guard = {"puller_uid": caller.uid, "id": rec.get("id")}
+        if not self._expire(rec, f"Removed by {caller.user}", guard):
+            raise Conflict(
+                f"{itype}:{tag} changed while being removed (pulled again, or removed by "
+                "someone else): look it up and try again"
+            )
+        log.info(
+            "remove user=%s system=%s tag=%s id=%s tags=%s",
+            caller.user, system, tag, rec.get("id"), ",".join(rec.get("tag") or []),
+        )  # fmt: skip
+        return rec
 
     def expire(self, caller: Caller, system: str, itype: str, tag: str) -> bool:
         self.platform(system)

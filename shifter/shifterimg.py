@@ -5,6 +5,7 @@
     shifterimg [--json] lookup ubuntu:22.04
     shifterimg [--json] images
     shifterimg login [location]
+    shifterimg rm docker:me/app:1                (a private image you pulled)
     shifterimg expire docker:ubuntu:22.04        (admins)
     shifterimg autoexpire                        (admins)
     shifterimg import /path/image.squashfs custom:mytag
@@ -459,6 +460,26 @@ def do_admin(gw: Gateway, mode: str, itype: str = "", tag: str = "") -> int:
     return 0
 
 
+def do_remove(gw: Gateway, itype: str, tag: str) -> int:
+    """Remove a private image the caller pulled (admins: any image); prints what went."""
+    status, data = gw.call("POST", f"/api/remove/{gw.system}/{itype}/{tag}/")
+    if status != 200 or not isinstance(data, dict):
+        error(f"cannot remove {itype}:{tag}: {_message(data)}")
+        return 1
+    tags = [t for t in data.get("tag") or [] if isinstance(t, str)]
+    print(f"removed {itype}:{tag} (id {data.get('id')})")
+    for other in sorted(tags):
+        # The image goes with every tag naming it: say which other names stopped working.
+        if other != _with_latest(tag):
+            print(f"removed {itype}:{other} too (same image)")
+    return 0
+
+
+def _with_latest(tag: str) -> str:
+    """The tag as the gateway stores it: without a tag part, ``:latest``."""
+    return tag if ":" in tag.rsplit("/", 1)[-1] else f"{tag}:latest"
+
+
 def do_import(
     gw: Gateway, path: str, itype: str, tag: str, users: str | None, groups: str | None
 ) -> int:
@@ -493,7 +514,7 @@ def _with_own_id(ids: str, own: int) -> str:
 
 def _import_entries(gw: Gateway, tag: str, status: str | None = None) -> list[dict[str, Any]]:
     """Queue entries (records neither READY nor EXPIRED) of ``tag``, oldest first."""
-    full = tag if ":" in tag.rsplit("/", 1)[-1] else f"{tag}:latest"
+    full = _with_latest(tag)
     code, data = gw.call("GET", f"/api/queue/{gw.system}/")
     if code != 200 or not isinstance(data, dict):
         raise ClientError(f"cannot follow the import: {_message(data)}")
@@ -542,7 +563,7 @@ def do_login(system: str, location: str | None, default_location: str) -> int:
     return 0
 
 
-MODES = ("lookup", "pull", "pullnb", "images", "login", "expire", "autoexpire", "import")
+MODES = ("lookup", "pull", "pullnb", "images", "login", "rm", "expire", "autoexpire", "import")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -555,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
         "find an image's id.",
         epilog="modes: lookup TYPE:TAG (print the id) | pull TYPE:TAG (wait until ready) | "
         "pullnb TYPE:TAG (ask, do not wait) | images | login [LOCATION] | "
-        "expire TYPE:TAG (admins) | autoexpire (admins) | import FILE [TYPE:]TAG. "
+        "rm TYPE:TAG (remove a private image you pulled) | expire TYPE:TAG (admins) | "
+        "autoexpire (admins) | import FILE [TYPE:]TAG. "
         "TYPE is docker (default: defaultImageType) or custom.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -620,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
             return do_lookup(gw, itype, tag, args.json)
         if args.mode == "expire":
             return do_admin(gw, "expire", itype, tag)
+        if args.mode == "rm":
+            return do_remove(gw, itype, tag)
         return do_pull(
             gw,
             itype,

@@ -1,7 +1,7 @@
 """``shifter-spank``: the Slurm plugin's submit-time half (docs/behaviour.md, 'Slurm plugin').
 
     shifter-spank check [--image=TYPE:TAG] [--volume=LIST]… [--module=LIST] [--ccm]
-                        [--ssh-key]
+                        [--ssh-key] [--pull-timeout=SECONDS]
 
 The SPANK plugin (``slurm/shifter_spank.c``) runs this as the submitting user, in
 ``sbatch``/``salloc``/``srun`` (allocator and local contexts), with the values of its
@@ -18,6 +18,13 @@ what the job carries, one ``NAME=VALUE`` per line on stdout::
     SHIFTER_MODULE=<the --module value>                      (when given)
     SHIFTER_SSH_PUBKEY=<the user's job key>                  (with --ssh-key)
     SHIFTER_SSH_HOSTKEY=<a fresh host key for the job's sshd> (with --ssh-key)
+
+With ``--pull-timeout`` (the plugin gives it when the submission makes a new job and
+plugstack ``pull_timeout`` is not 0), a docker tag the system does not have is pulled
+first, as the user, with ``shifterimg pull``: its progress lines go to stderr (the
+user's terminal), and the job is pinned to the id that pull made. A pull that fails
+stops the submission with the gateway's reason; one that takes longer than the timeout
+is left to the gateway and the submission stops (see :func:`pull_on_demand`).
 
 Any problem is one message on stderr (it reaches the user's terminal as it is) and exit
 status 1, and nothing on stdout. The plugin only passes strings and reads these lines.
@@ -36,19 +43,27 @@ import sys
 
 from shifter.frontend import (
     EXPECTED_ERRORS,
+    LOOKUP_MISSING,
     NO_ARG,
+    NOT_FOUND,
     REQUIRED,
     Failure,
     UsageError,
     error_status,
     getopt_long,
+    index_lookup,
     resolve_id,
+    shifterimg_path,
     usable_image,
+    valid_id,
 )
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from udiroot.config import UdiRootConfig
+    from udiroot.descriptor import ImageRequest
 
 NO_IMAGE_FOR_VOLUMES = "Cannot specify shifter volumes without specifying the image first!"
 NO_IMAGE_FOR_MODULES = "Cannot specify shifter modules without specifying the image first!"
@@ -56,11 +71,11 @@ CCM_AND_IMAGE = "Cannot specify --ccm mode with --image: CCM runs the node's own
 KEY_NAME = "id_ed25519"
 
 LONG = {"image": REQUIRED, "volume": REQUIRED, "module": REQUIRED, "ccm": NO_ARG,
-        "ssh-key": NO_ARG, "help": NO_ARG}
+        "ssh-key": NO_ARG, "pull-timeout": REQUIRED, "help": NO_ARG}
 
 USAGE = """\
 Usage: shifter-spank check [--image=TYPE:TAG] [--volume=LIST]... [--module=LIST]
-                           [--ccm] [--ssh-key]
+                           [--ccm] [--ssh-key] [--pull-timeout=SECONDS]
 
 Check the Shifter options of a Slurm submission and print the job's NAME=VALUE lines
 (run by the Shifter SPANK plugin as the submitting user).
@@ -68,7 +83,7 @@ Check the Shifter options of a Slurm submission and print the job's NAME=VALUE l
 
 
 class Request:
-    __slots__ = ("image", "volumes", "module", "ccm", "ssh_key", "help")
+    __slots__ = ("image", "volumes", "module", "ccm", "ssh_key", "pull_timeout", "help")
 
     def __init__(self) -> None:
         self.image: str | None = None
@@ -76,6 +91,7 @@ class Request:
         self.module: str | None = None
         self.ccm = False
         self.ssh_key = False
+        self.pull_timeout: int | None = None  # None: never pull at submit
         self.help = False
 
 
@@ -101,6 +117,8 @@ def parse_args(argv: Sequence[str]) -> Request:
             req.ccm = True
         elif name == "ssh-key":
             req.ssh_key = True
+        elif name == "pull-timeout":
+            req.pull_timeout = parse_pull_timeout(value or "")
         elif name == "help":
             req.help = True
     return req
@@ -139,7 +157,7 @@ def check(req: Request) -> list[tuple[str, str]]:
     if request.type == "local":
         out += [("SHIFTER_IMAGE", request.tag), ("SHIFTER_IMAGETYPE", "local")]
     else:
-        image_id = resolve_id(cfg, request)
+        image_id = resolve_or_pull(cfg, request, req.pull_timeout)
         try:
             usable_image(cfg, image_id, os.getuid(), os.getgid(), os.getgroups())
         except Failure as exc:
@@ -159,6 +177,96 @@ def check(req: Request) -> list[tuple[str, str]]:
         if "\n" in value or "\0" in value:
             raise Failure(f"shifter: {name} cannot contain a newline")
     return out
+
+
+# -- images on demand: pulled at submit --------------------------------------------------
+
+
+def parse_pull_timeout(text: str) -> int:
+    """Seconds, a whole number from 1 to a day (the plugin sends none for 0)."""
+    if not text.isdigit() or not 1 <= int(text) <= 86400:
+        raise UsageError(f"--pull-timeout must be 1 to 86400 seconds, not '{text}'")
+    return int(text)
+
+
+def resolve_or_pull(cfg: UdiRootConfig, request: ImageRequest, pull_timeout: int | None) -> str:
+    """The image id of ``request``; a docker tag the system lacks is pulled first when
+    ``pull_timeout`` is given (the pyxis way: the submission waits for the image). Only
+    a tag the gateway says it does not have is pulled: a gateway that cannot be asked
+    fails the submission with its reasons, as without pulls."""
+    if pull_timeout is None or request.type != "docker":
+        return resolve_id(cfg, request)
+    image_path = (cfg.get("imagePath") or "").rstrip("/") or "/"
+    found = index_lookup(image_path, request.type, request.tag)
+    if found is not None:
+        return found
+    found, lacks = ask_gateway(request)
+    if found is not None:
+        return found
+    if not lacks:  # its reasons are printed
+        raise Failure(f"FAILED to lookup {request.type} image {request.tag}\n{NOT_FOUND}")
+    pull_on_demand(request, pull_timeout)
+    return resolve_id(cfg, request)  # from the index (or the gateway) now
+
+
+def ask_gateway(request: ImageRequest) -> tuple[str | None, bool]:
+    """``shifterimg lookup`` as the user: (the id, False), or (None, True) when the
+    system does not have the image, or (None, False) after printing why it could not
+    say (an unreachable gateway, no shifterimg)."""
+    import subprocess
+
+    client = shifterimg_path()
+    if client is None:
+        print("shifter: error: cannot ask the image gateway: no shifterimg found (install "
+              "the runtime package, or put shifterimg on PATH)", file=sys.stderr)
+        return None, False
+    try:
+        proc = subprocess.run([client, "lookup", f"{request.type}:{request.tag}"],
+                              capture_output=True, stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        print(f"shifter: error: cannot run {client}: {exc.strerror}", file=sys.stderr)
+        return None, False
+    lines = proc.stderr.decode("utf-8", "replace").splitlines()
+    answer = proc.stdout.decode("ascii", "replace").split()
+    if proc.returncode == 0 and answer and valid_id(answer[-1]):
+        return answer[-1], False
+    if proc.returncode == 1 and any(line.startswith(LOOKUP_MISSING) for line in lines):
+        return None, True
+    for line in lines:
+        print(line, file=sys.stderr)
+    return None, False
+
+
+def pull_on_demand(request: ImageRequest, timeout: int) -> None:
+    """``shifterimg pull type:tag`` as the submitting user, its progress on our stderr,
+    killed after ``timeout`` seconds. The pull is public, as ``shifterimg pull`` without
+    ``-u``/``-g``. Raises :class:`Failure` when the image did not become READY."""
+    import subprocess
+
+    descriptor = f"{request.type}:{request.tag}"
+    client = shifterimg_path()
+    if client is None:
+        raise Failure(f"shifter: cannot pull {descriptor}: no shifterimg found (install the "
+                      "runtime package, or put shifterimg on PATH)")
+    print(f"shifter: {descriptor} is not on this system yet: pulling it now "
+          f"(up to {timeout} s)", file=sys.stderr, flush=True)
+    try:
+        # stdout to our stderr: sbatch's terminal shows the progress; our stdout is the
+        # plugin's, for the job's NAME=VALUE lines only.
+        proc = subprocess.run([client, "pull", descriptor], stdin=subprocess.DEVNULL,
+                              stdout=sys.stderr.fileno(), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # On a terminal shifterimg was rewriting its line in place: end that line first.
+        raise Failure(
+            ("\n" if sys.stderr.isatty() else "")
+            + f"shifter: the pull of {descriptor} did not finish within {timeout} s "
+            "(pull_timeout in plugstack.conf); the gateway goes on with it: submit again "
+            f"once `shifterimg lookup {descriptor}` prints its id") from None
+    except OSError as exc:
+        raise Failure(f"shifter: cannot run {client}: {exc.strerror}") from None
+    if proc.returncode != 0:
+        # shifterimg said why (the gateway's reason) on the line above.
+        raise Failure(f"shifter: {descriptor} could not be pulled: the job was not submitted")
 
 
 def job_public_key(home: str | None = None) -> str:

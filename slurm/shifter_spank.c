@@ -7,7 +7,9 @@
  *     --image/--volume/--module (and --ccm with enable_ccm=1) are collected by the
  *     option callbacks; in init_post_opt the submit-time checker
  *         shifter-spank check --image=… --volume=… --module=… [--ccm] [--ssh-key]
- *     runs as the user (udiroot's own rules; a tag resolved once to its image id). Its
+ *     runs as the user (udiroot's own rules; a tag resolved once to its image id;
+ *     with --pull-timeout=N, given only when the submission makes a new job, so never on
+ *     a compute node, a tag the system lacks is pulled first, progress on the terminal). Its
  *     stderr is the user's terminal; its stdout is NAME=VALUE lines, which are set in
  *     the job's environment (setenv: sbatch/salloc/srun pass it to the tasks) and in
  *     the job control environment (spank_job_control_setenv: the prolog/epilog see them
@@ -39,7 +41,8 @@
  *     the job's Comment when the prolog put a Shifter message there.
  *
  * plugstack.conf arguments: shifter_config= enable_sshd=0|1 enable_ccm=0|1 extern_setup=
- * extern_cgroup=0|1 setuproot= unsetuproot= spank_tool= state_dir= (README, "Slurm");
+ * extern_cgroup=0|1 setuproot= unsetuproot= spank_tool= state_dir= pull_timeout=SECONDS
+ * (README, "Slurm"; docs/admin-guide.md);
  * memory_cgroup= (Shifter's) is refused with a message.
  */
 
@@ -76,6 +79,8 @@ SPANK_PLUGIN(shifter, 1);
 #define MSG_MAX 2048  /* bytes of a failure message put in the job's Comment */
 #define USER_ERROR 2  /* setupRoot: the user's request cannot be served (not the node's fault) */
 #define JOB_FILE_SECONDS 10 /* at most this long writing the failure note to the job's file */
+#define PULL_TIMEOUT 600    /* pull_timeout= default: seconds a submission waits for a pull */
+#define PULL_TIMEOUT_MAX 86400
 
 extern char **environ;
 
@@ -91,6 +96,7 @@ static struct {
     int enable_sshd;
     int enable_ccm;
     int extern_cgroup;
+    int pull_timeout; /* 0: an image not on the system is refused, never pulled */
 } cfg;
 
 static int set_path(char *dst, const char *key, const char *value)
@@ -128,6 +134,23 @@ static int set_flag(int *dst, const char *key, const char *value)
     return 0;
 }
 
+/* pull_timeout=SECONDS: whole seconds, 0 (no pulls at submit) to a day. */
+static int set_pull_timeout(const char *value)
+{
+    char *end = NULL;
+    long n;
+
+    errno = 0;
+    n = strtol(value, &end, 10);
+    if (value[0] < '0' || value[0] > '9' || *end != '\0' || errno != 0 || n > PULL_TIMEOUT_MAX) {
+        slurm_error("shifter: plugstack.conf: pull_timeout must be 0 (never pull at submit) to "
+                    "%d seconds, not '%s'", PULL_TIMEOUT_MAX, value);
+        return -1;
+    }
+    cfg.pull_timeout = (int)n;
+    return 0;
+}
+
 static int parse_config(int ac, char **av)
 {
     int i;
@@ -138,6 +161,7 @@ static int parse_config(int ac, char **av)
     strcpy(cfg.spank_tool, SHIFTER_PREFIX "/libexec/shifter/shifter-spank");
     strcpy(cfg.state_dir, "/run/shifter");
     cfg.extern_cgroup = 1;
+    cfg.pull_timeout = PULL_TIMEOUT;
     for (i = 0; i < ac; i++) {
         const char *eq = strchr(av[i], '=');
         size_t klen = eq ? (size_t)(eq - av[i]) : 0;
@@ -167,10 +191,12 @@ static int parse_config(int ac, char **av)
             rc = set_flag(&cfg.enable_ccm, "enable_ccm", value);
         else if (KEY("extern_cgroup"))
             rc = set_flag(&cfg.extern_cgroup, "extern_cgroup", value);
+        else if (KEY("pull_timeout"))
+            rc = set_pull_timeout(value);
         else {
             slurm_error("shifter: plugstack.conf: unknown argument '%s' (known: shifter_config= "
                         "enable_sshd= enable_ccm= extern_setup= extern_cgroup= "
-                        "setuproot= unsetuproot= spank_tool= state_dir=)", av[i]);
+                        "setuproot= unsetuproot= spank_tool= state_dir= pull_timeout=)", av[i]);
             return -1;
         }
 #undef KEY
@@ -457,9 +483,24 @@ static int apply_line(spank_t sp, char *line)
     return 0;
 }
 
+/* "--pull-timeout=N" when the checker may pull a missing image: only for a submission
+ * that makes a new job (sbatch, salloc, an srun outside a job), which runs where users
+ * submit; inside a job (a batch script's srun runs on a compute node) nothing is pulled.
+ * NULL when not (or out of memory: then the image must be there, as without pulls). */
+static char *pull_argument(void)
+{
+    char *arg = NULL;
+
+    if (!opt_image || !made_allocation || cfg.pull_timeout == 0)
+        return NULL;
+    if (asprintf(&arg, "--pull-timeout=%d", cfg.pull_timeout) < 0)
+        return NULL;
+    return arg;
+}
+
 static int submit_check(spank_t sp)
 {
-    char *argv[10], *image = NULL, *volume = NULL, *module = NULL, **env;
+    char *argv[10], *image = NULL, *volume = NULL, *module = NULL, *pull = NULL, **env;
     char conf_var[PATH_MAX + 32] = "";
     char *out, *line, *save = NULL;
     int argc = 0, rc = -1, status;
@@ -491,6 +532,9 @@ static int submit_check(spank_t sp)
         argv[argc++] = "--ccm";
     if (cfg.enable_sshd && (opt_image || opt_ccm))
         argv[argc++] = "--ssh-key";
+    pull = pull_argument();
+    if (pull)
+        argv[argc++] = pull;
     argv[argc] = NULL;
     if (cfg.shifter_config[0])
         snprintf(conf_var, sizeof(conf_var), "SHIFTER_UDIROOT_CONF=%s", cfg.shifter_config);
@@ -525,6 +569,7 @@ done:
     free(image);
     free(volume);
     free(module);
+    free(pull);
     free(out);
     return rc;
 }

@@ -119,3 +119,49 @@ def _in_use(basetemp: Path) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+@pytest.fixture(scope="session")
+def mpich_modules(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Debian's MPICH prepared by the real ``shifter-prep-mpi`` as two site modules:
+    ``mpich`` (copied into each container) and ``mpichbind`` (the same, bind-mounted
+    read-only through siteFs at /opt/site-mpich); their udiRoot.conf lines as a dict."""
+    import subprocess
+
+    from world.mpi import MPICH_LIBDIR
+    from world.runtime import reachable_temp_dir
+
+    base = reachable_temp_dir(tmp_path_factory, "mpich-modules")
+    tool = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "shifter-prep-mpi"
+    conf: dict[str, str] = {}
+    for args in (["--out", str(base / "mpich")],
+                 ["--out", str(base / "mpichbind"), "--name", "mpichbind", "--bind",
+                  "--inside", "/opt/site-mpich"]):
+        res = subprocess.run([str(tool), "--mpi-lib", str(MPICH_LIBDIR), *args],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        for line in res.stdout.splitlines():
+            if line and not line.startswith("#"):
+                key, value = line.split("=", 1)
+                conf[key] = value
+    return conf
+
+
+@pytest.fixture(scope="session")
+def vcluster(test_users, munged, registry, udiimage, mpich_modules,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A four-node virtual cluster with Shifter (``tests/world/clusterworld.py``), shared
+    by every test that asks for it: the plugin with ``enable_sshd=1``, the site's
+    ``mpich`` and ``mpichbind`` modules configured (not default), the container's sshd
+    and ssh from optUdiImage on PATH."""
+    from world.clusterworld import cluster_world
+    from world.runtime import reachable_temp_dir
+
+    base = reachable_temp_dir(tmp_path_factory, "vcluster")
+    conf = {"optUdiImage": str(udiimage), "siteEnvPrepend": "PATH=/opt/udiImage/bin",
+            **mpich_modules}
+    with cluster_world(base, munged=munged, registry=registry, test_users=test_users,
+                       nodes=4, conf=conf, keep_tmp=(tmp_path_factory.getbasetemp(),),
+                       plugstack_args={"enable_sshd": "1", "extern_cgroup": "0"}) as world:
+        yield world
+    assert world.cluster.leftovers() == [], "the virtual cluster left something behind"

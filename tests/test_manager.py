@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -34,7 +35,14 @@ from imagegw.config import parse_config
 from imagegw.errors import ImageError, ImageNotFound
 from imagegw.fasthash import fasthash
 from imagegw.layercache import LayerCache
-from imagegw.manager import BadRequest, Forbidden, GatewayError, ImageManager, NotFound
+from imagegw.manager import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    GatewayError,
+    ImageManager,
+    NotFound,
+)
 from imagegw.pipeline import Pipeline as RealPipeline
 from imagegw.pipeline import PullResult
 from imagegw.reference import parse_reference
@@ -1054,6 +1062,126 @@ def test_expire_is_admin_only_and_removes_the_files(mgr, registry, tmp_path, sto
     with pytest.raises(NotFound):  # already expired
         mgr.expire(ROOT, SYS, "docker", "app:1")
     assert mgr.list(ALICE, SYS) == [] and mgr.queue(ALICE, SYS) == []
+
+
+# == removal by the user who pulled (docs/behaviour.md, 'Gateway: removal') ==================
+
+
+def test_a_user_removes_a_private_image_they_pulled(mgr, registry, tmp_path, store):
+    image_id = registry.publish("mine:1")
+    rec = pull_ready(mgr, ALICE, "mine:1", uids="1002")  # alice and bob may read it
+    files = [image_dir(tmp_path) / f"{image_id}.{ext}" for ext in ("squashfs", "meta")]
+    assert all(f.exists() for f in files) and index_file(tmp_path, "mine:1").exists()
+    with pytest.raises(Forbidden, match="mine:1 was pulled by alice: only they"):
+        mgr.remove(BOB, SYS, "docker", "mine:1")  # in the ACL, but not the puller
+    assert mgr.remove(ALICE, SYS, "docker", "mine:1")["id"] == image_id
+    done = store.get(rec["_id"])
+    assert (done["status"], done["status_message"]) == (EXPIRED, "Removed by alice")
+    assert not any(f.exists() for f in files) and not index_file(tmp_path, "mine:1").exists()
+    for caller in (ALICE, BOB):
+        with pytest.raises(NotFound):
+            mgr.lookup(caller, SYS, "docker", "mine:1")
+    with pytest.raises(NotFound, match="image docker:mine:1 not found on systema"):
+        mgr.remove(ALICE, SYS, "docker", "mine:1")  # already gone
+    # Nothing stuck: no record in flight, and the tag can be pulled again.
+    assert mgr.queue(ALICE, SYS) == [] and mgr.list(ALICE, SYS) == []
+    assert pull_ready(mgr, ALICE, "mine:1")["id"] == image_id
+
+
+def test_removal_refusals_say_why_and_what_to_do(mgr, registry, tmp_path, store):
+    public_id = registry.publish("public:1")
+    pull_ready(mgr, ALICE, "public:1")
+    with pytest.raises(Forbidden) as exc:
+        mgr.remove(ALICE, SYS, "docker", "public:1")  # her own pull, but public
+    assert exc.value.message == (
+        "docker:public:1 is a public image: only an admin of systema can remove it "
+        "(they use shifterimg expire)")
+    registry.publish("secret:1")
+    pull_ready(mgr, ALICE, "secret:1", gids="1001")  # alice's group
+    # Someone who cannot read it learns nothing: the lookup's answer.
+    with pytest.raises(NotFound, match="not found"):
+        mgr.remove(CAROL, SYS, "docker", "secret:1")
+    with pytest.raises(Forbidden, match="pulled by alice: only they or an admin of systema"):
+        mgr.remove(Caller("bob", 1002, "bob", 1001), SYS, "docker", "secret:1")  # via group
+    assert mgr.lookup(ALICE, SYS, "docker", "secret:1")["status"] == READY
+    # An admin removes anything, public or private.
+    assert mgr.remove(ROOT, SYS, "docker", "public:1")["id"] == public_id
+    assert not (image_dir(tmp_path) / f"{public_id}.squashfs").exists()
+    with pytest.raises(BadRequest):
+        mgr.remove(ALICE, SYS, "docker", "Bad Tag")
+    with pytest.raises(NotFound):
+        mgr.remove(ALICE, "nosuch", "docker", "secret:1")
+
+
+def test_an_image_two_users_pulled_is_removed_by_an_admin_only(mgr, registry, clock, store):
+    # Bob's pull of the same image under his own tag is merged into alice's record: the
+    # record then serves both, so neither may take it away from the other.
+    image_id = registry.publish("a:1")
+    registry.publish("b:1", image_id)
+    pull_ready(mgr, ALICE, "a:1", uids="1002")
+    pull_ready(mgr, BOB, "b:1", uids="1001")
+    (rec,) = [r for r in store.list(SYS) if r.get("id") == image_id]
+    assert sorted(rec["tag"]) == ["a:1", "b:1"] and rec["puller_uid"] is None
+    for caller, tag in ((ALICE, "a:1"), (BOB, "b:1")):
+        with pytest.raises(Forbidden, match="not pulled by you alone"):
+            mgr.remove(caller, SYS, "docker", tag)
+    # The same user pulling it again keeps it theirs.
+    registry.publish("c:1")
+    pull_ready(mgr, CAROL, "c:1", uids="2000")
+    clock.advance(UPDATE + 1)
+    pull_ready(mgr, CAROL, "c:1", uids="2000")
+    assert mgr.remove(CAROL, SYS, "docker", "c:1")["tag"] == ["c:1"]
+
+
+def test_a_removal_loses_to_a_pull_merged_in_meanwhile(mgr, registry, store, tmp_path):
+    # The check and the removal are one compare-and-set: a record that stopped being the
+    # caller's between reading and removing stays, with its files.
+    image_id = registry.publish("race:1")
+    rec = pull_ready(mgr, ALICE, "race:1", uids="1001")
+    real_find = store.find_tagged
+
+    def find_then_merge(*args: Any, **kwargs: Any) -> Any:
+        found = real_find(*args, **kwargs)
+        store.update(rec["_id"], {"puller_uid": None})  # what _finish's merge writes
+        return found
+
+    store.find_tagged = find_then_merge  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Conflict, match="changed while being removed"):
+            mgr.remove(ALICE, SYS, "docker", "race:1")
+    finally:
+        store.find_tagged = real_find  # type: ignore[method-assign]
+    assert store.get(rec["_id"])["status"] == READY
+    assert (image_dir(tmp_path) / f"{image_id}.squashfs").exists()
+
+
+def test_a_removal_that_fails_on_the_files_can_be_retried(mgr, registry, store, tmp_path):
+    # The image file cannot be unlinked (here: a directory in its place): the record is
+    # READY again, with the reason, not stuck EXPIRING; the next rm finishes the job.
+    image_id = registry.publish("stuck:1")
+    rec = pull_ready(mgr, ALICE, "stuck:1", uids="1001")
+    squashfs = image_dir(tmp_path) / f"{image_id}.squashfs"
+    squashfs.unlink()
+    (squashfs / "in-the-way").mkdir(parents=True)
+    with pytest.raises(GatewayError, match="could not remove image files"):
+        mgr.remove(ALICE, SYS, "docker", "stuck:1")
+    after = store.get(rec["_id"])
+    assert after["status"] == READY and "failed" in after["status_message"]
+    shutil.rmtree(squashfs)
+    assert mgr.remove(ALICE, SYS, "docker", "stuck:1")["id"] == image_id
+    assert store.get(rec["_id"])["status"] == EXPIRED
+    assert not (image_dir(tmp_path) / f"{image_id}.meta").exists()
+    assert not index_file(tmp_path, "stuck:1").exists()
+
+
+def test_an_interrupted_removal_is_finished_by_the_next_gateway(mgr, registry, store, tmp_path):
+    # The gateway died between EXPIRING and EXPIRED: the restart finishes the removal.
+    image_id = registry.publish("cut:1")
+    rec = pull_ready(mgr, ALICE, "cut:1", uids="1001")
+    store.update(rec["_id"], {"status": "EXPIRING", "last_heartbeat": 0.0})
+    assert rec["_id"] in mgr.recover()
+    assert store.get(rec["_id"])["status"] == EXPIRED
+    assert not (image_dir(tmp_path) / f"{image_id}.squashfs").exists()
 
 
 def test_autoexpire(mgr, registry, clock, tmp_path, store):

@@ -9,6 +9,7 @@ exit status, files on the host, and what is left mounted afterwards.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pty
@@ -576,6 +577,66 @@ def test_pull_with_shifterimg_then_run_with_shifter(site, registry, munged, tmp_
     # The gateway is down: the image still runs, by tag.
     res = site.shifter(ALICE, f"--image=docker:{tag}", "echo", "still", env=env)
     assert (res.returncode, res.stdout) == (0, "still\n"), res.stderr
+
+
+def test_removing_an_image_leaves_a_running_container_whole(site, registry, munged, tmp_path):
+    """``shifterimg rm`` while a container of the image runs: the gateway unlinks the
+    squashfs, but the loop device set up at launch holds the file, so the container reads
+    the image to its end (even blocks it never read before) and its teardown leaves
+    nothing. Only what starts afterwards finds the image gone."""
+    from world.gateway import Gateway
+    from world.imagebuild import File, Symlink, build_layer, push_image
+
+    data = os.urandom(1 << 20)  # read only after the removal: not in the page cache
+    entries = [File("bin/busybox", Path("/bin/busybox").read_bytes(), mode=0o755)]
+    entries += [Symlink(f"bin/{n}", "busybox") for n in ("sh", "cat", "sha256sum", "head")]
+    entries += [File("data/late", data), File("etc/marker", "early\n")]
+    push_image(registry, "runtime/rm", "v1", [build_layer(entries, "gzip", tmp_path)],
+               {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]})
+    tag = f"{registry.host}/runtime/rm:v1"
+    gw = Gateway(tmp_path / "gw", munge_socket=munged.socket, registry=registry,
+                 extra={"Platforms": {"testsys": {
+                     "mungeSocketPath": munged.socket, "accesstype": "local",
+                     "admins": ["root"], "local": {"imageDir": str(site.image_dir)}}}})
+    client_conf = site.base / "client-udiRoot.conf"
+    venv_bin = Path(__file__).resolve().parents[1] / ".venv" / "bin"
+    env = {"SHIFTER_UDIROOT_CONF": str(client_conf), "MUNGE_SOCKET": munged.socket,
+           "PATH": f"{venv_bin}:/usr/bin:/bin"}
+    shifterimg = str(venv_bin / "shifterimg")
+    with gw:
+        text = "".join(f"{k}={v}\n" for k, v in site.conf.items())
+        client_conf.write_text(text + f"imageGateway={gw.url}\n")
+        os.chmod(client_conf, 0o644)
+        pulled = site.run(ALICE, [shifterimg, "-u", ALICE, "pull", f"docker:{tag}"], env=env,
+                          timeout=120)
+        assert pulled.returncode == 0, pulled
+        image_id = site.run(ALICE, [shifterimg, "lookup", tag], env=env).stdout.strip()
+        squashfs = site.image_dir / f"{image_id}.squashfs"
+        proc = subprocess.Popen(
+            [str(site.launcher), f"--image={tag}", "sh", "-c",
+             "cat /etc/marker; read go; sha256sum /data/late; cat /etc/marker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=site.user_env(ALICE, env), cwd=str(site.base), **site.spawn_kwargs(ALICE))
+        try:
+            assert proc.stdout.readline() == "early\n"  # the container runs
+            removed = site.run(ALICE, [shifterimg, "rm", f"docker:{tag}"], env=env)
+            assert (removed.returncode, removed.stderr) == (0, ""), removed
+            assert not squashfs.exists()
+            # The loop device still holds the unlinked file.
+            assert any("(deleted)" in line for line in site.our_loops()), site.our_loops()
+            out, err = proc.communicate("go\n", timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err
+        assert out == f"{hashlib.sha256(data).hexdigest()}  /data/late\nearly\n"
+        # What starts now finds no image: by tag, and pinned to the id (a later job step).
+        res = site.shifter(ALICE, f"--image={tag}", "true", env=env)
+        assert res.returncode == 1 and "FAILED to lookup docker image" in res.stderr, res
+        res = site.shifter(ALICE, f"--image=id:{image_id}", "true", env=env)
+        assert (res.returncode, res.stderr) == (1, "FAILED to find requested image.\n"), res
+    site.assert_nothing_left()
 
 
 def test_site_and_module_root_hooks(site, image):

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from world import catalog
@@ -801,6 +802,87 @@ def test_expire_and_autoexpire_are_for_admins(world, registry, tmp_path):
     assert not (world.gw.image_dir / f"{rec['id']}.squashfs").exists()
     res = world.run("root", "autoexpire")
     assert (res.returncode, res.stderr) == (0, ""), res
+
+
+# -- rm: a user removes a private image they pulled ------------------------------------------
+
+
+def test_rm_removes_a_private_image_its_puller_pulled(world, registry, tmp_path):
+    _push(registry, tmp_path / "a", "shifterimg/rm-shared")
+    shared = f"{registry.host}/shifterimg/rm-shared:v1"
+    assert world.run(ALICE, "-u", BOB, "pull", f"docker:{shared}").returncode == 0
+    rec = _record(world, shared)
+    files = [world.gw.image_dir / f"{rec['id']}.{ext}" for ext in ("squashfs", "meta")]
+    index = world.gw.image_dir / "tags" / "docker" / quote(shared, safe="")
+    assert all(f.exists() for f in [*files, index])
+    # Bob may use it, but did not pull it.
+    res = world.run(BOB, "rm", f"docker:{shared}")
+    assert (res.returncode, res.stdout) == (1, ""), res
+    assert res.stderr == (
+        f"shifterimg: error: cannot remove docker:{shared}: docker:{shared} was pulled by "
+        f"{ALICE}: only they or an admin of {SYS} can remove it\n")
+    assert world.run(BOB, "lookup", shared).stdout == rec["id"] + "\n"
+    # Alice removes it: files, tag index and record go; nobody can look it up.
+    res = world.run(ALICE, "rm", shared)  # no type: docker is the default
+    assert (res.returncode, res.stderr) == (0, ""), res
+    assert res.stdout == f"removed docker:{shared} (id {rec['id']})\n"
+    assert not any(f.exists() for f in [*files, index])
+    for user in (ALICE, BOB):
+        assert world.run(user, "lookup", shared).returncode == 1
+    queue = world.gw.request("GET", f"/api/queue/{SYS}/", user=ALICE).json()["list"]
+    assert [e for e in queue if e["image"] == shared] == []  # no record left in flight
+    deadline = time.monotonic() + 10  # the admin's record of it, in the gateway's log
+    while f"remove user={ALICE} system={SYS} tag={shared} " not in world.gw.log():
+        assert time.monotonic() < deadline, world.gw.log()
+        time.sleep(0.1)
+    # Removed twice: the second says there is nothing to remove.
+    again = world.run(ALICE, "rm", f"docker:{shared}")
+    assert again.returncode == 1 and again.stderr == (
+        f"shifterimg: error: cannot remove docker:{shared}: image docker:{shared} not found "
+        f"on {SYS}\n")
+
+
+def test_rm_of_an_image_with_two_tags_says_both_went(world, registry, tmp_path):
+    # The same image pulled under two names is one record with both tags: removing it
+    # by one name removes the other too, and the user is told.
+    layer = build_layer([File("hello", os.urandom(16).hex())], "gzip", tmp_path)
+    for name in ("one", "two"):
+        push_image(registry, "shifterimg/rm-twice", name, [layer], {"Cmd": ["/hello"]})
+    one, two = (f"{registry.host}/shifterimg/rm-twice:{n}" for n in ("one", "two"))
+    for tag in (one, two):
+        assert world.run(ALICE, "-u", ALICE, "pull", f"docker:{tag}").returncode == 0
+    image_id = _record(world, one)["id"]
+    assert _record(world, two)["id"] == image_id
+    res = world.run(ALICE, "rm", f"docker:{two}")
+    assert (res.returncode, res.stderr) == (0, ""), res
+    assert res.stdout == (f"removed docker:{two} (id {image_id})\n"
+                          f"removed docker:{one} too (same image)\n")
+    for tag in (one, two):
+        assert world.run(ALICE, "lookup", tag).returncode == 1
+
+
+def test_rm_refuses_public_images_and_hides_others_private_ones(world, registry, tmp_path):
+    _push(registry, tmp_path / "a", "shifterimg/rm-public")
+    public = f"{registry.host}/shifterimg/rm-public:v1"
+    _push(registry, tmp_path / "b", "shifterimg/rm-hers")
+    hers = f"{registry.host}/shifterimg/rm-hers:v1"
+    assert world.run(ALICE, "pull", f"docker:{public}").returncode == 0
+    assert world.run(ALICE, "-u", ALICE, "pull", f"docker:{hers}").returncode == 0
+    res = world.run(ALICE, "rm", f"docker:{public}")  # her pull, but everyone's image
+    assert (res.returncode, res.stdout) == (1, ""), res
+    assert res.stderr == (
+        f"shifterimg: error: cannot remove docker:{public}: docker:{public} is a public image: "
+        f"only an admin of {SYS} can remove it (they use shifterimg expire)\n")
+    # Bob cannot read alice's private image: he is told what lookup tells him.
+    res = world.run(BOB, "rm", f"docker:{hers}")
+    assert res.returncode == 1 and res.stderr.endswith(f"not found on {SYS}\n"), res
+    assert world.run(ALICE, "lookup", hers).returncode == 0
+    # An admin removes any image.
+    res = world.run("root", "rm", f"docker:{public}")
+    assert (res.returncode, res.stderr) == (0, ""), res
+    assert world.run(BOB, "lookup", public).returncode == 1
+    bad = world.run(ALICE, "rm")
+    assert bad.returncode == 2 and "rm needs one image" in bad.stderr
 
 
 # -- import ----------------------------------------------------------------------------------

@@ -426,7 +426,8 @@ def test_ccm_runs_the_nodes_own_root_when_enabled(world):
     (["--image=IMAGE", "--volume=relative/path:/data"], "relative/path"),
     (["--image=IMAGE", "--volume=/tmp:/etc/x"], "/etc/x"),
     (["--image=IMAGE", "--module=nosuch"], "Unknown shifter module: nosuch"),
-    (["--image=docker:127.0.0.1:1/no/such:image"], "FAILED to find requested image."),
+    # (pulled at submit, and the pull fails: the registry does not answer)
+    (["--image=docker:127.0.0.1:1/no/such:image"], "could not be pulled: the job was not"),
     (["--image=id:" + "0" * 64], "FAILED to find requested image."),
     (["--image=docker:bad chars!"], "Invalid character U+0020 in docker image tag"),
 ])
@@ -451,6 +452,9 @@ def test_srun_and_salloc_refuse_bad_options_too(world, v1):
 @pytest.mark.parametrize("arg, message", [
     ("enable_sshd=yes", "enable_sshd must be 0 or 1, not 'yes'"),
     ("extern_cgroup=2", "extern_cgroup must be 0 or 1, not '2'"),
+    ("pull_timeout=10m", "pull_timeout must be 0 (never pull at submit) to 86400 seconds, "
+                         "not '10m'"),
+    ("pull_timeout=-1", "not '-1'"),
     # Shifter's memory cgroup mount: the job's cgroups are read from /proc instead
     ("memory_cgroup=/sys/fs/cgroup/memory", "memory_cgroup is not supported"),
 ])
@@ -602,3 +606,174 @@ def test_srun_shows_why_its_allocation_failed(world, v1):
     finally:
         world.cluster.settle()
         world.cluster.resume()
+
+
+# -- images on demand: a tag the system lacks is pulled at submit ---------------------------
+
+
+def pulls_started(world, tag: str) -> int:
+    """How many pulls of ``tag`` the gateway started (its log)."""
+    log = (world.gateway.workdir / "gateway.log").read_text(errors="replace")
+    return sum(1 for line in log.splitlines() if "pull start" in line and f"tag={tag} " in line)
+
+
+def test_a_tag_never_pulled_is_pulled_at_submit_and_the_job_runs(world, tmp_path):
+    world.push("ondemand", "slurm-ondemand", tmp_path)
+    tag = world.tag("ondemand")
+    res = world.sbatch("#!/bin/sh\nsrun shifter cat /etc/os-release\n"
+                       "echo SHIFTER_IMAGE=$SHIFTER_IMAGE\n", f"--image={tag}", "--exclusive")
+    assert res.returncode == 0 and res.job_id, res
+    # The submitter saw the pull on their terminal (sbatch's stderr), ending READY.
+    lines = res.stderr.splitlines()
+    assert lines[0] == (f"shifter: docker:{tag} is not on this system yet: pulling it now "
+                        "(up to 600 s)"), res.stderr
+    assert lines[-1].endswith(f"Pulling Image: docker:{tag}, status: READY"), res.stderr
+    assert pulls_started(world, tag) == 1
+    from shifter.frontend import quote_tag
+
+    pulled = (world.site.image_dir / "tags" / "docker" / quote_tag(tag)).read_text().strip()
+    assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+    out = world.output(res.job_id).splitlines()
+    assert "ID=slurm-ondemand" in out and f"SHIFTER_IMAGE={pulled}" in out, out
+    # Now on the system: the next submission pulls nothing and says nothing.
+    again = world.sbatch("#!/bin/sh\ntrue\n", f"--image={tag}")
+    assert (again.returncode, again.stderr) == (0, ""), again
+    assert world.cluster.wait(again.job_id) == "COMPLETED"
+    assert pulls_started(world, tag) == 1
+
+
+def test_a_tag_that_does_not_exist_fails_at_submit_with_the_gateways_reason(world, v1):
+    tag = world.tag("no-such-tag")  # in a repository that exists (v1)
+    before = world.cluster.admin("squeue", "-h", "-t", "all").stdout
+    res = world.sbatch("#!/bin/sh\ntrue\n", f"--image={tag}")
+    assert res.returncode != 0 and res.job_id is None, res
+    # Ours, then sbatch's own two lines ("spank: required plugin ... failed").
+    lines = res.stderr.splitlines()[:-2]
+    assert lines[-3].endswith(f"Pulling Image: docker:{tag}, status: FAILURE"), res.stderr
+    # shifterimg's line carries the registry's answer, as the gateway recorded it.
+    assert lines[-2] == (f"shifterimg: error: pull of docker:{tag} failed: {tag}: tag "
+                         f"'no-such-tag' not found in {REPO} at {world.registry.url}"), lines
+    assert lines[-1] == f"shifter: docker:{tag} could not be pulled: the job was not submitted"
+    assert world.cluster.admin("squeue", "-h", "-t", "all").stdout == before
+
+
+def test_a_pull_longer_than_pull_timeout_stops_the_submission(world, tmp_path, fault_proxy):
+    """pull_timeout=2: the submission stops after 2 s and says how to go on; the gateway
+    finishes the pull, and the same submission then goes through with no pull."""
+    world.push("slowpull", "slurm-slow", tmp_path)
+    proxy = fault_proxy(world.registry)
+    proxy.delay(r"/blobs/sha256:", 6.0, times=1)
+    tag = f"{proxy.host}/{REPO}:slowpull"
+    with world.plugstack_args("pull_timeout=2"):
+        started = time.monotonic()
+        res = world.sbatch("#!/bin/sh\ntrue\n", f"--image={tag}")
+        took = time.monotonic() - started
+        assert res.returncode != 0 and res.job_id is None, res
+        assert res.stderr.splitlines()[-3] == (
+            f"shifter: the pull of docker:{tag} did not finish within 2 s (pull_timeout in "
+            f"plugstack.conf); the gateway goes on with it: submit again once "
+            f"`shifterimg lookup docker:{tag}` prints its id"), res.stderr
+        assert took < 6, took
+        assert world.gateway.wait_status(tag, timeout=60)["status"] == "READY"
+        res = world.sbatch("#!/bin/sh\nsrun shifter cat /etc/os-release\n", f"--image={tag}")
+        assert (res.returncode, res.stderr) == (0, ""), res
+        assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+    assert "ID=slurm-slow" in world.output(res.job_id)
+
+
+def test_nothing_is_pulled_inside_a_job_or_with_pull_timeout_0(world, v1, tmp_path):
+    """Compute nodes never pull: a batch script's srun (on the compute node, inside the
+    job) with a tag the system lacks is refused as before. pull_timeout=0 turns pulls at
+    submit off."""
+    world.push("notinjob", "slurm-notinjob", tmp_path)
+    tag = world.tag("notinjob")
+    script = (f"#!/bin/sh\nsrun --image={tag} shifter true\necho srun-status=$?\n")
+    res = world.sbatch(script, f"--image={world.tag('v1')}", "--exclusive")
+    assert res.returncode == 0, res
+    assert world.cluster.wait(res.job_id) == "COMPLETED", world.output(res.job_id)
+    out = world.output(res.job_id)
+    assert f"shifter: pull it first: shifterimg pull docker:{tag}" in out, out
+    assert "pulling it now" not in out and "srun-status=0" not in out
+    with world.plugstack_args("pull_timeout=0"):
+        res = world.sbatch("#!/bin/sh\ntrue\n", f"--image={tag}")
+        assert res.returncode != 0 and res.job_id is None, res
+        assert f"shifter: pull it first: shifterimg pull docker:{tag}" in res.stderr
+        assert "pulling it now" not in res.stderr
+    assert pulls_started(world, tag) == 0
+
+
+def test_a_gateway_that_does_not_answer_is_not_taken_for_a_missing_image(world, tmp_path):
+    """Only a tag the gateway says it lacks is pulled: with the gateway unreachable the
+    submission stops with its reasons, once, and nothing is pulled."""
+    world.push("gwdown", "slurm-gwdown", tmp_path)
+    tag = world.tag("gwdown")
+    world.site.write_conf(imageGateway="http://127.0.0.1:1")
+    try:
+        res = world.sbatch("#!/bin/sh\ntrue\n", f"--image={tag}")
+    finally:
+        world.site.write_conf(imageGateway=world.gateway.url)
+    assert res.returncode != 0 and res.job_id is None, res
+    assert res.stderr.count("ERROR: failed to contact the image gateway.") == 1, res.stderr
+    assert "http://127.0.0.1:1: Connection refused" in res.stderr
+    assert f"FAILED to lookup docker image {tag}\nFAILED to find requested image.\n" in res.stderr
+    assert "pulling it now" not in res.stderr and "pull it first" not in res.stderr
+    assert pulls_started(world, tag) == 0
+
+
+def test_on_a_terminal_the_submitter_sees_the_pull_progress(world, tmp_path, fault_proxy):
+    """sbatch on a terminal: shifterimg's line is rewritten in place with layers and
+    bytes done while the pull runs (the checker's stderr is sbatch's, the terminal)."""
+    import pty
+    import re
+    import select
+    import termios
+
+    small = build_layer([File("small", os.urandom(64).hex())], "gzip", tmp_path / "a")
+    big = build_layer([File("big", os.urandom(300_000))], "none", tmp_path / "b")
+    busybox = build_layer([File("bin/busybox", Path("/bin/busybox").read_bytes(), mode=0o755),
+                           Symlink("bin/sh", "busybox"), Symlink("bin/true", "busybox")],
+                          "gzip", tmp_path / "c")
+    push_image(world.registry, REPO, "tty", [busybox, small, big], {"Env": ["PATH=/bin"]})
+    proxy = fault_proxy(world.registry)
+    proxy.delay(re.escape(big.digest), 3.0)  # PULLING lasts, with layers already done
+    tag = f"{proxy.host}/{REPO}:tty"
+    script = world.jobdir / "tty.sh"
+    script.write_text("#!/bin/sh\nsrun shifter true\n")
+    os.chmod(script, 0o755)
+    master, slave = pty.openpty()
+    attrs = termios.tcgetattr(slave)
+    attrs[1] &= ~termios.ONLCR  # a bare "\r" in the output is a line rewritten in place
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    env = world.cluster.client_env(world.env())
+    proc = subprocess.Popen(
+        ["runuser", "-u", ALICE, "--", "env", "-i", *[f"{k}={v}" for k, v in env.items()],
+         "sbatch", "--parsable", f"--output={world.jobdir}/%j.out", f"--image={tag}",
+         str(script)], stdin=slave, stdout=slave, stderr=slave, cwd=world.jobdir,
+        start_new_session=True)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 0.2)[0]:
+                continue
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: sbatch and its children closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+        proc.wait(timeout=30)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    frames = [f.strip() for f in re.split(r"[\r\n]", text) if f.strip()]
+    progress = [f for f in frames if re.search(
+        rf"Pulling Image: docker:{re.escape(tag)}, status: PULLING \(\d+ layers, "
+        r"[\d.]+ \w?i?B of [\d.]+ \w?i?B\)$", f)]
+    assert progress, frames
+    assert "\r" in text  # rewritten in place, not a line per update
+    job_id = int(frames[-1])
+    assert world.cluster.wait(job_id) == "COMPLETED", world.output(job_id)

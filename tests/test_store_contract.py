@@ -252,6 +252,29 @@ def test_update_if_status_is_a_compare_and_set(store: RecordStore) -> None:
     assert not store.update(rid, {"status": READY}, if_status=[])
 
 
+def test_update_if_fields_is_a_compare_and_set_on_those_fields(store: RecordStore) -> None:
+    # What a user's removal relies on: the record is still the one they pulled when it goes.
+    rid = store.insert(pull_record(status=READY) | {"puller_uid": 1001, "requester": "al"})["_id"]
+    assert not store.update(rid, {"status": "EXPIRING"}, if_fields={"puller_uid": 1002})
+    assert not store.update(rid, {"status": "EXPIRING"}, if_fields={"puller_uid": None})
+    assert not store.update(rid, {"status": "EXPIRING"}, if_fields={"puller_uid": "1001"})
+    assert not store.update(rid, {"status": "EXPIRING"},
+                            if_fields={"puller_uid": 1001, "requester": "bo"})
+    assert store.get(rid)["status"] == READY
+    assert not store.update(rid, {"status": "EXPIRING"}, if_status=["PULLING"],
+                            if_fields={"puller_uid": 1001})
+    assert store.update(rid, {"status": "EXPIRING"}, if_status=[READY],
+                        if_fields={"puller_uid": 1001, "requester": "al"})
+    assert store.get(rid)["status"] == "EXPIRING"
+    # None matches a field that is null or missing.
+    other = store.insert(pull_record() | {"flag": True, "gone": None})["_id"]
+    assert store.update(other, {}, if_fields={"gone": None, "never_set": None})
+    assert not store.update(other, {}, if_fields={"gone": 0})
+    for bad in ({"flag": True}, {"tag": ["a"]}, {"a.b": 1}):
+        with pytest.raises(ValueError):
+            store.update(other, {}, if_fields=bad)
+
+
 @pytest.mark.parametrize("name", ["_id", "_created", "a.b", "$set", ""])
 def test_field_names_the_backends_would_read_differently_are_refused(
     store: RecordStore, name: str

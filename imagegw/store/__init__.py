@@ -83,3 +83,14 @@ def update_doc(fields: Mapping[str, Any]) -> dict[str, Any]:
 def status_list(statuses: Iterable[str] | None) -> list[str] | None:
     """A status filter as a list (it may be a one-shot iterator), None meaning no filter."""
     return None if statuses is None else list(statuses)
+
+
+def match_fields(conditions: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``if_fields`` of an ``update``, checked: plain names, scalar values only (a
+    list or a bool would compare differently in MongoDB and in Python)."""
+    out = dict(conditions or {})
+    check_field_names(out)
+    for name, value in out.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
+            raise ValueError(f"if_fields: {name} must be compared with a string, int or None")
+    return out

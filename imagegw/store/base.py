@@ -57,12 +57,19 @@ class RecordStore(ABC):
 
     @abstractmethod
     def update(
-        self, rid: str, fields: Mapping[str, Any], *, if_status: Iterable[str] | None = None
+        self,
+        rid: str,
+        fields: Mapping[str, Any],
+        *,
+        if_status: Iterable[str] | None = None,
+        if_fields: Mapping[str, str | int | None] | None = None,
     ) -> bool:
         """Set ``fields`` on record ``rid``. With ``if_status``, only when its current status
-        is one of them (compare-and-set, atomic). Returns whether the record exists and
-        matched ``if_status`` (True even if the values were already those); an empty
-        ``fields`` only asks that. Setting ``tag`` replaces the list and takes those tags
+        is one of them; with ``if_fields``, only when each of those fields currently holds
+        that value (a string, a whole number, or None, which also matches a missing field).
+        Both are checked and the fields set in one atomic step (compare-and-set). Returns
+        whether the record exists and matched (True even if the values were already those);
+        an empty ``fields`` only asks that. Setting ``tag`` replaces the list and takes those tags
         off every other record of the system."""
 
     @abstractmethod

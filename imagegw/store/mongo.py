@@ -20,7 +20,7 @@ from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, MongoClient
 from pymongo.errors import DuplicateKeyError
 
-from . import DEFAULT_MONGO_DB, record_doc, status_list, tag_list, update_doc
+from . import DEFAULT_MONGO_DB, match_fields, record_doc, status_list, tag_list, update_doc
 from .base import EXPIRED, READY, Record, RecordStore
 
 # Never returned to callers: the store's own ordering field.
@@ -126,13 +126,20 @@ class MongoStore(RecordStore):
         return _out(self._images.find_one({"_id": {"$in": _ids(rid)}}, _HIDE))
 
     def update(
-        self, rid: str, fields: Mapping[str, Any], *, if_status: Iterable[str] | None = None
+        self,
+        rid: str,
+        fields: Mapping[str, Any],
+        *,
+        if_status: Iterable[str] | None = None,
+        if_fields: Mapping[str, str | int | None] | None = None,
     ) -> bool:
         changes = update_doc(fields)
         query: dict[str, Any] = {"_id": {"$in": _ids(rid)}}
         allowed = status_list(if_status)
         if allowed is not None:
             query["status"] = {"$in": allowed}  # the compare of compare-and-set
+        for name, value in match_fields(if_fields).items():
+            query[name] = value  # scalars: {"f": None} also matches a missing field
         if not changes:
             return self._images.find_one(query, {"_id": 1}) is not None  # "$set" must not be empty
         if "tag" in changes and changes["tag"]:

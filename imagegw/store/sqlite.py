@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import record_doc, status_list, tag_list, update_doc
+from . import match_fields, record_doc, status_list, tag_list, update_doc
 from .base import EXPIRED, READY, Record, RecordStore
 
 SCHEMA_VERSION = 1
@@ -166,6 +166,15 @@ def _dumps(doc: Mapping[str, Any]) -> str:
 
 def _record(rid: str, doc: str) -> Record:
     return {"_id": rid, **json.loads(doc)}
+
+
+def _holds(doc: Mapping[str, Any], name: str, value: str | int | None) -> bool:
+    """Whether ``doc[name]`` equals ``value`` as MongoDB compares them: None also matches
+    a missing field, a number an equal int or float, a string only that string."""
+    have = doc.get(name)
+    if value is None or isinstance(value, str):
+        return have == value
+    return isinstance(have, int | float) and have == value
 
 
 def _columns(doc: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -333,10 +342,16 @@ class SQLiteStore(RecordStore):
         return _record(*row) if row else None
 
     def update(
-        self, rid: str, fields: Mapping[str, Any], *, if_status: Iterable[str] | None = None
+        self,
+        rid: str,
+        fields: Mapping[str, Any],
+        *,
+        if_status: Iterable[str] | None = None,
+        if_fields: Mapping[str, str | int | None] | None = None,
     ) -> bool:
         changes = update_doc(fields)
         allowed = status_list(if_status)
+        conditions = match_fields(if_fields)
         with self._write() as conn:
             row = conn.execute(
                 "SELECT seq, status, doc FROM images WHERE rid = ?", (rid,)
@@ -344,6 +359,8 @@ class SQLiteStore(RecordStore):
             if row is None or (allowed is not None and row[1] not in allowed):
                 return False
             seq, doc = row[0], json.loads(row[2])
+            if not all(_holds(doc, name, value) for name, value in conditions.items()):
+                return False
             old_system = doc.get("system")
             doc.update(changes)
             self._write_doc(conn, seq, doc)

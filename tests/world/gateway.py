@@ -9,6 +9,10 @@
 Requests are authenticated with real munge credentials made by the ``munge`` CLI run as
 the named user (``runuser``), so uid/gid in the credential are that user's, exactly as
 on a login node. ``payload`` puts e.g. ``{"authorized_locations": …}`` inside it.
+
+``netns="NAME"`` starts it inside that network namespace (the virtual cluster's service
+node, world/cluster.py), listening on ``host``; the test's own HTTP calls then go
+there too (world/netns.py).
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ def munge_cred(socket: str, user: str | None = None, payload: bytes = b"") -> st
 class Gateway:
     def __init__(self, workdir: Path, *, munge_socket: str, registry: Any = None,
                  workers: int = 2, threads: int = 1, extra: dict[str, Any] | None = None,
-                 admins: tuple[str, ...] = ("root",),
-                 gunicorn_config: str | None = None) -> None:
+                 admins: tuple[str, ...] = ("root",), host: str = "127.0.0.1",
+                 netns: str | None = None, gunicorn_config: str | None = None) -> None:
         self.workdir = Path(workdir)
+        self.host = host
+        self.netns = netns
         self.munge_socket = munge_socket
         self.workers = workers
         self.threads = threads
@@ -82,7 +88,14 @@ class Gateway:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
+
+    def _http(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        if self.netns is None:
+            return requests.request(method, url, **kwargs)
+        from .netns import in_netns
+
+        return in_netns(self.netns, requests.request, method, url, **kwargs)
 
     def write_config(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -90,11 +103,12 @@ class Gateway:
 
     def start(self, timeout: float = 30.0) -> Gateway:
         self.write_config()
-        self.port = free_port()
+        self.port = free_port() if self.netns is None else 8080
+        wrap = [] if self.netns is None else ["nsenter", f"--net=/run/netns/{self.netns}"]
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "imagegw.service", "-c", str(self.config_path),
-             "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.workers),
+            [*wrap, sys.executable, "-m", "imagegw.service", "-c", str(self.config_path),
+             "--bind", f"{self.host}:{self.port}", "--workers", str(self.workers),
              "--threads", str(self.threads),
              *(["--gunicorn-config", self.gunicorn_config] if self.gunicorn_config else [])],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -109,8 +123,8 @@ class Gateway:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.log()}")
             try:
-                resp = requests.get(f"{self.url}/healthz", timeout=1,
-                                    headers={"Connection": "close"})
+                resp = self._http("GET", f"{self.url}/healthz", timeout=1,
+                                  headers={"Connection": "close"})
                 if resp.status_code == 200:
                     answered.add(int(resp.json().get("pid", 0)))
                     if len(answered) >= self.workers:
@@ -173,8 +187,8 @@ class Gateway:
             data = body if isinstance(body, bytes | str) else json.dumps(body)
             headers["Content-Type"] = "application/json"
         try:
-            return requests.request(method, self.url + path, headers=headers, data=data,
-                                    timeout=timeout)
+            return self._http(method, self.url + path, headers=headers, data=data,
+                              timeout=timeout)
         except requests.ConnectionError:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(

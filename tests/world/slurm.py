@@ -73,8 +73,12 @@ class Submitted:
 class SlurmCluster:
     def __init__(self, workdir: Path, *, munge_socket: str, plugstack: str = "",
                  client_plugstack: str | None = None, client_preload: str | None = None,
-                 cpus: int | None = None, cgroup: bool = False) -> None:
+                 cpus: int | None = None, cgroup: bool = False,
+                 spool: Path | None = None) -> None:
         self.workdir = Path(workdir)
+        # slurmd's spool dir (SlurmdSpoolDir): in workdir unless given, e.g. outside /tmp
+        # for tests of what the containers see of it (they have the host's /tmp)
+        self.spool = Path(spool) if spool is not None else self.workdir / "spool"
         self.munge_socket = munge_socket
         self.plugstack = plugstack
         self.client_plugstack = client_plugstack
@@ -95,7 +99,7 @@ class SlurmCluster:
 
     def write_config(self) -> None:
         w = self.workdir
-        for d in (w, w / "state", w / "spool"):
+        for d in (w, w / "state", self.spool):
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(w, 0o755)  # clients (the test users) read slurm.conf and plugstack.conf
         ctld_port, d_port = free_port(), free_port()
@@ -110,7 +114,7 @@ CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={w}/state
-SlurmdSpoolDir={w}/spool
+SlurmdSpoolDir={self.spool}
 SlurmctldPidFile={w}/slurmctld.pid
 SlurmdPidFile={w}/slurmd.pid
 SlurmctldLogFile={w}/slurmctld.log
@@ -244,14 +248,19 @@ PartitionName=whole Nodes={NODE} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=
 
     def _steps(self) -> list[str]:
         """slurmstepd sockets in the spool dir: a step still alive."""
-        spool = self.workdir / "spool"
+        spool = self.spool
         return [p.name for p in spool.iterdir() if p.is_socket()] if spool.is_dir() else []
 
     # -- clients -------------------------------------------------------------------------
 
+    def client_argv(self, argv: list[str], cwd: str | Path | None = None) -> list[str]:
+        """How a client command runs (a multi-node cluster runs it on its login node:
+        world/cluster.py)."""
+        return argv
+
     def admin(self, *argv: str, timeout: float = 60) -> Client:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                              env=self.env(), stdin=subprocess.DEVNULL)
+        proc = subprocess.run(self.client_argv(list(argv)), capture_output=True, text=True,
+                              timeout=timeout, env=self.env(), stdin=subprocess.DEVNULL)
         return Client(proc.returncode, proc.stdout, proc.stderr)
 
     def as_user(self, user: str, argv: list[str], *, env: dict[str, str] | None = None,
@@ -262,8 +271,9 @@ PartitionName=whole Nodes={NODE} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=
                *[f"{k}={v}" for k, v in full.items()], *argv]
         if user == "root":
             cmd = ["env", "-i", *[f"{k}={v}" for k, v in full.items()], *argv]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              cwd=str(cwd) if cwd else None, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(self.client_argv(cmd, cwd), capture_output=True, text=True,
+                              timeout=timeout, cwd=str(cwd) if cwd else None,
+                              stdin=subprocess.DEVNULL)
         return Client(proc.returncode, proc.stdout, proc.stderr)
 
     def sbatch(self, user: str, script: str, *args: str, env: dict[str, str] | None = None,
@@ -272,8 +282,8 @@ PartitionName=whole Nodes={NODE} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=
         full = self.client_env(env)
         cmd = ["runuser", "-u", user, "--", "env", "-i",
                *[f"{k}={v}" for k, v in full.items()], "sbatch", "--parsable", *args]
-        proc = subprocess.run(cmd, input=script, capture_output=True, text=True, timeout=120,
-                              cwd=str(cwd) if cwd else None)
+        proc = subprocess.run(self.client_argv(cmd, cwd), input=script, capture_output=True,
+                              text=True, timeout=120, cwd=str(cwd) if cwd else None)
         job_id = None
         match = re.match(r"(\d+)", proc.stdout.strip())
         if proc.returncode == 0 and match:

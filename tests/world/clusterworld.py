@@ -1,0 +1,186 @@
+"""Shifter on the virtual cluster (world/cluster.py): the test site, the SPANK plugin in
+every slurmd, the gateway on the service node, the image dir on the shared filesystem.
+
+    with cluster_world(base, munged=m, registry=reg, nodes=4) as w:
+        w.push("v1", "cluster-one", tmp)        # a busybox image with that os-release ID
+        image_id = w.pull("v1")                 # ``shifterimg pull`` as alice on the login node
+        job = w.sbatch(script, "-N", "4", "--exclusive", f"--image={w.tag('v1')}")
+        w.cluster.wait(job.job_id); w.output(job.job_id)
+        w.cluster.on_node("node2", [...]); w.leftover_mounts()
+
+Who is where: the login node is the ``ctl`` host (slurmctld's namespaces: clients,
+``shifterimg``, the submit-time checker run there); the gateway runs on the service node
+``svc`` (``http://10.251.0.2:8080``), reaches the registry through a relay, and writes
+images into ``export`` (the service node's disk); every compute node and the login node
+see ``export`` at the site's ``imagePath`` (the shared filesystem). The plugin's
+``state_dir`` and the per-node cache are private to each node. The runtime is the test
+site's (``RuntimeSite``: the sanitized setuid helper of this checkout's test slot and its
+udiRoot.conf), ``conf`` adds to that file; ``plugstack_args`` to the plugin's line
+(``enable_sshd="1"``…). Usable outside pytest (bench/): nothing here needs a fixture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .cluster import VirtualCluster
+from .gateway import Gateway
+from .imagebuild import File, Symlink, build_layer, push_image
+from .runtime import HELPER, TEST_CONF, RuntimeSite
+from .slurm import asan_runtime, build_plugin, plugstack_line, write_launchers
+
+ALICE = "shifter-alice"
+REPO = "cluster/app"
+
+
+class ClusterWorld:
+    def __init__(self, site: RuntimeSite, cluster: VirtualCluster, gateway: Gateway,
+                 registry: Any, munge_socket: str, bindir: Path, jobdir: Path,
+                 export: Path) -> None:
+        self.site = site
+        self.cluster = cluster
+        self.gateway = gateway
+        self.registry = registry
+        self.munge_socket = munge_socket
+        self.bindir = bindir
+        self.jobdir = jobdir
+        self.export = export
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Alice's login environment: shifter on PATH, the test helper and config."""
+        env = {"PATH": f"{self.bindir}:/usr/local/bin:/usr/bin:/bin",
+               "HOME": f"/home/{ALICE}", "USER": ALICE,
+               "SHIFTER_HELPER": str(HELPER), "SHIFTER_UDIROOT_CONF": str(TEST_CONF),
+               "MUNGE_SOCKET": self.munge_socket}
+        env.update(extra)
+        return env
+
+    def tag(self, name: str) -> str:
+        return f"{self.registry.host}/{REPO}:{name}"
+
+    def push(self, name: str, os_id: str, tmp: Path, tree: Path | None = None) -> None:
+        """Push an image: busybox with ``ID=os_id`` in its os-release, plus ``tree``."""
+        entries: list[Any] = [File("bin/busybox", Path("/bin/busybox").read_bytes(),
+                                   mode=0o755)]
+        entries += [Symlink(f"bin/{n}", "busybox")
+                    for n in ("sh", "cat", "id", "ls", "echo", "readlink", "true", "test",
+                              "sleep", "hostname", "grep", "wc", "sort", "cut", "tr")]
+        if tree is not None:
+            entries += tree_entries(tree)
+        entries += [File("etc/os-release", f'ID={os_id}\nPRETTY_NAME="{os_id} image"\n')]
+        push_image(self.registry, REPO, name, [build_layer(entries, "gzip", tmp)],
+                   {"Env": ["PATH=/bin:/usr/bin"], "Cmd": ["/bin/sh"]})
+
+    def pull(self, name: str) -> str:
+        """``shifterimg pull`` as alice on the login node; the id the tag index holds."""
+        res = self.cluster.as_user(ALICE, [str(self.bindir / "shifterimg"), "pull",
+                                           self.tag(name)], env=self.env(), timeout=300)
+        assert res.returncode == 0 and "READY" in res.stdout, (res, self.gateway.log())
+        from shifter.frontend import quote_tag
+
+        index = self.export / "tags" / "docker" / quote_tag(self.tag(name))
+        return index.read_text().strip()
+
+    def sbatch(self, script: str, *args: str):
+        return self.cluster.sbatch(ALICE, script, f"--output={self.jobdir}/%j.out", *args,
+                                   env=self.env(), cwd=self.jobdir)
+
+    def srun(self, *args: str, timeout: float = 120):
+        return self.cluster.srun(ALICE, *args, env=self.env(), cwd=self.jobdir,
+                                 timeout=timeout)
+
+    def output(self, job_id: int) -> str:
+        try:
+            return (self.jobdir / f"{job_id}.out").read_text()
+        except FileNotFoundError:
+            return ""
+
+    def leftover_mounts(self) -> dict[str, list[str]]:
+        """Per node, what is mounted under the site's udiMount and loopMount."""
+        dirs = (self.site.udi_mount, self.site.loop_mount)
+        out = {n: self.cluster.node_mounts(n, dirs) for n in self.cluster.nodes}
+        return {n: m for n, m in out.items() if m}
+
+    @contextlib.contextmanager
+    def plugstack_args(self, *words: str) -> Iterator[None]:
+        """plugstack.conf with more arguments (Slurm re-reads it for every job)."""
+        paths = (self.cluster.plugstack_conf, self.cluster.client_plugstack_conf)
+        saved = [path.read_text() for path in paths]
+        for path, text in zip(paths, saved, strict=True):
+            path.write_text(text.rstrip("\n") + " " + " ".join(words) + "\n")
+        try:
+            yield
+        finally:
+            for path, text in zip(paths, saved, strict=True):
+                path.write_text(text)
+
+
+def tree_entries(root: Path) -> list[Any]:
+    """A directory tree as layer entries (regular files and symlinks)."""
+    out: list[Any] = []
+    for dirpath, _, filenames in os.walk(root):
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                out.append(Symlink(rel, os.readlink(path)))
+            elif stat.S_ISREG(st.st_mode):
+                out.append(File(rel, path.read_bytes(), mode=stat.S_IMODE(st.st_mode)))
+        for d in os.listdir(dirpath):
+            path = Path(dirpath) / d
+            if path.is_symlink():
+                out.append(Symlink(str(path.relative_to(root)), os.readlink(path)))
+    return out
+
+
+@contextlib.contextmanager
+def cluster_world(base: Path, *, munged: Any, registry: Any, test_users: dict[str, Any],
+                  nodes: int = 4, plugstack_args: dict[str, str] | None = None,
+                  conf: dict[str, str] | None = None,
+                  gateway_extra: dict[str, Any] | None = None,
+                  keep_tmp: tuple[Path, ...] = ()) -> Iterator[ClusterWorld]:
+    """The whole world, started; everything stopped and removed after (also on error).
+    ``base`` must be reachable by the test users (0755 up to it); ``keep_tmp`` adds to
+    what stays visible in the nodes' /tmp (``base`` and the munge socket's dir do)."""
+    site = RuntimeSite.create(base / "site")
+    bindir = write_launchers(base / "bin", HELPER)
+    uid, gid = test_users[ALICE]
+    jobdir = base / "jobs"
+    jobdir.mkdir()
+    os.chown(jobdir, uid, gid)
+    export = base / "svc-disk" / "images"
+    export.mkdir(parents=True)
+    os.chmod(export.parent, 0o755)
+    os.chmod(export, 0o755)
+    state_dir = base / "shifter-state"  # plugstack_line's, beside bindir
+    state_dir.mkdir(mode=0o700)
+    args = {**(plugstack_args or {})}
+    cluster = VirtualCluster(
+        base / "cluster", nodes=nodes, munge_socket=munged.socket,
+        plugstack=plugstack_line(build_plugin("ubsan"), bindir, TEST_CONF, **args),
+        client_plugstack=plugstack_line(build_plugin("asan"), bindir, TEST_CONF, **args),
+        client_preload=asan_runtime(),
+        keep_tmp=[base, Path(munged.socket).parent, *keep_tmp],
+        private_dirs=[state_dir, site.cache_dir],
+        shared={site.image_dir: export})
+    gateway = Gateway(base / "gw", munge_socket=munged.socket, registry=registry,
+                      host=cluster.svc_address, netns=cluster.svc_netns,
+                      extra={"Platforms": {"testsys": {
+                          "mungeSocketPath": munged.socket, "accesstype": "local",
+                          "admins": ["root"], "local": {"imageDir": str(export)}}},
+                          **(gateway_extra or {})})
+    try:
+        with cluster:
+            cluster.relay(registry.port)
+            with gateway:
+                site.write_conf(imageGateway=gateway.url, **(conf or {}))
+                yield ClusterWorld(site, cluster, gateway, registry, munged.socket, bindir,
+                                   jobdir, export)
+    finally:
+        site.write_conf()
