@@ -7,7 +7,7 @@ worker's CPU, a wait for the database's write lock behind every other worker's r
 its next read. Queued here and written every ``interval`` seconds (or as soon as
 ``max_rows`` wait) in one transaction, a row costs a list append in the request.
 
-What that gives up (docs/admin-guide.md, 'Logs and metrics'): a row is in the database
+What that gives up (docs/admin-guide.md, the metrics table under 'Disk'): a row is in the database
 up to ``interval`` seconds after its lookup answered, not before; and a worker killed
 outright (SIGKILL, the OOM killer) loses the rows it had not written yet. A worker that
 stops normally writes them first (``flush`` from the gunicorn ``worker_exit`` hook and
