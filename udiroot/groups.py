@@ -131,27 +131,35 @@ def find_user(text: str, uid: int) -> PasswdEntry | None:
 
 def filter_group(text: str, user: str, max_groups: int = 0) -> str:
     """Step 8 on the text of a group file; returns the new text. The same reading of a
-    line as :func:`parse_group`, without an object per group: a line can list the user
-    (as a member or as its name) only if it holds the name at all."""
+    line as :func:`parse_group` (three or four ``:`` fields, a name, a decimal gid), done
+    with ``find`` on the colons: no object per group, and the member list (most of a
+    large file's bytes) is split only on a line that holds the user's name at all."""
     _check_user(user)
     out = []
     listed = 0
     for line in text.split("\n"):
         if line.endswith("\r"):
             line = line[:-1]
-        fields = line.split(":")
-        n = len(fields)
-        if (n != 3 and n != 4) or fields[0] == "":
+        a = line.find(":")
+        if a <= 0:  # no field separator, or an empty name
             continue
-        gid = _id(fields[2])
+        b = line.find(":", a + 1)
+        if b < 0:
+            continue
+        c = line.find(":", b + 1)
+        if c >= 0 and line.find(":", c + 1) >= 0:
+            continue  # five fields or more
+        gid = _id(line[b + 1:] if c < 0 else line[b + 1:c])
         if not gid:  # None (not an id) or 0 (dropped)
             continue
         member = ""
-        if user in line and (fields[0] == user or (n == 4 and user in fields[3].split(","))):
-            if max_groups <= 0 or listed < max_groups:
-                member = user
-                listed += 1
-        out.append(f"{fields[0]}:x:{gid}:{member}\n")
+        if user in line:
+            name = line[:a]
+            if name == user or (c >= 0 and user in line[c + 1:].split(",")):
+                if max_groups <= 0 or listed < max_groups:
+                    member = user
+                    listed += 1
+        out.append(f"{line[:a]}:x:{gid}:{member}\n")
     return "".join(out)
 
 
