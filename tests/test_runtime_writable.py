@@ -354,3 +354,27 @@ def test_a_volume_through_an_image_link_is_not_made(site, image):
         assert why in res.stderr, res.stderr
     res = site.shifter(ALICE, f"--image=id:{image}", "ls", "/home", "/etc")
     assert res.returncode == 0 and "\nx\n" not in res.stdout, res
+
+
+def test_a_prepared_container_gets_the_mount_point_too_and_unsetup_removes_it_all(site, image):
+    """setupRoot (the batch job's container, in the node's namespace) with a volume inside
+    an image directory: the overlay is made at loopMount, a task enters it and sees the
+    volume; unsetupRoot leaves nothing mounted."""
+    data = owned_dir(site, ALICE, "vol")
+    (data / "input").write_text("data\n")
+    pw = pwd.getpwnam(ALICE)
+    res = site.root_tool("setupRoot", "-U", str(pw.pw_uid), "-G", str(pw.pw_gid), "-u", ALICE,
+                         "-v", f"{data}:/usr/share/data", "id", image)
+    assert res.returncode == 0, res.stderr
+    try:
+        res = site.shifter(ALICE, f"--image=id:{image}", f"--volume={data}:/usr/share/data",
+                           "sh", "-c", "readlink /proc/self/ns/mnt; cat /usr/share/data/input; "
+                           "touch /usr/share/x 2>&1; true")
+        assert res.returncode == 0, res
+        ns, out = res.stdout.split("\n", 1)
+        assert ns == os.readlink("/proc/self/ns/mnt"), res  # entered, not built again
+        assert out.startswith("data\n") and "Read-only file system" in out, res
+    finally:
+        done = site.root_tool("unsetupRoot")
+    assert done.returncode == 0, done.stderr
+    assert site.our_mounts() == []
