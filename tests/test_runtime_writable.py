@@ -231,8 +231,9 @@ def test_the_image_file_is_never_modified(site, image, image_file):
 def test_the_overlay_cannot_hide_or_replace_site_mounts_or_the_helpers_etc_files(site, image):
     """/etc/passwd, /etc/group, the other /etc files and a siteFs mount are the site's
     and on the container's own read-only root, not on the overlay: removing, renaming or
-    overwriting them fails; the user cannot mount over them either (no capability, and
-    no_new_privs, in the container's mount namespace)."""
+    overwriting them fails; the user cannot mount over them either: no capability and
+    no_new_privs in the container's mount namespace, and no user namespace of their own
+    (the kernel refuses one to a chrooted process)."""
     sitefs = site.base / "writable-sitefs"
     sitefs.mkdir(exist_ok=True)
     (sitefs / "site-file").write_text("site\n")
@@ -244,7 +245,7 @@ def test_the_overlay_cannot_hide_or_replace_site_mounts_or_the_helpers_etc_files
                "rm -f /site/site-file", "mv /site /srv/scratch/site",
                "mount --bind /srv/scratch /site",
                "mount --bind /srv/scratch/from-image /etc/passwd", "umount /site",
-               "umount -l /etc"]
+               "umount -l /etc", "unshare -r -m mount --bind /srv/scratch /site"]
     script = "; ".join(f"{a} 2>/dev/null && echo DID: {a}" for a in attacks)
     script += "; grep -c '^shifter-alice:' /etc/passwd; cat /site/site-file; ls /site"
     res = site.shifter(ALICE, f"--image=id:{image}", "--writable-tmpfs", "sh", "-c", script)
@@ -252,6 +253,9 @@ def test_the_overlay_cannot_hide_or_replace_site_mounts_or_the_helpers_etc_files
     # (mv across mounts copies before it fails to remove: the user may read /site anyway)
     assert res.stdout.endswith("1\nsite\nsite-file\n"), res
     assert (sitefs / "site-file").read_text() == "site\n"
+    res = site.shifter(ALICE, f"--image=id:{image}", "--writable-tmpfs", "unshare", "-r", "-m",
+                       "true")
+    assert res.returncode != 0 and "Operation not permitted" in res.stderr, res
 
 
 def test_the_layer_is_gone_when_the_container_ends(site, image, tmp_path):
