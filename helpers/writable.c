@@ -70,51 +70,36 @@ static int image_mount_point(const struct ctx *c, int img, const char *path, int
 {
     const unsigned long long how = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
                                    RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV;
-    char rel[HELPER_MAX_PATH] = "", name[256];
-    const char *p = path;
-    int dir = openat(img, ".", O_PATH | O_DIRECTORY | O_CLOEXEC), depth = 0, own = 0;
-    int need = 0;
+    char rel[HELPER_MAX_PATH];
+    size_t n = 0;
+    int depth = 0, own = 0, fd;
+    struct stat st;
 
-    if (dir < 0)
-        die_errno("Cannot open the image");
-    while (*p) {
-        struct stat st;
-        size_t len;
-        int next;
-
-        p += strspn(p, "/");
-        len = strcspn(p, "/");
-        if (len == 0 || len >= sizeof name || strlen(rel) + len + 2 > sizeof rel)
-            break; /* too long: volmount.c says so */
-        memcpy(name, p, len);
-        name[len] = '\0';
+    for (const char *p = path + strspn(path, "/"); *p; p += strspn(p, "/")) {
+        size_t len = strcspn(p, "/");
+        if (n + len + 2 > sizeof rel)
+            return 0; /* too long: volmount.c says so */
+        n += (size_t)snprintf(rel + n, sizeof rel - n, "%s%.*s", n ? "/" : "", (int)len, p);
         p += len;
         depth++;
-        snprintf(rel + strlen(rel), sizeof rel - strlen(rel), "%s%s", rel[0] ? "/" : "", name);
-        if (!own) {
-            if (fstatat(c->root, rel, &st, AT_SYMLINK_NOFOLLOW) != 0)
-                own = depth; /* the image's entry (or none: the root will hold it) */
-            else if (depth > 1 || !S_ISDIR(st.st_mode) || !merged_top(name))
-                break;       /* the site's entry */
+        if (!own && fstatat(c->root, rel, &st, AT_SYMLINK_NOFOLLOW) != 0)
+            own = depth; /* the image's entry (or none: the root will hold it) */
+        else if (!own && (depth > 1 || !S_ISDIR(st.st_mode) || !merged_top(rel)))
+            return 0;    /* the site's entry */
+        fd = openat2_resolve(img, rel, O_PATH | O_DIRECTORY | O_CLOEXEC, how);
+        if (fd >= 0) {
+            close(fd);
+            continue;
         }
-        next = openat2_resolve(dir, name, O_PATH | O_DIRECTORY | O_CLOEXEC, how);
-        if (next < 0 && errno == ENOENT && own && depth > own) {
-            need = 1;
-            if (!create)
-                break;
-            if (mkdirat(dir, name, 0755) != 0 && errno != EEXIST)
-                die_errno("Cannot make the mount point %s in the image overlay", rel);
-            next = openat2_resolve(dir, name, O_PATH | O_DIRECTORY | O_CLOEXEC, how);
-            if (next < 0)
-                die_errno("Cannot open the mount point %s in the image overlay", rel);
-        }
-        if (next < 0)
-            break;
-        close(dir);
-        dir = next;
+        if (errno != ENOENT || !own || depth == own)
+            return 0; /* a link or a file on the way, or the root holds it */
+        if (!create)
+            return 1;
+        /* Its parent was just reached with no link, and only we write the overlay. */
+        if (mkdirat(img, rel, 0755) != 0)
+            die_errno("Cannot make the mount point /%s in the image overlay", rel);
     }
-    close(dir);
-    return need;
+    return 0;
 }
 
 /* The overlay over image (attached at loopMount), its upper layer a fresh tmpfs. */
