@@ -397,3 +397,30 @@ def test_a_prepared_container_gets_the_mount_point_too_and_unsetup_removes_it_al
         done = site.root_tool("unsetupRoot")
     assert done.returncode == 0, done.stderr
     assert site.our_mounts() == []
+
+
+def test_a_writable_launch_beside_others_of_the_image_changes_nothing_for_them(site, image):
+    """Launches of one image share its loop device and superblock: what alice writes
+    through her layer is hers alone; bob, running the image meanwhile, and the launches
+    after, see the image as it is."""
+    marker = Path("/tmp") / f"shifter-writable-bob-{os.getpid()}"
+    marker.unlink(missing_ok=True)
+    script = (f"touch {marker}; while test -e {marker}; do sleep 0.1; done; "
+              "ls /srv/scratch; cat /srv/scratch/from-image")
+    bob = subprocess.Popen([str(site.launcher), f"--image=id:{image}", "sh", "-c", script],
+                           env=site.user_env(BOB), cwd=str(site.base), text=True,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, **site.spawn_kwargs(BOB))
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and bob.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), bob.communicate()
+        res = site.shifter(ALICE, f"--image=id:{image}", "--writable-tmpfs", "sh", "-c",
+                           "echo alice > /srv/scratch/from-image && echo x > /srv/scratch/new "
+                           "&& cat /srv/scratch/from-image")
+        assert (res.returncode, res.stdout) == (0, "alice\n"), res
+    finally:
+        marker.unlink(missing_ok=True)
+        out, err = bob.communicate(timeout=60)
+    assert (bob.returncode, out) == (0, "from-image\nimage file\n"), (out, err)
