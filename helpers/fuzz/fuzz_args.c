@@ -82,6 +82,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         argv[argc++] = p;
     argv[argc] = NULL;
     memset(&ctx, 0, sizeof ctx);
+    ctx.conf = &conf; /* as helper_init sets it */
     setup_user = setup_uid = setup_gid = setup_key = NULL;
     g_verbose = 0;
     if (FUZZ_TRY) {
