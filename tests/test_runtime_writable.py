@@ -98,12 +98,7 @@ def clean(site):
     site.write_conf(allowWritableTmpfs="1", writableTmpfsSizeLimit="64M")
     yield
     site.write_conf()
-    # The kernel frees an overlay's layers (and with the image's, its autoclear loop
-    # device) shortly after the last mount of it is detached (unsetupRoot's lazy unmount).
-    deadline = time.monotonic() + 5
-    while site.our_loops() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    site.assert_nothing_left()
+    site.assert_nothing_left()  # (waits for the kernel to free the overlay's image device)
 
 
 def owned_dir(site: RuntimeSite, user: str, name: str) -> Path:
