@@ -10,12 +10,20 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make \
 	munge libmunge-dev openssh-server openssh-client attr \
 	bubblewrap charliecloud squashfuse fuse3 kmod libcap2-bin \
 	mpich libmpich-dev patchelf slurm-wlm libslurm-dev clang libclang-rt-14-dev \
-	debootstrap rpm dpkg-dev
+	openmpi-bin libopenmpi-dev libpmix2 libpmix-dev \
+	debootstrap rpm dpkg-dev iproute2 sshfs
 
 .PHONY: setup apt venv install helper udiimage slurm demo test lint fuzz bench-pull \
 	bench-launch bench-slurm clean docs-man
 
 setup: apt venv
+
+# Open MPI outranks MPICH for the generic names (mpiexec, mpicc, mpi.h, libmpi.so); the
+# MPICH tests use those names, the Open MPI ones say mpicc.openmpi: keep them MPICH's.
+MPICH_NAMES := { ! dpkg-query -W mpich >/dev/null 2>&1 || { \
+	update-alternatives --set mpi /usr/bin/mpicc.mpich && \
+	update-alternatives --set mpirun /usr/bin/mpirun.mpich && \
+	update-alternatives --set mpi-x86_64-linux-gnu /usr/include/x86_64-linux-gnu/mpich; }; }
 
 # Installs only what is missing, so a second run costs a dpkg query.
 apt:
@@ -24,7 +32,8 @@ apt:
 	done); \
 	if [ -n "$$missing" ]; then \
 		echo "apt-get install $$missing"; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing \
+			&& $(MPICH_NAMES); \
 	fi
 
 venv: $(VENV)/.installed

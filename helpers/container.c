@@ -9,7 +9,7 @@
  *     /opt/udiImage, (shifter-setup) hostsfile, module roothooks, the front end's
  *     passwd/group (--etc-fd), proc sys dev tmp var/tmp
  *   6 image content: top level of /, then /var, /opt and /etc, site entries win
- *   7 user volumes; then shifter-setup's sshd (its setup_step)
+ *   7 user volumes, (run) the step's PMIx directory; then shifter-setup's sshd
  *   8 (shifter-setup) var/shifterConfig.json; root read-only unless mountUdiRootWritable=1
  *
  * The container root is handled as a directory fd (the rootfs mount fd) from
@@ -33,6 +33,7 @@
 #include "etcfiles.h"
 #include "loop.h"
 #include "mnt.h"
+#include "pmix.h"
 #include "util.h"
 #include "volmount.h"
 
@@ -111,12 +112,6 @@ int container_prepared(const struct ctx *c, const char *signature)
     }
     verbose("entering the prepared container at %s", c->udi);
     return root;
-}
-
-int container_teardown(const struct ctx *c)
-{
-    const char *prefixes[2] = {c->udi, c->loop};
-    return mnt_unmount_under(prefixes, 2);
 }
 
 /* ---- steps 3 and 4 ------------------------------------------------------------- */
@@ -267,18 +262,10 @@ static void bind_host_dir(struct ctx *c, const char *host, const char *name, int
 
 static void system_mounts(struct ctx *c)
 {
-    int dst = open_dir_at(c->root, "proc"), mfd;
-    char opts[256];
-
-    /* The host's hidepid/gid/subset: a procfs without them would show users every
-     * process and command line of the node. */
-    mnt_proc_options(opts, sizeof opts);
-    mfd = mnt_new("proc", "proc", opts[0] ? opts : NULL, ATTR_NOSUID | ATTR_NODEV | ATTR_NOEXEC,
-                  "proc");
-
-    mnt_attach(mfd, dst, MS_PRIVATE, "proc");
-    close(mfd);
-    close(dst);
+    /* The host's /proc itself (the node shares its pid namespace): a fresh procfs
+     * without the host's hidepid/gid/subset would show users every process and command
+     * line of the node; recursive, so what the host mounted over /proc entries stays. */
+    bind_host_dir(c, "/proc", "proc", 1, ATTR_NOSUID | ATTR_NODEV | ATTR_NOEXEC);
     bind_host_dir(c, "/sys", "sys", 1, ATTR_NOSUID | ATTR_NODEV);
     if (c->gpu.requested)
         gpu_mount_dev(c); /* only the selected /dev/nvidiaN */
@@ -395,10 +382,12 @@ void container_build(struct ctx *c)
         if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0)
             die_errno("Cannot make / a slave mount");
     }
-    if (c->setup_step != NULL)
-        c->setup_step(c, STEP_CLEAR);
-    if (container_teardown(c) != 0)
-        die("Cannot clear %s and %s", c->udi, c->loop);
+    if (c->setup_step != NULL) {
+        c->setup_step(c, STEP_CLEAR); /* the caller's namespace: shifter-setup clears it */
+    } else {
+        const char *roots[2] = {c->udi, c->loop};
+        mnt_detach_roots(roots, 2);
+    }
     image = mount_image(c);
     mount_rootfs(c);
     site_steps(c);
@@ -409,6 +398,8 @@ void container_build(struct ctx *c)
     close(image);
     verbose("image content added");
     volmount_user(c);
+    if (c->pmix_dir != NULL)
+        pmix_mount(c);
     if (c->setup_step != NULL)
         c->setup_step(c, STEP_USER_VOLUMES);
     if (!config_flag(conf_get(c->conf, "mountUdiRootWritable"), 0))

@@ -39,6 +39,8 @@ struct ctx {
     unsigned long propagation; /* MS_SLAVE or MS_PRIVATE (mountPropagationStyle) */
     struct gpu_plan gpu;      /* --gpu: what to inject (gpu.requested 0: nothing) */
     char **etc_files;         /* --etc-fd: the front end's passwd, group, nsswitch.conf */
+    const char *pmix_dir;     /* run --pmix-dir, canonical and checked (pmix.c), or NULL */
+    int pmix_fd;              /* that directory, opened as the user (with pmix_dir) */
     /* shifter-setup's steps (NULL in the setuid helper) */
     void (*setup_step)(struct ctx *c, enum build_step step);
     const char *nodes;        /* setup --nodes, or NULL */

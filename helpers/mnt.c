@@ -95,6 +95,16 @@ void mnt_set(int mfd, int rec, unsigned attrs, unsigned long propagation, const 
         die_errno("Cannot set mount flags on %s", what);
 }
 
+void mnt_clear(int mfd, unsigned attrs, const char *what)
+{
+    struct mount_attr attr;
+
+    memset(&attr, 0, sizeof attr);
+    attr.attr_clr = to_mount_attr(attrs);
+    if (mount_setattr(mfd, "", AT_EMPTY_PATH, &attr, sizeof attr) != 0)
+        die_errno("Cannot clear mount flags on %s", what);
+}
+
 void mnt_attach(int mfd, int dst_fd, unsigned long propagation, const char *what)
 {
     if (move_mount(mfd, "", dst_fd, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) != 0)
@@ -150,127 +160,8 @@ uint64_t mnt_id(int fd)
     return stx.stx_mnt_id;
 }
 
-/* Undo mountinfo's octal escapes (\040 for a space, ...) in place. */
-static void unescape(char *s)
+void mnt_detach_roots(const char *const roots[], int np)
 {
-    char *w = s;
-
-    for (char *r = s; *r;) {
-        if (r[0] == '\\' && r[1] >= '0' && r[1] <= '3' && r[2] >= '0' && r[2] <= '7' &&
-            r[3] >= '0' && r[3] <= '7') {
-            *w++ = (char)((r[1] - '0') * 64 + (r[2] - '0') * 8 + (r[3] - '0'));
-            r += 4;
-        } else {
-            *w++ = *r++;
-        }
-    }
-    *w = '\0';
-}
-
-static int under(const char *path, const char *prefix)
-{
-    size_t n = strlen(prefix);
-
-    if (n == 1 && prefix[0] == '/')
-        return 1;
-    return strncmp(path, prefix, n) == 0 && (path[n] == '\0' || path[n] == '/');
-}
-
-/* The next line of mountinfo text at *cursor cut into blank-separated fields (at most 16;
- * the mount point, f[4], unescaped); returns how many, 0 at the end. */
-static int next_mount(char **cursor, char *f[16])
-{
-    char *line = *cursor, *nl, *save = NULL;
-    int n = 0;
-
-    if (*line == '\0')
-        return 0;
-    nl = strchr(line, '\n');
-    *cursor = nl != NULL ? nl + 1 : line + strlen(line);
-    if (nl != NULL)
-        *nl = '\0';
-    for (char *w = strtok_r(line, " ", &save); w != NULL && n < 16; w = strtok_r(NULL, " ", &save))
-        f[n++] = w;
-    if (n > 4)
-        unescape(f[4]);
-    return n > 0 ? n : next_mount(cursor, f);
-}
-
-static char *read_mountinfo(void)
-{
-    int fd = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC);
-    char *text;
-    size_t len;
-
-    if (fd < 0 || read_all_fd(fd, 64 * 1024 * 1024, &text, &len) != 0)
-        die_errno("Cannot read /proc/self/mountinfo");
-    close(fd);
-    return text;
-}
-
-/* Mount points at or below the prefixes, in mountinfo order; returns how many. */
-static int collect(const char *const prefixes[], int np, char **out, int max)
-{
-    char *text = read_mountinfo(), *cursor = text, *f[16];
-    int n = 0, nf;
-
-    /* id parent major:minor root mountpoint ... */
-    while ((nf = next_mount(&cursor, f)) > 0)
-        for (int i = 0; nf > 4 && i < np; i++)
-            if (under(f[4], prefixes[i]) && n < max) {
-                out[n++] = xstrdup(f[4]);
-                break;
-            }
-    free(text);
-    return n;
-}
-
-/* Append to out the options of super options opts (comma-separated) that are in keep. */
-static void keep_options(const char *opts, const char *const keep[], char *out, size_t len)
-{
-    char *copy = xstrdup(opts), *save = NULL;
-
-    for (char *o = strtok_r(copy, ",", &save); o != NULL; o = strtok_r(NULL, ",", &save)) {
-        for (int i = 0; keep[i] != NULL; i++) {
-            size_t n = strlen(keep[i]);
-            if (strncmp(o, keep[i], n) == 0 && o[n] == '=' &&
-                strlen(out) + strlen(o) + 2 < len) {
-                if (*out)
-                    strcat(out, ",");
-                strcat(out, o);
-            }
-        }
-    }
-    free(copy);
-}
-
-void mnt_proc_options(char *out, size_t len)
-{
-    static const char *const keep[] = {"hidepid", "gid", "subset", NULL};
-    char *text = read_mountinfo(), *cursor = text, *f[16];
-    int nf;
-
-    out[0] = '\0';
-    /* id parent major:minor root mountpoint opts [optional...] - fstype source superopts.
-     * The last /proc line is the mount on top, the one everybody sees. */
-    while ((nf = next_mount(&cursor, f)) > 0) {
-        int sep = 6;
-        while (sep < nf && strcmp(f[sep], "-") != 0)
-            sep++;
-        if (nf > 4 && strcmp(f[4], "/proc") == 0 && sep + 3 < nf &&
-            strcmp(f[sep + 1], "proc") == 0) {
-            out[0] = '\0';
-            keep_options(f[sep + 3], keep, out, len);
-        }
-    }
-    free(text);
-}
-
-int mnt_unmount_under(const char *const roots[], int np)
-{
-    char *points[MAX_MOUNTS];
-    int n;
-
     /*
      * Only the roots themselves are named, never a path below them: those run through
      * the user's volumes, where a middle component can be swapped for a symlink between
@@ -288,12 +179,4 @@ int mnt_unmount_under(const char *const roots[], int np)
             break;
         }
     }
-    /* What is left (mounted below a root that is not itself a mount point) is reported,
-     * never unmounted by its path. */
-    n = collect(roots, np, points, MAX_MOUNTS);
-    for (int i = 0; i < n; i++) {
-        warn("shifter-helper: could not unmount %s", points[i]);
-        free(points[i]);
-    }
-    return n == 0 ? 0 : -1;
 }

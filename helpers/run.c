@@ -16,6 +16,7 @@
 
 #include "container.h"
 #include "enter.h"
+#include "pmix.h"
 #include "request.h"
 #include "util.h"
 
@@ -23,7 +24,8 @@ void usage(void)
 {
     die("usage: shifter-helper run [--image-id ID | --local PATH] [--volume LIST]... "
         "[--modules LIST] [--gpu N,N] [--gpu-file DIR/NAME=PATH]... [--workdir DIR] "
-        "[--env-fd N] [--etc-fd N] [--request TEXT] [--verbose] -- CMD [ARG...]");
+        "[--env-fd N] [--etc-fd N] [--pmix-dir DIR] [--request TEXT] [--verbose] "
+        "-- CMD [ARG...]");
 }
 
 /* run's own options; setup's are not known here at all. */
@@ -42,6 +44,8 @@ static int run_option(const char *a, const char *v, struct options *o)
         o->request = v;
     else if (strcmp(a, "--env-fd") == 0 && o->env_fd < 0)
         o->env_fd = parse_fd(a, v);
+    else if (strcmp(a, "--pmix-dir") == 0 && o->pmix_dir == NULL)
+        o->pmix_dir = v;
     else
         return 0;
     return 1;
@@ -70,6 +74,8 @@ int main(int argc, char **argv)
     envp = read_records(o.env_fd, "environment (--env-fd)");
     ctx.etc_files = read_records(o.etc_fd, "/etc files (--etc-fd)");
     common_checks(&o);
+    if (o.pmix_dir != NULL)
+        pmix_open(&ctx, o.pmix_dir);
     if (o.request != NULL)
         verbose("image request %.256s", o.request);
     sig = container_signature(&ctx);
@@ -77,6 +83,8 @@ int main(int argc, char **argv)
     if (root < 0) {
         container_build(&ctx);
         root = ctx.root;
+    } else if (ctx.pmix_dir != NULL) {
+        root = pmix_enter_prepared(&ctx, root, sig);
     }
     free(sig);
     enter(&ctx, root, o.workdir, o.argv, envp);

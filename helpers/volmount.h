@@ -26,4 +26,7 @@ int volmount_target(const struct ctx *c, const char *path, int want_dir, const c
  * but no /proc magic links); want_dir: a directory the user can search.  -1 with errno. */
 int volmount_open_as_user(const struct ident *id, const char *path, int want_dir);
 
+/* The same for a directory, with no symbolic link anywhere on the path (ELOOP). */
+int volmount_open_dir_as_user_nofollow(const struct ident *id, const char *path);
+
 #endif

@@ -13,7 +13,7 @@ signals, stdin, the terminal and the exit status are the command's)::
 
     shifter-helper run (--image-id ID | --local PATH) [--volume LIST]…
         --modules LIST|none [--gpu N,N [--gpu-file DIR/NAME=PATH]…] --workdir DIR
-        --request TYPE:TAG --env-fd N [--etc-fd N] [--verbose] -- CMD [ARG…]
+        [--pmix-dir DIR] --request TYPE:TAG --env-fd N [--etc-fd N] [--verbose] -- CMD [ARG…]
 
 The helper trusts none of it and re-checks what needs checking (helpers/PROTOCOL.md).
 Every error found here is one clear message on stderr and exit status 1, before exec;
@@ -294,6 +294,13 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
         site=cfg.values,
         gpus=gpus,
     )
+    pmix_dir = None
+    if "PMIX_SERVER_TMPDIR" in env:
+        from udiroot.pmix import add_mca_names, pmix_step_dir
+
+        pmix_dir = pmix_step_dir(env)
+        if pmix_dir is not None:
+            add_mca_names(env)
     fd = env_fd(env)
     argv = [helper_path(environ), "run", *target]
     files = _etc_files(cfg)
@@ -306,6 +313,8 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
         argv += ["--gpu", gpu_devices]
         for spec in gpu_files:
             argv += ["--gpu-file", spec]
+    if pmix_dir is not None:
+        argv += ["--pmix-dir", pmix_dir]
     argv += ["--workdir", workdir, "--request", str(request), "--env-fd", str(fd)]
     if opts.verbose:
         argv.append("--verbose")

@@ -3,7 +3,8 @@
  * byte picks run's options or setup's (--user, --uid, --gid, --nodes, --ssh-pubkey, whose
  * checks, hosts_validate and sshd_check_key, run too).  common_checks re-validates the
  * image id, --local, --volume, --modules, --gpu and --gpu-file against a fixed
- * udiRoot.conf (an empty imagePath, so no image is ever found; no device dir). */
+ * udiRoot.conf (an empty imagePath, so no image is ever found; no device dir); the text
+ * of --pmix-dir goes through pmix_check_path (opening it is the kernel's part). */
 /* Renamed, main() loses its implicit "return 0" (it ends in usage(), which dies). */
 #pragma clang diagnostic ignored "-Wreturn-type"
 #define main shifter_helper_main
@@ -12,6 +13,7 @@
 #include "../request.c"
 #include "../hosts.h"
 #include "../sshd.h"
+#include "../pmix.h"
 #include <stdio.h>
 
 #include "fuzz.h"
@@ -88,6 +90,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             (void)hosts_validate(ctx.nodes, err, sizeof err);
         if (setup_key != NULL)
             (void)sshd_check_key(setup_key, err, sizeof err);
+        if (o.pmix_dir != NULL) {
+            static char canon[HELPER_MAX_PATH];
+            (void)pmix_check_path(o.pmix_dir, canon, sizeof canon, err, sizeof err);
+        }
     }
     fuzz_release(); /* o.volumes, ctx.vols' strings, ... */
     g_verbose = 0;

@@ -32,8 +32,9 @@ What there is (``NET`` is 10.251.0.0/16, on a bridge that exists only inside the
   fresh ``/dev/shm``, its own ``/tmp`` (a directory of this cluster; the paths in
   ``keep_tmp`` stay visible in it at their own names: the test world's temp dir and the
   munge socket's), a fresh tmpfs on each of ``private_dirs`` (per-node state), and on
-  ``shared`` (``{path: export}``) the shared image filesystem: a bind mount of
-  ``export``. Mounts a job makes on a node (setupRoot's) are that node's alone.
+  each ``path`` of ``shared`` (``{path: export}``) the shared filesystem: ``export``, a
+  directory of the service node, mounted over the cluster network (below). Mounts a job
+  makes on a node (setupRoot's) are that node's alone.
 - All nodes share the IPC namespace of the machine: Debian's MPICH uses UCX, which
   takes the boot id (the same in every namespace) for "same host" and then hangs in
   MPI_Finalize about every second run when the nodes cannot share memory.
@@ -48,9 +49,14 @@ this cluster made it and no namespace is left). Namespaces are named ``sc<pid>-<
 those of a killed run (that pid gone) are deleted, with whatever still runs in them (the
 gateway, steps, containers' sshds), when the next cluster starts.
 
-The shared filesystem is a bind mount because this kernel has no NFS: neither ``nfs``
-nor ``nfsd`` is in /proc/filesystems and it loads no modules (no /proc/modules), so
-Debian's nfs-kernel-server has nothing to serve with and the nodes nothing to mount with.
+The shared filesystem (``shared_fs="sshfs"``, the default) is SFTP over the cluster
+network: an sshd on the service node (root, key only, ``internal-sftp``) and an
+``sshfs -o ro,allow_other`` mount in the login node and every compute node, so image
+files and ``.meta`` reach the nodes only over the bridge, and a dead service node is
+felt on the nodes. Not NFS, because this kernel has none: neither ``nfs`` nor ``nfsd`` is
+in /proc/filesystems and it loads no modules (no /proc/modules), so Debian's
+nfs-kernel-server has nothing to serve with and the nodes nothing to mount with.
+``shared_fs="bind"`` bind-mounts ``export`` instead (no network in the way).
 
 Scale: a node costs one slurmd (about 7 MB) plus its steps; the limit on this machine is
 its two cores (bench/cluster). Node count and addresses allow up to 4000 nodes.
@@ -63,6 +69,7 @@ import itertools
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import weakref
@@ -122,7 +129,8 @@ class VirtualCluster(SlurmCluster):
                  client_preload: str | None = None, cpus: int | None = None,
                  keep_tmp: list[Path] | tuple[Path, ...] = (),
                  private_dirs: list[Path] | tuple[Path, ...] = (),
-                 shared: dict[Path, Path] | None = None, slurmd_timeout: int = 30) -> None:
+                 shared: dict[Path, Path] | None = None, shared_fs: str = "sshfs",
+                 slurmd_timeout: int = 30) -> None:
         super().__init__(workdir, munge_socket=munge_socket, plugstack=plugstack,
                          client_plugstack=client_plugstack, client_preload=client_preload,
                          cpus=cpus)
@@ -133,6 +141,9 @@ class VirtualCluster(SlurmCluster):
         self.private_dirs = [Path(p) for p in private_dirs]
         self.shared = {Path(k): Path(v) for k, v in (shared or {}).items()}
         self.slurmd_timeout = slurmd_timeout  # how soon slurmctld sees a dead node
+        if shared_fs not in ("sshfs", "bind"):
+            raise ValueError("shared_fs: sshfs or bind")
+        self.shared_fs = shared_fs
         self.prefix = f"sc{os.getpid()}-{next(_serial)}-"
         self.ctl_netns = self.prefix + "ctl"
         self.svc_netns = self.prefix + "svc"
@@ -258,6 +269,8 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
         _running.add(self)
         try:
             self._make_network()
+            if self.shared and self.shared_fs == "sshfs":
+                self._start_file_server()
             self._spawn_in(self.ctl_netns, "slurmctld", "ctl", self._shared_mounts(),
                            [SLURMCTLD, "-D", "-i", "-f", str(self.conf)])
             for node in self.nodes:
@@ -326,7 +339,57 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
         return lines + self._shared_mounts()
 
     def _shared_mounts(self) -> list[str]:
-        return [f"mount --bind '{export}' '{path}'" for path, export in self.shared.items()]
+        if self.shared_fs == "bind":
+            return [f"mount --bind '{export}' '{path}'"
+                    for path, export in self.shared.items()]
+        key = self.workdir / "sshfs" / "client_key"
+        # read-only for everyone (the gateway writes on the service node's own disk);
+        # allow_other: users read images and .meta files too; no directory cache, so a
+        # file the gateway has just renamed into place is seen at once
+        opts = (f"ro,allow_other,dir_cache=no,reconnect,ServerAliveInterval=10,"
+                f"IdentityFile={key},BatchMode=yes,StrictHostKeyChecking=no,"
+                "UserKnownHostsFile=/dev/null,LogLevel=ERROR")
+        return [f"sshfs -o {opts} 'root@{SVC_ADDR}:{export}' '{path}'"
+                for path, export in self.shared.items()]
+
+    def _start_file_server(self, timeout: float = 30) -> None:
+        """The service node's sshd (root, keys only, SFTP): what the nodes' sshfs mount."""
+        d = self.workdir / "sshfs"
+        d.mkdir(exist_ok=True)
+        os.chmod(d, 0o700)
+        for key in ("host_key", "client_key"):
+            if not (d / key).exists():
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+                                "virtual cluster", "-f", str(d / key)], check=True)
+        # StrictModes no: the keys sit below /tmp, which sshd's mode check refuses
+        (d / "sshd_config").write_text(f"""\
+Port 22
+ListenAddress {SVC_ADDR}
+HostKey {d}/host_key
+AuthorizedKeysFile {d}/client_key.pub
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+Subsystem sftp internal-sftp
+PidFile none
+""")
+        self._spawn_in(self.svc_netns, "sshd", "svc", [],
+                       ["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")])
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._procs["sshd"].poll() is not None:
+                raise RuntimeError(f"the service node's sshd exited:\n{self.logs()}")
+            try:
+                netns.in_netns(self.ctl_netns, socket.create_connection, (SVC_ADDR, 22),
+                               timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the service node's sshd does not answer:\n"
+                                       f"{self.logs()}") from None
+                time.sleep(0.1)
 
     def _spawn_in(self, ns: str, name: str, hostname: str, mounts: list[str],
                   argv: list[str]) -> None:
@@ -370,7 +433,7 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and (self._active_jobs() or self._steps()):
                 time.sleep(0.2)
-        for name in [*self.nodes, "slurmctld"]:
+        for name in [*self.nodes, "slurmctld", "sshd"]:
             proc = self._procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue
@@ -473,7 +536,8 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
 
     def logs(self, tail: int = 3000) -> str:
         out = []
-        paths = [self.workdir / "slurmctld.log", self.workdir / "slurmctld.out"]
+        paths = [self.workdir / "slurmctld.log", self.workdir / "slurmctld.out",
+                 self.workdir / "sshd.out"]
         for node in self.nodes:
             paths += [self.workdir / "nodes" / node / "slurmd.log",
                       self.workdir / "nodes" / node / f"{node}.out"]

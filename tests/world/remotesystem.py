@@ -8,8 +8,9 @@
 
 What there is: a second virtual cluster (its own bridge, login node ``ctl``, slurmctld,
 slurmds) standing for a system at another site, named ``remotesys`` in the gateway's
-``Platforms`` with ``accesstype: remote``. Its nodes and its login node mount its own
-disk at the site's ``imagePath``; the gateway (on the first cluster's service node) never
+``Platforms`` with ``accesstype: remote``. Its nodes and its login node bind-mount its
+own disk (``shared_fs="bind"``: the login node writes it) at the site's ``imagePath``;
+the gateway (on the first cluster's service node) never
 sees that disk. An OpenSSH server runs on its login node (in slurmctld's namespaces, so it
 sees the disk where the nodes do), and the gateway copies the squashfs, ``.meta`` and tag
 index entry there with ``scp``/``ssh`` as ``RemoteTransfer`` does for any remote system.
@@ -188,7 +189,7 @@ def remote_system(world: ClusterWorld, base: Path, *, nodes: int = 2,
         client_plugstack=a.client_plugstack_conf.read_text().strip(),
         client_preload=asan_runtime(),
         keep_tmp=[*a.keep_tmp, base], private_dirs=a.private_dirs,
-        shared={site.image_dir: disk, TEST_CONF: conf})
+        shared={site.image_dir: disk, TEST_CONF: conf}, shared_fs="bind")
     gw = world.gateway
     relays: list[NetnsRelay] = []
     sshd = LoginSshd(cluster)

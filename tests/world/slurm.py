@@ -73,8 +73,12 @@ class Submitted:
 class SlurmCluster:
     def __init__(self, workdir: Path, *, munge_socket: str, plugstack: str = "",
                  client_plugstack: str | None = None, client_preload: str | None = None,
-                 cpus: int | None = None, cgroup: bool = False) -> None:
+                 cpus: int | None = None, cgroup: bool = False,
+                 spool: Path | None = None) -> None:
         self.workdir = Path(workdir)
+        # slurmd's spool dir (SlurmdSpoolDir): in workdir unless given, e.g. outside /tmp
+        # for tests of what the containers see of it (they have the host's /tmp)
+        self.spool = Path(spool) if spool is not None else self.workdir / "spool"
         self.munge_socket = munge_socket
         self.plugstack = plugstack
         self.client_plugstack = client_plugstack
@@ -95,7 +99,7 @@ class SlurmCluster:
 
     def write_config(self) -> None:
         w = self.workdir
-        for d in (w, w / "state", w / "spool"):
+        for d in (w, w / "state", self.spool):
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(w, 0o755)  # clients (the test users) read slurm.conf and plugstack.conf
         ctld_port, d_port = free_port(), free_port()
@@ -110,7 +114,7 @@ CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={w}/state
-SlurmdSpoolDir={w}/spool
+SlurmdSpoolDir={self.spool}
 SlurmctldPidFile={w}/slurmctld.pid
 SlurmdPidFile={w}/slurmd.pid
 SlurmctldLogFile={w}/slurmctld.log
@@ -244,7 +248,7 @@ PartitionName=whole Nodes={NODE} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State=
 
     def _steps(self) -> list[str]:
         """slurmstepd sockets in the spool dir: a step still alive."""
-        spool = self.workdir / "spool"
+        spool = self.spool
         return [p.name for p in spool.iterdir() if p.is_socket()] if spool.is_dir() else []
 
     # -- clients -------------------------------------------------------------------------
