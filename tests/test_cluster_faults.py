@@ -153,7 +153,7 @@ def test_a_node_killed_mid_job_leaves_no_mount_on_the_others(vcluster, v1):
         wait_for("four containers up", lambda: w.output(res.job_id).count("UP ") == 4)
         mounted = {n: c.node_mounts(n, (w.site.udi_mount,)) for n in NODES}
         assert all(mounted.values()), mounted  # each node has its container
-        assert len(loop_devices_of(v1)) >= 4
+        assert loop_devices_of(v1)  # (nodes may share one: the same backing file)
         c.kill_node("node3")
         state = c.wait(res.job_id, timeout=180)
         assert state == "NODE_FAIL", (state, c.job(res.job_id))

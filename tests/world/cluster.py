@@ -298,6 +298,12 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
         netns.delete(name)
         if name in self._netns:
             self._netns.remove(name)
+        # The killed slurmstepds' sockets stay in the spool dir: stop() would wait for
+        # those "steps" in vain.
+        spool = self.workdir / "nodes" / node / "spool"
+        for path in spool.iterdir() if spool.is_dir() else []:
+            if path.is_socket():
+                path.unlink(missing_ok=True)
 
     def revive_node(self, node: str, timeout: float = 60) -> None:
         """A killed node boots again: fresh namespaces, a fresh slurmd; returns when it
