@@ -3,7 +3,8 @@
 
     shifter [-h] [-v] [-i|--image=type:tag] [-V|--volume=from:to[:flags][;…]]…
             [--entrypoint[=cmd]] [-w path|--workdir[=path]] [-m|--module=a,b|none] [--gpu[=ids]]
-            [-e|--env=NAME=VALUE]… [--env-file=path] [-E|--clearenv] [--version]
+            [--writable-tmpfs[=size]] [-e|--env=NAME=VALUE]… [--env-file=path]
+            [-E|--clearenv] [--version]
             [--] [command [args…]]
 
 The unprivileged half of the runtime. It parses the options, picks the image and its id,
@@ -13,7 +14,8 @@ signals, stdin, the terminal and the exit status are the command's)::
 
     shifter-helper run (--image-id ID | --local PATH) [--volume LIST]…
         --modules LIST|none [--gpu N,N [--gpu-file DIR/NAME=PATH]…] --workdir DIR
-        [--pmix-dir DIR] --request TYPE:TAG --env-fd N [--etc-fd N] [--verbose] -- CMD [ARG…]
+        [--pmix-dir DIR] [--writable-tmpfs BYTES] --request TYPE:TAG --env-fd N [--etc-fd N]
+        [--verbose] -- CMD [ARG…]
 
 The helper trusts none of it and re-checks what needs checking (helpers/PROTOCOL.md).
 Every error found here is one clear message on stderr and exit status 1, before exec;
@@ -47,7 +49,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from udiroot.config import UdiRootConfig
+    from udiroot.config import Module, UdiRootConfig
 
 # Shifter's getopt string is "hvV:i:e:w:m:" (+E): -w takes an argument; only the long
 # --workdir has the bare form, as only --entrypoint exists for the entrypoint.
@@ -74,6 +76,7 @@ LONG = {
     "entrypoint": OPTIONAL,
     "workdir": OPTIONAL,
     "gpu": OPTIONAL,
+    "writable-tmpfs": OPTIONAL,
 }
 
 USAGE = """\
@@ -96,6 +99,10 @@ Options:
       --gpu[=N,N]           inject the node's GPU driver and only these GPUs
                             (/dev/nvidiaN indexes; bare: all of them); also
                             requested by $CUDA_VISIBLE_DEVICES
+      --writable-tmpfs[=SIZE]
+                            make the image writable: changes go to a layer in
+                            memory of at most SIZE (bare: the site's limit),
+                            gone when the command ends
   -e, --env=NAME=VALUE      set a variable in the container; repeatable
       --env-file=FILE       set variables from FILE (NAME=VALUE lines, # comments)
   -E, --clearenv            start from an empty environment
@@ -110,6 +117,11 @@ Exit status: the command's; 1 when shifter fails before the command starts;
 
 
 USAGE_STATUS = 2
+# Where a volume or module request can come from besides the options: the names
+# udiroot.volumes.requested_volumes and udiroot.modules.requested_modules read
+# (tests/test_launch_frontend.py launches with each of them).
+VOLUME_VARS = ("SHIFTER_VOLUME", "SLURM_SPANK_SHIFTER_VOLUME")
+MODULE_VARS = ("SHIFTER_MODULE", "SLURM_SPANK_SHIFTER_MODULE")
 
 
 class Options:
@@ -125,6 +137,7 @@ class Options:
         "module",
         "use_gpu",
         "gpu",
+        "writable",
         "env",
         "env_file",
         "clearenv",
@@ -144,6 +157,7 @@ class Options:
         self.module: str | None = None
         self.use_gpu = False
         self.gpu: str | None = None
+        self.writable: str | None = None  # "" bare, else the SIZE given
         self.env: list[str] = []
         self.env_file: str | None = None
         self.clearenv = False
@@ -188,6 +202,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         elif name == "gpu":
             opts.use_gpu = True
             opts.gpu = value
+        elif name == "writable-tmpfs":
+            opts.writable = value or ""
         elif name == "entrypoint":
             opts.use_entrypoint = True
             opts.entrypoint = value or None
@@ -217,32 +233,47 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
     from udiroot.descriptor import select_image
     from udiroot.environ import build_environment
     from udiroot.meta import ImageMeta
-    from udiroot.modules import requested_modules, select_modules
-    from udiroot.volumes import (
-        cache_total_limit,
-        check_cache_total,
-        parse_user_volumes,
-        requested_volumes,
-    )
 
     cfg = load_or_exit()
     allow_local = cfg.flag("allowLocalChroot")
     request = select_image(opts.image, environ, cfg.get("defaultImageType"), allow_local)
 
     # Cheap checks first: a typo must not cost a gateway round trip.
+    # The volume and module rules are imported only when there is something for them to
+    # read (most launches ask for neither): ~0.3 ms of every launch otherwise.
     volume_args: list[str] = []
-    if opts.volumes:
-        volume_args = [v for v in opts.volumes if v.strip()]
-    else:
-        env_volumes = requested_volumes([], environ)
-        if env_volumes.strip():
-            volume_args = [env_volumes]
-    volumes = [vol for text in volume_args for vol in parse_user_volumes(text)]
-    if any(vol.cache is not None for vol in volumes):
-        limit = cache_total_limit(cfg.get("perNodeCacheTotalSizeLimit"),
-                                  cfg.get("perNodeCacheSizeLimit"))
-        check_cache_total(volumes, limit)
-    modules = select_modules(cfg, requested_modules(opts.module, environ))
+    if opts.volumes or any(environ.get(name) for name in VOLUME_VARS):
+        from udiroot.volumes import (
+            cache_total_limit,
+            check_cache_total,
+            parse_user_volumes,
+            requested_volumes,
+        )
+
+        if opts.volumes:
+            volume_args = [v for v in opts.volumes if v.strip()]
+        else:
+            env_volumes = requested_volumes([], environ)
+            if env_volumes.strip():
+                volume_args = [env_volumes]
+        volumes = [vol for text in volume_args for vol in parse_user_volumes(text)]
+        if any(vol.cache is not None for vol in volumes):
+            limit = cache_total_limit(cfg.get("perNodeCacheTotalSizeLimit"),
+                                      cfg.get("perNodeCacheSizeLimit"))
+            check_cache_total(volumes, limit)
+    modules: list[Module] = []
+    if (opts.module is not None or cfg.get("defaultModules")
+            or any(environ.get(name) for name in MODULE_VARS)):
+        from udiroot.modules import requested_modules, select_modules
+
+        modules = select_modules(cfg, requested_modules(opts.module, environ))
+    writable = None
+    if opts.writable is not None:
+        from udiroot.writable import writable_size
+
+        writable = writable_size(opts.writable or None, allowed=cfg.flag("allowWritableTmpfs"),
+                                 limit=cfg.get("writableTmpfsSizeLimit"),
+                                 local=request.type == "local")
     env_file = read_env_file(opts.env_file) if opts.env_file is not None else []
     gpus = None
     gpu_files: list[str] = []
@@ -315,6 +346,8 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
             argv += ["--gpu-file", spec]
     if pmix_dir is not None:
         argv += ["--pmix-dir", pmix_dir]
+    if writable is not None:
+        argv += ["--writable-tmpfs", str(writable)]
     argv += ["--workdir", workdir, "--request", str(request), "--env-fd", str(fd)]
     if opts.verbose:
         argv.append("--verbose")

@@ -81,7 +81,7 @@ def clean(site):
     site.write_conf()
     yield
     site.write_conf()
-    assert site.our_mounts() == [] and site.our_loops() == []
+    site.assert_nothing_left()
 
 
 def owned_dir(site: RuntimeSite, user: str, name: str, mode: int) -> Path:
@@ -293,7 +293,7 @@ def test_failed_setups_leave_no_mount_or_loop_device(site, image):
         res = helper(site, ALICE, "run", "--image-id", image, option, value, "--", "/bin/true")
         assert res.returncode == 1 and res.stderr.strip(), (option, value)
         assert time.monotonic() - before < 30
-        assert site.our_mounts() == [] and site.our_loops() == []
+        site.assert_nothing_left()
 
 
 # -- issue 10: teardown, /proc, perNodeCache totals, root's children, --local, groups ------
@@ -370,10 +370,12 @@ subprocess.run(["mount", "-t", "tmpfs", "fakehome", FAKE + "/inner"], check=True
 open(FAKE + "/inner/host-file", "w").write("host\n")
 def table():
     # The system's mounts and this test's; not other tests' under /tmp, whose mounts here
-    # go when they delete their directories.
+    # go when they delete their directories, nor the network namespaces other tests pin
+    # under /run/netns (a virtual cluster's), which go when those tests end.
     with open("/proc/self/mountinfo") as f:
         rows = [line.split(" - ")[0].split()[3:6] for line in f]
-    ours = [r for r in rows if not r[1].startswith("/tmp/") or r[1].startswith(BASE + "/")]
+    ours = [r for r in rows if not r[1].startswith(("/tmp/", "/run/netns/"))
+            or r[1].startswith(BASE + "/")]
     return sorted(r for r in ours if r[1] not in mounts_under(UDI, LOOP))
 before = table()
 racer_code = (
@@ -461,7 +463,7 @@ def test_per_node_caches_have_a_total_per_launch(site, image):
         assert "Invalid mount request" in res.stderr and "perNodeCacheTotalSizeLimit" in \
             res.stderr and "125829120" in res.stderr and "104857600" in res.stderr, res.stderr
         assert "mkfs" not in res.stderr
-        assert site.our_mounts() == [] and site.our_loops() == []
+        site.assert_nothing_left()
     # The front end refuses on its own, before it would exec any helper.
     res = site.shifter(ALICE, f"--image=id:{image}", f"--volume={vols}", "true",
                        env={"SHIFTER_HELPER": "/nonexistent/helper"})
@@ -626,7 +628,7 @@ def test_a_hard_limit_root_cannot_raise_is_named(site, image):
     else:
         assert res.returncode == 1, res
         assert "Cannot create a perNodeCache of 67108864 bytes" in res.stderr, res.stderr
-    assert site.our_mounts() == [] and site.our_loops() == []
+    site.assert_nothing_left()
 
 
 LOCAL_ROOT_FILES = {"etc/passwd": "root:x:0:0:root:/root:/bin/sh\n"}

@@ -62,6 +62,8 @@ OPTIONAL = (
     "cdiSpecDirs",
     "allowCdiHooks",
     "imageGatewayCAFile",
+    "allowWritableTmpfs",
+    "writableTmpfsSizeLimit",
 )
 ACCUMULATING = ("siteFs",)
 DEPRECATED = ("autoLoadKernelModule", "kmodBasePath", "kmodCacheFile", "optionalSshdAsRoot")

@@ -425,7 +425,7 @@ def module_site(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator
     base = reachable_temp_dir(tmp_path_factory, name)
     site = RuntimeSite.create(base / "site")
     yield site
-    assert site.our_mounts() == [] and site.our_loops() == []
+    site.assert_nothing_left()
 
 
 def _unescape(field: str) -> str:
