@@ -59,7 +59,9 @@ OPTIONAL = (
     "gpuBinaryPath",
     "gpuLdCache",
     "gpuDeviceDir",
+    "gpuProcDir",
     "cdiSpecDirs",
+    "cdiMountDirs",
     "allowCdiHooks",
     "imageGatewayCAFile",
 )
