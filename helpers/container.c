@@ -409,6 +409,8 @@ void container_build(struct ctx *c)
     merge(image, c->root, 1);
     close(image);
     verbose("image content added");
+    if (c->gpu.n_mounts > 0)
+        gpu_mount_cdi(c); /* CDI mounts: image paths, before the user's volumes */
     volmount_user(c);
     if (c->pmix_dir != NULL)
         pmix_mount(c);

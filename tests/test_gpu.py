@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import stat
 import subprocess
+import time
 
 import pytest
 from world.gpuhost import PROBE_C, FakeGpuHost, program_tree, shared_library
@@ -31,7 +33,8 @@ def site(test_users, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def host(site) -> FakeGpuHost:
-    return FakeGpuHost.create(site.base / "gpu-host", gpus=2)
+    """Two GPUs; GPU 1 in MIG mode with two instances (gi1/ci0, gi2/ci0)."""
+    return FakeGpuHost.create(site.base / "gpu-host", gpus=2, mig={1: [(1, 0), (2, 0)]})
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +56,11 @@ def gpu_conf(site, host):
     site.write_conf(**host.conf())
     yield
     site.write_conf()
+    # A task's private namespace holds a copy of a prepared container's mounts; the kernel
+    # drops them (and frees the autoclear loop device) shortly after the task has gone.
+    deadline = time.monotonic() + 5
+    while site.our_loops() and time.monotonic() < deadline:
+        time.sleep(0.1)
     site.assert_nothing_left()
 
 
@@ -266,7 +274,7 @@ def test_helper_refuses_malformed_gpu_files(site, image, spec):
     assert res.returncode == 1 and "Invalid --gpu-file" in res.stderr
     res = site.run(ALICE, [str(HELPER), "run", "--image-id", image, "--gpu-file",
                            "lib/x=/etc/passwd", "--", "/bin/true"])
-    assert res.returncode == 1 and "--gpu-file needs --gpu" in res.stderr
+    assert res.returncode == 1 and "--gpu-mount need --gpu" in res.stderr
 
 
 def test_helper_opens_gpu_files_with_the_callers_rights(site, image, host):
@@ -352,3 +360,219 @@ def test_a_device_acl_is_not_widened_by_the_copy(site, image, host):
         assert "nvidia-uvm-tools" in res.stdout, res.stderr
     finally:
         node.unlink()
+
+
+# -- UUIDs and MIG devices, as Slurm hands them out -----------------------------------------
+
+
+def test_gpu_uuids_select_their_device_nodes(site, image, host):
+    env = {"CUDA_VISIBLE_DEVICES": host.uuids[1]}
+    assert devices(site, image, env=env) == {"nvidia1", "nvidiactl", "nvidia-modeset",
+                                             "nvidia-uvm"}
+    res = shifter(site, image, "sh", "-c", "echo CVD=$CUDA_VISIBLE_DEVICES", env=env)
+    assert res.stdout == f"CVD={host.uuids[1]}\n"  # a UUID stays valid in the container
+    # Slurm's list names the step's GPU by UUID while CUDA counts from 0.
+    env = {"CUDA_VISIBLE_DEVICES": "0", "SLURM_STEP_GPUS": host.uuids[1]}
+    assert "nvidia1" in devices(site, image, env=env)
+    assert "nvidia0" not in devices(site, image, env=env)
+    env = {"CUDA_VISIBLE_DEVICES": f"{host.uuids[1]},{host.uuids[0]}"}
+    assert devices(site, image, env=env) >= {"nvidia0", "nvidia1"}
+    assert devices(site, image, f"--gpu={host.uuids[0]}") >= {"nvidia0"}
+
+
+def _mig_devices(site, image, env):
+    res = shifter(site, image, "sh", "-c", "ls /dev | grep '^nvidia[0-9]'; "
+                  "stat -c '%n %t:%T %a' /dev/nvidia-caps/*; echo CVD=$CUDA_VISIBLE_DEVICES",
+                  env=env)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+@pytest.mark.parametrize("style", ["uuid", "gpu/gi/ci"])
+def test_mig_devices_bring_their_caps(site, image, host, style):
+    """A MIG instance: its GPU's /dev/nvidia1 and the two nvidia-caps nodes of its GPU
+    and compute instance (gpu1/gi2: minors 156 and 157), nothing of the other instance."""
+    gi, ci, uuid = host.mig[1][1]
+    sel = uuid if style == "uuid" else f"MIG-{host.uuids[1]}/{gi}/{ci}"
+    out = _mig_devices(site, image, {"CUDA_VISIBLE_DEVICES": sel})
+    assert out.splitlines() == [
+        "nvidia1",
+        "/dev/nvidia-caps/nvidia-cap156 1fc:9c 444",
+        "/dev/nvidia-caps/nvidia-cap157 1fc:9d 444",
+        f"CVD={sel}",
+    ]
+
+
+def test_unknown_uuids_are_refused_before_anything_is_built(site, image, host):
+    missing = "GPU-00000000-1111-2222-3333-444444444444"
+    res = shifter(site, image, "true", env={"CUDA_VISIBLE_DEVICES": missing})
+    assert res.returncode == 1
+    assert f"{missing}: this node has no GPU {missing}" in res.stderr
+    res = shifter(site, image, "true", env={"CUDA_VISIBLE_DEVICES": f"MIG-{missing[4:]}"})
+    assert res.returncode == 1 and "no such MIG device on this node" in res.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gpu-cap", "../../etc/shadow"], "Invalid MIG device list"),
+    (["--gpu-cap", "156,156"], "given twice"),
+    (["--gpu-cap", "3"], "MIG device 3 was requested but this node has no"),  # not made
+    (["--gpu-mount", "/etc/passwd=/tmp"], "Invalid mount request"),
+    (["--gpu-mount", "/dev/sda=/tmp"], "Invalid mount request"),
+    (["--gpu-mount", "relative=/tmp"], "Invalid --gpu-mount"),
+    (["--gpu-mount", "/x=/a/../etc"], "Invalid --gpu-mount"),
+])
+def test_helper_takes_only_mig_numbers_and_volume_like_mounts(site, image, args, message):
+    """The helper called directly: MIG devices by number from gpuDeviceDir/nvidia-caps
+    only; CDI mounts where a user volume may go, nowhere else."""
+    res = site.run(ALICE, [str(HELPER), "run", "--image-id", image, "--gpu", "1", *args,
+                           "--", "/bin/true"])
+    assert res.returncode == 1 and message in res.stderr, res.stderr
+    res = site.run(ALICE, [str(HELPER), "run", "--image-id", image, *args, "--", "/bin/true"])
+    assert res.returncode == 1
+
+
+def test_helper_opens_cdi_mount_sources_with_the_callers_rights(site, image):
+    """Attack: --gpu-mount naming root's files. Opened as the caller: refused."""
+    secret_dir = site.base / "root-only-cdi"
+    secret_dir.mkdir(exist_ok=True)
+    os.chmod(secret_dir, 0o700)
+    (secret_dir / "secret").write_text("root's\n")
+    for source, why in ((secret_dir / "secret", "Permission denied"),
+                        ("/proc/self/root/etc/shadow", "Too many levels of symbolic links"),
+                        ("/dev/null", "not a file, directory or socket")):
+        res = site.run(ALICE, [str(HELPER), "run", "--image-id", image, "--gpu", "0",
+                               "--gpu-mount", f"/secret={source}", "--", "/bin/true"])
+        assert res.returncode == 1 and "Cannot bind CDI mount source" in res.stderr, source
+        assert why in res.stderr, (source, res.stderr)
+
+
+# -- CDI specs ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cdi_image(site, tmp_path_factory) -> str:
+    """busybox with a placeholder /usr/bin/nvidia-smi: a mount point for the spec's mount
+    (no overlay here: a CDI mount needs a mount point in the image)."""
+    tree = busybox_tree(tmp_path_factory.mktemp("cditree") / "root")
+    (tree / "usr" / "bin").mkdir(parents=True, exist_ok=True)
+    (tree / "usr" / "bin" / "nvidia-smi").write_text("")
+    sqfs = mksquashfs(tree, tmp_path_factory.mktemp("cdisqfs") / "cdi.squashfs")
+    return site.add_image(sqfs, 'ENV: ["PATH=/usr/bin:/bin"]\n')
+
+
+@pytest.fixture
+def cdi_dir(site, host):
+    d = site.base / "cdi"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def cdi_conf(site, host, cdi_dir, **more: str) -> None:
+    site.write_conf(**host.conf(), cdiSpecDirs=f"{cdi_dir} /nonexistent/cdi", **more)
+
+
+@pytest.mark.parametrize("fmt", ["yaml", "json"])
+def test_a_cdi_spec_is_applied(site, cdi_image, host, cdi_dir, fmt):
+    host.cdi_spec(cdi_dir, fmt=fmt)
+    cdi_conf(site, host, cdi_dir)
+    res = shifter(site, cdi_image, "--gpu=0", "-v", "sh", "-c",
+                  "nvidia-smi; echo NVD=$NVIDIA_VISIBLE_DEVICES; "
+                  "grep ' /usr/bin/nvidia-smi ' /proc/mounts; "
+                  "ls /usr/lib/x86_64-linux-gnu 2>&1 | head -1")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout.splitlines()
+    assert out[0] == f"fake nvidia-smi {host.token}"  # the spec's mount, the image's path
+    assert out[1] == "NVD=void"  # the spec's env
+    opts = out[2].split()[3].split(",")
+    assert "ro" in opts and "nosuid" in opts and "nodev" in opts
+    # No mount point for the library in the image (a read-only squashfs dir): skipped.
+    assert "No such file or directory" in out[3]
+    assert "CDI mount /usr/lib/x86_64-linux-gnu/libcuda.so.999.12 skipped" in res.stderr
+
+
+def test_a_cdi_mig_device_brings_its_caps(site, cdi_image, host, cdi_dir):
+    host.cdi_spec(cdi_dir)
+    cdi_conf(site, host, cdi_dir)
+    uuid = host.mig[1][0][2]
+    out = _mig_devices(site, cdi_image, {"CUDA_VISIBLE_DEVICES": uuid})
+    assert "/dev/nvidia-caps/nvidia-cap147 1fc:93 444" in out  # gpu1/gi1: 3+135+9
+
+
+def test_allowed_cdi_hooks_run_as_the_user_in_the_container(site, cdi_image, host, cdi_dir):
+    hook = host.bin / "fake-cdi-hook"
+    hook.write_text("#!/bin/sh\necho \"hook $HOOK_ENV $* uid=$(id -u) root=$(ls /)\" >&2\n"
+                    "[ \"$1\" != fail ]\n")
+    os.chmod(hook, 0o755)
+    hooks = ("        - hookName: createContainer\n"
+             f"          path: {hook}\n"
+             "          args: [fake-cdi-hook, update-ldcache, --folder, '/usr/lib']\n"
+             "          env: [HOOK_ENV=from-spec]\n")
+    host.cdi_spec(cdi_dir, hooks=hooks)
+    cdi_conf(site, host, cdi_dir)
+    res = shifter(site, cdi_image, "--gpu=0", "true")
+    assert res.returncode == 1 and "hook from-spec" not in res.stderr  # never ran
+    assert f"its createContainer hook {hook} is not allowed on this node (allowCdiHooks)" \
+        in res.stderr
+    cdi_conf(site, host, cdi_dir, allowCdiHooks=f"/usr/bin/nvidia-cdi-hook {hook}")
+    res = shifter(site, cdi_image, "--gpu=0", "echo", "command ran")
+    assert res.returncode == 0, res.stderr
+    uid = pwd.getpwnam(ALICE).pw_uid
+    assert f"hook from-spec update-ldcache --folder /usr/lib uid={uid} root=" in res.stderr
+    assert "opt" in res.stderr.split("root=")[1]  # the container's /, not the host's
+    assert res.stdout == "command ran\n"
+    host.cdi_spec(cdi_dir, hooks=hooks.replace("update-ldcache", "fail"))
+    res = shifter(site, cdi_image, "--gpu=0", "echo", "command ran")
+    assert res.returncode == 1 and "CDI hook fake-cdi-hook failed" in res.stderr
+    assert "command ran" not in res.stdout
+
+
+@pytest.mark.parametrize("bad", ["mount-source", "not-a-device", "foreign-device",
+                                 "user-writable-file", "user-owned-dir", "symlinked-spec"])
+def test_bad_cdi_specs_are_refused(site, cdi_image, host, cdi_dir, bad):
+    """A spec that would put what is not the driver's into containers, or one a user could
+    have written, stops the launch with the file named, before anything is built."""
+    extra, spec = "", None
+    if bad == "mount-source":
+        extra = ("        - hostPath: /etc/shadow\n          containerPath: /secret\n")
+    elif bad in ("not-a-device", "foreign-device"):
+        fake = host.dev / "nvidia-fake"
+        if bad == "not-a-device":
+            fake.write_text("")
+        extra = ("    - path: /dev/nvidia-fake\n"
+                 f"      hostPath: {fake if bad == 'not-a-device' else '/dev/null'}\n")
+    if bad in ("not-a-device", "foreign-device"):
+        spec = host.cdi_spec(cdi_dir)
+        text = spec.read_text().replace("\n    deviceNodes:\n", "\n    deviceNodes:\n" + extra
+                                        .replace("    - ", "        - ")
+                                        .replace("      host", "          host"), 1)
+        spec.write_text(text)
+    else:
+        spec = host.cdi_spec(cdi_dir, extra_common=extra)
+    alice = pwd.getpwnam(ALICE)
+    if bad == "user-writable-file":
+        os.chown(spec, alice.pw_uid, alice.pw_gid)
+    elif bad == "user-owned-dir":
+        os.chown(cdi_dir, alice.pw_uid, alice.pw_gid)
+    elif bad == "symlinked-spec":
+        target = site.base / "elsewhere.yaml"
+        spec.rename(target)
+        spec.symlink_to(target)
+    cdi_conf(site, host, cdi_dir)
+    try:
+        res = shifter(site, cdi_image, "--gpu=0", "true")
+    finally:
+        (host.dev / "nvidia-fake").unlink(missing_ok=True)
+        (site.base / "elsewhere.yaml").unlink(missing_ok=True)
+    assert res.returncode == 1
+    expected = {
+        "mount-source": f"CDI spec {spec}: mount source /etc/shadow is outside the driver's",
+        "not-a-device": f"device {host.dev}/nvidia-fake is not a character device",
+        "foreign-device": "device /dev/null is not " + f"{host.dev}/nvidia-fake",
+        "user-writable-file": f"spec {spec} is not owned by root (uid {alice.pw_uid})",
+        "user-owned-dir": f"spec dir {cdi_dir} is not owned by root",
+        "symlinked-spec": f"cannot open the CDI spec {spec}: Too many levels",
+    }[bad]
+    assert expected in res.stderr, res.stderr

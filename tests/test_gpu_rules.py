@@ -166,8 +166,9 @@ def _nvml(fake):
 
 
 def test_uuids_and_mig_devices_resolve_to_their_device_nodes(fake):
-    from udiroot.gpu import node_gpus
     from world.gpuhost import mig_minor
+
+    from udiroot.gpu import node_gpus
 
     cfg = fake.conf()
     r = node_gpus([fake.uuids[2], "GPU-" + fake.uuids[0][4:].upper()], cfg)  # any case
