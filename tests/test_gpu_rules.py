@@ -243,3 +243,22 @@ def test_yaml_reader_refuses_the_rest(text):
 
     with pytest.raises(SpecSyntaxError):
         loads(text)
+
+
+def test_cdi_spec_dirs_through_root_links_and_bad_entries(fake, tmp_path):
+    """A spec dir reached through a root-owned link (``/var/run`` → ``/run``) is read; a
+    missing one is skipped; an env entry that is not NAME=VALUE is refused."""
+    from udiroot.cdi import CdiError, plan
+
+    real = tmp_path / "run"
+    real.mkdir()
+    spec = fake.cdi_spec(real / "cdi")
+    (tmp_path / "var-run").symlink_to(real)
+    cfg = {**fake.conf(), "cdiSpecDirs": f"{tmp_path}/var-run/cdi {tmp_path}/missing"}
+    p = plan(cfg, ["0"], [str(fake.lib64), str(fake.bin)])
+    assert p.gpus == [0] and ("NVIDIA_VISIBLE_DEVICES", "void") in p.env
+    assert ("/usr/bin/nvidia-smi", f"{fake.bin}/nvidia-smi") in p.mounts
+    assert plan(cfg, ["7"], []).specs == []  # no device of the spec asked for: nothing
+    spec.write_text(spec.read_text().replace("- NVIDIA_VISIBLE_DEVICES=void", "- =void"))
+    with pytest.raises(CdiError, match="env entry '=void' is not NAME=VALUE"):
+        plan(cfg, ["0"], [str(fake.lib64), str(fake.bin)])

@@ -97,7 +97,11 @@ def _trusted(path: str, st: posix.stat_result, what: str) -> None:
 
 
 def _check_dir(path: str) -> bool:
-    """A spec dir root controls, every directory above it too; False if it is missing."""
+    """A spec dir root controls, every directory above it too (links resolved first:
+    ``/var/run`` is one); False if it is missing."""
+    import os.path
+
+    path = os.path.realpath(path)
     try:
         st = posix.lstat(path)
     except FileNotFoundError:
