@@ -95,8 +95,8 @@ Options:
                             --workdir: the image's WORKDIR
   -m, --module=A,B|none     site modules to load instead of the default ones
       --gpu[=N,N]           inject the node's GPU driver and only these GPUs
-                            (/dev/nvidiaN indexes; bare: all of them); also
-                            requested by $CUDA_VISIBLE_DEVICES
+                            (/dev/nvidiaN indexes, or GPU-/MIG- UUIDs; bare: all
+                            of them); also requested by $CUDA_VISIBLE_DEVICES
   -e, --env=NAME=VALUE      set a variable in the container; repeatable
       --env-file=FILE       set variables from FILE (NAME=VALUE lines, # comments)
   -E, --clearenv            start from an empty environment

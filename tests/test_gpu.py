@@ -375,6 +375,9 @@ def test_gpu_uuids_select_their_device_nodes(site, image, host):
     env = {"CUDA_VISIBLE_DEVICES": "0", "SLURM_STEP_GPUS": host.uuids[1]}
     assert "nvidia1" in devices(site, image, env=env)
     assert "nvidia0" not in devices(site, image, env=env)
+    env = {"CUDA_VISIBLE_DEVICES": "0", "SLURM_JOB_GPUS": host.uuids[0]}  # batch step
+    assert devices(site, image, env=env) == {"nvidia0", "nvidiactl", "nvidia-modeset",
+                                             "nvidia-uvm"}
     env = {"CUDA_VISIBLE_DEVICES": f"{host.uuids[1]},{host.uuids[0]}"}
     assert devices(site, image, env=env) >= {"nvidia0", "nvidia1"}
     assert devices(site, image, f"--gpu={host.uuids[0]}") >= {"nvidia0"}
