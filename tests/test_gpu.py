@@ -137,8 +137,11 @@ def test_driver_files_are_placed_by_elf_class_read_only(site, image, host):
 
 
 def test_only_the_selected_gpus_are_visible(site, image):
-    assert devices(site, image, "--gpu=1") == {"nvidia1", "nvidiactl", "nvidia-modeset",
+    assert devices(site, image, "--gpu=0") == {"nvidia0", "nvidiactl", "nvidia-modeset",
                                                "nvidia-uvm"}
+    # GPU 1 is in MIG mode: with it come its instances' nvidia-caps nodes.
+    assert devices(site, image, "--gpu=1") == {"nvidia1", "nvidiactl", "nvidia-modeset",
+                                               "nvidia-uvm", "nvidia-caps"}
     assert devices(site, image, "--gpu=0,1") >= {"nvidia0", "nvidia1"}
     assert devices(site, image, "--gpu") >= {"nvidia0", "nvidia1"}  # bare: all of them
     res = shifter(site, image, "--gpu=1", "sh", "-c",
@@ -157,7 +160,7 @@ def test_only_the_selected_gpus_are_visible(site, image):
 def test_cuda_visible_devices_requests_gpus(site, image):
     env = {"CUDA_VISIBLE_DEVICES": "1"}
     assert devices(site, image, env=env) == {"nvidia1", "nvidiactl", "nvidia-modeset",
-                                             "nvidia-uvm"}
+                                             "nvidia-uvm", "nvidia-caps"}
     res = shifter(site, image, "gpuprobe", "libcuda.so.1", env=env)
     assert res.returncode == 0 and res.stdout.split()[1].startswith("host-driver:")
     # --gpu wins over the variable.
@@ -165,7 +168,7 @@ def test_cuda_visible_devices_requests_gpus(site, image):
     # A Slurm step with constrained devices: CUDA counts from 0, Slurm names the node's GPU.
     env = {"CUDA_VISIBLE_DEVICES": "0", "SLURM_STEP_GPUS": "1"}
     assert devices(site, image, env=env) == {"nvidia1", "nvidiactl", "nvidia-modeset",
-                                             "nvidia-uvm"}
+                                             "nvidia-uvm", "nvidia-caps"}
     res = shifter(site, image, "sh", "-c", "echo CVD=$CUDA_VISIBLE_DEVICES", env=env)
     assert res.stdout == "CVD=0\n"
 
@@ -368,7 +371,7 @@ def test_a_device_acl_is_not_widened_by_the_copy(site, image, host):
 def test_gpu_uuids_select_their_device_nodes(site, image, host):
     env = {"CUDA_VISIBLE_DEVICES": host.uuids[1]}
     assert devices(site, image, env=env) == {"nvidia1", "nvidiactl", "nvidia-modeset",
-                                             "nvidia-uvm"}
+                                             "nvidia-uvm", "nvidia-caps"}
     res = shifter(site, image, "sh", "-c", "echo CVD=$CUDA_VISIBLE_DEVICES", env=env)
     assert res.stdout == f"CVD={host.uuids[1]}\n"  # a UUID stays valid in the container
     # Slurm's list names the step's GPU by UUID while CUDA counts from 0.
@@ -404,6 +407,12 @@ def test_mig_devices_bring_their_caps(site, image, host, style):
         "/dev/nvidia-caps/nvidia-cap157 1fc:9d 444",
         f"CVD={sel}",
     ]
+
+
+def test_a_whole_mig_gpu_brings_all_its_instances(site, image, host):
+    res = shifter(site, image, "--gpu=1", "ls", "/dev/nvidia-caps")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [f"nvidia-cap{m}" for m in (147, 148, 156, 157)]
 
 
 def test_unknown_uuids_are_refused_before_anything_is_built(site, image, host):

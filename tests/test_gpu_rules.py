@@ -172,7 +172,9 @@ def test_uuids_and_mig_devices_resolve_to_their_device_nodes(fake):
 
     cfg = fake.conf()
     r = node_gpus([fake.uuids[2], "GPU-" + fake.uuids[0][4:].upper()], cfg)  # any case
-    assert (r.gpus, r.caps) == ([2, 0], [])
+    # A whole GPU in MIG mode brings all its instances' caps (GPU 2: gi7/ci3).
+    assert (r.gpus, r.caps) == ([2, 0], [mig_minor(2, 7), mig_minor(2, 7, 3)])
+    assert node_gpus([0], cfg).caps == []
     # A MIG UUID: NVML gives its parent and instances; /proc gives the cap minors.
     mig = fake.mig[1][1][2]
     r = node_gpus([mig], cfg, _nvml(fake))

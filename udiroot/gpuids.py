@@ -12,6 +12,7 @@ device nodes they stand for are found where the driver publishes them, under
 * ``nvidia/capabilities/gpu<minor>/mig/gi<G>/access`` and ``…/gi<G>/ci<C>/access``:
   ``DeviceFileMinor: N``, the MIG instance's ``/dev/nvidia-caps/nvidia-cap<N>`` (the table
   ``nvidia-caps/mig-minors`` sums up);
+* a whole GPU (an index, a ``GPU-`` UUID) in MIG mode brings every instance's caps;
 * a MIG UUID carries no instance numbers: NVML (``libnvidia-ml.so.1`` from the ld.so cache,
   as Slurm's gres/nvml plugin does) gives its parent GPU and its GPU and compute instance.
 
@@ -129,6 +130,30 @@ def mig_caps(proc_dir: str, gpu: int, gi: int, ci: int, name: str) -> tuple[int,
     return minors[0], minors[1]
 
 
+def all_mig_caps(proc_dir: str, gpu: int) -> tuple[int, ...]:
+    """The nvidia-cap minors of every MIG instance of ``/dev/nvidia<gpu>`` (none when the
+    GPU is not in MIG mode): asking for a whole GPU is asking for all of its instances."""
+    base = f"{proc_dir}/nvidia/capabilities/gpu{gpu}/mig"
+    try:
+        gis = sorted(g for g in posix.listdir(base) if g.startswith("gi"))
+    except OSError:
+        return ()
+    paths = []
+    for gi in gis:
+        paths.append(f"{base}/{gi}/access")
+        try:
+            cis = sorted(c for c in posix.listdir(f"{base}/{gi}") if c.startswith("ci"))
+        except OSError:
+            continue
+        paths += [f"{base}/{gi}/{ci}/access" for ci in cis]
+    minors = []
+    for path in paths:
+        minor = _key_values(path).get("DeviceFileMinor", "")
+        if minor.isdigit() and minor.isascii() and int(minor) < MAX_CAP_MINOR:
+            minors.append(int(minor))
+    return tuple(minors)
+
+
 def _nvml_mig(nvml: str | None, uuid: str) -> tuple[str, int, int, int]:
     """``(parent uuid, parent minor, gi, ci)`` of a MIG UUID, from NVML."""
     if nvml is None:
@@ -177,7 +202,7 @@ def resolve(selectors: list[int | str], proc_dir: str | None, nvml: str | None) 
     minors: dict[str, int] | None = None
     for sel in selectors:
         if isinstance(sel, int):
-            out.add(sel)
+            out.add(sel, all_mig_caps(proc, sel))
             continue
         if minors is None:
             minors = gpu_minors(proc)
@@ -188,7 +213,8 @@ def resolve(selectors: list[int | str], proc_dir: str | None, nvml: str | None) 
                 raise GpuIdError(f"{FAILED}: {sel}: this node has no GPU {uuid} (the driver "
                                  f"lists {len(minors)} GPU(s) in {proc}/nvidia/gpus)")
             gpu = minors[uuid.lower()]
-            out.add(gpu, mig_caps(proc, gpu, old[1], old[2], sel) if old else ())
+            out.add(gpu, mig_caps(proc, gpu, old[1], old[2], sel) if old
+                    else all_mig_caps(proc, gpu))
             continue
         parent, gpu, gi, ci = _nvml_mig(nvml, sel)
         if minors.get(parent.lower(), gpu) != gpu:
