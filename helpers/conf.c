@@ -12,7 +12,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,14 +75,6 @@ static int is_break(unsigned char c)
            c == 0x1e;
 }
 
-static int in_list(const char *key, const char *const *list)
-{
-    for (size_t i = 0; list[i] != NULL; i++)
-        if (strcmp(key, list[i]) == 0)
-            return 1;
-    return 0;
-}
-
 /* module_<name>_<subkey>: a known subkey after a non-empty name (names may hold '_'). */
 static int is_module_key(const char *key)
 {
@@ -134,23 +125,6 @@ static int is_tab_space(char c)
     return c == ' ' || c == '\t';
 }
 
-/* word is one of the space/tab-separated words of list. */
-static int in_words(const char *word, const char *list)
-{
-    size_t wl = strlen(word);
-
-    while (*list) {
-        size_t n;
-        while (is_tab_space(*list))
-            list++;
-        n = strcspn(list, " \t");
-        if (n == wl && n > 0 && strncmp(list, word, n) == 0)
-            return 1;
-        list += n;
-    }
-    return 0;
-}
-
 /* "none" alone (any case), blanks around it allowed. */
 static int is_none(const char *t)
 {
@@ -189,7 +163,7 @@ static int add_module(const struct udiroot_conf *conf, struct conf_modules *out,
     mine = module_get(conf, w, "conflict");
     for (size_t k = 0; k < out->n; k++) {
         const char *theirs = module_get(conf, out->names[k], "conflict");
-        if ((mine && in_words(out->names[k], mine)) || (theirs && in_words(w, theirs)))
+        if ((mine && str_in_words(out->names[k], mine)) || (theirs && str_in_words(w, theirs)))
             return set_err(err, errlen, "ERROR: cannot load conflicting modules %s and %s", w,
                            out->names[k]);
     }
@@ -302,9 +276,9 @@ static int handle_line(struct udiroot_conf *conf, char *line, size_t lineno, cha
         end--;
     *end = '\0';
 
-    if (in_list(key, conf_defunct_keys))
+    if (str_in_list(key, conf_defunct_keys))
         return 0;
-    if (in_list(key, conf_deprecated_keys)) {
+    if (str_in_list(key, conf_deprecated_keys)) {
         /* A file full of deprecated keys is odd but harmless: keep the first warnings. */
         if (conf->n_warnings >= CONF_MAX_WARNINGS)
             return 0;
@@ -316,8 +290,8 @@ static int handle_line(struct udiroot_conf *conf, char *line, size_t lineno, cha
     if (strcmp(key, "siteFs") == 0)
         return add_string(conf->site_fs, &conf->n_site_fs, CONF_MAX_SITEFS, "siteFs lines",
                           value, err, errlen);
-    if (in_list(key, conf_required_keys) || in_list(key, conf_tool_keys) ||
-        in_list(key, conf_optional_keys) || is_module_key(key))
+    if (str_in_list(key, conf_required_keys) || str_in_list(key, conf_tool_keys) ||
+        str_in_list(key, conf_optional_keys) || is_module_key(key))
         return set_value(conf, key, value, err, errlen);
     return set_err(err, errlen, "Couldn't understand key: %s (udiRoot.conf line %zu)", key,
                    lineno);

@@ -114,12 +114,6 @@ int container_prepared(const struct ctx *c, const char *signature)
     return root;
 }
 
-int container_teardown(const struct ctx *c)
-{
-    const char *prefixes[2] = {c->udi, c->loop};
-    return mnt_unmount_under(prefixes, 2);
-}
-
 /* ---- steps 3 and 4 ------------------------------------------------------------- */
 
 static int open_config_dir(const char *path, const char *key)
@@ -268,18 +262,10 @@ static void bind_host_dir(struct ctx *c, const char *host, const char *name, int
 
 static void system_mounts(struct ctx *c)
 {
-    int dst = open_dir_at(c->root, "proc"), mfd;
-    char opts[256];
-
-    /* The host's hidepid/gid/subset: a procfs without them would show users every
-     * process and command line of the node. */
-    mnt_proc_options(opts, sizeof opts);
-    mfd = mnt_new("proc", "proc", opts[0] ? opts : NULL, ATTR_NOSUID | ATTR_NODEV | ATTR_NOEXEC,
-                  "proc");
-
-    mnt_attach(mfd, dst, MS_PRIVATE, "proc");
-    close(mfd);
-    close(dst);
+    /* The host's /proc itself (the node shares its pid namespace): a fresh procfs
+     * without the host's hidepid/gid/subset would show users every process and command
+     * line of the node; recursive, so what the host mounted over /proc entries stays. */
+    bind_host_dir(c, "/proc", "proc", 1, ATTR_NOSUID | ATTR_NODEV | ATTR_NOEXEC);
     bind_host_dir(c, "/sys", "sys", 1, ATTR_NOSUID | ATTR_NODEV);
     if (c->gpu.requested)
         gpu_mount_dev(c); /* only the selected /dev/nvidiaN */
@@ -396,10 +382,12 @@ void container_build(struct ctx *c)
         if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0)
             die_errno("Cannot make / a slave mount");
     }
-    if (c->setup_step != NULL)
-        c->setup_step(c, STEP_CLEAR);
-    if (container_teardown(c) != 0)
-        die("Cannot clear %s and %s", c->udi, c->loop);
+    if (c->setup_step != NULL) {
+        c->setup_step(c, STEP_CLEAR); /* the caller's namespace: shifter-setup clears it */
+    } else {
+        const char *roots[2] = {c->udi, c->loop};
+        mnt_detach_roots(roots, 2);
+    }
     image = mount_image(c);
     mount_rootfs(c);
     site_steps(c);

@@ -17,7 +17,4 @@ int container_prepared(const struct ctx *c, const char *signature);
 /* Build the container (docs/behaviour.md, 'Runtime: building the container'); sets c->root. */
 void container_build(struct ctx *c);
 
-/* Unmount everything under udiMount and loopMount (unsetup, setup failures). */
-int container_teardown(const struct ctx *c);
-
 #endif

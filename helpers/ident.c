@@ -7,7 +7,6 @@
 #include "ident.h"
 
 #include <errno.h>
-#include <grp.h>
 #include <fcntl.h>
 #include <pwd.h>
 #include <stdio.h>

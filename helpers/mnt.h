@@ -43,13 +43,10 @@ int mnt_point_at(int dst_dir, const char *name, int is_dir, unsigned dir_mode);
 void mnt_bind_at(int src_dir, const char *name, int dst_dir, int is_dir);
 
 /* Detach (MNT_DETACH) every mount stacked on each root with its whole subtree, naming
- * only the roots (canonical, root's paths), never a path below them.  0, or -1 when
- * something stayed mounted below a root (message printed). */
-int mnt_unmount_under(const char *const prefixes[], int n);
-
-/* The options of the host's /proc (the top procfs mount on /proc in this namespace) that
- * shape what a procfs shows: hidepid=, gid=, subset=, as "k=v,k=v" in out ("" if none). */
-void mnt_proc_options(char *out, size_t len);
+ * only the roots (canonical, root's paths), never a path below them.  What stays mounted
+ * below a root that is not itself a mount point is hidden by the next container mounted
+ * there; shifter-setup reports it (teardown.c). */
+void mnt_detach_roots(const char *const roots[], int n);
 
 /* The mount id of fd (statx STATX_MNT_ID); dies on failure. */
 uint64_t mnt_id(int fd);

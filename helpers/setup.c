@@ -24,6 +24,7 @@
 #include "ident.h"
 #include "request.h"
 #include "sshd.h"
+#include "teardown.h"
 #include "util.h"
 
 #define NO_USER "Failed to lookup username or attempted to run as root."
@@ -147,8 +148,11 @@ static char *g_signature; /* written last: from then on shifter enters this cont
 /* shifter-setup's own steps of the build (container.c calls them). */
 static void setup_step(struct ctx *c, enum build_step step)
 {
-    if (step == STEP_CLEAR)
+    if (step == STEP_CLEAR) {
         sshd_stop(c); /* a previous job's, left by a missed unsetup */
+        if (teardown(c) != 0)
+            die("Cannot clear %s and %s", c->udi, c->loop);
+    }
     else if (step == STEP_SITE_FILES && c->nodes != NULL)
         hosts_write(c->root, c->nodes);
     else if (step == STEP_USER_VOLUMES) {
@@ -162,10 +166,10 @@ static void setup_step(struct ctx *c, enum build_step step)
     }
 }
 
-static void teardown(void)
+static void cleanup(void)
 {
     sshd_stop(&ctx);
-    container_teardown(&ctx);
+    teardown(&ctx);
 }
 
 int main(int argc, char **argv)
@@ -182,7 +186,7 @@ int main(int argc, char **argv)
         else if (argc != 2)
             usage();
         sshd_stop(&ctx); /* first: it runs inside what is unmounted next */
-        return container_teardown(&ctx) == 0 ? 0 : 1;
+        return teardown(&ctx) == 0 ? 0 : 1;
     }
     if (strcmp(argv[1], "setup") != 0)
         usage();
@@ -190,6 +194,11 @@ int main(int argc, char **argv)
     if (o.argv != NULL)
         usage();
     ident_from_args(g_user, g_uid, g_gid, &ctx.id);
+    /* The user's groups for the whole setup, as the caller's are in run: what is opened
+     * with the user's fs ids (volume sources, --local) is reached with them.  Root's own
+     * work needs no group (its children set theirs: run_program, the sshd). */
+    if (setgroups(ctx.id.ngroups, ctx.id.groups) != 0)
+        die_errno("Cannot switch to the user's groups");
     g_user_error_status = 2; /* the prolog fails the job, not the node (PROTOCOL.md) */
     if (g_host_key_fd >= 0)
         ctx.ssh_host_key = read_host_key(g_host_key_fd);
@@ -212,7 +221,7 @@ int main(int argc, char **argv)
         ctx.ssh_host_pub = g_host_pub;
     }
     g_signature = container_signature(&ctx);
-    g_cleanup = teardown; /* from here on a failure unmounts what was built */
+    g_cleanup = cleanup; /* from here on a failure unmounts what was built */
     container_build(&ctx);
     g_cleanup = NULL;
     verbose("setup done");

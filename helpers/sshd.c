@@ -39,6 +39,7 @@
 #include <linux/openat2.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -53,6 +54,21 @@
 
 #include "enter.h"
 #include "util.h"
+
+/* A formatted, malloc'd string; dies when out of memory. */
+__attribute__((format(printf, 1, 2))) static char *xasprintf(const char *fmt, ...)
+{
+    va_list ap;
+    char *out;
+    int n;
+
+    va_start(ap, fmt);
+    n = vasprintf(&out, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        die("shifter-helper: out of memory");
+    return out;
+}
 
 #define SSHD_PORT 1204
 #define KEYGEN "/usr/bin/ssh-keygen"
@@ -817,12 +833,23 @@ static void record(struct ctx *c, pid_t pid)
 }
 
 
+/* Milliseconds since *t0 (CLOCK_MONOTONIC). */
+static long ms_since(const struct timespec *t0)
+{
+    struct timespec now;
+
+    if (clock_gettime(CLOCK_MONOTONIC, &now) != 0)
+        die_errno("clock_gettime");
+    return (long)(now.tv_sec - t0->tv_sec) * 1000 + (now.tv_nsec - t0->tv_nsec) / 1000000;
+}
+
 void sshd_start(struct ctx *c, const char *key)
 {
     int udi, etc, log, fams = node_families(), have;
     struct listener other;
     char *host_pub;
     struct stat st;
+    struct timespec t0;
     pid_t pid;
 
     udi = openat2_resolve(c->root, UDI + 1, O_PATH | O_DIRECTORY | O_CLOEXEC,
@@ -855,7 +882,11 @@ void sshd_start(struct ctx *c, const char *key)
     c->sshd_pidfd = pidfd_open(pid, 0); /* from here on a failure stops it (teardown) */
     if (c->sshd_pidfd < 0)
         die_errno("Cannot start sshd: pidfd_open");
-    for (int waited = 0;; waited += 20) {
+    /* Wall time, not a count of 20 ms naps: on a node with thousands of TCP sockets one
+     * look at /proc/PID/net/tcp takes far longer than the nap. */
+    if (clock_gettime(CLOCK_MONOTONIC, &t0) != 0)
+        die_errno("Cannot start sshd: clock_gettime");
+    for (long waited = 0;; waited = ms_since(&t0)) {
         struct timespec ms20 = {0, 20 * 1000 * 1000};
         enum start_state state;
         int status;

@@ -126,20 +126,6 @@ char *xstrdup(const char *s)
     return p;
 }
 
-char *xasprintf(const char *fmt, ...)
-{
-    va_list ap;
-    char *out;
-    int n;
-
-    va_start(ap, fmt);
-    n = vasprintf(&out, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        die("shifter-helper: out of memory");
-    return out;
-}
-
 const char *fd_path(int fd, char *buf, size_t len)
 {
     snprintf(buf, len, "/proc/self/fd/%d", fd);
@@ -441,6 +427,23 @@ int is_abs_clean_path(const char *p)
         if ((c == p || c[-1] == '/') && (c[2] == '\0' || c[2] == '/'))
             return 0;
     return 1;
+}
+
+int path_under(const char *path, const char *base)
+{
+    size_t n = strlen(base);
+
+    if (n == 1 && base[0] == '/')
+        return path[0] == '/';
+    return strncmp(path, base, n) == 0 && (path[n] == '\0' || path[n] == '/');
+}
+
+int str_in_list(const char *s, const char *const list[])
+{
+    for (size_t i = 0; list[i] != NULL; i++)
+        if (strcmp(s, list[i]) == 0)
+            return 1;
+    return 0;
 }
 
 int str_in_words(const char *word, const char *list)

@@ -38,7 +38,6 @@ __attribute__((format(printf, 1, 2))) void warn(const char *fmt, ...);
 void *xmalloc(size_t n);
 void *xcalloc(size_t n, size_t size);
 char *xstrdup(const char *s);
-__attribute__((format(printf, 1, 2))) char *xasprintf(const char *fmt, ...);
 
 /* "/proc/self/fd/N" in buf (at least 32 bytes). */
 const char *fd_path(int fd, char *buf, size_t len);
@@ -87,6 +86,9 @@ __attribute__((format(printf, 3, 0))) int vset_err(char *err, size_t errlen, con
 
 int is_abs_clean_path(const char *p); /* absolute, no "..", no control chars, bounded */
 int str_in_words(const char *word, const char *list); /* word in a blank-separated list */
+/* path is base or below it, whole components ("/etcx" is not under "/etc"; all is under "/"). */
+int path_under(const char *path, const char *base);
+int str_in_list(const char *s, const char *const list[]); /* s in a NULL-terminated list */
 int config_flag(const char *value, int dflt); /* whole value 1/true/yes/on, any case; empty: dflt */
 
 #endif

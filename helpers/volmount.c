@@ -13,17 +13,14 @@
 #include "volmount.h"
 
 #include <errno.h>
-#include <grp.h>
 #include <fcntl.h>
 #include <linux/openat2.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/fsuid.h>
 #include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -33,12 +30,6 @@
 
 #define SMALL_XFS (300ULL * 1024 * 1024)
 #define DENIED "Invalid mount request, permission denied! Cannot mount from %s to %s: %s."
-
-static int is_under(const char *path, const char *base)
-{
-    size_t n = strlen(base);
-    return strncmp(path, base, n) == 0 && (path[n] == '\0' || path[n] == '/');
-}
 
 static void set_fs_ids(uid_t uid, gid_t gid)
 {
@@ -52,13 +43,10 @@ static void set_fs_ids(uid_t uid, gid_t gid)
 static int open_as_user(const struct ident *id, const char *path, int want_dir,
                         unsigned long long resolve)
 {
-    static gid_t saved[IDENT_MAX_GROUPS + 1];
-    int fd, dir, e, nsaved;
+    int fd, dir, e;
 
-    /* setup mode runs with root's groups: take the user's for the lookup. */
-    nsaved = getgroups(IDENT_MAX_GROUPS + 1, saved);
-    if (nsaved < 0 || setgroups(id->ngroups, id->groups) != 0)
-        die_errno("Cannot switch to the user's groups");
+    /* The supplementary groups are already the user's: run's caller's, and setup takes
+     * the user's for its whole run (setup.c). */
     set_fs_ids(id->uid, id->gid);
     fd = openat2_resolve(AT_FDCWD, path, O_PATH | (want_dir ? O_DIRECTORY : 0) | O_CLOEXEC,
                          resolve);
@@ -66,8 +54,6 @@ static int open_as_user(const struct ident *id, const char *path, int want_dir,
     dir = fd >= 0 && want_dir ? openat(fd, ".", O_PATH | O_DIRECTORY | O_CLOEXEC) : fd;
     e = errno;
     set_fs_ids(0, 0);
-    if (setgroups((size_t)nsaved, saved) != 0)
-        die_errno("Cannot restore groups");
     if (fd >= 0 && want_dir)
         close(fd);
     errno = e;
@@ -253,7 +239,7 @@ void volmount_site(struct ctx *c, const char *text, const char *what)
         die("FAILED to parse udiRoot configuration. (%s siteFs: %s)", what, err);
     for (size_t i = 0; i < list.n; i++) {
         const struct volume *v = &list.vol[i];
-        unsigned attrs = ATTR_NOSUID | (is_under(v->target, "/dev") ? 0 : ATTR_NODEV) |
+        unsigned attrs = ATTR_NOSUID | (path_under(v->target, "/dev") ? 0 : ATTR_NODEV) |
                          (v->flag[VOL_RO] ? ATTR_RO : 0);
         unsigned long prop = v->flag[VOL_SLAVE] ? MS_SLAVE
                              : v->flag[VOL_PRIVATE] ? MS_PRIVATE
@@ -281,33 +267,47 @@ void volmount_site(struct ctx *c, const char *text, const char *what)
     vol_list_free(&list);
 }
 
+/* A size key of udiRoot.conf; UINT64_MAX when unset (no limit). */
+static uint64_t conf_size(const struct ctx *c, const char *key)
+{
+    const char *v = conf_get(c->conf, key);
+    char err[VOL_ERR_LEN];
+    uint64_t n = UINT64_MAX;
+
+    if (v != NULL && *v != '\0' && vol_parse_size(v, &n, err, sizeof err) != 0)
+        die("FAILED to parse udiRoot configuration. (%s: %s)", key, err);
+    return n;
+}
+
 void volmount_check_caches(const struct ctx *c)
 {
-    const char *key = "perNodeCacheTotalSizeLimit";
-    const char *limit = conf_get(c->conf, key);
+    const char *dir = conf_get(c->conf, "perNodeCachePath");
+    const char *allowed = conf_get(c->conf, "perNodeCacheAllowedFsType");
+    uint64_t max = conf_size(c, "perNodeCacheSizeLimit"), sum = 0;
+    /* Unset: one launch may use as much as one cache may be; neither set: no limit. */
+    uint64_t total = conf_size(c, "perNodeCacheTotalSizeLimit");
     char err[VOL_ERR_LEN];
-    uint64_t max, sum = 0;
 
-    /* Unset: one launch may use as much as one cache may be (perNodeCacheSizeLimit);
-     * neither set: the site set no limit. */
-    if (limit == NULL || *limit == '\0') {
-        key = "perNodeCacheSizeLimit";
-        limit = conf_get(c->conf, key);
-    }
-    if (limit == NULL || *limit == '\0')
-        return;
-    if (vol_parse_size(limit, &max, err, sizeof err) != 0)
-        die("FAILED to parse udiRoot configuration. (%s: %s)", key, err);
+    total = total == UINT64_MAX ? max : total;
     for (size_t i = 0; i < c->vols.n; i++) {
         const struct volume *v = &c->vols.vol[i];
         if (!v->flag[VOL_CACHE])
             continue;
+        if (dir == NULL || !is_abs_clean_path(dir))
+            die_user(DENIED, v->source, v->target, "perNodeCache is not available on this system");
+        if (v->cache_size > max) {
+            snprintf(err, sizeof err, "perNodeCache size %llu is over the site limit of %llu",
+                     (unsigned long long)v->cache_size, (unsigned long long)max);
+            die_user(DENIED, v->source, v->target, err);
+        }
+        if (allowed != NULL && *allowed != '\0' && !str_in_words("xfs", allowed))
+            die_user(DENIED, v->source, v->target, "perNodeCache fs xfs is not allowed");
         sum = v->cache_size > UINT64_MAX - sum ? UINT64_MAX : sum + v->cache_size;
-        if (sum > max) {
+        if (sum > total) {
             snprintf(err, sizeof err,
                      "the perNodeCaches of this launch add up to %llu bytes, over the site "
                      "total of %llu (perNodeCacheTotalSizeLimit)",
-                     (unsigned long long)sum, (unsigned long long)max);
+                     (unsigned long long)sum, (unsigned long long)total);
             die_user(DENIED, v->source, v->target, err);
         }
     }
@@ -348,26 +348,11 @@ static void size_cache_file(int fd, uint64_t size)
 static void cache_mount(struct ctx *c, const struct volume *v, int dst)
 {
     const char *dir = conf_get(c->conf, "perNodeCachePath");
-    const char *limit = conf_get(c->conf, "perNodeCacheSizeLimit");
-    const char *allowed = conf_get(c->conf, "perNodeCacheAllowedFsType");
     const char *mkfs = conf_get(c->conf, "mkfsXfsPath");
-    char err[VOL_ERR_LEN], dev[64], label[64], fdp[32];
-    uint64_t max;
+    char dev[64], label[64], fdp[32];
     int fd, lfd, mfd, status;
 
-    if (dir == NULL || !is_abs_clean_path(dir))
-        die_user(DENIED, v->source, v->target, "perNodeCache is not available on this system");
-    if (limit != NULL && *limit != '\0') {
-        if (vol_parse_size(limit, &max, err, sizeof err) != 0)
-            die("FAILED to parse udiRoot configuration. (perNodeCacheSizeLimit: %s)", err);
-        if (v->cache_size > max) {
-            snprintf(err, sizeof err, "perNodeCache size %llu is over the site limit of %llu",
-                     (unsigned long long)v->cache_size, (unsigned long long)max);
-            die_user(DENIED, v->source, v->target, err);
-        }
-    }
-    if (allowed != NULL && *allowed != '\0' && !str_in_words("xfs", allowed))
-        die_user(DENIED, v->source, v->target, "perNodeCache fs xfs is not allowed");
+    /* path, size limits and fs type: volmount_check_caches, before anything is built */
     if (mkfs == NULL || *mkfs == '\0')
         mkfs = "/sbin/mkfs.xfs";
     if (mkfs[0] != '/')

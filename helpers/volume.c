@@ -24,13 +24,11 @@
 static const char *const flag_names[VOL_NFLAGS] = {"ro", "rec", "slave", "private",
                                                    "perNodeCache"};
 static const char *const user_forbidden_under[] = {"/etc", "/var", "/opt/udiImage",
-                                                   "/dev", "/proc", "/sys"};
-static const char *const user_forbidden_exact[] = {"/", "/opt"};
+                                                   "/dev", "/proc", "/sys", NULL};
+static const char *const user_forbidden_exact[] = {"/", "/opt", NULL};
 static const char *const site_forbidden_exact[] = {
-    "/", "/opt", "/etc", "/var", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf",
+    "/", "/opt", "/etc", "/var", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", NULL,
 };
-
-#define COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
 /* 'Invalid volume map "<entry>": <reason>.' */
 __attribute__((format(printf, 4, 5))) static int syntax_err(char *err, size_t errlen,
@@ -304,21 +302,6 @@ static int clean_path(const char *path, const char *raw_from, const char *raw_to
     return 0;
 }
 
-/* path is base or below it, comparing whole components ("/etcx" is not under "/etc"). */
-static int is_under(const char *path, const char *base)
-{
-    size_t n = strlen(base);
-    return strncmp(path, base, n) == 0 && (path[n] == '\0' || path[n] == '/');
-}
-
-static int in_list(const char *s, const char *const *list, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (strcmp(s, list[i]) == 0)
-            return 1;
-    return 0;
-}
-
 static int check_user(const struct volume *vol, char *err, size_t errlen)
 {
     const char *to = vol->target;
@@ -330,10 +313,10 @@ static int check_user(const struct volume *vol, char *err, size_t errlen)
                               flag_names[vol->seen[i]]);
     if (strcmp(to, "/var/tmp") == 0)
         return 0;
-    if (in_list(to, user_forbidden_exact, COUNT(user_forbidden_exact)))
+    if (str_in_list(to, user_forbidden_exact))
         return denied_err(err, errlen, vol->source, to, "%s is reserved for the system", to);
-    for (size_t i = 0; i < COUNT(user_forbidden_under); i++)
-        if (is_under(to, user_forbidden_under[i]))
+    for (size_t i = 0; user_forbidden_under[i] != NULL; i++)
+        if (path_under(to, user_forbidden_under[i]))
             return denied_err(err, errlen, vol->source, to,
                               "%s and everything under it is reserved for the system",
                               user_forbidden_under[i]);
@@ -352,7 +335,7 @@ int vol_check_user_target(const char *from, const char *to, char *err, size_t er
 
 static int check_site(const struct volume *vol, char *err, size_t errlen)
 {
-    if (in_list(vol->target, site_forbidden_exact, COUNT(site_forbidden_exact)))
+    if (str_in_list(vol->target, site_forbidden_exact))
         return denied_err(err, errlen, vol->source, vol->target,
                           "%s cannot be replaced by a site mount", vol->target);
     return 0;

@@ -7,8 +7,13 @@
     vc.node_states()              # {"node1": "IDLE", …}
     vc.on_node("node2", argv)     # argv in node2's namespaces (net, UTS, mount), as root
     vc.node_mounts("node2", dirs) # mount points under ``dirs`` as node2 sees them
-    vc.node_pid("node2")          # its slurmd (kill it, or its namespaces, for fault tests)
+    vc.node_pid("node2")          # its slurmd's pid
+    vc.slurmd_log("node2"); vc.resume(["node2"])    # a node's log; back to service
+    vc.kill_node("node2")         # it dies: all in it killed, its namespaces gone
+    vc.revive_node("node2")       # it boots again (fresh namespaces and slurmd)
+    vc.relay(port)                # 127.0.0.1:port of the test process, on the service node
     vc.stop()                     # jobs cancelled, daemons stopped, namespaces deleted
+    vc.leftovers()                # [] after stop(): no namespace, no process of ours
 
 What there is (``NET`` is 10.251.0.0/16, on a bridge that exists only inside the
 ``ctl`` namespace: no link to the machine's own interfaces, no route out):
@@ -27,8 +32,9 @@ What there is (``NET`` is 10.251.0.0/16, on a bridge that exists only inside the
   fresh ``/dev/shm``, its own ``/tmp`` (a directory of this cluster; the paths in
   ``keep_tmp`` stay visible in it at their own names: the test world's temp dir and the
   munge socket's), a fresh tmpfs on each of ``private_dirs`` (per-node state), and on
-  ``shared`` (``{path: export}``) the shared image filesystem: a bind mount of
-  ``export``. Mounts a job makes on a node (setupRoot's) are that node's alone.
+  each ``path`` of ``shared`` (``{path: export}``) the shared filesystem: ``export``, a
+  directory of the service node, mounted over the cluster network (below). Mounts a job
+  makes on a node (setupRoot's) are that node's alone.
 - All nodes share the IPC namespace of the machine: Debian's MPICH uses UCX, which
   takes the boot id (the same in every namespace) for "same host" and then hangs in
   MPI_Finalize about every second run when the nodes cannot share memory.
@@ -38,12 +44,19 @@ What there is (``NET`` is 10.251.0.0/16, on a bridge that exists only inside the
 Every daemon runs as a child of the test process with ``setpriv --pdeathsig KILL``;
 ``stop()`` (also at interpreter exit, and from the context manager on failure) cancels
 jobs, stops the daemons and deletes the namespaces (``ip netns del`` unmounts their
-``/run/netns`` files). Namespaces are named ``sc<pid>-<n>-…``: one left by a killed run
-(its pid gone) is deleted when the next cluster starts.
+``/run/netns`` files; the mount ``ip netns add`` made of /run/netns itself goes too, when
+this cluster made it and no namespace is left). Namespaces are named ``sc<pid>-<n>-…``:
+those of a killed run (that pid gone) are deleted, with whatever still runs in them (the
+gateway, steps, containers' sshds), when the next cluster starts.
 
-The shared filesystem is a bind mount because this kernel has no NFS: neither ``nfs``
-nor ``nfsd`` is in /proc/filesystems and it loads no modules (no /proc/modules), so
-Debian's nfs-kernel-server has nothing to serve with and the nodes nothing to mount with.
+The shared filesystem (``shared_fs="sshfs"``, the default) is SFTP over the cluster
+network: an sshd on the service node (root, key only, ``internal-sftp``) and an
+``sshfs -o ro,allow_other`` mount in the login node and every compute node, so image
+files and ``.meta`` reach the nodes only over the bridge, and a dead service node is
+felt on the nodes. Not NFS, because this kernel has none: neither ``nfs`` nor ``nfsd`` is
+in /proc/filesystems and it loads no modules (no /proc/modules), so Debian's
+nfs-kernel-server has nothing to serve with and the nodes nothing to mount with.
+``shared_fs="bind"`` bind-mounts ``export`` instead (no network in the way).
 
 Scale: a node costs one slurmd (about 7 MB) plus its steps; the limit on this machine is
 its two cores (bench/cluster). Node count and addresses allow up to 4000 nodes.
@@ -56,6 +69,7 @@ import itertools
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import weakref
@@ -115,7 +129,8 @@ class VirtualCluster(SlurmCluster):
                  client_preload: str | None = None, cpus: int | None = None,
                  keep_tmp: list[Path] | tuple[Path, ...] = (),
                  private_dirs: list[Path] | tuple[Path, ...] = (),
-                 shared: dict[Path, Path] | None = None) -> None:
+                 shared: dict[Path, Path] | None = None, shared_fs: str = "sshfs",
+                 slurmd_timeout: int = 30) -> None:
         super().__init__(workdir, munge_socket=munge_socket, plugstack=plugstack,
                          client_plugstack=client_plugstack, client_preload=client_preload,
                          cpus=cpus)
@@ -125,6 +140,10 @@ class VirtualCluster(SlurmCluster):
         self.keep_tmp = [Path(p) for p in keep_tmp]
         self.private_dirs = [Path(p) for p in private_dirs]
         self.shared = {Path(k): Path(v) for k, v in (shared or {}).items()}
+        self.slurmd_timeout = slurmd_timeout  # how soon slurmctld sees a dead node
+        if shared_fs not in ("sshfs", "bind"):
+            raise ValueError("shared_fs: sshfs or bind")
+        self.shared_fs = shared_fs
         self.prefix = f"sc{os.getpid()}-{next(_serial)}-"
         self.ctl_netns = self.prefix + "ctl"
         self.svc_netns = self.prefix + "svc"
@@ -132,6 +151,7 @@ class VirtualCluster(SlurmCluster):
         self.hosts_file = self.workdir / "hosts"
         self._relays: list[netns.Relay] = []
         self._netns: list[str] = []
+        self._mounted_netns_dir = False
 
     def client_argv(self, argv: list[str], cwd: str | Path | None = None) -> list[str]:
         """On the login node: slurmctld's network, UTS and mount namespaces."""
@@ -180,6 +200,7 @@ SlurmdPidFile={w}/nodes/%n/slurmd.pid
 SlurmctldLogFile={w}/slurmctld.log
 SlurmdLogFile={w}/nodes/%n/slurmd.log
 SlurmdDebug=info
+SlurmdTimeout={self.slurmd_timeout}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SwitchType=switch/none
@@ -214,6 +235,7 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
 
     def _make_network(self) -> None:
         reap_stale_namespaces()
+        self._mounted_netns_dir = not netns.dir_is_mounted()
         for name in (self.ctl_netns, self.svc_netns, *map(self.netns_of, self.nodes)):
             netns.add(name)
             self._netns.append(name)
@@ -221,15 +243,18 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
         netns.ip(ctl, "link", "add", "br0", "type", "bridge")
         netns.ip(ctl, "addr", "add", f"{CTL_ADDR}/16", "dev", "br0")
         netns.ip(ctl, "link", "set", "br0", "up")
-        hosts = [(self.svc_netns, SVC_ADDR), *((self.netns_of(n), self.address(n))
-                                              for n in self.nodes)]
-        for i, (name, addr) in enumerate(hosts):
-            veth = f"v{i}"
-            netns.ip(ctl, "link", "add", veth, "type", "veth", "peer", "name", "eth0",
-                     "netns", name)
-            netns.ip(ctl, "link", "set", veth, "master", "br0", "up")
-            netns.ip(name, "addr", "add", f"{addr}/16", "dev", "eth0")
-            netns.ip(name, "link", "set", "eth0", "up")
+        self._link(self.svc_netns, SVC_ADDR)
+        for node in self.nodes:
+            self._link(self.netns_of(node), self.address(node))
+
+    def _link(self, name: str, addr: str) -> None:
+        """A veth from the bridge to ``eth0`` in namespace ``name``, with ``addr``."""
+        veth = "v-" + name[len(self.prefix):]
+        netns.ip(self.ctl_netns, "link", "add", veth, "type", "veth", "peer", "name",
+                 "eth0", "netns", name)
+        netns.ip(self.ctl_netns, "link", "set", veth, "master", "br0", "up")
+        netns.ip(name, "addr", "add", f"{addr}/16", "dev", "eth0")
+        netns.ip(name, "link", "set", "eth0", "up")
 
     def relay(self, port: int, host: str = "127.0.0.1") -> None:
         """``host:port`` of the test process, reachable from the service node at
@@ -244,16 +269,58 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
         _running.add(self)
         try:
             self._make_network()
+            if self.shared and self.shared_fs == "sshfs":
+                self._start_file_server()
             self._spawn_in(self.ctl_netns, "slurmctld", "ctl", self._shared_mounts(),
                            [SLURMCTLD, "-D", "-i", "-f", str(self.conf)])
             for node in self.nodes:
-                self._spawn_in(self.netns_of(node), node, node, self._node_mounts(node),
-                               [SLURMD, "-D", "-N", node, "-f", str(self.conf)])
+                self._spawn_node(node)
             self._wait_idle(timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _spawn_node(self, node: str) -> None:
+        self._spawn_in(self.netns_of(node), node, node, self._node_mounts(node),
+                       [SLURMD, "-D", "-N", node, "-f", str(self.conf)])
+
+    def kill_node(self, node: str) -> None:
+        """The node dies: SIGKILL to everything in its network namespace (slurmd, steps,
+        tasks, containers' sshds), so its mount namespace and every mount in it go, then
+        the network namespace itself. slurmctld sees it stop answering."""
+        name = self.netns_of(node)
+        proc = self._procs.pop(node, None)
+        _kill_netns_processes(name)
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        netns.delete(name)
+        if name in self._netns:
+            self._netns.remove(name)
+
+    def revive_node(self, node: str, timeout: float = 60) -> None:
+        """A killed node boots again: fresh namespaces, a fresh slurmd; returns when it
+        has registered (its state is then up to Slurm: ``resume()`` brings a DOWN node
+        back to IDLE)."""
+        info = self.admin("scontrol", "-o", "show", "node", node).stdout
+        m = re.search(r"SlurmdStartTime=(\S+)", info)
+        started = m.group(1) if m else "?"
+        name = self.netns_of(node)
+        netns.add(name)
+        self._netns.append(name)
+        self._link(name, self.address(node))
+        self._spawn_node(node)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._procs[node].poll() is not None:
+                raise RuntimeError(f"{node}'s slurmd exited:\n{self.logs()}")
+            info = self.admin("scontrol", "-o", "show", "node", node).stdout
+            if f"SlurmdStartTime={started}" not in info and "*" not in \
+                    self.node_states().get(node, "*"):
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"{node} did not register again after {timeout}s")
 
     def _node_mounts(self, node: str) -> list[str]:
         """Shell lines that make ``node``'s mount namespace (see the module docstring)."""
@@ -272,7 +339,57 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
         return lines + self._shared_mounts()
 
     def _shared_mounts(self) -> list[str]:
-        return [f"mount --bind '{export}' '{path}'" for path, export in self.shared.items()]
+        if self.shared_fs == "bind":
+            return [f"mount --bind '{export}' '{path}'"
+                    for path, export in self.shared.items()]
+        key = self.workdir / "sshfs" / "client_key"
+        # read-only for everyone (the gateway writes on the service node's own disk);
+        # allow_other: users read images and .meta files too; no directory cache, so a
+        # file the gateway has just renamed into place is seen at once
+        opts = (f"ro,allow_other,dir_cache=no,reconnect,ServerAliveInterval=10,"
+                f"IdentityFile={key},BatchMode=yes,StrictHostKeyChecking=no,"
+                "UserKnownHostsFile=/dev/null,LogLevel=ERROR")
+        return [f"sshfs -o {opts} 'root@{SVC_ADDR}:{export}' '{path}'"
+                for path, export in self.shared.items()]
+
+    def _start_file_server(self, timeout: float = 30) -> None:
+        """The service node's sshd (root, keys only, SFTP): what the nodes' sshfs mount."""
+        d = self.workdir / "sshfs"
+        d.mkdir(exist_ok=True)
+        os.chmod(d, 0o700)
+        for key in ("host_key", "client_key"):
+            if not (d / key).exists():
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+                                "virtual cluster", "-f", str(d / key)], check=True)
+        # StrictModes no: the keys sit below /tmp, which sshd's mode check refuses
+        (d / "sshd_config").write_text(f"""\
+Port 22
+ListenAddress {SVC_ADDR}
+HostKey {d}/host_key
+AuthorizedKeysFile {d}/client_key.pub
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+Subsystem sftp internal-sftp
+PidFile none
+""")
+        self._spawn_in(self.svc_netns, "sshd", "svc", [],
+                       ["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")])
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._procs["sshd"].poll() is not None:
+                raise RuntimeError(f"the service node's sshd exited:\n{self.logs()}")
+            try:
+                netns.in_netns(self.ctl_netns, socket.create_connection, (SVC_ADDR, 22),
+                               timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the service node's sshd does not answer:\n"
+                                       f"{self.logs()}") from None
+                time.sleep(0.1)
 
     def _spawn_in(self, ns: str, name: str, hostname: str, mounts: list[str],
                   argv: list[str]) -> None:
@@ -310,11 +427,13 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
         if os.getpid() != self._owner:
             return
         if self._procs and all(p.poll() is None for p in self._procs.values()):
-            self.admin("scancel", "--full", "--user=" + ",".join(self._job_users() or ["root"]))
+            users = "--user=" + ",".join(self._job_users() or ["root"])
+            self.admin("scancel", users)  # pending and held jobs too
+            self.admin("scancel", "--full", users)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and (self._active_jobs() or self._steps()):
                 time.sleep(0.2)
-        for name in [*self.nodes, "slurmctld"]:
+        for name in [*self.nodes, "slurmctld", "sshd"]:
             proc = self._procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue
@@ -331,6 +450,8 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
             _kill_netns_processes(name)
             netns.delete(name)
         self._netns.clear()
+        if self._mounted_netns_dir:
+            netns.release_dir()
         _running.discard(self)
 
     def _steps(self) -> list[str]:
@@ -345,6 +466,8 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
         """What of this cluster still exists: its namespaces, processes that name its
         workdir (daemons, steps). Empty after ``stop()``."""
         out = [f"netns {n}" for n in netns.names(self.prefix)]
+        if self._mounted_netns_dir and not netns.names("") and netns.dir_is_mounted():
+            out.append(f"the mount on {netns.NETNS_DIR}")
         needle = str(self.workdir).encode()
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
@@ -413,7 +536,8 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
 
     def logs(self, tail: int = 3000) -> str:
         out = []
-        paths = [self.workdir / "slurmctld.log", self.workdir / "slurmctld.out"]
+        paths = [self.workdir / "slurmctld.log", self.workdir / "slurmctld.out",
+                 self.workdir / "sshd.out"]
         for node in self.nodes:
             paths += [self.workdir / "nodes" / node / "slurmd.log",
                       self.workdir / "nodes" / node / f"{node}.out"]

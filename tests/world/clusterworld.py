@@ -12,11 +12,23 @@ Who is where: the login node is the ``ctl`` host (slurmctld's namespaces: client
 ``shifterimg``, the submit-time checker run there); the gateway runs on the service node
 ``svc`` (``http://10.251.0.2:8080``), reaches the registry through a relay, and writes
 images into ``export`` (the service node's disk); every compute node and the login node
-see ``export`` at the site's ``imagePath`` (the shared filesystem). The plugin's
+mount ``export`` at the site's ``imagePath`` (the shared filesystem, sshfs by default). The plugin's
 ``state_dir`` and the per-node cache are private to each node. The runtime is the test
 site's (``RuntimeSite``: the sanitized setuid helper of this checkout's test slot and its
 udiRoot.conf), ``conf`` adds to that file; ``plugstack_args`` to the plugin's line
-(``enable_sshd="1"``…). Usable outside pytest (bench/): nothing here needs a fixture.
+(``enable_sshd="1"``…).
+
+Outside pytest (a bench script), as root, the same parts by hand:
+
+    from world.munge import Munged; from world.registry import Registry
+    from world.runtime import ensure_test_users
+    with Munged() as m, Registry() as reg, cluster_world(
+            base, munged=m, registry=reg, test_users=ensure_test_users(), nodes=32,
+            keep_tmp=(base,)) as w:
+        ...
+
+``base`` a fresh 0755 dir; ``SHIFTER_TEST_SLOT`` picks the test helper's install, as
+for the tests. What the cluster shows of itself: world/cluster.py.
 """
 
 from __future__ import annotations
@@ -32,7 +44,14 @@ from .cluster import VirtualCluster
 from .gateway import Gateway
 from .imagebuild import File, Symlink, build_layer, push_image
 from .runtime import HELPER, TEST_CONF, RuntimeSite
-from .slurm import asan_runtime, build_plugin, plugstack_line, write_launchers
+from .slurm import (
+    Client,
+    Submitted,
+    asan_runtime,
+    build_plugin,
+    plugstack_line,
+    write_launchers,
+)
 
 ALICE = "shifter-alice"
 REPO = "cluster/app"
@@ -86,11 +105,11 @@ class ClusterWorld:
         index = self.export / "tags" / "docker" / quote_tag(self.tag(name))
         return index.read_text().strip()
 
-    def sbatch(self, script: str, *args: str):
+    def sbatch(self, script: str, *args: str) -> Submitted:
         return self.cluster.sbatch(ALICE, script, f"--output={self.jobdir}/%j.out", *args,
                                    env=self.env(), cwd=self.jobdir)
 
-    def srun(self, *args: str, timeout: float = 120):
+    def srun(self, *args: str, timeout: float = 120) -> Client:
         return self.cluster.srun(ALICE, *args, env=self.env(), cwd=self.jobdir,
                                  timeout=timeout)
 

@@ -50,6 +50,20 @@ def delete(name: str) -> None:
             pass
 
 
+def dir_is_mounted() -> bool:
+    """Whether /run/netns is a mount point (``ip netns add`` makes it one, shared, the
+    first time, so that the namespaces' bind mounts propagate)."""
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(NETNS_DIR) for line in f)
+
+
+def release_dir() -> None:
+    """Undo that mount when no namespace is left in it (a plain umount: it fails, and
+    changes nothing, if another cluster added one meanwhile)."""
+    if not names("") and dir_is_mounted():
+        subprocess.run(["umount", str(NETNS_DIR)], capture_output=True)
+
+
 def names(prefix: str) -> list[str]:
     try:
         return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(prefix))
