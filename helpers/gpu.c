@@ -1,12 +1,15 @@
 /*
  * gpu.c - NVIDIA GPU support.  See gpu.h.
  *
- * devices    /dev/nvidiaN and the control devices in gpuDeviceDir (default /dev), root's
- *            domain: the user picks only indexes, each must name a character device;
+ * devices    /dev/nvidiaN, the control devices and MIG's nvidia-caps/nvidia-capN in
+ *            gpuDeviceDir (default /dev), root's domain: the user picks only numbers, each
+ *            must name a character device;
  * files      the driver's libraries and tools, found by the front end (udiroot/gpu.py:
  *            the ld.so cache, gpuBinaryPath) and given as --gpu-file DIR/NAME=PATH; each
  *            is opened with the caller's own rights, as a volume source is, and bound
- *            read-only, nosuid, nodev: a caller can only add files they can read.
+ *            read-only, nosuid, nodev: a caller can only add files they can read;
+ * CDI mounts --gpu-mount TARGET=PATH, a CDI spec's mount (the front end reads the specs):
+ *            PATH opened as the caller, TARGET a user volume's, bound read-only.
  */
 #define _GNU_SOURCE
 #include "gpu.h"
