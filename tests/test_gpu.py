@@ -458,6 +458,23 @@ def test_helper_opens_cdi_mount_sources_with_the_callers_rights(site, image):
         assert why in res.stderr, (source, res.stderr)
 
 
+def test_a_cdi_mount_point_is_never_made_on_the_hosts_directories(site, image):
+    """Attack: --gpu-mount onto a path under the host's /tmp (bound into every
+    container): its mount point would be a file root makes in the host's /tmp. Skipped,
+    nothing made; a mount point on the container's own root is fine."""
+    name = f"cdi-attack-{os.getpid()}"
+    readable = site.base / "cdi-readable"
+    readable.write_text("readable\n")
+    os.chmod(readable, 0o644)
+    res = site.run(ALICE, [str(HELPER), "run", "--image-id", image, "--gpu", "0", "--verbose",
+                           "--gpu-mount", f"/tmp/{name}={readable}",
+                           "--gpu-mount", f"/{name}={readable}", "--", "/bin/cat", f"/{name}"])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "readable\n"
+    assert f"CDI mount /tmp/{name} skipped" in res.stderr
+    assert not os.path.lexists(f"/tmp/{name}")
+
+
 # -- CDI specs ----------------------------------------------------------------------------------
 
 
