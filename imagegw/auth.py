@@ -11,8 +11,39 @@ import grp
 import json
 import os
 import pwd
+import time
+from typing import Any
 
 from .acl import Caller
+
+# Names and groups of a uid/gid, as _names found them, are kept for NAMES_TTL seconds,
+# and only while /etc/passwd and /etc/group are the files they were read from. Reading
+# them costs ~40 us a request (getgrouplist reads the whole of /etc/group, or asks
+# sssd/LDAP), more than any other step of a lookup but the credential's decode. The
+# files are looked at (two stat calls) at most every STAMP_EVERY seconds. So an edit of
+# the local files (usermod, groupadd) counts within a second, and a change in a
+# directory service (LDAP) up to NAMES_TTL later.
+NAMES_TTL = 60.0
+STAMP_EVERY = 1.0
+NAMES_MAX = 4096  # distinct (uid, gid) pairs remembered; the cache restarts when full
+_NAME_FILES = ("/etc/passwd", "/etc/group")
+_Names = tuple[str, str, tuple[int, ...]]
+_names_cache: dict[tuple[int, int], tuple[float, tuple[int, ...], _Names]] = {}
+_stamp: list[Any] = [-STAMP_EVERY, ()]  # when the files were last looked at, and what they were
+
+
+def _files_stamp(now: float) -> tuple[int, ...]:
+    if now - _stamp[0] < STAMP_EVERY:
+        return _stamp[1]
+    stamp: list[int] = []
+    for path in _NAME_FILES:
+        try:
+            st = os.stat(path)
+            stamp += (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp += (-1, -1, -1)
+    _stamp[:] = [now, tuple(stamp)]
+    return _stamp[1]
 
 
 class AuthError(Exception):
@@ -24,6 +55,21 @@ class AuthUnavailable(Exception):
 
 
 def _names(uid: int, gid: int) -> tuple[str, str, tuple[int, ...]]:
+    """User name, group name and group list of a credential's uid/gid (cached, see
+    NAMES_TTL)."""
+    now = time.monotonic()
+    stamp = _files_stamp(now)
+    hit = _names_cache.get((uid, gid))
+    if hit is not None and now - hit[0] < NAMES_TTL and hit[1] == stamp:
+        return hit[2]
+    names = _lookup_names(uid, gid)
+    if len(_names_cache) >= NAMES_MAX:
+        _names_cache.clear()
+    _names_cache[(uid, gid)] = (now, stamp, names)
+    return names
+
+
+def _lookup_names(uid: int, gid: int) -> _Names:
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:

@@ -68,6 +68,18 @@ def child_exit(server, worker):
         multiprocess.mark_process_dead(worker.pid)
 
 
+def worker_exit(server, worker):
+    """Write the worker's queued metrics rows before it goes (imagegw/metrics_batch.py)."""
+    import sys
+
+    wsgi = sys.modules.get("imagegw.wsgi")
+    if wsgi is not None:
+        try:
+            wsgi.manager.flush_metrics()
+        except Exception as exc:  # noqa: BLE001 - the worker is leaving either way
+            server.log.warning("metrics rows of worker %s not written: %s", worker.pid, exc)
+
+
 def on_exit(server):
     path = _metrics_dir()
     if path is not None:

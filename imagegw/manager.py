@@ -32,6 +32,7 @@ from .config import GatewayConfig, Platform, parse_duration
 from .errors import ImageError, InvalidReference
 from .fasthash import fasthash
 from .layercache import LayerCache
+from .metrics_batch import MetricsBatcher
 from .pipeline import Pipeline, PullResult, clean_dead_expansions
 from .reference import parse_reference
 from .store.base import EXPIRED, FAILURE, INFLIGHT, READY, Record, RecordStore
@@ -152,9 +153,13 @@ class ImageManager:
         clock: Callable[[], float] = time.time,
         *,
         client_options: Mapping[str, Any] | None = None,
+        metrics_batch_seconds: float = 0.0,
     ) -> None:
         """``clock()`` answers the time (seconds since the epoch) for every rule; tests
-        hand in one that moves only when they say so."""
+        hand in one that moves only when they say so. ``metrics_batch_seconds`` > 0:
+        lookups queue their metrics rows and a thread writes them that often (the
+        service's setting, see imagegw/metrics_batch.py); 0: each row is written before
+        the lookup answers."""
         self.gw = config
         self.store = store
         self.clock = clock
@@ -166,6 +171,11 @@ class ImageManager:
         self.metrics_on = config.metrics
         self.client_options = dict(client_options or {})
         self._last_trim: float | None = None
+        self._batch = (
+            MetricsBatcher(store, metrics_batch_seconds)
+            if self.metrics_on and metrics_batch_seconds > 0
+            else None
+        )
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         self._lock = threading.Lock()
@@ -237,17 +247,19 @@ class ImageManager:
             rec["expiration"] = now + self.expiration
             self.store.update(rec["_id"], {"expiration": rec["expiration"]})
         if self.metrics_on:
-            self.store.add_metric(
-                {
-                    "user": caller.user,
-                    "uid": caller.uid,
-                    "system": system,
-                    "type": itype,
-                    "tag": tag,
-                    "id": rec.get("id"),
-                    "time": now,
-                }
-            )
+            row = {
+                "user": caller.user,
+                "uid": caller.uid,
+                "system": system,
+                "type": itype,
+                "tag": tag,
+                "id": rec.get("id"),
+                "time": now,
+            }
+            if self._batch is not None:
+                self._batch.add(row)
+            else:
+                self.store.add_metric(row)
             self._trim_metrics(now)
         return rec
 
@@ -288,7 +300,13 @@ class ImageManager:
             raise BadRequest(f"limit must be a whole number, not '{limit}'") from None
         if count < 1:
             raise BadRequest("limit must be at least 1")
+        self.flush_metrics()  # this process's queued rows; other workers' follow within a second
         return self.store.last_metrics(min(count, 100), system)
+
+    def flush_metrics(self) -> None:
+        """Write this process's queued metrics rows now (batched mode; else nothing)."""
+        if self._batch is not None:
+            self._batch.flush()
 
     # -- pulling ---------------------------------------------------------------------
 

@@ -30,6 +30,9 @@ from .config import (
 
 GUNICORN_CONF = Path(__file__).with_name("gunicorn_conf.py")
 MONGO_TIMEOUT_MS = 3000
+# The service writes lookups' metrics rows in batches, once a second per worker, off the
+# request path (imagegw/metrics_batch.py says what that gives up).
+METRICS_BATCH_SECONDS = 1.0
 
 
 def load(path: str | None = None) -> GatewayConfig:
@@ -41,7 +44,9 @@ def build_manager(config: GatewayConfig, store: Any = None):
     from .manager import ImageManager
     from .store import open_store
 
-    return ImageManager(config, store or open_store(config))
+    return ImageManager(
+        config, store or open_store(config), metrics_batch_seconds=METRICS_BATCH_SECONDS
+    )
 
 
 # -- --check -------------------------------------------------------------------------------

@@ -169,6 +169,36 @@ def test_group_acl_with_supplementary_group(gateway, registry, tmp_path, test_us
     assert gateway.request("GET", path, user="nobody").status_code == 404
 
 
+def test_user_removed_from_a_group_loses_its_images_within_a_second(
+    gateway, registry, tmp_path, test_users
+):
+    # The gateway keeps each caller's groups in memory (imagegw/auth.py): taking a user
+    # out of a group in /etc/group must still end their access to the group's images at
+    # once (within the second after which the files are looked at again), in every worker.
+    _push(registry, tmp_path, "gw/leaver", content="l\n")
+    tag = f"{registry.host}/gw/leaver:v1"
+    subprocess.run(["groupadd", "-f", "shifter-leavers"], check=True)
+    try:
+        subprocess.run(["usermod", "-a", "-G", "shifter-leavers", "shifter-bob"], check=True)
+        import grp
+
+        gid = grp.getgrnam("shifter-leavers").gr_gid
+        rec = gateway.wait_status(tag, user="shifter-alice", body={"allowed_gids": str(gid)})
+        assert gid in rec["groupACL"]
+        path = f"/api/lookup/{SYS}/docker/{tag}/"
+        time.sleep(1.1)  # the group file as it is now is the one every worker has seen
+        for _ in range(6):  # every worker answers, and keeps bob's groups
+            assert gateway.request("GET", path, user="shifter-bob").status_code == 200
+        subprocess.run(["gpasswd", "-d", "shifter-bob", "shifter-leavers"], check=True,
+                       capture_output=True)
+        time.sleep(1.1)
+        answers = [gateway.request("GET", path, user="shifter-bob").status_code
+                   for _ in range(6)]
+        assert answers == [404] * 6
+    finally:
+        subprocess.run(["groupdel", "shifter-leavers"], check=False)
+
+
 @pytest.mark.parametrize(
     ("path", "body", "words"),
     [
@@ -249,6 +279,16 @@ def test_metrics_limit_and_order(gateway, basic):
     gateway.wait_status(basic.ref())
     for _ in range(3):
         gateway.request("GET", f"/api/lookup/{SYS}/docker/{basic.ref()}/", user="shifter-bob")
+    # Each worker writes its lookups' rows once a second (imagegw/metrics_batch.py): the
+    # worker answering /api/metrics writes its own first, the others' follow within 1 s.
+    deadline = time.monotonic() + 3
+    while True:
+        rows = gateway.request("GET", f"/api/metrics/{SYS}/?limit=100").json()
+        bobs = [r for r in rows if r["user"] == "shifter-bob" and r["tag"] == basic.ref()]
+        if len(bobs) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(bobs) == 3, rows
     rows = gateway.request("GET", f"/api/metrics/{SYS}/?limit=2").json()
     assert len(rows) == 2 and rows[0]["time"] <= rows[1]["time"]
     assert rows[-1]["user"] == "shifter-bob" and rows[-1]["tag"] == basic.ref()

@@ -296,3 +296,25 @@ def test_the_launch_path_imports_nothing_of_the_gateway():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+# -- metrics rows at a stop -----------------------------------------------------------------
+
+
+def test_a_stopping_gateway_writes_its_queued_metrics_rows(tmp_path, munged, registry, test_users):
+    # Rows are queued and written once a second per worker (imagegw/metrics_batch.py); a
+    # gateway stopped right after its lookups (SIGTERM, as systemctl stop sends) must
+    # write them all before its workers exit.
+    tag, _ = push(registry, tmp_path, "ops/rowsatstop")
+    gateway = Gateway(tmp_path / "gw", munge_socket=munged.socket, registry=registry, workers=3)
+    with gateway:
+        assert gateway.wait_status(tag, user=ALICE)["status"] == "READY"
+        path = f"/api/lookup/{SYS}/docker/{tag}/"
+        for _ in range(12):
+            assert gateway.request("GET", path, user=ALICE).status_code == 200
+    from imagegw.store import open_store
+
+    store = open_store({"StateDirectory": str(gateway.workdir / "state")})
+    rows = [r for r in store.last_metrics(100) if r["tag"] == tag]
+    store.close()
+    assert len(rows) == 12 and {r["user"] for r in rows} == {ALICE}

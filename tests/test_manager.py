@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,10 +258,12 @@ def make_manager(
     removes the key from the config."""
     made: list[ImageManager] = []
 
-    def make(**overrides: Any) -> ImageManager:
+    def make(metrics_batch_seconds: float = 0.0, **overrides: Any) -> ImageManager:
         cfg = {**raw, **overrides}
         cfg = {k: v for k, v in cfg.items() if v is not None}
-        mgr = ImageManager(parse_config(cfg), store, clock)
+        mgr = ImageManager(
+            parse_config(cfg), store, clock, metrics_batch_seconds=metrics_batch_seconds
+        )
         made.append(mgr)
         return mgr
 
@@ -978,6 +981,47 @@ def test_a_refused_lookup_writes_no_metrics_row(mgr, registry, store):
     with pytest.raises(NotFound):
         mgr.lookup(NOBODY, SYS, "docker", "bogus:1")
     assert store.last_metrics(100) == []
+
+
+def test_batched_metrics_rows_reach_the_store_within_the_interval(make_manager, registry, store):
+    # The service's mode: a lookup queues its row and answers; a thread writes the
+    # queue every interval, in one transaction; /api/metrics writes this process's queue
+    # first, so an admin reading it sees every lookup this worker answered.
+    mgr = make_manager(metrics_batch_seconds=0.3)
+    registry.publish("app:1")
+    pull_ready(mgr, ALICE, "app:1")
+    mgr.lookup(ALICE, SYS, "docker", "app:1")
+    mgr.lookup(BOB, SYS, "docker", "app:1")
+    assert store.last_metrics(100) == []  # queued, not written in the request
+    deadline = time.monotonic() + 5
+    while len(store.last_metrics(100)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [r["user"] for r in store.last_metrics(100)] == ["alice", "bob"]
+    mgr.lookup(BOB, SYS, "docker", "app:1")
+    assert [r["user"] for r in mgr.metrics(ROOT, SYS)] == ["alice", "bob", "bob"]
+    mgr.lookup(ALICE, SYS, "docker", "app:1")
+    mgr.flush_metrics()  # what the gunicorn worker_exit hook calls
+    assert len(store.last_metrics(100)) == 4
+
+
+def test_batched_metrics_rows_survive_a_failing_store(make_manager, registry, store, monkeypatch):
+    # The database refusing a batch (locked past busy_timeout, MongoDB away) must not
+    # lose the rows: they are written with the next batch.
+    mgr = make_manager(metrics_batch_seconds=60)
+    registry.publish("app:1")
+    pull_ready(mgr, ALICE, "app:1")
+    mgr.lookup(ALICE, SYS, "docker", "app:1")
+    real = store.add_metrics
+
+    def refuse(rows):
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(store, "add_metrics", refuse)
+    mgr.flush_metrics()
+    mgr.lookup(BOB, SYS, "docker", "app:1")
+    monkeypatch.setattr(store, "add_metrics", real)
+    mgr.flush_metrics()
+    assert [r["user"] for r in store.last_metrics(100)] == ["alice", "bob"]
 
 
 # == admin, expire, autoexpire ===============================================================

@@ -525,6 +525,59 @@ def test_one_claim_wins_among_2_processes_of_25_threads(shared_backend: Backend)
     assert store.claims() == [{"_id": "sys|docker|busy:latest", "owner": winners[0], "time": 700.0}]
 
 
+def _change_in_child(i: int, backend: Backend, change: str, rid: str) -> None:
+    store = backend.open()  # the child's own store, as another gunicorn worker has
+    if change == "expire":
+        store.update(rid, {"status": EXPIRED})
+    elif change == "ready":
+        store.update(rid, {"status": READY, "LABELS": {"v": "2"}})
+    elif change == "move":
+        store.insert(pull_record(status=READY, tag=["t:1"], LABELS={"v": "3"}))
+    elif change == "add":
+        store.insert(pull_record(status=READY, tag=["t:2"]))
+    elif change == "delete":
+        store.delete(rid)
+    store.close()
+
+
+def test_find_tagged_sees_at_once_what_another_process_changed(shared_backend: Backend) -> None:
+    # Lookups answer from a per-process cache (SQLite); a change committed by any other
+    # process must show in the very next lookup, found or not found.
+    reader = shared_backend.open()
+    rid = reader.insert(pull_record(status=READY, tag=["t:1"], LABELS={"v": "1"}))["_id"]
+    assert reader.find_tagged("sys", "t:1")["_id"] == rid
+    assert reader.find_tagged("sys", "t:2") is None
+
+    def change(what: str) -> None:
+        run_processes(1, _change_in_child, shared_backend, what, rid)
+
+    change("expire")
+    assert reader.find_tagged("sys", "t:1") is None
+    assert reader.find_tagged("sys", "t:1", status=None)["status"] == EXPIRED
+    change("ready")
+    assert reader.find_tagged("sys", "t:1")["LABELS"] == {"v": "2"}
+    change("move")  # a newer record takes the tag
+    moved = reader.find_tagged("sys", "t:1")
+    assert moved["_id"] != rid and moved["LABELS"] == {"v": "3"}
+    assert reader.get(rid)["tag"] == []
+    change("add")
+    assert reader.find_tagged("sys", "t:2") is not None
+    change("delete")
+    assert reader.find_tagged("sys", "t:1")["_id"] == moved["_id"]
+    assert reader.get(rid) is None
+
+
+def test_find_tagged_answers_are_the_callers_to_change(store: RecordStore) -> None:
+    # The manager sets fields on the record it is given: that must not reach the store
+    # or the next caller (a cached answer is a fresh copy each time).
+    store.insert(pull_record(status=READY, tag=["t:1"], userACL=[1000]))
+    first = store.find_tagged("sys", "t:1")
+    first["expiration"] = 1.0
+    first["userACL"].append(0)
+    again = store.find_tagged("sys", "t:1")
+    assert "expiration" not in again and again["userACL"] == [1000]
+
+
 # -- metrics ---------------------------------------------------------------------------
 
 
@@ -561,6 +614,17 @@ def test_metrics_rows_of_the_same_time_keep_insertion_order(store: RecordStore) 
     assert [r["user"] for r in store.last_metrics(3)] == ["u2", "u3", "u4"]
 
 
+def test_metrics_rows_added_as_a_batch_keep_their_order(store: RecordStore) -> None:
+    # The gateway writes a second's worth of lookups' rows at once (imagegw/metrics_batch.py).
+    store.add_metric(_metric(0, when=42.0))
+    rows = [_metric(i, when=42.0) for i in range(1, 6)]
+    store.add_metrics(iter(rows))  # any iterable, read once
+    store.add_metrics([])
+    assert all("_id" not in row for row in rows)  # the caller's dicts are left alone
+    assert store.last_metrics(4) == rows[-4:]
+    assert [r["user"] for r in store.last_metrics(100)] == [f"u{i}" for i in range(6)]
+
+
 # -- lifecycle -------------------------------------------------------------------------
 
 
@@ -580,6 +644,19 @@ def test_everything_survives_reopening(backend: Backend) -> None:
 
 
 # -- backend specifics -----------------------------------------------------------------
+
+
+def test_sqlite_without_its_change_counter_answers_uncached(tmp_path: Path, caplog) -> None:
+    # No usable <database>-gen (here a directory stands in its way): no cache, correct
+    # answers, and a warning that says which file.
+    path = tmp_path / "s.sqlite"
+    (tmp_path / "s.sqlite-gen").mkdir()
+    reader, writer = SQLiteStore(path), SQLiteStore(path)
+    assert "s.sqlite-gen" in caplog.text
+    rid = writer.insert(pull_record(status=READY, tag=["t:1"]))["_id"]
+    assert reader.find_tagged("sys", "t:1")["_id"] == rid
+    writer.update(rid, {"status": EXPIRED})
+    assert reader.find_tagged("sys", "t:1") is None
 
 
 def test_sqlite_file_is_wal_and_the_database_keeps_tags_unique(tmp_path: Path) -> None:

@@ -135,6 +135,13 @@ class RecordStore(ABC):
     def add_metric(self, row: Mapping[str, Any]) -> None:
         """Append a metrics row ``{user, uid, system, type, tag, id, time}``."""
 
+    def add_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Append ``rows`` in their order, as ``add_metric`` would one by one; a backend
+        writes them in one transaction or batch where it can (the gateway queues a
+        second's worth of rows per process and writes them at once)."""
+        for row in rows:
+            self.add_metric(row)
+
     @abstractmethod
     def last_metrics(self, limit: int, system: str | None = None) -> list[Record]:
         """The newest ``limit`` rows (by ``time``, then insertion) of ``system`` (all if

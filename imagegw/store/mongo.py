@@ -247,6 +247,11 @@ class MongoStore(RecordStore):
         # A copy: insert_one adds an ObjectId _id to the dict it is given.
         self._db["metrics"].insert_one(dict(row))
 
+    def add_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        docs = [dict(row) for row in rows]  # copies, as above
+        if docs:
+            self._db["metrics"].insert_many(docs, ordered=True)
+
     def trim_metrics(self, keep: int) -> int:
         # ObjectIds grow with insertion: everything at or below the first one to drop goes.
         first_dropped = list(

@@ -11,15 +11,25 @@ Several gunicorn worker processes, each with several threads, use the same file,
 * Records are JSON documents with indexed columns copied out of them for the queries,
   and a ``tags`` table whose primary key (system, tag) makes the database itself enforce
   "a tag names one image per system".
+* ``find_tagged`` (every job launch's lookup) answers from a per-process cache while the
+  records have not changed. Every write of records or tags, after its commit, adds one to
+  a counter in the shared file ``<database>-gen`` (mapped into every process); a cached
+  answer is used only while the counter still reads what it read before the query that
+  made it. Reading the counter is a memory read, where a query pays SQLite's WAL read
+  locks (fcntl calls) and, after any other process's commit, re-reads its pages.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
+import mmap
 import os
 import sqlite3
+import struct
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -87,6 +97,67 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _COLUMNS = ("system", "itype", "status", "pulltag", "id")
+log = logging.getLogger(__name__)
+
+# find_tagged's cache (see the module docstring). The age limit is a safety net only, for
+# a change that did not move the counter: a writer killed between its commit and the
+# counter's update, or someone editing the file with the sqlite3 shell.
+TAGGED_CACHE_SECONDS = 5.0
+TAGGED_CACHE_MAX = 4096  # entries per process; the cache restarts when full
+_GEN = struct.Struct("=Q")
+
+
+class _Generation:
+    """The change counter in ``<database>-gen``: 8 bytes, mapped shared by every process
+    that opens the store. ``read()`` is None when the file cannot be used (then nothing is
+    cached)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+        self._map: mmap.mmap | None = None
+        try:
+            # The database file's own default mode: whoever may open the one opens the other.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            log.warning("lookups answered without a cache: cannot open %s: %s", path, exc)
+            return
+        try:
+            if os.fstat(fd).st_size < _GEN.size:
+                os.ftruncate(fd, _GEN.size)  # zeros; a concurrent opener truncates to the same
+            self._map = mmap.mmap(fd, _GEN.size, mmap.MAP_SHARED)
+        except OSError as exc:
+            os.close(fd)
+            log.warning("lookups answered without a cache: cannot map %s: %s", path, exc)
+            return
+        self._fd = fd
+
+    def read(self) -> int | None:
+        return _GEN.unpack_from(self._map)[0] if self._map is not None else None
+
+    def bump(self) -> None:
+        """Move the counter on, after a commit. Writers take turns on the file lock, so
+        the counter only grows: a reader that read N before its query sees something
+        else after any commit its query may have missed."""
+        if self._map is None:
+            return
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            _GEN.pack_into(self._map, 0, (_GEN.unpack_from(self._map)[0] + 1) % 2**64)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            os.close(self._fd)
+            self._map, self._fd = None, -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing useful to do
+            pass
 
 
 def _dumps(doc: Mapping[str, Any]) -> str:
@@ -112,6 +183,14 @@ def _columns(doc: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple(v if isinstance(v := doc.get(name), str) else None for name in _COLUMNS)
 
 
+def _metric_values(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A metrics row's (system, time, doc) columns; system and time are indexed copies."""
+    doc = dict(row)
+    system = doc.get("system") if isinstance(doc.get("system"), str) else None
+    when = doc.get("time") if isinstance(doc.get("time"), int | float) else None
+    return system, when, _dumps(doc)
+
+
 class SQLiteStore(RecordStore):
     """Records in the SQLite file ``path`` (created, with its directory, if missing)."""
 
@@ -124,6 +203,9 @@ class SQLiteStore(RecordStore):
         # Every connection this store opened: (pid, thread, connection), so close() and
         # the pruning of dead threads' connections can reach them.
         self._conns: list[tuple[int, threading.Thread, sqlite3.Connection]] = []
+        self._gen = _Generation(self.path.with_name(self.path.name + "-gen"))
+        # (system, tag, status) -> (counter, time, rid, doc) or (counter, time, None, None)
+        self._tagged: dict[tuple[str, str, str | None], tuple[Any, ...]] = {}
         _STORES.add(self)
         self._init_schema()
 
@@ -158,6 +240,10 @@ class SQLiteStore(RecordStore):
         """In a forked child: drop (never close) the parent's connections, and its lock,
         which another parent thread may have held at the fork."""
         self._lock = threading.Lock()
+        # Our own open file for the counter: flock() excludes other open files only, and
+        # the parent's is shared with us across fork.
+        self._gen.close()
+        self._gen = _Generation(self._gen.path)
         _INHERITED.extend(conn for _, _, conn in self._conns)
         self._conns = []
         self._local = threading.local()
@@ -174,8 +260,10 @@ class SQLiteStore(RecordStore):
         self._conns = alive
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A short write transaction holding the database's write lock from its start."""
+    def _write(self, records: bool = True) -> Iterator[sqlite3.Connection]:
+        """A short write transaction holding the database's write lock from its start.
+        ``records``: it may change records or tags, so the change counter moves after the
+        commit (claims and metrics rows leave it alone)."""
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -185,6 +273,11 @@ class SQLiteStore(RecordStore):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        finally:
+            # Also after a failed commit or a rollback: moving the counter for nothing
+            # costs one cache miss, missing a change would serve it stale.
+            if records:
+                self._gen.bump()
 
     def _init_schema(self) -> None:
         # Every gunicorn worker opens the store as it boots, all at the same moment, and
@@ -218,6 +311,7 @@ class SQLiteStore(RecordStore):
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
+        self._tagged.clear()
         pid = os.getpid()
         with self._lock:
             for p, _, conn in self._conns:
@@ -281,7 +375,15 @@ class SQLiteStore(RecordStore):
             return conn.execute("DELETE FROM images WHERE rid = ?", (rid,)).rowcount == 1
 
     def find_tagged(self, system: str, tag: str, status: str | None = READY) -> Record | None:
-        # The hot path (every job launch): one lookup in the tags primary key, one by rowid.
+        # The hot path (every job launch): from the cache while the change counter has not
+        # moved, else one lookup in the tags primary key and one by rowid.
+        key = (system, tag, status)
+        gen = self._gen.read()  # before the query: any commit the query misses moves it
+        now = time.monotonic()
+        hit = self._tagged.get(key)
+        if hit is not None and gen is not None and hit[0] == gen:
+            if now - hit[1] < TAGGED_CACHE_SECONDS:
+                return _record(hit[2], hit[3]) if hit[2] is not None else None
         sql = (
             "SELECT i.rid, i.doc FROM tags t JOIN images i ON i.seq = t.seq"
             " WHERE t.system = ? AND t.tag = ?"
@@ -291,6 +393,10 @@ class SQLiteStore(RecordStore):
             sql += " AND i.status = ?"
             args += (status,)
         row = self._conn().execute(sql, args).fetchone()
+        if gen is not None:
+            if len(self._tagged) >= TAGGED_CACHE_MAX:
+                self._tagged.clear()
+            self._tagged[key] = (gen, now, *row) if row else (gen, now, None, None)
         return _record(*row) if row else None
 
     def find_pull(self, system: str, itype: str, pulltag: str) -> Record | None:
@@ -386,7 +492,7 @@ class SQLiteStore(RecordStore):
     # -- pull claims -------------------------------------------------------------------
 
     def claim(self, key: str, owner: str, now: float, stale_after: float) -> bool:
-        with self._write() as conn:
+        with self._write(records=False) as conn:
             # One statement decides: insert if free, else take it only if it is ours or
             # stale. rowcount is 0 exactly when the conflict's WHERE refused the update.
             cur = conn.execute(
@@ -398,14 +504,14 @@ class SQLiteStore(RecordStore):
             return cur.rowcount == 1
 
     def refresh_claim(self, key: str, owner: str, now: float) -> bool:
-        with self._write() as conn:
+        with self._write(records=False) as conn:
             cur = conn.execute(
                 "UPDATE claims SET time = ? WHERE key = ? AND owner = ?", (now, key, owner)
             )
             return cur.rowcount == 1
 
     def release(self, key: str, owner: str) -> None:
-        with self._write() as conn:
+        with self._write(records=False) as conn:
             conn.execute("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
 
     def claims(self) -> list[Record]:
@@ -415,9 +521,6 @@ class SQLiteStore(RecordStore):
     # -- metrics -----------------------------------------------------------------------
 
     def add_metric(self, row: Mapping[str, Any]) -> None:
-        doc = dict(row)
-        system = doc.get("system") if isinstance(doc.get("system"), str) else None
-        when = doc.get("time") if isinstance(doc.get("time"), int | float) else None
         # One statement in autocommit mode, not BEGIN IMMEDIATE/INSERT/COMMIT: every
         # lookup writes a row, and between those three calls the thread holds the
         # database's write lock while it waits for the GIL (up to the 5 ms switch
@@ -425,9 +528,14 @@ class SQLiteStore(RecordStore):
         # handler, which sleeps 1, 2, 5, 10 ... ms. A lone INSERT takes and releases the
         # lock inside one sqlite3_step with the GIL released, and is just as atomic.
         self._conn().execute(
-            "INSERT INTO metrics (system, time, doc) VALUES (?, ?, ?)",
-            (system, when, _dumps(doc)),
+            "INSERT INTO metrics (system, time, doc) VALUES (?, ?, ?)", _metric_values(row)
         )
+
+    def add_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        values = [_metric_values(row) for row in rows]
+        if values:
+            with self._write(records=False) as conn:
+                conn.executemany("INSERT INTO metrics (system, time, doc) VALUES (?, ?, ?)", values)
 
     def trim_metrics(self, keep: int) -> int:
         # seq grows with insertion: the row ``keep`` places below the newest is the

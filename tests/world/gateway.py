@@ -46,13 +46,14 @@ class Gateway:
     def __init__(self, workdir: Path, *, munge_socket: str, registry: Any = None,
                  workers: int = 2, threads: int = 1, extra: dict[str, Any] | None = None,
                  admins: tuple[str, ...] = ("root",), host: str = "127.0.0.1",
-                 netns: str | None = None) -> None:
+                 netns: str | None = None, gunicorn_config: str | None = None) -> None:
         self.workdir = Path(workdir)
         self.host = host
         self.netns = netns
         self.munge_socket = munge_socket
         self.workers = workers
         self.threads = threads
+        self.gunicorn_config = gunicorn_config  # None: the service's own
         self.image_dir = self.workdir / "images"
         self.config_path = self.workdir / "imagemanager.json"
         self.log_path = self.workdir / "gateway.log"
@@ -108,7 +109,8 @@ class Gateway:
         self.proc = subprocess.Popen(
             [*wrap, sys.executable, "-m", "imagegw.service", "-c", str(self.config_path),
              "--bind", f"{self.host}:{self.port}", "--workers", str(self.workers),
-             "--threads", str(self.threads)],
+             "--threads", str(self.threads),
+             *(["--gunicorn-config", self.gunicorn_config] if self.gunicorn_config else [])],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
