@@ -41,7 +41,7 @@ TOP_KEYS = (
     "MongoDB", "StateDirectory", "CacheDirectory", "ExpandDirectory", "Metrics",
     "MetricsRetention", "Authentication", "ImportUsers", "examiner", "ConverterOptions",
     "ImagePlatform", "Locations", "Platforms", "AccessLog", "LayerCacheMaxSize",
-    "LayerCacheMaxAge",
+    "LayerCacheMaxAge", "StreamConversion",
 )  # fmt: skip
 LOCATION_KEYS = ("remotetype", "url", "sslcacert", "authMethod", "authentication")
 PLATFORM_KEYS = ("mungeSocketPath", "accesstype", "admins", "local", "host", "ssh")
@@ -104,6 +104,8 @@ class GatewayConfig:
     # None: import disabled; "all": everybody; else the user names allowed.
     import_users: str | tuple[str, ...] | None = None
     examiner: str | None = None
+    # False: always flatten to ExpandDirectory and run mksquashfs (imagegw.pipeline).
+    stream_conversion: bool = True
     access_log: str | None = None
     layer_cache_max_size: int | None = None
     layer_cache_max_age: float | None = None
@@ -367,6 +369,9 @@ def check_config(
     ):
         r.error(f"MetricsRetention must be a whole number of rows (or null), not {retention!r}")
         retention = DEFAULT_METRICS_RETENTION
+    stream = data.get("StreamConversion", True)
+    if not isinstance(stream, bool):
+        r.error(f"StreamConversion must be true or false, not {stream!r}")
     max_size = data.get("LayerCacheMaxSize")
     if max_size is not None:
         try:
@@ -396,6 +401,7 @@ def check_config(
         authentication=auth or "munge",
         import_users=_import_users(r),
         examiner=r.string("examiner", None) or None,
+        stream_conversion=stream is not False,
         access_log=r.string("AccessLog", None) or None,
         layer_cache_max_size=max_size,
         layer_cache_max_age=r.duration("LayerCacheMaxAge", None),

@@ -19,6 +19,9 @@ those our own in-memory model of the tree resolved inside the root. The model is
 what makes this fast: existence checks, symlink resolution and whiteout handling need
 no system calls, and directory descriptors are cached (and dropped when the directory
 is removed).
+
+The streaming conversion (imagegw.treeplan) subclasses ``_Flattener`` and replaces only
+its disk operations: the rules above are this module's code on both paths.
 """
 
 from __future__ import annotations
@@ -147,11 +150,15 @@ class _File:
 
 
 class _Link:
-    __slots__ = ("added", "target")
+    __slots__ = ("added", "target", "mtime", "ino")
 
-    def __init__(self, added: int, target: bytes) -> None:
+    def __init__(self, added: int, target: bytes, mtime: int = 0, ino: int = 0) -> None:
         self.added = added
         self.target = target
+        # Only the streaming path (imagegw.treeplan) uses these: the mtime in nanoseconds,
+        # and an inode number shared by hard links to one symlink.
+        self.mtime = mtime
+        self.ino = ino
 
 
 # ---------------------------------------------------------------------------------------
@@ -161,6 +168,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _FD_CACHE = 256  # open directory descriptors kept (the fd limit may be 1024)
 _MAX_SYMLINKS = 40  # as the kernel's ELOOP limit
+_NAME_MAX = 255  # bytes in one name: what Linux and squashfs directories hold
+_SYMLINK_MAX = 4095  # bytes in a symlink target (PATH_MAX less the NUL)
 _DEFAULT_DIR_MODE = 0o755
 
 
@@ -185,9 +194,14 @@ def _has_default_acl(fd: int) -> bool:
 
 
 class _Flattener:
+    """Applies members to the in-memory model and, through the methods that touch the
+    disk (``_mkdir``, ``_remove``, ``_write_file``, ``_symlink``, ``_link``, ``finish``),
+    to the tree under ``root``. With ``root=None`` nothing is opened: a subclass
+    (imagegw.treeplan) overrides those methods to build the model alone."""
+
     def __init__(
         self,
-        root: Path,
+        root: Path | None,
         warn: Callable[[str], None],
         progress: Callable[[int], None] | None,
     ) -> None:
@@ -204,9 +218,12 @@ class _Flattener:
         self._layer = 0
         self._digest = ""
         self._member_name: bytes | None = None
+        self._ordinal = 0  # members of the current layer handed to _apply so far
         self.dropped: list[str] = []
         self._dropped_paths: set[bytes] = set()  # archive paths of dropped members
         self.root = _Dir(None, b"", 0)
+        if root is None:
+            return
         self.root.fd = os.open(root, _DIR_FLAGS)
         try:
             if os.listdir(self.root.fd):
@@ -274,11 +291,13 @@ class _Flattener:
         self._layer = index
         self._digest = layer.digest
         self._member_name = None
+        self._ordinal = 0
         self._stream = stream
         reader = TarReader(stream, self._report if self._progress else None)
         try:
             for member in reader.members():
                 self._member_name = member.name
+                self._ordinal += 1
                 self._apply(member, reader)
                 self._member_name = None
             # Read past the end-of-archive marker to the end of the blob, so that the
@@ -326,6 +345,8 @@ class _Flattener:
                 self._remove(parent, base, existing)
             self._write_file(parent, base, m, reader)
         elif kind is SYMLINK:
+            if len(m.linkname) > _SYMLINK_MAX:
+                raise self._malformed(f"symlink target longer than {_SYMLINK_MAX} bytes")
             if existing is not None:
                 self._remove(parent, base, existing)
             self._symlink(parent, base, m)
@@ -344,7 +365,15 @@ class _Flattener:
         parts = [p for p in name.split(b"/") if p and p != b"."]
         if b".." in parts:
             raise self._unsafe("'..' in member name")
+        self._check_names(parts)
         return parts
+
+    def _check_names(self, parts: Sequence[bytes]) -> None:
+        # On disk such a name fails with ENAMETOOLONG; a squashfs writer reading a tar
+        # would store it and make a filesystem the kernel calls corrupt. Refused on both.
+        for part in parts:
+            if len(part) > _NAME_MAX:
+                raise self._malformed(f"a name in the path is longer than {_NAME_MAX} bytes")
 
     def _parent(self, parts: list[bytes]) -> _Dir:
         """The directory that will hold the member (created as needed, symlinks resolved)."""
@@ -382,6 +411,7 @@ class _Flattener:
             elif child is None:
                 if not create:
                     return None
+                self._check_names((name,))  # a directory made where a symlink points
                 d = self._mkdir(d, name)
             elif type(child) is _Link:
                 nxt = self._follow(d, child, create)
@@ -546,10 +576,18 @@ class _Flattener:
             if type(existing) is _Dir and _is_below(tdir, existing):
                 raise self._malformed("hard link target is inside the directory it replaces")
             self._remove(parent, name, existing)
+        self._link(tdir, tparts[-1], parent, name)
+        if type(target) is _File:
+            node: _File | _Link = _File(self._layer, target.size, target.fix, target.ino)
+        else:
+            node = _Link(self._layer, target.target, target.mtime, target.ino)
+        parent.children[name] = node
+
+    def _link(self, tdir: _Dir, tname: bytes, parent: _Dir, name: bytes) -> None:
         src_fd = os.dup(self._dirfd(tdir))  # the next _dirfd may evict tdir's descriptor
         try:
             os.link(
-                tparts[-1],
+                tname,
                 name,
                 src_dir_fd=src_fd,
                 dst_dir_fd=self._dirfd(parent),
@@ -557,11 +595,6 @@ class _Flattener:
             )
         finally:
             os.close(src_fd)
-        if type(target) is _File:
-            node: _File | _Link = _File(self._layer, target.size, target.fix, target.ino)
-        else:
-            node = _Link(self._layer, target.target)
-        parent.children[name] = node
 
     def _split_link(self, linkname: bytes) -> list[bytes]:
         if b"\0" in linkname:

@@ -5,10 +5,20 @@ PULLING (manifest, layers into the cache, flattening), EXAMINATION (the site's
 examiner, if any), CONVERSION (mksquashfs), TRANSFER (placing the files). Anything that
 fails raises an :class:`~imagegw.errors.ImageError` naming the image and the cause, and
 leaves no partial file in the image dir and no expanded tree behind.
+
+Two ways from layers to squashfs, same image (docs/design/pipeline.md):
+- **streaming** (the default): each layer's headers are read as soon as it is in the
+  cache (imagegw.treeplan), the final tree is worked out in memory, and the surviving
+  entries are streamed as one tar into ``tar2sqfs`` (imagegw.sqfstream). No tree on disk.
+- **on disk**: flatten into ``ExpandDirectory``, run the examiner, ``mksquashfs``. Used
+  when the site has an ``examiner`` (it needs a tree), when ``tar2sqfs`` is missing, or
+  when ``ConverterOptions.squashfs`` holds an option only mksquashfs takes, or when the
+  site sets ``StreamConversion: false``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -30,8 +40,12 @@ from .layercache import LayerCache
 from .meta import meta_from_config
 from .reference import ImageRef, parse_reference
 from .registry import Descriptor, RegistryClient, ResolvedImage
+from .sqfstream import stream_squashfs, stream_unavailable
 from .squashfs import SquashfsError, is_no_space, make_squashfs
 from .transfer import LocalTransfer, Transfer, TransferError, pid_alive
+from .treeplan import ScannedLayer, TreePlan, plan_tree, scan_layer
+
+log = logging.getLogger(__name__)
 
 StatusFn = Callable[[str, str], None]
 ProgressFn = Callable[[str, int, int], None]  # (layer digest, bytes done, layer size)
@@ -174,13 +188,18 @@ class Pipeline:
         layers: list[Descriptor],
         on_status: StatusFn,
         on_progress: ProgressFn | None,
+        scans: list[ScannedLayer] | None = None,
     ) -> tuple[list[LayerFile], int, int]:
-        """Bring every layer into the cache; returns (files, bytes downloaded, cache hits)."""
+        """Bring every layer into the cache; returns (files, bytes downloaded, cache hits).
+
+        With ``scans`` (an empty list), each layer's headers are also read, in the same
+        worker thread right after its download (so reading one layer overlaps fetching
+        the others), and the list is filled in layer order."""
         downloaded = 0
         hits = 0
         lock = threading.Lock()
 
-        def one(desc: Descriptor) -> Path:
+        def one(desc: Descriptor) -> tuple[Path, ScannedLayer | None]:
             nonlocal downloaded, hits
             done = 0
 
@@ -209,7 +228,7 @@ class Pipeline:
                     downloaded += desc.size
                 else:
                     hits += 1
-            return path
+            return path, (scan_layer(path) if scans is not None else None)
 
         self.config.cache_dir.mkdir(parents=True, exist_ok=True)
         if on_progress:
@@ -218,9 +237,59 @@ class Pipeline:
                 cached = self.cache.has(desc.digest, desc.size)
                 on_progress(desc.digest, desc.size if cached else 0, desc.size)
         with ThreadPoolExecutor(max_workers=min(DOWNLOAD_THREADS, max(1, len(layers)))) as pool:
-            paths = list(pool.map(one, layers))
-        files = [LayerFile(path=p, digest=d.digest) for p, d in zip(paths, layers, strict=True)]
+            done = list(pool.map(one, layers))
+        files = [LayerFile(path=p, digest=d.digest) for (p, _), d in zip(done, layers, strict=True)]
+        if scans is not None:
+            scans[:] = [scanned for _, scanned in done if scanned is not None]
         return files, downloaded, hits
+
+    def streaming_unavailable(self) -> str | None:
+        """Why this configuration needs the on-disk path (None: it can stream)."""
+        if not self.config.stream_conversion:
+            return "StreamConversion is false"
+        if self.config.examiner:
+            return "an examiner is configured (it runs on an expanded tree)"
+        return stream_unavailable(self.config.converter_options.get("squashfs"))
+
+    def plan(
+        self,
+        text: str,
+        layers: list[LayerFile],
+        scans: list[ScannedLayer],
+        warn: Callable[[str], None],
+    ) -> TreePlan:
+        """The final tree from the scanned headers; bad layers raise LayerError."""
+        try:
+            return plan_tree(layers, scans, warn=warn)
+        except MalformedLayerError as exc:
+            raise LayerError(text, f"malformed layer: {exc}") from exc
+        except UnsafeLayerError as exc:
+            raise LayerError(text, f"unsafe layer refused: {exc}") from exc
+
+    def convert_streaming(
+        self, text: str, plan: TreePlan, layers: list[LayerFile], image_id: str
+    ) -> Path:
+        """Stream the planned tree into tar2sqfs, into a partial file; returns its path."""
+        fmt = self.config.default_format
+        if fmt != "squashfs":
+            raise ConversionError(text, f"image format '{fmt}' is not supported (use squashfs)")
+        tmp = self.transfer.staging(f"{image_id}.squashfs")
+        try:
+            stream_squashfs(plan, layers, tmp, self.config.converter_options.get("squashfs"))
+        except SquashfsError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.no_space:
+                raise NoSpaceError(
+                    text, f"no space left in the image dir {self.image_dir} for the squashfs"
+                ) from exc
+            raise ConversionError(text, str(exc)) from exc
+        except MalformedLayerError as exc:
+            tmp.unlink(missing_ok=True)
+            raise LayerError(text, f"malformed layer: {exc}") from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
 
     def expand(self, text: str, layers: list[LayerFile], root: Path, warn: Callable[[str], None]):
         try:
@@ -339,20 +408,33 @@ class Pipeline:
                 reused=True,
                 warnings=warnings,
             )
+        on_disk = self.streaming_unavailable()
+        if on_disk:
+            log.info("converting on disk: %s image=%s", on_disk, text)
+        scans: list[ScannedLayer] | None = None if on_disk else []
         layers, downloaded, hits = self.fetch_layers(
-            text, client, ref.repository, resolved.layers, status, on_progress
+            text, client, ref.repository, resolved.layers, status, on_progress, scans
         )
-        self.config.expand_dir.mkdir(parents=True, exist_ok=True)
-        root = Path(tempfile.mkdtemp(prefix=expand_prefix(image_id), dir=self.config.expand_dir))
+        root: Path | None = None
         tmp_sqfs: Path | None = None
         try:
-            status("PULLING", "Expanding layers")
-            result = self.expand(text, layers, root, warnings.append)
-            status("EXAMINATION", "Examining image")
-            self.examine(text, root, image_id)
-            status("CONVERSION", "Converting to squashfs")
-            tmp_sqfs = self.convert(text, root, image_id, result.mode_fixes)
-            _remove_tree(root)
+            if scans is not None:
+                status("PULLING", "Working out the final tree from the layer headers")
+                plan = self.plan(text, layers, scans, warnings.append)
+                status("CONVERSION", "Streaming the layers into squashfs")
+                tmp_sqfs = self.convert_streaming(text, plan, layers, image_id)
+            else:
+                self.config.expand_dir.mkdir(parents=True, exist_ok=True)
+                root = Path(
+                    tempfile.mkdtemp(prefix=expand_prefix(image_id), dir=self.config.expand_dir)
+                )
+                status("PULLING", "Expanding layers")
+                result = self.expand(text, layers, root, warnings.append)
+                status("EXAMINATION", "Examining image")
+                self.examine(text, root, image_id)
+                status("CONVERSION", "Converting to squashfs")
+                tmp_sqfs = self.convert(text, root, image_id, result.mode_fixes)
+                _remove_tree(root)
             status("TRANSFER", "Placing image")
             try:
                 self.transfer.commit(tmp_sqfs, sqfs.name, 0o644)
@@ -367,7 +449,7 @@ class Pipeline:
         finally:
             if tmp_sqfs is not None:
                 tmp_sqfs.unlink(missing_ok=True)
-            if root.exists():
+            if root is not None and root.exists():
                 _remove_tree(root)
         return PullResult(
             image_id,

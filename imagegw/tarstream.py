@@ -148,6 +148,21 @@ class TarReader:
             self._skip(self.left + (-member.size % 512))
             self.left = 0
 
+    def next_member(self, pax_global: dict[bytes, bytes]) -> Member | None:
+        """The next member, for callers that walk the archive themselves: after it they
+        call :meth:`skip_data` (or consume ``left`` bytes), then :meth:`skip_padding`.
+        ``pax_global`` carries global pax headers from one call to the next."""
+        return self._next_member(pax_global)
+
+    def skip_data(self) -> None:
+        """Skip the unread data bytes of the current member."""
+        self._skip(self.left)
+        self.left = 0
+
+    def skip_padding(self, member: Member) -> None:
+        """Skip the zero padding after ``member``'s data (all of it read or skipped)."""
+        self._skip(-member.size % 512)
+
     def _header(self) -> bytes | None:
         hdr = self._read(512)
         if not hdr or hdr == _ZERO_BLOCK:

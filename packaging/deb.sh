@@ -61,7 +61,7 @@ build() {
 root=$WORK/gateway
 stage gateway "$root" "$SLURM_PREFIX" /lib/systemd/system
 control shifter-gateway \
-    "libc6 (>= $LIBC), python3 (>= $PYVER), python3 (<< $PYNEXT), libmunge2, munge, squashfs-tools, adduser" \
+    "libc6 (>= $LIBC), python3 (>= $PYVER), python3 (<< $PYNEXT), libmunge2, munge, squashfs-tools, squashfs-tools-ng, adduser" \
     "openssh-client" \
     "Shifter image gateway (shifter-imagegw) with its own Python environment" \
     "Pulls registry images and converts them to squashfs for the nodes. Python environment" \

@@ -1,5 +1,11 @@
 """Layer flattening (imagegw.flatten) and layer decompression (imagegw.layerio).
 
+Every test taking the ``world`` fixture runs twice: against the on-disk path (flatten into
+a directory, as mksquashfs then reads it) and against the streaming path (imagegw.treeplan
++ imagegw.sqfstream: the tree worked out from the headers and streamed into tar2sqfs; the
+squashfs is then unpacked with unsquashfs into the same root, so the same assertions read
+what the image holds). Tests of the on-disk path's own mechanics take ``disk_world``.
+
 Layers are built here with Python's tarfile. The attack tests check that nothing outside
 the root is created or changed: the test's own directory is snapshotted around the call,
 and host paths that an escape would hit carry a random name and must not appear.
@@ -28,7 +34,7 @@ import pytest
 import zstandard
 
 from imagegw import flatten as flatten_mod
-from imagegw import layerio, tarstream
+from imagegw import layerio, sqfstream, tarstream
 from imagegw.flatten import (
     FlattenResult,
     LayerFile,
@@ -113,9 +119,12 @@ def compress(data: bytes, compression: str) -> bytes:
 
 
 class World:
-    """A test directory: layers/ holds blobs, sandbox/root is the flatten root."""
+    """A test directory: layers/ holds blobs, sandbox/root is the flatten root.
+    ``path`` is "disk" (imagegw.flatten) or "stream" (imagegw.sqfstream, unsquashed into
+    the root afterwards; the squashfs itself is written in layers/)."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, path: str = "disk") -> None:
+        self.path = path
         self.base = base
         self.layers = base / "layers"
         self.layers.mkdir()
@@ -138,7 +147,13 @@ class World:
         self, *layers: Layer | LayerFile, compression: str = "gzip", **kw: Any
     ) -> FlattenResult:
         files = [x if isinstance(x, LayerFile) else self.blob(x, compression) for x in layers]
-        return flatten(files, self.root, warn=self.warnings.append, **kw)
+        if self.path == "disk":
+            return flatten(files, self.root, warn=self.warnings.append, **kw)
+        self.count += 1
+        image = self.layers / f"image{self.count}.squashfs"
+        result = sqfstream.build(files, image, warn=self.warnings.append, **kw)
+        unsquash(image, self.root)
+        return result
 
     def snapshot(self) -> dict[str, tuple[int, int, int, int]]:
         """Everything under the test directory except the root, with inode facts."""
@@ -159,9 +174,24 @@ class World:
         return out
 
 
+def unsquash(image: Path, root: Path) -> None:
+    """Unpack a squashfs into the (empty) root, modes, times and hard links included."""
+    proc = subprocess.run(
+        ["unsquashfs", "-f", "-n", "-no-xattrs", "-d", str(root), str(image)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(params=["disk", "stream"])
+def world(tmp_path: Path, request: pytest.FixtureRequest) -> World:
+    return World(tmp_path, request.param)
+
+
 @pytest.fixture
-def world(tmp_path: Path) -> World:
-    return World(tmp_path)
+def disk_world(tmp_path: Path) -> World:
+    return World(tmp_path, "disk")
 
 
 @pytest.fixture
@@ -253,10 +283,10 @@ def test_special_bits_kept(world: World) -> None:
     assert t["tmp"] == ("d", 0o1777) and t["shared"] == ("d", 0o2775)
 
 
-def test_not_empty_root_refused(world: World) -> None:
-    (world.root / "junk").write_text("x")
+def test_not_empty_root_refused(disk_world: World) -> None:
+    (disk_world.root / "junk").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
-        world.flatten(Layer().file("a"))
+        disk_world.flatten(Layer().file("a"))
 
 
 def test_empty_layer_list_gives_empty_root(world: World) -> None:
@@ -605,27 +635,27 @@ def test_path_through_file_is_malformed(world: World) -> None:
         world.flatten(Layer().file("a", b"x").file("a/b"))
 
 
-def test_host_symlink_planted_in_root_is_not_followed(world: World, outside: str) -> None:
+def test_host_symlink_planted_in_root_is_not_followed(disk_world: World, outside: str) -> None:
     # Safety must not depend on the model matching the disk: if something swaps a
     # directory for a symlink behind our back, O_NOFOLLOW refuses to go through it.
     os.mkdir(outside)
     try:
-        lf1 = world.blob(Layer().dir("d").file("d/a"))
-        lf2 = world.blob(Layer().file("d/b", b"b"))
+        lf1 = disk_world.blob(Layer().dir("d").file("d/a"))
+        lf2 = disk_world.blob(Layer().file("d/b", b"b"))
         orig = flatten_mod._Flattener.apply_layer
 
         def swap(self: Any, index: int, layer: LayerFile, stream: Any) -> None:
             if index == 2:
                 for d in list(self._lru):  # drop cached descriptors, then swap on disk
                     self._drop_fd(d)
-                shutil.rmtree(world.root / "d")
-                os.symlink(outside, world.root / "d")
+                shutil.rmtree(disk_world.root / "d")
+                os.symlink(outside, disk_world.root / "d")
             orig(self, index, layer, stream)
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(flatten_mod._Flattener, "apply_layer", swap)
             with pytest.raises(OSError) as info:
-                flatten([lf1, lf2], world.root)
+                flatten([lf1, lf2], disk_world.root)
         assert info.value.errno in (errno.ELOOP, errno.ENOTDIR)
         assert os.listdir(outside) == []
     finally:
@@ -659,18 +689,18 @@ def test_hardlink_to_dropped_device_is_dropped_too(world: World) -> None:
     assert os.listdir(world.root / "dev") == []
 
 
-def test_modes_exact_under_a_default_acl(world: World) -> None:
+def test_modes_exact_under_a_default_acl(disk_world: World) -> None:
     # A default ACL replaces the umask: u::rwx,g::r-x,o::--- (the kernel's xattr format,
     # as setfacl -d writes it) would turn a 0604 file into 0600 if we relied on the umask.
     acl = struct.pack("<I", 2) + b"".join(
         struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in ((1, 7), (4, 5), (0x20, 0))
     )
     try:
-        os.setxattr(world.root, "system.posix_acl_default", acl)
+        os.setxattr(disk_world.root, "system.posix_acl_default", acl)
     except OSError:
         pytest.fail("no POSIX ACLs on the test filesystem: the default-ACL case cannot be checked")
-    world.flatten(Layer().file("a", b"a", 0o640).file("d/b", b"b", 0o604).dir("e", 0o751))
-    modes = _disk_modes(world.root)
+    disk_world.flatten(Layer().file("a", b"a", 0o640).file("d/b", b"b", 0o604).dir("e", 0o751))
+    modes = _disk_modes(disk_world.root)
     assert (modes["a"], modes["d/b"], modes["e"]) == (0o640, 0o604, 0o751)
 
 
@@ -909,13 +939,15 @@ def test_truncated_plain_tar(world: World) -> None:
     assert "member 'big'" in str(info.value)
 
 
-def test_write_errors_propagate_with_errno(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_write_errors_propagate_with_errno(
+    disk_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def full(fd: int, data: memoryview) -> None:
         raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
 
     monkeypatch.setattr(tarstream, "_write_all", full)
     with pytest.raises(OSError) as info:
-        world.flatten(Layer().file("a", b"data"))
+        disk_world.flatten(Layer().file("a", b"data"))
     assert info.value.errno == errno.EDQUOT
     assert not isinstance(info.value, UnsafeLayerError)
 
@@ -941,10 +973,10 @@ def test_enospc_on_a_small_filesystem(tmp_path: Path) -> None:
         subprocess.run(["umount", str(small)], check=True)
 
 
-def test_progress_reports_compressed_bytes(world: World) -> None:
+def test_progress_reports_compressed_bytes(disk_world: World) -> None:
     seen: list[int] = []
-    layers = [world.blob(Layer().file(f"f{i}", os.urandom(300_000)), "gzip") for i in range(3)]
-    world.flatten(*layers, progress=seen.append)
+    layers = [disk_world.blob(Layer().file(f"f{i}", os.urandom(300_000)), "gzip") for i in range(3)]
+    disk_world.flatten(*layers, progress=seen.append)
     total = sum(lf.path.stat().st_size for lf in layers)
     assert seen == sorted(seen) and seen[-1] == total
 
@@ -952,7 +984,7 @@ def test_progress_reports_compressed_bytes(world: World) -> None:
 def test_error_message_names_layer_and_member(world: World) -> None:
     lf = world.blob(Layer().file("ok").file("../etc/shadow", b"x"))
     with pytest.raises(UnsafeLayerError) as info:
-        flatten([lf], world.root)
+        world.flatten(lf)
     assert str(info.value) == (f"layer {lf.digest}: member '../etc/shadow': '..' in member name")
     assert info.value.layer == lf.digest and info.value.member == "../etc/shadow"
 
@@ -1001,3 +1033,30 @@ def test_open_layer_closed_early_stops_worker(tmp_path: Path) -> None:
     stream.close()
     assert stream.closed
     assert not stream._source._thread.is_alive()  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------
+# names longer than a filesystem holds
+
+
+@pytest.mark.parametrize(
+    "layer, reason",
+    [
+        (Layer().file("d/" + "n" * 256, b"x"), "longer than 255 bytes"),
+        (Layer().symlink("l", "t/" + "n" * 256).file("l/f", b"x"), "longer than 255 bytes"),
+        (Layer().symlink("l", "t" * 4096), "longer than 4095 bytes"),
+    ],
+    ids=["member", "through-symlink", "symlink-target"],
+)
+def test_overlong_names_refused(world: World, layer: Layer, reason: str) -> None:
+    # Written to disk these fail with ENAMETOOLONG; streamed, tar2sqfs would store them
+    # and make a squashfs that unsquashfs and the kernel call corrupt.
+    with pytest.raises(MalformedLayerError, match=reason):
+        world.flatten(layer)
+
+
+def test_longest_names_accepted(world: World) -> None:
+    name = "n" * 255
+    world.flatten(Layer().file(f"d/{name}", b"x").symlink("l", "t" * 4095))
+    assert (world.root / "d" / name).read_bytes() == b"x"
+    assert os.readlink(world.root / "l") == "t" * 4095

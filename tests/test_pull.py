@@ -1,8 +1,10 @@
 """The whole pipeline against a real registry: registry image in, squashfs + .meta out.
 
 Correctness is checked against an independent implementation (skopeo + umoci) and the
-catalogue's own expectations; bad input must give a clear error naming the image and the
-cause, and leave no partial image, no expanded tree and no unverified cache entry.
+catalogue's own expectations, for both ways to a squashfs (``both_sites``: the default
+streaming conversion and the on-disk fallback, ``StreamConversion: false``); bad input
+must give a clear error naming the image and the cause, and leave no partial image, no
+expanded tree and no unverified cache entry.
 """
 
 from __future__ import annotations
@@ -80,6 +82,14 @@ def site(tmp_path: Path) -> Site:
     return Site(tmp_path)
 
 
+@pytest.fixture(params=["stream", "disk"])
+def both_sites(tmp_path: Path, request: pytest.FixtureRequest) -> Site:
+    """A site converting by streaming (the default), then one flattening to disk."""
+    if request.param == "disk":
+        return Site(tmp_path, StreamConversion=False)
+    return Site(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def images(registry, tmp_path_factory) -> dict[str, catalog.CatalogImage]:
     work = tmp_path_factory.mktemp("catalog")
@@ -103,9 +113,9 @@ def _umoci_images() -> list[str]:
 
 
 @pytest.mark.parametrize("name", _umoci_images())
-def test_squashfs_tree_equals_umoci_reference(name, images, site, registry, tmp_path):
+def test_squashfs_tree_equals_umoci_reference(name, images, both_sites, registry, tmp_path):
     img = images[name]
-    result = site.pull(img.ref())
+    result = both_sites.pull(img.ref())
     with mounted_squashfs(result.squashfs) as mnt:
         ours = tree_manifest(mnt)
         assert img.check_tree(mnt) == []
@@ -126,26 +136,40 @@ def test_squashfs_tree_equals_umoci_reference(name, images, site, registry, tmp_
         "devices",
     ],
 )
-def test_squashfs_tree_meets_the_catalogue_expectations(name, images, site, tmp_path):
+def test_squashfs_tree_meets_the_catalogue_expectations(name, images, both_sites, tmp_path):
     aliases = {
         "symlink-abs": "hostile-symlink-abs-escape",
         "chardev": "hostile-chardev",
         "devices": "hostile-devices",
     }
     img = images[aliases.get(name, name)]
-    result = site.pull(img.ref())
+    result = both_sites.pull(img.ref())
     with mounted_squashfs(result.squashfs) as mnt:
         assert img.check_tree(mnt) == []
 
 
-def test_zstd_and_mixed_layers_give_the_same_tree_as_their_gzip_twin(images, site):
-    gzip_tree = squashfs_tree(site.pull(images["flatten-docker-gzip"].ref()).squashfs)
+def test_zstd_and_mixed_layers_give_the_same_tree_as_their_gzip_twin(images, both_sites):
+    gzip_tree = squashfs_tree(both_sites.pull(images["flatten-docker-gzip"].ref()).squashfs)
     for name in ("flatten-oci-zstd", "flatten-oci-mixed"):
-        assert diff_trees(squashfs_tree(site.pull(images[name].ref()).squashfs), gzip_tree) == []
+        assert (
+            diff_trees(squashfs_tree(both_sites.pull(images[name].ref()).squashfs), gzip_tree) == []
+        )
 
 
-def test_no_xattr_or_file_capability_reaches_the_image(images, site):
-    tree = squashfs_tree(site.pull(images["xattrs"].ref()).squashfs, xattrs=True)
+@pytest.mark.parametrize("options, codec", [(None, "zstd"), ("-comp gzip", "gzip")])
+def test_default_codec_and_the_switch_back_to_gzip(images, tmp_path, options, codec):
+    # zstd by default on both paths; "-comp gzip" is the admin guide's switch for nodes
+    # whose kernels cannot mount zstd squashfs.
+    for streaming in (True, False):
+        extra = {"ConverterOptions": {"squashfs": options}} if options else {}
+        site = Site(tmp_path / f"{codec}-{streaming}", StreamConversion=streaming, **extra)
+        image = site.pull(images["basic"].ref()).squashfs
+        stat = subprocess.run(["unsquashfs", "-s", str(image)], capture_output=True, text=True)
+        assert f"Compression {codec}" in stat.stdout, stat.stdout
+
+
+def test_no_xattr_or_file_capability_reaches_the_image(images, both_sites):
+    tree = squashfs_tree(both_sites.pull(images["xattrs"].ref()).squashfs, xattrs=True)
     carrying = {path: e.xattrs for path, e in tree.items() if e.xattrs}
     assert carrying == {}
 
@@ -280,15 +304,15 @@ def _pull_fails(site: Site, ref: str, error: type[Exception], *words: str, **kwa
         ("hardlink-escape", ["passwd", "unsafe layer"]),
     ],
 )
-def test_hostile_layers_are_refused_and_nothing_escapes(kind, words, images, site):
+def test_hostile_layers_are_refused_and_nothing_escapes(kind, words, images, both_sites):
     img = images[f"hostile-{kind}"]
     assert img.hostile is not None
     # The tree is flattened in a fresh dir directly under ExpandDirectory: a stand-in at
     # the same depth says where a naive extractor's escapes would land.
-    same_depth = site.expand / "root"
+    same_depth = both_sites.expand / "root"
     made = img.hostile.prepare(same_depth)
     try:
-        _pull_fails(site, img.ref(), LayerError, *words)
+        _pull_fails(both_sites, img.ref(), LayerError, *words)
         escaped = [p for p in img.hostile.must_not_exist(same_depth) if os.path.lexists(p)]
         assert escaped == []
     finally:
@@ -296,16 +320,16 @@ def test_hostile_layers_are_refused_and_nothing_escapes(kind, words, images, sit
             path.rmdir()
 
 
-def test_absolute_symlink_write_lands_inside_the_image(images, site):
+def test_absolute_symlink_write_lands_inside_the_image(images, both_sites):
     img = images["hostile-symlink-abs-escape"]
-    result = site.pull(img.ref())
+    result = both_sites.pull(img.ref())
     with mounted_squashfs(result.squashfs) as mnt:
         assert (mnt / "tmp/outside/pwned").read_text() == "pwned\n"
     assert not Path("/tmp/outside/pwned").exists()
 
 
-def test_device_nodes_are_dropped_with_a_warning(images, site):
-    result = site.pull(images["hostile-devices"].ref())
+def test_device_nodes_are_dropped_with_a_warning(images, both_sites):
+    result = both_sites.pull(images["hostile-devices"].ref())
     assert any("dev/evil-sda" in w for w in result.warnings)
     with mounted_squashfs(result.squashfs) as mnt:
         assert not (mnt / "dev/evil-sda").exists() and not (mnt / "dev/evil-fifo").exists()
@@ -414,9 +438,45 @@ def small_fs(tmp_path):
 
 
 def test_expand_dir_running_out_of_space(images, tmp_path, small_fs):
-    site = Site(tmp_path, expand=small_fs / "expand")
+    site = Site(tmp_path, expand=small_fs / "expand", StreamConversion=False)
     _pull_fails(site, images["big-file"].ref(), NoSpaceError, "ExpandDirectory")
     assert list((small_fs / "expand").iterdir()) == []
+
+
+def test_streaming_never_writes_the_tree_to_disk(images, tmp_path, small_fs):
+    # The image is larger than this whole filesystem: had its tree been expanded in
+    # ExpandDirectory, the pull would fail as in the test above.
+    site = Site(tmp_path, expand=small_fs / "expand")
+    result = site.pull(images["big-file"].ref())
+    with mounted_squashfs(result.squashfs) as mnt:
+        assert images["big-file"].check_tree(mnt) == []
+    expand = small_fs / "expand"
+    assert not expand.exists() or list(expand.iterdir()) == []
+
+
+def test_an_examiner_gets_a_tree_on_disk(images, tmp_path):
+    # The examiner needs a tree: a site that has one is converted the on-disk way.
+    seen = tmp_path / "seen"
+    examiner = tmp_path / "examiner"
+    examiner.write_text(f'#!/bin/sh\nls "$1" > {seen}\n')
+    examiner.chmod(0o755)
+    site = Site(tmp_path, examiner=str(examiner))
+    assert site.pipeline().streaming_unavailable() is not None
+    site.pull(images["basic"].ref())
+    assert seen.read_text().split(), "the examiner saw an empty tree"
+    assert list(site.expand.iterdir()) == [], "the expanded tree was left behind"
+
+
+def test_streaming_is_chosen_only_where_it_can_build_the_image(tmp_path, monkeypatch):
+    from imagegw import sqfstream
+
+    assert Site(tmp_path).pipeline().streaming_unavailable() is None
+    opts = {"squashfs": "-comp zstd -Xcompression-level 3 -b 256K -no-xattrs"}
+    assert Site(tmp_path, ConverterOptions=opts).pipeline().streaming_unavailable() is None
+    pf = Site(tmp_path, ConverterOptions={"squashfs": "-pf /etc/pseudo"}).pipeline()
+    assert "-pf" in (pf.streaming_unavailable() or "")
+    monkeypatch.setattr(sqfstream, "TAR2SQFS", "tar2sqfs-not-installed")
+    assert "squashfs-tools-ng" in (Site(tmp_path).pipeline().streaming_unavailable() or "")
 
 
 def test_image_dir_running_out_of_space(images, tmp_path, small_fs):
@@ -476,7 +536,7 @@ def test_convert_command_error_is_one_clear_line(images, tmp_path):
     assert out.stdout == ""
 
 
-def test_layer_that_is_not_a_tar(registry, site, tmp_path):
+def test_layer_that_is_not_a_tar(registry, both_sites, tmp_path):
     from world.imagebuild import BuiltLayer
 
     # A blob whose digest is right but whose bytes are a broken gzip stream.
@@ -492,4 +552,6 @@ def test_layer_that_is_not_a_tar(registry, site, tmp_path):
         compression="gzip",
     )
     push_image(registry, "bad/notatar", "v1", [layer], {"Cmd": ["/x"]})
-    _pull_fails(site, f"{registry.host}/bad/notatar:v1", LayerError, "malformed layer", digest)
+    _pull_fails(
+        both_sites, f"{registry.host}/bad/notatar:v1", LayerError, "malformed layer", digest
+    )

@@ -36,7 +36,7 @@ def site(test_users, tmp_path_factory):
     base = reachable_temp_dir(tmp_path_factory, "runtime")
     site = RuntimeSite.create(base / "site")
     yield site
-    assert site.our_mounts() == [] and site.our_loops() == []
+    site.assert_nothing_left()
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_front_end_etc_files_are_the_callers_own(site, image):
         assert (res.returncode, res.stdout.split()) == (0, ["0", "1"]), res.stderr
     finally:
         site.write_conf()
-    assert site.our_mounts() == [] and site.our_loops() == []
+    site.assert_nothing_left()
 
 
 def test_confinement_inside_the_container(site, image):
@@ -485,7 +485,7 @@ def test_setup_root_then_shifter_reuses_it_then_unsetup(site, image):
     finally:
         done = site.root_tool("unsetupRoot")
     assert done.returncode == 0, done.stderr
-    assert site.our_mounts() == [] and site.our_loops() == []
+    site.assert_nothing_left()
 
 
 def test_setup_root_dash_capital_v_is_shifters_verbose(site, image):
@@ -503,7 +503,7 @@ def test_setup_root_dash_capital_v_is_shifters_verbose(site, image):
     finally:
         done = site.root_tool("unsetupRoot", "-V")
     assert done.returncode == 0, done.stderr
-    assert site.our_mounts() == [] and site.our_loops() == []
+    site.assert_nothing_left()
 
 
 def test_setup_root_failure_leaves_nothing(site, image):
@@ -511,7 +511,7 @@ def test_setup_root_failure_leaves_nothing(site, image):
                          "-v", "/nonexistent-source:/data", "id", image)
     # the user's volume: status 2 (the prolog fails the job and keeps the node)
     assert res.returncode == 2 and "/nonexistent-source" in res.stderr
-    assert site.our_mounts() == [] and site.our_loops() == []
+    site.assert_nothing_left()
 
 
 def test_setup_root_is_for_root_only(site, image):
@@ -659,4 +659,4 @@ def test_site_and_module_root_hooks(site, image):
     assert res.stdout.split() == ["0", "0", str(site.udi_mount)]
     res = site.shifter(ALICE, f"--image=id:{image}", "--module=broken", "true")
     assert res.returncode == 1 and "broken" in res.stderr, res.stderr
-    assert site.our_mounts() == [] and site.our_loops() == []
+    site.assert_nothing_left()

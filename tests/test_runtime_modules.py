@@ -43,11 +43,10 @@ def clean_conf(site) -> Iterator[None]:
     site.write_conf()
     yield
     site.write_conf()
-    mounts, loops = site.our_mounts(), site.our_loops()
-    if mounts:  # fail, but do not leave the machine with our mounts for the next run
+    if site.our_mounts():  # fail, but do not leave the machine with our mounts for the next run
         site.root_tool("unsetupRoot")
-    assert mounts == [], "a mount of ours is left in the root namespace"
-    assert loops == [], "a loop device of ours is left"
+        pytest.fail("a mount of ours is left in the root namespace")
+    site.assert_nothing_left()
     assert host_mounts_under(site.base) == [], "a host mount made by the test is left"
 
 
@@ -132,7 +131,7 @@ def prepared(site: RuntimeSite, image: str, *args: str) -> Iterator[dict]:
     finally:
         done = site.root_tool("unsetupRoot")
         assert done.returncode == 0, done.stderr
-        assert site.our_mounts() == [] and site.our_loops() == []
+        site.assert_nothing_left()
 
 
 def env_of(stdout: str) -> dict[str, str]:
@@ -556,7 +555,8 @@ def test_missing_copy_path_fails_before_anything_is_built(site, image):
     uid, gid = ids(ALICE)
     res = site.root_tool("setupRoot", "-U", uid, "-G", gid, "-u", ALICE, "id", image)
     assert res.returncode == 1 and "Failed to setup module gone" in res.stderr, res.stderr
-    assert site.our_mounts() == [] and site.our_loops() == [] and not marker.exists()
+    site.assert_nothing_left()
+    assert not marker.exists()
     # The user can opt out of the broken default module.
     res = site.shifter(ALICE, f"--image=id:{image}", "--module=none", "echo", "RAN")
     assert (res.returncode, res.stdout) == (0, "RAN\n"), res.stderr
@@ -597,5 +597,5 @@ def test_failing_roothook_fails_the_launch_and_setup_root(site, image):
                          "id", image)
     assert res.returncode == 1 and res.stderr.splitlines()[-1] == expected, res.stderr
     # setupRoot mounts in the root namespace: it must have taken all of it down again.
-    assert site.our_mounts() == [] and site.our_loops() == []
+    site.assert_nothing_left()
     assert not (site.udi_mount / "var").exists()

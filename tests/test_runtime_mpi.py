@@ -227,7 +227,7 @@ def test_userhook_refuses_an_image_with_another_mpi_abi(site, openmpi_image, pla
             "/usr/lib/x86_64-linux-gnu/libmpi.so.40, the module provides libmpi.so.12") \
         in res.stderr
     assert "--module=none" in res.stderr
-    assert site.our_mounts() == [] and site.our_loops() == []
+    site.assert_nothing_left()
     # The user's way out, and an image without any MPI is not refused.
     res = site.shifter(ALICE, f"--image=id:{openmpi_image}", "--module=none", "echo", "ran")
     assert (res.returncode, res.stdout) == (0, "ran\n"), res.stderr
@@ -241,4 +241,4 @@ def test_missing_module_copy_path_is_a_clear_error(site, mpi_image, module_dir):
     res = site.shifter(ALICE, f"--image=id:{mpi_image}", "true")
     assert res.returncode == 1
     assert "copyPath" in res.stderr and "no-such-module" in res.stderr
-    assert site.our_mounts() == [] and site.our_loops() == []
+    site.assert_nothing_left()

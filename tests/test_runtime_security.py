@@ -81,7 +81,7 @@ def clean(site):
     site.write_conf()
     yield
     site.write_conf()
-    assert site.our_mounts() == [] and site.our_loops() == []
+    site.assert_nothing_left()
 
 
 def owned_dir(site: RuntimeSite, user: str, name: str, mode: int) -> Path:
@@ -293,7 +293,7 @@ def test_failed_setups_leave_no_mount_or_loop_device(site, image):
         res = helper(site, ALICE, "run", "--image-id", image, option, value, "--", "/bin/true")
         assert res.returncode == 1 and res.stderr.strip(), (option, value)
         assert time.monotonic() - before < 30
-        assert site.our_mounts() == [] and site.our_loops() == []
+        site.assert_nothing_left()
 
 
 # -- issue 10: teardown, /proc, perNodeCache totals, root's children, --local, groups ------
@@ -461,7 +461,7 @@ def test_per_node_caches_have_a_total_per_launch(site, image):
         assert "Invalid mount request" in res.stderr and "perNodeCacheTotalSizeLimit" in \
             res.stderr and "125829120" in res.stderr and "104857600" in res.stderr, res.stderr
         assert "mkfs" not in res.stderr
-        assert site.our_mounts() == [] and site.our_loops() == []
+        site.assert_nothing_left()
     # The front end refuses on its own, before it would exec any helper.
     res = site.shifter(ALICE, f"--image=id:{image}", f"--volume={vols}", "true",
                        env={"SHIFTER_HELPER": "/nonexistent/helper"})
@@ -626,7 +626,7 @@ def test_a_hard_limit_root_cannot_raise_is_named(site, image):
     else:
         assert res.returncode == 1, res
         assert "Cannot create a perNodeCache of 67108864 bytes" in res.stderr, res.stderr
-    assert site.our_mounts() == [] and site.our_loops() == []
+    site.assert_nothing_left()
 
 
 LOCAL_ROOT_FILES = {"etc/passwd": "root:x:0:0:root:/root:/bin/sh\n"}
