@@ -15,7 +15,6 @@ import pwd
 import shutil
 import stat
 import subprocess
-import time
 
 import pytest
 from world.gpuhost import PROBE_C, FakeGpuHost, program_tree, shared_library
@@ -56,11 +55,6 @@ def gpu_conf(site, host):
     site.write_conf(**host.conf())
     yield
     site.write_conf()
-    # A task's private namespace holds a copy of a prepared container's mounts; the kernel
-    # drops them (and frees the autoclear loop device) shortly after the task has gone.
-    deadline = time.monotonic() + 5
-    while site.our_loops() and time.monotonic() < deadline:
-        time.sleep(0.1)
     site.assert_nothing_left()
 
 
