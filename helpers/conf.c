@@ -43,7 +43,7 @@ const char *const conf_optional_keys[] = {
     "siteResources", "imageGateway", "batchType", "system", "defaultImageType",
     "defaultModules", "gpuLibraries", "gpuBinaries", "gpuBinaryPath", "gpuLdCache",
     "gpuDeviceDir", "gpuProcDir", "cdiSpecDirs", "cdiMountDirs", "allowCdiHooks",
-    "imageGatewayCAFile", NULL,
+    "imageGatewayCAFile", "allowWritableTmpfs", "writableTmpfsSizeLimit", NULL,
 };
 
 const char *const conf_deprecated_keys[] = {

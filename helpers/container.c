@@ -8,7 +8,8 @@
  *   5 site: dirs, pre-mount hook, siteFs, post-mount hook, module siteFs, /etc,
  *     /opt/udiImage, (shifter-setup) hostsfile, module roothooks, the front end's
  *     passwd/group (--etc-fd), proc sys dev tmp var/tmp
- *   6 image content: top level of /, then /var, /opt and /etc, site entries win
+ *   6 image content: top level of /, then /var, /opt and /etc, site entries win; from an
+ *     overlay over the image with --writable-tmpfs or a volume inside an image directory
  *   7 user volumes, (run) the step's PMIx directory; then shifter-setup's sshd
  *   8 (shifter-setup) var/shifterConfig.json; root read-only unless mountUdiRootWritable=1
  *
@@ -36,6 +37,7 @@
 #include "pmix.h"
 #include "util.h"
 #include "volmount.h"
+#include "writable.h"
 
 #define BIND_FILE_OVER (1024 * 1024) /* image files larger than this are bound, not copied */
 
@@ -80,6 +82,8 @@ char *container_signature(const struct ctx *c)
         gpu_signature(&c->gpu, gpus, sizeof gpus);
         fprintf(f, "\",\"gpus\":\"%s", gpus);
     }
+    if (c->writable_size != 0) /* never the shared, read-only prepared container */
+        fprintf(f, "\",\"writable\":\"%llu", (unsigned long long)c->writable_size);
     fputs("\"}", f);
     if (fclose(f) != 0)
         die("shifter-helper: out of memory");
@@ -319,8 +323,9 @@ static int is_merged_dir(const char *name)
 }
 
 /* Add the entries of image directory src to container directory dst; existing names win.
- * top: src is the image's /, where etc, var and opt are merged one level down. */
-static void merge(int src, int dst, int top)
+ * top: src is the image's /, where etc, var and opt are merged one level down; rw: bind
+ * its directories and large files writable (the overlay of --writable-tmpfs). */
+static void merge(int src, int dst, int top, int rw)
 {
     int rfd = openat(src, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     DIR *d;
@@ -341,7 +346,7 @@ static void merge(int src, int dst, int top)
                 int s = open_dir_at(rfd, name), t = open_dir_at(dst, name);
                 if (s < 0 || t < 0)
                     die_errno("Cannot open /%s", name);
-                merge(s, t, 0);
+                merge(s, t, 0, rw);
                 close(s);
                 close(t);
             }
@@ -350,11 +355,11 @@ static void merge(int src, int dst, int top)
         if (errno != ENOENT)
             die_errno("Cannot stat %s in the container", name);
         if (S_ISDIR(st.st_mode))
-            mnt_bind_at(rfd, name, dst, 1);
+            mnt_bind_at(rfd, name, dst, 1, rw);
         else if (S_ISLNK(st.st_mode))
             copy_symlink_at(rfd, name, dst, name);
         else if (S_ISREG(st.st_mode) && st.st_size > BIND_FILE_OVER)
-            mnt_bind_at(rfd, name, dst, 0);
+            mnt_bind_at(rfd, name, dst, 0, rw);
         else if (S_ISREG(st.st_mode))
             copy_file_at(rfd, name, dst, name, 0, 1);
         /* devices, fifos, sockets: never from an image */
@@ -394,7 +399,8 @@ void container_build(struct ctx *c)
     if (c->gpu.requested)
         gpu_mount_files(c, image);
     verbose("site steps done");
-    merge(image, c->root, 1);
+    image = writable_image(c, image); /* an overlay when writable or a mount point needs it */
+    merge(image, c->root, 1, c->writable_size != 0);
     close(image);
     verbose("image content added");
     if (c->gpu.n_mounts > 0)

@@ -133,7 +133,7 @@ static void tree(int src, int dst, const char *what, int a_rx, int depth)
         if (S_ISREG(st.st_mode) && bindable(&st)) {
             if (unlinkat(dst, e->d_name, 0) != 0 && errno != ENOENT)
                 die_errno("Cannot replace %s in %s", e->d_name, what);
-            mnt_bind_at(rfd, e->d_name, dst, 0);
+            mnt_bind_at(rfd, e->d_name, dst, 0, 0);
         } else if (S_ISREG(st.st_mode)) {
             mode_t m = st.st_mode & 0777; /* a+rX: x for all when anyone may execute */
             copy_file_at(rfd, e->d_name, dst, e->d_name,

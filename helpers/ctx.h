@@ -41,6 +41,7 @@ struct ctx {
     char **etc_files;         /* --etc-fd: the front end's passwd, group, nsswitch.conf */
     const char *pmix_dir;     /* run --pmix-dir, canonical and checked (pmix.c), or NULL */
     int pmix_fd;              /* that directory, opened as the user (with pmix_dir) */
+    unsigned long long writable_size; /* run --writable-tmpfs: the layer's bytes, or 0 */
     /* shifter-setup's steps (NULL in the setuid helper) */
     void (*setup_step)(struct ctx *c, enum build_step step);
     const char *nodes;        /* setup --nodes, or NULL */

@@ -131,7 +131,7 @@ int mnt_point_at(int dst_dir, const char *name, int is_dir, unsigned dir_mode)
     return dst;
 }
 
-void mnt_bind_at(int src_dir, const char *name, int dst_dir, int is_dir)
+void mnt_bind_at(int src_dir, const char *name, int dst_dir, int is_dir, int writable)
 {
     int src = openat(src_dir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
     int dst, mfd;
@@ -142,7 +142,7 @@ void mnt_bind_at(int src_dir, const char *name, int dst_dir, int is_dir)
     /* Recursive: a --local root's directories show what is mounted in them, never the
      * files hidden under those mount points; flags and privacy all the way down (a
      * copy of a shared host mount would otherwise pass our unmounts on to the host). */
-    mfd = mnt_clone(src, 1, ATTR_RO | ATTR_NOSUID | ATTR_NODEV, name);
+    mfd = mnt_clone(src, 1, (writable ? 0 : ATTR_RO) | ATTR_NOSUID | ATTR_NODEV, name);
     mnt_attach(mfd, dst, 0, name);
     mnt_set(mfd, 1, 0, MS_PRIVATE, name);
     close(mfd);

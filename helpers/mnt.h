@@ -37,10 +37,10 @@ void mnt_clear(int mfd, unsigned attrs, const char *what);
  * empty file; a directory may already exist, a file must not) and return it O_PATH. */
 int mnt_point_at(int dst_dir, const char *name, int is_dir, unsigned dir_mode);
 
-/* Bind src_dir/name (not followed if a symlink) with the mounts below it, read-only,
- * nosuid, nodev, onto a new mount point dst_dir/name (a directory when is_dir, else an
- * empty file; it must not exist), all private. */
-void mnt_bind_at(int src_dir, const char *name, int dst_dir, int is_dir);
+/* Bind src_dir/name (not followed if a symlink) with the mounts below it, read-only
+ * (unless writable), nosuid, nodev, onto a new mount point dst_dir/name (a directory when
+ * is_dir, else an empty file; it must not exist), all private. */
+void mnt_bind_at(int src_dir, const char *name, int dst_dir, int is_dir, int writable);
 
 /* Detach (MNT_DETACH) every mount stacked on each root with its whole subtree, naming
  * only the roots (canonical, root's paths), never a path below them.  What stays mounted

@@ -15,6 +15,7 @@ extern struct ctx ctx;
 struct options {
     const char *workdir, *request, *modules, *gpu; /* run's own: workdir, request, gpu */
     const char *pmix_dir; /* run's own: --pmix-dir, checked by pmix_open */
+    const char *writable; /* run's own: --writable-tmpfs SIZE, checked by writable_check */
     int env_fd, etc_fd; /* --env-fd (run), --etc-fd, -1 when absent */
     char *volumes;      /* concatenated --volume lists */
     char **argv;        /* after "--" (run), else NULL */

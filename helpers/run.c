@@ -19,13 +19,15 @@
 #include "pmix.h"
 #include "request.h"
 #include "util.h"
+#include "writable.h"
 
 void usage(void)
 {
     die("usage: shifter-helper run [--image-id ID | --local PATH] [--volume LIST]... "
         "[--modules LIST] [--gpu N,N] [--gpu-cap N,N] [--gpu-file DIR/NAME=PATH]... "
         "[--gpu-mount TARGET=PATH]... [--workdir DIR] "
-        "[--env-fd N] [--etc-fd N] [--pmix-dir DIR] [--request TEXT] [--verbose] "
+        "[--env-fd N] [--etc-fd N] [--pmix-dir DIR] [--writable-tmpfs SIZE] [--request TEXT] "
+        "[--verbose] "
         "-- CMD [ARG...]");
 }
 
@@ -53,6 +55,8 @@ static int run_option(const char *a, const char *v, struct options *o)
         o->env_fd = parse_fd(a, v);
     else if (strcmp(a, "--pmix-dir") == 0 && o->pmix_dir == NULL)
         o->pmix_dir = v;
+    else if (strcmp(a, "--writable-tmpfs") == 0 && o->writable == NULL)
+        o->writable = v;
     else
         return 0;
     return 1;
@@ -83,6 +87,8 @@ int main(int argc, char **argv)
     common_checks(&o);
     if (o.pmix_dir != NULL)
         pmix_open(&ctx, o.pmix_dir);
+    if (o.writable != NULL)
+        writable_check(&ctx, o.writable);
     if (o.request != NULL)
         verbose("image request %.256s", o.request);
     sig = container_signature(&ctx);

@@ -3,7 +3,8 @@
 
     shifter [-h] [-v] [-i|--image=type:tag] [-V|--volume=from:to[:flags][;…]]…
             [--entrypoint[=cmd]] [-w path|--workdir[=path]] [-m|--module=a,b|none] [--gpu[=ids]]
-            [-e|--env=NAME=VALUE]… [--env-file=path] [-E|--clearenv] [--version]
+            [--writable-tmpfs[=size]] [-e|--env=NAME=VALUE]… [--env-file=path]
+            [-E|--clearenv] [--version]
             [--] [command [args…]]
 
 The unprivileged half of the runtime. It parses the options, picks the image and its id,
@@ -13,8 +14,8 @@ signals, stdin, the terminal and the exit status are the command's)::
 
     shifter-helper run (--image-id ID | --local PATH) [--volume LIST]…
         --modules LIST|none [--gpu N,N [--gpu-cap N,N] [--gpu-file DIR/NAME=PATH]…]
-        [--gpu-mount TARGET=PATH]… --workdir DIR
-        [--pmix-dir DIR] --request TYPE:TAG --env-fd N [--etc-fd N] [--verbose] -- CMD [ARG…]
+        [--gpu-mount TARGET=PATH]… --workdir DIR [--pmix-dir DIR] [--writable-tmpfs BYTES]
+        --request TYPE:TAG --env-fd N [--etc-fd N] [--verbose] -- CMD [ARG…]
 
 The helper trusts none of it and re-checks what needs checking (helpers/PROTOCOL.md).
 Every error found here is one clear message on stderr and exit status 1, before exec;
@@ -75,6 +76,7 @@ LONG = {
     "entrypoint": OPTIONAL,
     "workdir": OPTIONAL,
     "gpu": OPTIONAL,
+    "writable-tmpfs": OPTIONAL,
 }
 
 USAGE = """\
@@ -97,6 +99,10 @@ Options:
       --gpu[=N,N]           inject the node's GPU driver and only these GPUs
                             (/dev/nvidiaN indexes, or GPU-/MIG- UUIDs; bare: all
                             of them); also requested by $CUDA_VISIBLE_DEVICES
+      --writable-tmpfs[=SIZE]
+                            make the image writable: changes go to a layer in
+                            memory of at most SIZE (bare: the site's limit),
+                            gone when the command ends
   -e, --env=NAME=VALUE      set a variable in the container; repeatable
       --env-file=FILE       set variables from FILE (NAME=VALUE lines, # comments)
   -E, --clearenv            start from an empty environment
@@ -126,6 +132,7 @@ class Options:
         "module",
         "use_gpu",
         "gpu",
+        "writable",
         "env",
         "env_file",
         "clearenv",
@@ -145,6 +152,7 @@ class Options:
         self.module: str | None = None
         self.use_gpu = False
         self.gpu: str | None = None
+        self.writable: str | None = None  # "" bare, else the SIZE given
         self.env: list[str] = []
         self.env_file: str | None = None
         self.clearenv = False
@@ -189,6 +197,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         elif name == "gpu":
             opts.use_gpu = True
             opts.gpu = value
+        elif name == "writable-tmpfs":
+            opts.writable = value or ""
         elif name == "entrypoint":
             opts.use_entrypoint = True
             opts.entrypoint = value or None
@@ -244,6 +254,13 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
                                   cfg.get("perNodeCacheSizeLimit"))
         check_cache_total(volumes, limit)
     modules = select_modules(cfg, requested_modules(opts.module, environ))
+    writable = None
+    if opts.writable is not None:
+        from udiroot.writable import writable_size
+
+        writable = writable_size(opts.writable or None, allowed=cfg.flag("allowWritableTmpfs"),
+                                 limit=cfg.get("writableTmpfsSizeLimit"),
+                                 local=request.type == "local")
     env_file = read_env_file(opts.env_file) if opts.env_file is not None else []
     gpus = None
     gpu_files: list[str] = []
@@ -341,6 +358,8 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
             argv += ["--gpu-mount", f"{target}={source}"]
     if pmix_dir is not None:
         argv += ["--pmix-dir", pmix_dir]
+    if writable is not None:
+        argv += ["--writable-tmpfs", str(writable)]
     argv += ["--workdir", workdir, "--request", str(request), "--env-fd", str(fd)]
     if opts.verbose:
         argv.append("--verbose")

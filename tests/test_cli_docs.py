@@ -70,12 +70,13 @@ def test_bash_completes_modes_and_options(out: Path) -> None:
     assert _complete(out, "shifterimg", ["--js"]) == ["--json"]
     assert _complete(out, "shifterimg", ["pull", "lo"]) == []  # one mode only
     assert _complete(out, "shifter", ["--ima"]) == ["--image"]
-    assert _complete(out, "shifter", ["-i", "ubuntu", "--w"]) == ["--workdir"]
+    assert _complete(out, "shifter", ["-i", "ubuntu", "--wo"]) == ["--workdir"]
+    assert _complete(out, "shifter", ["--wr"]) == ["--writable-tmpfs"]
     # Options end at the command (Shifter's getopt): its own options are not shifter's.
     assert _complete(out, "shifter", ["-i", "ubuntu", "ls", "--w"]) == []
     assert _complete(out, "shifter", ["--", "--w"]) == []
     # bash hands --opt=value over as three words
-    assert _complete(out, "shifter", ["--image", "=", "ubuntu", "--w"]) == ["--workdir"]
+    assert _complete(out, "shifter", ["--image", "=", "ubuntu", "--wo"]) == ["--workdir"]
     assert _complete(out, "shifter", ["--workdir", "=", "/x", "ls", "--w"]) == []
     assert _complete(out, "setupRoot", ["--vers"]) == ["--version"]
     for name in COMMANDS:

@@ -370,10 +370,12 @@ subprocess.run(["mount", "-t", "tmpfs", "fakehome", FAKE + "/inner"], check=True
 open(FAKE + "/inner/host-file", "w").write("host\n")
 def table():
     # The system's mounts and this test's; not other tests' under /tmp, whose mounts here
-    # go when they delete their directories.
+    # go when they delete their directories, nor the network namespaces other tests pin
+    # under /run/netns (a virtual cluster's), which go when those tests end.
     with open("/proc/self/mountinfo") as f:
         rows = [line.split(" - ")[0].split()[3:6] for line in f]
-    ours = [r for r in rows if not r[1].startswith("/tmp/") or r[1].startswith(BASE + "/")]
+    ours = [r for r in rows if not r[1].startswith(("/tmp/", "/run/netns/"))
+            or r[1].startswith(BASE + "/")]
     return sorted(r for r in ours if r[1] not in mounts_under(UDI, LOOP))
 before = table()
 racer_code = (

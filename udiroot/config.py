@@ -64,6 +64,8 @@ OPTIONAL = (
     "cdiMountDirs",
     "allowCdiHooks",
     "imageGatewayCAFile",
+    "allowWritableTmpfs",
+    "writableTmpfsSizeLimit",
 )
 ACCUMULATING = ("siteFs",)
 DEPRECATED = ("autoLoadKernelModule", "kmodBasePath", "kmodCacheFile", "optionalSshdAsRoot")

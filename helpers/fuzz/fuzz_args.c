@@ -15,6 +15,7 @@
 #include "../hosts.h"
 #include "../sshd.h"
 #include "../pmix.h"
+#include "../writable.h"
 #include <stdio.h>
 
 #include "fuzz.h"
@@ -55,6 +56,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     atexit(remove_image_dir);
     snprintf(text, sizeof text,
              FUZZ_BASE_CONF "imagePath=%s\nallowLocalChroot=1\n"
+             "allowWritableTmpfs=1\nwritableTmpfsSizeLimit=1G\n"
              "gpuLdCache=/nonexistent/ld.so.cache\ngpuDeviceDir=/nonexistent/dev\n"
              "module_mpich_siteFs=/usr/lib/mpich:/usr/lib/mpich\nmodule_mpich_conflict=ompi\n"
              "module_ompi_siteEnv=OMPI=1\nmodule_off_enabled=0\nmodule_off_siteFs=/a:/a\n",
@@ -81,6 +83,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         argv[argc++] = p;
     argv[argc] = NULL;
     memset(&ctx, 0, sizeof ctx);
+    ctx.conf = &conf; /* as helper_init sets it */
     setup_user = setup_uid = setup_gid = setup_key = NULL;
     g_verbose = 0;
     if (FUZZ_TRY) {
@@ -91,6 +94,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             (void)hosts_validate(ctx.nodes, err, sizeof err);
         if (setup_key != NULL)
             (void)sshd_check_key(setup_key, err, sizeof err);
+        if (o.writable != NULL)
+            writable_check(&ctx, o.writable);
         if (o.pmix_dir != NULL) {
             static char canon[HELPER_MAX_PATH];
             (void)pmix_check_path(o.pmix_dir, canon, sizeof canon, err, sizeof err);
