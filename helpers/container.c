@@ -399,6 +399,7 @@ void container_build(struct ctx *c)
     if (c->gpu.requested)
         gpu_mount_files(c, image);
     verbose("site steps done");
+    gpu_open_cdi(c); /* as the user: a CDI mount's type decides its mount point's */
     image = writable_image(c, image); /* an overlay when writable or a mount point needs it */
     merge(image, c->root, 1, c->writable_size != 0);
     close(image);

@@ -368,25 +368,34 @@ void gpu_mount_files(struct ctx *c, int image)
     verbose("gpu: %zu driver files under %s/gpu", c->gpu.n_files, c->gpu.resources);
 }
 
+void gpu_open_cdi(struct ctx *c)
+{
+    for (size_t i = 0; i < c->gpu.n_mounts; i++) {
+        struct gpu_mount *m = &c->gpu.mounts[i];
+        struct stat st;
+
+        m->fd = volmount_open_as_user(&c->id, m->source, 0);
+        if (m->fd < 0 || fstat(m->fd, &st) != 0 ||
+            !(S_ISREG(st.st_mode) || S_ISDIR(st.st_mode) || S_ISSOCK(st.st_mode)))
+            die("Cannot bind CDI mount source %s: %s", m->source,
+                m->fd < 0 ? strerror(errno) : "it is not a file, directory or socket");
+        m->dir = S_ISDIR(st.st_mode);
+    }
+}
+
 void gpu_mount_cdi(struct ctx *c)
 {
     for (size_t i = 0; i < c->gpu.n_mounts; i++) {
-        const struct gpu_mount *m = &c->gpu.mounts[i];
-        int src = volmount_open_as_user(&c->id, m->source, 0), dst;
+        struct gpu_mount *m = &c->gpu.mounts[i];
         const char *why = NULL;
-        struct stat st;
+        int dst = volmount_user_target(c, m->target, m->dir, &why);
 
-        if (src < 0 || fstat(src, &st) != 0 ||
-            !(S_ISREG(st.st_mode) || S_ISDIR(st.st_mode) || S_ISSOCK(st.st_mode)))
-            die("Cannot bind CDI mount source %s: %s", m->source,
-                src < 0 ? strerror(errno) : "it is not a file, directory or socket");
-        dst = volmount_user_target(c, m->target, S_ISDIR(st.st_mode), &why);
         if (dst < 0) {
             verbose("gpu: CDI mount %s skipped: %s", m->target, why);
         } else {
-            bind_fd(src, dst, ATTR_RO | ATTR_NOSUID | ATTR_NODEV, 0, m->target);
+            bind_fd(m->fd, dst, ATTR_RO | ATTR_NOSUID | ATTR_NODEV, 0, m->target);
             close(dst);
         }
-        close(src);
+        close(m->fd);
     }
 }

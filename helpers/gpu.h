@@ -23,6 +23,7 @@
 struct gpu_mount {
     char *target; /* absolute path in the container, a user volume's rules */
     char *source; /* the host file, directory or socket, opened as the caller */
+    int fd, dir;  /* gpu_open_cdi: source opened (O_PATH), and whether a directory */
 };
 
 struct gpu_file {
@@ -72,6 +73,11 @@ struct ctx;
  * host's /dev minus every /dev/nvidiaN, then the selected ones and the control devices.
  * Replaces the plain bind of /dev. */
 void gpu_mount_dev(struct ctx *c);
+
+/* Open each --gpu-mount source with the caller's rights, in the namespace it is bound
+ * in (a regular file, directory or socket; dies otherwise), before the image overlay
+ * (writable.c) makes the mount points the image lacks. */
+void gpu_open_cdi(struct ctx *c);
 
 /* The --gpu-mount list after the image content: each source opened with the caller's
  * rights (a regular file, directory or socket), bound read-only, nosuid, nodev at its
