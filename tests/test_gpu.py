@@ -479,6 +479,8 @@ def cdi_image(site, tmp_path_factory) -> str:
     tree = busybox_tree(tmp_path_factory.mktemp("cditree") / "root")
     (tree / "usr" / "bin").mkdir(parents=True, exist_ok=True)
     (tree / "usr" / "bin" / "nvidia-smi").write_text("")
+    (tree / "usr" / "lib").mkdir(parents=True, exist_ok=True)
+    (tree / "usr" / "lib" / "etc-link").symlink_to("/etc")  # a trap for mount targets
     sqfs = mksquashfs(tree, tmp_path_factory.mktemp("cdisqfs") / "cdi.squashfs")
     return site.add_image(sqfs, 'ENV: ["PATH=/usr/bin:/bin"]\n')
 
@@ -495,6 +497,31 @@ def cdi_dir(site, host):
 
 def cdi_conf(site, host, cdi_dir, **more: str) -> None:
     site.write_conf(**host.conf(), cdiSpecDirs=f"{cdi_dir} /nonexistent/cdi", **more)
+
+
+def test_cdi_mount_points_on_the_overlay_never_replace_the_sites_files(site, cdi_image):
+    """Attack (the helper called directly): CDI mounts whose targets lead through an
+    image link into /etc, or name the helper's /etc files, are never mounted there; a
+    target missing inside an image directory gets an empty mount point on the overlay."""
+    readable = site.base / "cdi-readable"
+    readable.write_text("readable\n")
+    os.chmod(readable, 0o644)
+    res = site.run(ALICE, [str(HELPER), "run", "--image-id", cdi_image, "--gpu", "0",
+                           "--verbose", "--gpu-mount", f"/usr/lib/etc-link/passwd={readable}",
+                           "--gpu-mount", f"/usr/lib/etc-link/shifter={readable}",
+                           "--gpu-mount", f"/usr/share/cdi-new/file={readable}", "--",
+                           "/bin/sh", "-c", "cat /usr/share/cdi-new/file; grep -c alice "
+                           "/etc/passwd; ls /etc/shifter 2>&1 | head -1"])
+    assert res.returncode == 0, res.stderr
+    out = res.stdout.splitlines()
+    assert out[0] == "readable" and out[1] == "1", res.stdout  # /etc/passwd is the site's
+    assert "No such file" in out[2]
+    assert "CDI mount /usr/lib/etc-link/passwd skipped: it resolves into a directory " \
+        "reserved for the system" in res.stderr
+    assert "CDI mount /usr/lib/etc-link/shifter skipped" in res.stderr
+    res = site.run(ALICE, [str(HELPER), "run", "--image-id", cdi_image, "--gpu", "0",
+                           "--gpu-mount", f"/etc/passwd={readable}", "--", "/bin/true"])
+    assert res.returncode == 1 and "Invalid mount request" in res.stderr
 
 
 @pytest.mark.parametrize("fmt", ["yaml", "json"])
