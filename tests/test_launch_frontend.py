@@ -729,6 +729,19 @@ def test_modules(site: Site) -> None:
     assert res.stderr == "ERROR: cannot load conflicting modules three and two\n"
 
 
+def test_modules_from_the_environment_without_default_modules(site: Site) -> None:
+    """With no defaultModules the front end skips the module rules unless a request came:
+    both environment variables must still count."""
+    site.write_conf(module_two_siteEnv="TWO=1")
+    iid = site.add_image("envmods")
+    assert site.shifter(f"--image=id:{iid}", "true").option("--modules") == ["none"]
+    for name in ("SHIFTER_MODULE", "SLURM_SPANK_SHIFTER_MODULE"):
+        res = site.shifter(f"--image=id:{iid}", "true", env={name: "two"})
+        assert res.option("--modules") == ["two"] and res.env.get("TWO") == "1", name
+        res = site.shifter(f"--image=id:{iid}", "true", env={name: "nosuch"})
+        assert res.returncode == 1 and res.stderr == "Unknown shifter module: nosuch\n", name
+
+
 def test_command_entrypoint_and_workdir(site: Site) -> None:
     iid = site.add_image(
         "entry", 'ENTRY: ["/bin/entry", "-x"]\nCMD: ["default"]\nWORKDIR: /opt/app\n'
@@ -915,6 +928,10 @@ def test_launch_imports_nothing_heavy(site: Site) -> None:
     # --version does not even read the rules.
     assert not [n for n in _imported(version.stderr) if n.startswith("udiroot")]
     assert {"udiroot.config", "udiroot.meta", "udiroot.volumes"} <= _imported(full.stderr)
+    # A plain launch (no volume, no module asked for or configured) reads neither rule set.
+    plain = site.shifter("--image=light:1", "true", launcher=launcher)
+    assert plain.returncode == 0 and plain.helper_ran, plain.stderr
+    assert not {"udiroot.volumes", "udiroot.modules"} & _imported(plain.stderr)
 
 
 def test_shifter_module_is_runnable_with_python_m(site: Site) -> None:

@@ -1,6 +1,8 @@
 """The runtime's pure rules: the runtime tables of docs/behaviour.md, 'Scenarios the tests
 cover', and 'Conversion and the .meta file', 'Runtime: image selection' to 'Runtime: modules'."""
 
+import random
+
 import pytest
 
 from udiroot.command import NO_ENTRYPOINT, NO_WORKDIR, CommandError, select_command, select_workdir
@@ -19,7 +21,14 @@ from udiroot.environ import (
     parse_env_file,
     parse_env_option,
 )
-from udiroot.groups import dynamic_group, dynamic_passwd, filter_group, find_user, parse_passwd
+from udiroot.groups import (
+    dynamic_group,
+    dynamic_passwd,
+    filter_group,
+    find_user,
+    parse_group,
+    parse_passwd,
+)
 from udiroot.hostsfile import HostsfileError, hostsfile_text
 from udiroot.meta import MetaError, image_allows, parse_meta, read_meta
 from udiroot.modules import ModuleError, requested_modules, select_modules
@@ -705,6 +714,70 @@ def test_group_filter_max_group_count():
     assert "wheel:x:10:alice\n" in limited and "alice:x:1000:alice\n" in limited
     assert "staff:x:50:\n" in limited
     assert filter_group(GROUP_FILE, "alice", 0) == filter_group(GROUP_FILE, "alice")
+
+
+def test_passwd_lookup_reads_the_uid_field_only():
+    """find_user parses only lines holding "<uid>:"; the uid must still be read from the
+    uid field, first valid entry wins, leading zeros and a CR ending as before."""
+    passwd = (
+        "gidonly:x:7:1000:g:/g:/bin/sh\n"  # 1000 is its gid
+        "short:x:1000:1000\n"  # too few fields: skipped, not a match
+        "digits:x:\uff11\uff10\uff10\uff10:1:d:/d:/bin/sh\n"  # fullwidth digits: not an id
+        "zeros:x:0001000:5:z:/z:/bin/sh\r\n"
+        "later:x:1000:5:l:/l:/bin/sh\n"
+    )
+    entry = find_user(passwd, 1000)
+    assert (entry.name, entry.uid, entry.shell) == ("zeros", 1000, "/bin/sh")
+    assert find_user(passwd, 7).name == "gidonly"
+    assert find_user(passwd, 0) is None and find_user(passwd, 5) is None
+    assert find_user("root:x:0:0:r:/root:/bin/sh", 0).name == "root"  # no final newline
+
+
+def test_group_filter_names_are_whole_fields():
+    text = (
+        "malice:x:200:alicex,xalice\n"  # the name only as part of other names
+        "alice:x:201\n"  # the user's own group, no member field
+        "team:x:202:bob,alice\r\n"
+        "wide:x:\uff12\uff10\uff13:alice\n"  # fullwidth digits: not an id
+        "zero:x:000:alice\n"
+        "big:x:4294967295:alice\n"  # above the largest id
+    )
+    assert filter_group(text, "alice") == (
+        "malice:x:200:\nalice:x:201:alice\nteam:x:202:alice\n"
+    )
+
+
+def test_fast_group_filter_and_user_lookup_read_lines_as_the_parsers_do():
+    """filter_group and find_user take shortcuts (only lines holding the user's name or
+    "<uid>:" are looked at closely); on odd texts they must still agree with the plain
+    reading: parse_group / parse_passwd line by line."""
+
+    def filter_by_parser(text: str, user: str, max_groups: int) -> str:
+        out, listed = [], 0
+        for group in parse_group(text):
+            if group.gid == 0:
+                continue
+            member = ""
+            if (user in group.members or group.name == user) and (
+                    max_groups <= 0 or listed < max_groups):
+                member, listed = user, listed + 1
+            out.append(f"{group.name}:x:{group.gid}:{member}\n")
+        return "".join(out)
+
+    def find_by_parser(text: str, uid: int):
+        return next((e for e in parse_passwd(text) if e.uid == uid), None)
+
+    rng = random.Random(13)
+    pieces = ["a", "b", "ab", ":", ",", "0", "1", "9", "00", "\r", "\n", " ", "\uff11",
+              "4294967295", "4294967296", "1:", ":1:", "x:1:1:g:/h:/s\n"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(40)))
+        for user in ("a", "ab"):
+            for max_groups in (0, 1):
+                assert filter_group(text, user, max_groups) == \
+                    filter_by_parser(text, user, max_groups), (text, user, max_groups)
+        for uid in (0, 1, 9, 4294967295):
+            assert repr(find_user(text, uid)) == repr(find_by_parser(text, uid)), (text, uid)
 
 
 def test_passwd_lookup_and_dynamic_files():

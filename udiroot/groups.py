@@ -35,7 +35,6 @@ NSSWITCH = (
 MAX_USERS = 64  # the caller and usersToImport
 
 MAX_ID = 0xFFFFFFFE
-_DIGITS = "0123456789"
 
 
 class PasswdEntry:
@@ -69,7 +68,8 @@ class GroupEntry:
 
 
 def _id(text: str) -> int | None:
-    if text == "" or len(text) > 10 or any(c not in _DIGITS for c in text):
+    # isascii() and isdigit() together are [0-9]+ (isdigit alone takes other scripts' digits).
+    if not (0 < len(text) <= 10 and text.isascii() and text.isdigit()):
         return None
     value = int(text)
     return value if value <= MAX_ID else None
@@ -107,29 +107,59 @@ def parse_group(text: str) -> list[GroupEntry]:
     return entries
 
 
+# Both functions below run on every launch over the site's whole files (tens of
+# thousands of lines at a large site), so they avoid per-line work where the rules allow.
+
+
 def find_user(text: str, uid: int) -> PasswdEntry | None:
     """The first passwd entry with ``uid`` (docs/behaviour.md, 'Runtime: identity': the name comes
-    from etcPath/passwd)."""
-    for entry in parse_passwd(text):
-        if entry.uid == uid:
-            return entry
+    from etcPath/passwd). Only lines holding ``<uid>:`` are parsed: a line whose uid field
+    reads as ``uid`` (leading zeros or not) has that text where the field ends."""
+    needle = f"{uid}:"
+    pos = text.find(needle)
+    while pos >= 0:
+        start = text.rfind("\n", 0, pos) + 1
+        end = text.find("\n", pos)
+        if end < 0:
+            end = len(text)
+        for entry in parse_passwd(text[start:end]):
+            if entry.uid == uid:
+                return entry
+        pos = text.find(needle, end)
     return None
 
 
 def filter_group(text: str, user: str, max_groups: int = 0) -> str:
-    """Step 8 on the text of a group file; returns the new text."""
+    """Step 8 on the text of a group file; returns the new text. The same reading of a
+    line as :func:`parse_group` (three or four ``:`` fields, a name, a decimal gid), done
+    with ``find`` on the colons: no object per group, and the member list (most of a
+    large file's bytes) is split only on a line that holds the user's name at all."""
     _check_user(user)
     out = []
     listed = 0
-    for group in parse_group(text):
-        if group.gid == 0:
+    for line in text.split("\n"):
+        if line.endswith("\r"):
+            line = line[:-1]
+        a = line.find(":")
+        if a <= 0:  # no field separator, or an empty name
+            continue
+        b = line.find(":", a + 1)
+        if b < 0:
+            continue
+        c = line.find(":", b + 1)
+        if c >= 0 and line.find(":", c + 1) >= 0:
+            continue  # five fields or more
+        gid = _id(line[b + 1:] if c < 0 else line[b + 1:c])
+        if not gid:  # None (not an id) or 0 (dropped)
             continue
         member = ""
-        if user in group.members or group.name == user:
-            if max_groups <= 0 or listed < max_groups:
-                member = user
-                listed += 1
-        out.append(f"{group.name}:x:{group.gid}:{member}\n")
+        if user in line:
+            name = line[:a]
+            if name == user or (c >= 0 and user in line[c + 1:].split(",")):
+                if max_groups <= 0 or listed < max_groups:
+                    member = user
+                    listed += 1
+        out.append(f"{line[:a]}:x:{gid}:{member}\n")
     return "".join(out)
 
 
