@@ -4,7 +4,9 @@ GPU').
 GPU support is requested by ``--gpu`` (bare: every GPU of the node; ``--gpu=0,1``: those
 device indexes) or, as Shifter did, by ``CUDA_VISIBLE_DEVICES`` being set, non-empty and
 not ``NoDevFiles``; ``--gpu`` wins over the variable. The indexes are those of
-``/dev/nvidiaN``. Inside a Slurm step whose devices are constrained by cgroups,
+``/dev/nvidiaN``; GPU and MIG UUIDs are turned into device numbers by
+:mod:`udiroot.gpuids`, and the site's CDI specs add their part (:mod:`udiroot.cdi`).
+Inside a Slurm step whose devices are constrained by cgroups,
 ``CUDA_VISIBLE_DEVICES`` counts from 0 among the step's GPUs while ``SLURM_STEP_GPUS``
 (``SLURM_JOB_GPUS`` in the batch step) names the node's real ones: when that list is set
 and as long, it picks the device nodes. This module reads the request, finds the
@@ -18,7 +20,8 @@ into their own container):
   library must match the running kernel module);
 * ``PATH`` gets ``<siteResources>/gpu/bin`` at the end (the image's tools win);
 * with explicit indexes, ``CUDA_VISIBLE_DEVICES`` becomes ``0,…,n-1``: only the selected
-  device nodes exist in the container, and CUDA numbers the devices it can open from 0.
+  device nodes exist in the container, and CUDA numbers the devices it can open from 0;
+  with UUIDs it is the UUIDs (CUDA finds a device by UUID whatever it sees).
 """
 
 from __future__ import annotations

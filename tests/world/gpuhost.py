@@ -280,7 +280,7 @@ class FakeGpuHost:
         all_nodes = nodes(*[f"nvidia{g}" for g in range(self.gpus)])
         text = (f"---\ncdiVersion: 0.5.0\nkind: nvidia.com/gpu\ndevices:\n{devices}"
                 f"    - name: all\n      containerEdits:\n        deviceNodes:\n"
-                + all_nodes.replace("\n            ", "\n            ")
+                + all_nodes
                 + "containerEdits:\n    env:\n        - NVIDIA_VISIBLE_DEVICES=void\n"
                 f"        - NVIDIA_CTK_LIBCUDA_DIR={self.lib64}\n"
                 "    deviceNodes:\n"
