@@ -28,6 +28,8 @@ _ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\", "/": "/", "0": "\0", "r"
 
 def _strip_comment(text: str) -> str:
     """The line without a trailing ``# comment`` (a ``#`` after a blank, outside quotes)."""
+    if "#" not in text:
+        return text.rstrip()  # most lines: no character loop
     quote = ""
     for i, c in enumerate(text):
         if quote:
