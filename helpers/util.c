@@ -193,7 +193,7 @@ int read_small_file_at(int dirfd, const char *name, int root_owned, char **out, 
     else if (root_owned && (st.st_uid != 0 || (st.st_mode & (S_IWGRP | S_IWOTH))))
         errno = EPERM;
     else
-        rc = read_all_fd(fd, HELPER_MAX_SMALL_FILE, out, len);
+        rc = read_all_fd(fd, root_owned ? HELPER_MAX_ROOT_FILE : HELPER_MAX_SMALL_FILE, out, len);
     e = errno;
     close(fd);
     errno = e;

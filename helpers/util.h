@@ -18,7 +18,9 @@
 #include <sys/types.h>
 
 #define HELPER_MAX_PATH 4096
-#define HELPER_MAX_SMALL_FILE (1024 * 1024) /* passwd, group, meta, json */
+#define HELPER_MAX_SMALL_FILE (1024 * 1024) /* files others may write: an image's .meta */
+/* Root's own files (etcPath passwd, state json): a large site's passwd is several MiB. */
+#define HELPER_MAX_ROOT_FILE (64 * 1024 * 1024)
 
 extern int g_verbose;
 

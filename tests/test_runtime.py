@@ -660,3 +660,26 @@ def test_site_and_module_root_hooks(site, image):
     res = site.shifter(ALICE, f"--image=id:{image}", "--module=broken", "true")
     assert res.returncode == 1 and "broken" in res.stderr, res.stderr
     site.assert_nothing_left()
+
+
+def test_a_site_with_many_users_can_launch(site, image):
+    """A large site's etcPath (20,000 users, 10,000 groups: over 1 MiB each) is read by the
+    helper in full: the caller's name is found and the container gets the files."""
+    passwd, group = site.etc_dir / "passwd", site.etc_dir / "group"
+    old_passwd, old_group = passwd.read_bytes(), group.read_bytes()
+    many_users = "".join(f"user{i:05d}:x:{200000 + i}:{200000 + i}:Site User {i}:"
+                         f"/home/user{i:05d}:/bin/bash\n" for i in range(20000))
+    many_groups = "".join(f"group{i:05d}:x:{300000 + i}:user{i:05d},user{i + 1:05d}\n"
+                          for i in range(10000))
+    try:
+        passwd.write_bytes(many_users.encode() + old_passwd)
+        group.write_bytes(many_groups.encode() + old_group)
+        assert passwd.stat().st_size > 1024 * 1024 and group.stat().st_size > 300 * 1024
+        res = site.shifter(ALICE, f"--image=id:{image}", "sh", "-c",
+                           "id -un; grep -c '^user' /etc/passwd")
+    finally:
+        passwd.write_bytes(old_passwd)
+        group.write_bytes(old_group)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [ALICE, "20000"]
+    site.assert_nothing_left()
