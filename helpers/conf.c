@@ -42,8 +42,8 @@ const char *const conf_optional_keys[] = {
     "gatewayTimeout", "siteEnv", "siteEnvAppend", "siteEnvPrepend", "siteEnvUnset",
     "siteResources", "imageGateway", "batchType", "system", "defaultImageType",
     "defaultModules", "gpuLibraries", "gpuBinaries", "gpuBinaryPath", "gpuLdCache",
-    "gpuDeviceDir", "cdiSpecDirs", "allowCdiHooks", "imageGatewayCAFile", "allowWritableTmpfs",
-    "writableTmpfsSizeLimit", NULL,
+    "gpuDeviceDir", "gpuProcDir", "cdiSpecDirs", "cdiMountDirs", "allowCdiHooks",
+    "imageGatewayCAFile", "allowWritableTmpfs", "writableTmpfsSizeLimit", NULL,
 };
 
 const char *const conf_deprecated_keys[] = {

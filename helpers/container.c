@@ -399,10 +399,13 @@ void container_build(struct ctx *c)
     if (c->gpu.requested)
         gpu_mount_files(c, image);
     verbose("site steps done");
+    gpu_open_cdi(c); /* as the user: a CDI mount's type decides its mount point's */
     image = writable_image(c, image); /* an overlay when writable or a mount point needs it */
     merge(image, c->root, 1, c->writable_size != 0);
     close(image);
     verbose("image content added");
+    if (c->gpu.n_mounts > 0)
+        gpu_mount_cdi(c); /* CDI mounts: image paths, before the user's volumes */
     volmount_user(c);
     if (c->pmix_dir != NULL)
         pmix_mount(c);

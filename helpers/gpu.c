@@ -1,12 +1,15 @@
 /*
  * gpu.c - NVIDIA GPU support.  See gpu.h.
  *
- * devices    /dev/nvidiaN and the control devices in gpuDeviceDir (default /dev), root's
- *            domain: the user picks only indexes, each must name a character device;
+ * devices    /dev/nvidiaN, the control devices and MIG's nvidia-caps/nvidia-capN in
+ *            gpuDeviceDir (default /dev), root's domain: the user picks only numbers, each
+ *            must name a character device;
  * files      the driver's libraries and tools, found by the front end (udiroot/gpu.py:
  *            the ld.so cache, gpuBinaryPath) and given as --gpu-file DIR/NAME=PATH; each
  *            is opened with the caller's own rights, as a volume source is, and bound
- *            read-only, nosuid, nodev: a caller can only add files they can read.
+ *            read-only, nosuid, nodev: a caller can only add files they can read;
+ * CDI mounts --gpu-mount TARGET=PATH, a CDI spec's mount (the front end reads the specs):
+ *            PATH opened as the caller, TARGET a user volume's, bound read-only.
  */
 #define _GNU_SOURCE
 #include "gpu.h"
@@ -29,6 +32,7 @@
 #include "mnt.h"
 #include "util.h"
 #include "volmount.h"
+#include "volume.h"
 
 /* Devices every CUDA program needs besides its GPUs; those missing are skipped. */
 static const char *const control_devices[] = {
@@ -43,30 +47,70 @@ static const char *conf_or(const struct udiroot_conf *conf, const char *key, con
 
 /* ---- the request ------------------------------------------------------------------ */
 
-int gpu_parse(const char *text, struct gpu_plan *g, char *err, size_t errlen)
+/* Comma-separated distinct numbers below limit into out (at most max of them). */
+static int parse_numbers(const char *text, int *out, int *n, int max, long limit,
+                         const char *what, char *err, size_t errlen)
 {
     const char *p = text;
 
-    g->requested = 1;
-    g->n_sel = 0;
+    *n = 0;
     while (*p) {
-        int idx = 0, digits = 0;
-        while (isdigit((unsigned char)*p) && digits < 3) {
-            idx = idx * 10 + (*p++ - '0');
+        long v = 0;
+        int digits = 0;
+        while (isdigit((unsigned char)*p) && digits < 8) {
+            v = v * 10 + (*p++ - '0');
             digits++;
         }
-        if (digits == 0 || (*p != ',' && *p != '\0') || idx >= GPU_MAX)
-            return set_err(err, errlen, "Invalid GPU list '%.64s': expected device indexes "
-                           "from 0 to %d, such as 0,1", text, GPU_MAX - 1);
-        for (int k = 0; k < g->n_sel; k++)
-            if (g->sel[k] == idx)
-                return set_err(err, errlen, "Invalid GPU list '%.64s': GPU %d given twice",
-                               text, idx);
-        g->sel[g->n_sel++] = idx;
+        if (digits == 0 || (*p != ',' && *p != '\0') || v >= limit)
+            return set_err(err, errlen, "Invalid %s list '%.64s': expected device indexes "
+                           "from 0 to %ld, such as 0,1", what, text, limit - 1);
+        for (int k = 0; k < *n; k++)
+            if (out[k] == v)
+                return set_err(err, errlen, "Invalid %s list '%.64s': %s %ld given twice",
+                               what, text, what, v);
+        if (*n >= max)
+            return set_err(err, errlen, "Invalid %s list: more than %d", what, max);
+        out[(*n)++] = (int)v;
         if (*p == ',' && *++p == '\0')
-            return set_err(err, errlen, "Invalid GPU list '%.64s': it ends with ','", text);
+            return set_err(err, errlen, "Invalid %s list '%.64s': it ends with ','", what, text);
     }
-    return g->n_sel == 0 ? set_err(err, errlen, "Invalid GPU list: it is empty") : 0;
+    return *n == 0 ? set_err(err, errlen, "Invalid %s list: it is empty", what) : 0;
+}
+
+int gpu_parse(const char *text, struct gpu_plan *g, char *err, size_t errlen)
+{
+    g->requested = 1;
+    return parse_numbers(text, g->sel, &g->n_sel, GPU_MAX, GPU_MAX, "GPU", err, errlen);
+}
+
+int gpu_parse_caps(const char *text, struct gpu_plan *g, char *err, size_t errlen)
+{
+    return parse_numbers(text, g->caps, &g->n_caps, GPU_MAX_CAPS, GPU_CAP_LIMIT, "MIG device",
+                         err, errlen);
+}
+
+int gpu_add_mount(const char *spec, struct gpu_plan *g, char *err, size_t errlen)
+{
+    char *target, *eq;
+
+    if (g->n_mounts >= GPU_MAX_MOUNTS)
+        return set_err(err, errlen, "More than %d --gpu-mount", GPU_MAX_MOUNTS);
+    target = xstrdup(spec);
+    eq = strchr(target, '=');
+    if (eq != NULL)
+        *eq = '\0';
+    if (eq == NULL || !is_abs_clean_path(target) || !is_abs_clean_path(eq + 1)) {
+        free(target);
+        return set_err(err, errlen, "Invalid --gpu-mount '%.256s': expected /TARGET=/SOURCE",
+                       spec);
+    }
+    if (vol_check_user_target(eq + 1, target, err, errlen) != 0) {
+        free(target);
+        return -1;
+    }
+    g->mounts[g->n_mounts].target = target;
+    g->mounts[g->n_mounts++].source = eq + 1;
+    return 0;
 }
 
 void gpu_signature(const struct gpu_plan *g, char *buf, size_t len)
@@ -142,6 +186,14 @@ void gpu_discover(const struct udiroot_conf *conf, struct gpu_plan *g)
             die("FAILED to set up GPU support: GPU %d was requested but this node has no "
                 "%s/%s", g->sel[k], dir, name);
     }
+    for (int k = 0; k < g->n_caps; k++) {
+        char name[48];
+        struct stat st;
+        snprintf(name, sizeof name, "nvidia-caps/nvidia-cap%d", g->caps[k]);
+        if (fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISCHR(st.st_mode))
+            die("FAILED to set up GPU support: MIG device %d was requested but this node has "
+                "no %s/%s", g->caps[k], dir, name);
+    }
     close(fd);
 }
 
@@ -203,8 +255,9 @@ void gpu_mount_dev(struct ctx *c)
         const char *name = e->d_name;
         struct stat st;
 
-        if (strcmp(name, ".") == 0 || strcmp(name, "..") == 0 || gpu_index(name) >= 0)
-            continue; /* the GPUs come from the selection below */
+        if (strcmp(name, ".") == 0 || strcmp(name, "..") == 0 || gpu_index(name) >= 0 ||
+            strcmp(name, "nvidia-caps") == 0)
+            continue; /* the GPUs and MIG devices come from the selection below */
         if (fstatat(host, name, &st, AT_SYMLINK_NOFOLLOW) != 0)
             continue; /* gone meanwhile */
         if (S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode)) {
@@ -238,6 +291,20 @@ void gpu_mount_dev(struct ctx *c)
     }
     for (size_t i = 0; i < sizeof control_devices / sizeof control_devices[0]; i++)
         copy_node(ddir, control_devices[i], dev);
+    if (c->gpu.n_caps > 0) {
+        int src = open_dir_at(ddir, "nvidia-caps"), dst;
+        mkdir_at(dev, "nvidia-caps", 0755);
+        dst = open_dir_at(dev, "nvidia-caps");
+        if (src < 0 || dst < 0)
+            die_errno("Cannot set up the container's /dev/nvidia-caps");
+        for (int k = 0; k < c->gpu.n_caps; k++) {
+            char name[32];
+            snprintf(name, sizeof name, "nvidia-cap%d", c->gpu.caps[k]);
+            copy_node(src, name, dst);
+        }
+        close(src);
+        close(dst);
+    }
     close(ddir);
     /* Nothing more is created in it: root cannot add devices by mistake later. */
     mnt_set(dev, 0, ATTR_RO, 0, "the container's /dev");
@@ -299,4 +366,36 @@ void gpu_mount_files(struct ctx *c, int image)
         close(src);
     }
     verbose("gpu: %zu driver files under %s/gpu", c->gpu.n_files, c->gpu.resources);
+}
+
+void gpu_open_cdi(struct ctx *c)
+{
+    for (size_t i = 0; i < c->gpu.n_mounts; i++) {
+        struct gpu_mount *m = &c->gpu.mounts[i];
+        struct stat st;
+
+        m->fd = volmount_open_as_user(&c->id, m->source, 0);
+        if (m->fd < 0 || fstat(m->fd, &st) != 0 ||
+            !(S_ISREG(st.st_mode) || S_ISDIR(st.st_mode) || S_ISSOCK(st.st_mode)))
+            die("Cannot bind CDI mount source %s: %s", m->source,
+                m->fd < 0 ? strerror(errno) : "it is not a file, directory or socket");
+        m->dir = S_ISDIR(st.st_mode);
+    }
+}
+
+void gpu_mount_cdi(struct ctx *c)
+{
+    for (size_t i = 0; i < c->gpu.n_mounts; i++) {
+        struct gpu_mount *m = &c->gpu.mounts[i];
+        const char *why = NULL;
+        int dst = volmount_user_target(c, m->target, m->dir, &why);
+
+        if (dst < 0) {
+            verbose("gpu: CDI mount %s skipped: %s", m->target, why);
+        } else {
+            bind_fd(m->fd, dst, ATTR_RO | ATTR_NOSUID | ATTR_NODEV, 0, m->target);
+            close(dst);
+        }
+        close(m->fd);
+    }
 }

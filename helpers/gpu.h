@@ -16,6 +16,15 @@
 
 #define GPU_MAX 64        /* /dev/nvidia0 .. /dev/nvidia63 */
 #define GPU_MAX_FILES 256 /* libraries + binaries injected */
+#define GPU_MAX_CAPS 64   /* MIG devices: /dev/nvidia-caps/nvidia-capN */
+#define GPU_CAP_LIMIT (1 << 20)
+#define GPU_MAX_MOUNTS 64 /* CDI mounts */
+
+struct gpu_mount {
+    char *target; /* absolute path in the container, a user volume's rules */
+    char *source; /* the host file, directory or socket, opened as the caller */
+    int fd, dir;  /* gpu_open_cdi: source opened (O_PATH), and whether a directory */
+};
 
 struct gpu_file {
     char name[256];   /* name in the container: the ld.so cache key, or the tool's name */
@@ -27,6 +36,10 @@ struct gpu_plan {
     int requested;                  /* --gpu given */
     int n_sel;
     int sel[GPU_MAX];               /* device indexes, in the order asked */
+    int n_caps;
+    int caps[GPU_MAX_CAPS];         /* --gpu-cap: nvidia-caps/nvidia-capN minors */
+    size_t n_mounts;
+    struct gpu_mount mounts[GPU_MAX_MOUNTS]; /* --gpu-mount */
     size_t n_files;
     struct gpu_file files[GPU_MAX_FILES];
     char dev_dir[4096];             /* gpuDeviceDir, where /dev/nvidiaN are found */
@@ -36,6 +49,13 @@ struct gpu_plan {
 /* Parse --gpu: comma-separated indexes (no repeats; the front end expands "all" to the
  * node's GPUs).  0, or -1 with err. */
 int gpu_parse(const char *text, struct gpu_plan *g, char *err, size_t errlen);
+
+/* Parse --gpu-cap: comma-separated nvidia-cap minors of MIG instances.  0, or -1 with err. */
+int gpu_parse_caps(const char *text, struct gpu_plan *g, char *err, size_t errlen);
+
+/* One --gpu-mount "TARGET=SOURCE" (a CDI spec's mount, found by the front end): both
+ * absolute without "..", TARGET where a user volume may go.  0, or -1 with err. */
+int gpu_add_mount(const char *spec, struct gpu_plan *g, char *err, size_t errlen);
 
 /* One --gpu-file "lib64|lib|bin/NAME=/PATH" (spec kept, not copied).  0, or -1 with err. */
 int gpu_add_file(const char *spec, struct gpu_plan *g, char *err, size_t errlen);
@@ -53,6 +73,17 @@ struct ctx;
  * host's /dev minus every /dev/nvidiaN, then the selected ones and the control devices.
  * Replaces the plain bind of /dev. */
 void gpu_mount_dev(struct ctx *c);
+
+/* Open each --gpu-mount source with the caller's rights, in the namespace it is bound
+ * in (a regular file, directory or socket; dies otherwise), before the image overlay
+ * (writable.c) makes the mount points the image lacks. */
+void gpu_open_cdi(struct ctx *c);
+
+/* The --gpu-mount list after the image content: each source opened with the caller's
+ * rights (a regular file, directory or socket), bound read-only, nosuid, nodev at its
+ * target, resolved and checked as a user volume's; a target the image cannot take (no
+ * mount point, or one that resolves into a reserved dir) is skipped, said with -v. */
+void gpu_mount_cdi(struct ctx *c);
 
 /* Bind the discovered files read-only into <siteResources>/gpu/{lib64,lib,bin}, on the
  * container root before the image content (image: the image's mount, to refuse a

@@ -150,8 +150,8 @@ void common_checks(struct options *o)
         select_modules(o->modules);
     if (o->gpu != NULL && gpu_parse(o->gpu, &ctx.gpu, err, sizeof err) != 0)
         die_user("%s", err);
-    if (o->gpu == NULL && ctx.gpu.n_files > 0)
-        die("shifter-helper: --gpu-file needs --gpu");
+    if (o->gpu == NULL && (ctx.gpu.n_files > 0 || ctx.gpu.n_caps > 0 || ctx.gpu.n_mounts > 0))
+        die("shifter-helper: --gpu-file, --gpu-cap and --gpu-mount need --gpu");
     if (ctx.image_id != NULL) {
         const char *dir = conf_get(&conf, "imagePath");
         int fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);

@@ -24,7 +24,8 @@
 void usage(void)
 {
     die("usage: shifter-helper run [--image-id ID | --local PATH] [--volume LIST]... "
-        "[--modules LIST] [--gpu N,N] [--gpu-file DIR/NAME=PATH]... [--workdir DIR] "
+        "[--modules LIST] [--gpu N,N] [--gpu-cap N,N] [--gpu-file DIR/NAME=PATH]... "
+        "[--gpu-mount TARGET=PATH]... [--workdir DIR] "
         "[--env-fd N] [--etc-fd N] [--pmix-dir DIR] [--writable-tmpfs SIZE] [--request TEXT] "
         "[--verbose] "
         "-- CMD [ARG...]");
@@ -38,6 +39,12 @@ static int run_option(const char *a, const char *v, struct options *o)
     if (strcmp(a, "--gpu-file") == 0) {
         if (gpu_add_file(v, &ctx.gpu, err, sizeof err) != 0)
             die("%s", err);
+    } else if (strcmp(a, "--gpu-mount") == 0) {
+        if (gpu_add_mount(v, &ctx.gpu, err, sizeof err) != 0)
+            die_user("%s", err);
+    } else if (strcmp(a, "--gpu-cap") == 0 && ctx.gpu.n_caps == 0) {
+        if (gpu_parse_caps(v, &ctx.gpu, err, sizeof err) != 0)
+            die_user("%s", err);
     } else if (strcmp(a, "--workdir") == 0 && o->workdir == NULL)
         o->workdir = v;
     else if (strcmp(a, "--gpu") == 0 && o->gpu == NULL)

@@ -214,6 +214,22 @@ int volmount_target(const struct ctx *c, const char *path, int want_dir, const c
     return open_target(c, path, want_dir, 0, why);
 }
 
+int volmount_user_target(const struct ctx *c, const char *path, int want_dir, const char **why)
+{
+    char where[HELPER_MAX_PATH], err[VOL_ERR_LEN];
+    int fd = open_target(c, path, want_dir, 1, why);
+
+    if (fd < 0)
+        return -1;
+    container_path(c, fd, where, sizeof where);
+    if (vol_check_user_target("-", where, err, sizeof err) != 0) {
+        close(fd);
+        *why = "it resolves into a directory reserved for the system";
+        return -1;
+    }
+    return fd;
+}
+
 void volmount_site(struct ctx *c, const char *text, const char *what)
 {
     static struct volume_list list;

@@ -22,6 +22,10 @@ void volmount_user(struct ctx *c);
  * else an empty file); -1 with the reason in *why. */
 int volmount_target(const struct ctx *c, const char *path, int want_dir, const char **why);
 
+/* volmount_target for a mount the user asks for: missing components checked against the
+ * user volume rules before they are made, and the path the target resolves to too. */
+int volmount_user_target(const struct ctx *c, const char *path, int want_dir, const char **why);
+
 /* Open a path with the user's filesystem identity and groups (O_PATH, symlinks followed
  * but no /proc magic links); want_dir: a directory the user can search.  -1 with errno. */
 int volmount_open_as_user(const struct ident *id, const char *path, int want_dir);

@@ -64,15 +64,17 @@ static int merged_top(const char *name)
  * wins over the image's (container.c).  The image part is walked in img one component at
  * a time, beneath img and on its mount, following no symbolic link, so no link of the
  * image can lead a mkdir elsewhere; a link or a file on the way leaves it to volmount.c.
- * create: make the missing directories (root's, 0755) as it goes.
+ * create: make the missing directories (root's, 0755) as it goes.  file: the last
+ * component is a file (a CDI mount of one, gpu.c): made empty, root's, 0644.
  */
-static int image_mount_point(const struct ctx *c, int img, const char *path, int create)
+static int image_mount_point(const struct ctx *c, int img, const char *path, int create,
+                             int file)
 {
     const unsigned long long how = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
                                    RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV;
     char rel[HELPER_MAX_PATH];
     size_t n = 0;
-    int depth = 0, own = 0, fd;
+    int depth = 0, own = 0, fd, is_file;
     struct stat st;
 
     for (const char *p = path + strspn(path, "/"); *p; p += strspn(p, "/")) {
@@ -86,7 +88,8 @@ static int image_mount_point(const struct ctx *c, int img, const char *path, int
             own = depth; /* the image's entry (or none: the root will hold it) */
         else if (!own && (depth > 1 || !S_ISDIR(st.st_mode) || !merged_top(rel)))
             return 0;    /* the site's entry */
-        fd = openat2_resolve(img, rel, O_PATH | O_DIRECTORY | O_CLOEXEC, how);
+        is_file = file && p[strspn(p, "/")] == '\0'; /* the last one, that file */
+        fd = openat2_resolve(img, rel, O_PATH | (is_file ? 0 : O_DIRECTORY) | O_CLOEXEC, how);
         if (fd >= 0) {
             close(fd);
             continue;
@@ -96,7 +99,10 @@ static int image_mount_point(const struct ctx *c, int img, const char *path, int
         if (!create)
             return 1;
         /* Its parent was just reached with no link, and only we write the overlay. */
-        if (mkdirat(img, rel, 0755) != 0)
+        if (is_file && (fd = openat(img, rel, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW |
+                                    O_CLOEXEC, 0644)) >= 0)
+            close(fd);
+        else if (is_file || mkdirat(img, rel, 0755) != 0)
             die_errno("Cannot make the mount point /%s in the image overlay", rel);
     }
     return 0;
@@ -139,13 +145,17 @@ int writable_image(struct ctx *c, int image)
     if (c->local_path != NULL)
         return image;
     for (size_t i = 0; i < c->vols.n && !need; i++)
-        need = image_mount_point(c, image, c->vols.vol[i].target, 0);
+        need = image_mount_point(c, image, c->vols.vol[i].target, 0, 0);
+    for (size_t i = 0; i < c->gpu.n_mounts && !need; i++)
+        need = image_mount_point(c, image, c->gpu.mounts[i].target, 0, !c->gpu.mounts[i].dir);
     if (!need)
         return image;
     ovl = overlay(c, image);
     close(image);
     for (size_t i = 0; i < c->vols.n; i++)
-        image_mount_point(c, ovl, c->vols.vol[i].target, 1);
+        image_mount_point(c, ovl, c->vols.vol[i].target, 1, 0);
+    for (size_t i = 0; i < c->gpu.n_mounts; i++)
+        image_mount_point(c, ovl, c->gpu.mounts[i].target, 1, !c->gpu.mounts[i].dir);
     if (c->writable_size == 0)
         mnt_set(ovl, 0, ATTR_RO, 0, "the image overlay");
     verbose("image overlay (%s)", c->writable_size ? "writable" : "mount points");

@@ -635,7 +635,9 @@ class ImageManager:
         fields: dict[str, Any],
     ) -> None:
         """Mark READY, or merge into the READY record of the same image (docs/behaviour.md,
-        'Gateway: states')."""
+        'Gateway: states'). The tag index is written first: a client told READY may submit
+        at once, and on a remote system the index is a few ssh round trips away."""
+        self._write_index(system, itype, tag, image_id)
         existing = self.store.find_image(system, image_id, READY)
         if existing is not None and existing["_id"] != rid:
             merged = {k: v for k, v in fields.items() if k not in ("status", "id")}
@@ -649,7 +651,6 @@ class ImageManager:
         else:
             self.store.update(rid, fields)
             self.store.set_tag(system, rid, tag)
-        self._write_index(system, itype, tag, image_id)
 
     def _write_index(self, system: str, itype: str, tag: str, image_id: str | None) -> None:
         """Beyond Shifter: ``<imageDir>/tags/<type>/<tag>`` holds the id, so the runtime can start

@@ -13,9 +13,9 @@ directory and modules, and then *becomes* the setuid helper with ``execv`` (no f
 signals, stdin, the terminal and the exit status are the command's)::
 
     shifter-helper run (--image-id ID | --local PATH) [--volume LIST]…
-        --modules LIST|none [--gpu N,N [--gpu-file DIR/NAME=PATH]…] --workdir DIR
-        [--pmix-dir DIR] [--writable-tmpfs BYTES] --request TYPE:TAG --env-fd N [--etc-fd N]
-        [--verbose] -- CMD [ARG…]
+        --modules LIST|none [--gpu N,N [--gpu-cap N,N] [--gpu-file DIR/NAME=PATH]…]
+        [--gpu-mount TARGET=PATH]… --workdir DIR [--pmix-dir DIR] [--writable-tmpfs BYTES]
+        --request TYPE:TAG --env-fd N [--etc-fd N] [--verbose] -- CMD [ARG…]
 
 The helper trusts none of it and re-checks what needs checking (helpers/PROTOCOL.md).
 Every error found here is one clear message on stderr and exit status 1, before exec;
@@ -97,8 +97,8 @@ Options:
                             --workdir: the image's WORKDIR
   -m, --module=A,B|none     site modules to load instead of the default ones
       --gpu[=N,N]           inject the node's GPU driver and only these GPUs
-                            (/dev/nvidiaN indexes; bare: all of them); also
-                            requested by $CUDA_VISIBLE_DEVICES
+                            (/dev/nvidiaN indexes, or GPU-/MIG- UUIDs; bare: all
+                            of them); also requested by $CUDA_VISIBLE_DEVICES
       --writable-tmpfs[=SIZE]
                             make the image writable: changes go to a layer in
                             memory of at most SIZE (bare: the site's limit),
@@ -277,9 +277,15 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
     env_file = read_env_file(opts.env_file) if opts.env_file is not None else []
     gpus = None
     gpu_files: list[str] = []
-    gpu_devices = ""
+    gpu_devices = gpu_caps = ""
     if opts.use_gpu or environ.get("CUDA_VISIBLE_DEVICES"):
-        from udiroot.gpu import driver_files, helper_argument, node_gpus, requested_gpus
+        from udiroot.gpu import (
+            driver_files,
+            helper_argument,
+            node_gpus,
+            nvml_library,
+            requested_gpus,
+        )
 
         gpus = requested_gpus(opts.use_gpu, opts.gpu, environ)
 
@@ -291,9 +297,16 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
         target = ["--image-id", image_id]
         meta = usable_image(cfg, image_id, posix.getuid(), posix.getgid(), posix.getgroups())
 
+    cdi = None
     if gpus is not None:
-        gpu_devices = helper_argument(node_gpus(gpus, cfg.values))
         gpu_files = driver_files(cfg.values)
+        resolved = node_gpus(gpus, cfg.values, nvml_library(gpu_files))
+        if (cfg.get("cdiSpecDirs") or "").strip():
+            from udiroot.gpu import cdi_plan
+
+            cdi = cdi_plan(cfg.values, gpus, resolved, gpu_files)
+        gpu_devices = helper_argument(resolved.gpus)
+        gpu_caps = helper_argument(resolved.caps)
 
     command = select_command(
         opts.command,
@@ -309,6 +322,13 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
         workdir=opts.workdir,
         image_workdir=meta.workdir,
     )
+    if cdi is not None and cdi.hooks:
+        from udiroot.cdi import hook_command
+        from udiroot.gpu import DEFAULT_SITE_RESOURCES
+
+        hook_files, command = hook_command(
+            cdi, cfg.get("siteResources") or DEFAULT_SITE_RESOURCES, command)
+        gpu_files += [f for f in hook_files if f not in gpu_files]
     if not workdir.startswith("/"):
         # Shifter chdir()s after chroot("/") + chdir("/"): a relative path is from /.
         workdir = "/" + workdir
@@ -324,6 +344,7 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
         modules=modules,
         site=cfg.values,
         gpus=gpus,
+        gpu_env=cdi.env if cdi is not None else (),
     )
     pmix_dir = None
     if "PMIX_SERVER_TMPDIR" in env:
@@ -342,8 +363,12 @@ def plan(opts: Options, environ: Mapping[str, str]) -> list[str]:
     argv += ["--modules", ",".join(m.name for m in modules) or "none"]
     if gpus is not None:
         argv += ["--gpu", gpu_devices]
+        if gpu_caps:
+            argv += ["--gpu-cap", gpu_caps]
         for spec in gpu_files:
             argv += ["--gpu-file", spec]
+        for target, source in cdi.mounts if cdi is not None else ():
+            argv += ["--gpu-mount", f"{target}={source}"]
     if pmix_dir is not None:
         argv += ["--pmix-dir", pmix_dir]
     if writable is not None:

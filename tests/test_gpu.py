@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import stat
 import subprocess
 
@@ -31,7 +32,8 @@ def site(test_users, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def host(site) -> FakeGpuHost:
-    return FakeGpuHost.create(site.base / "gpu-host", gpus=2)
+    """Two GPUs; GPU 1 in MIG mode with two instances (gi1/ci0, gi2/ci0)."""
+    return FakeGpuHost.create(site.base / "gpu-host", gpus=2, mig={1: [(1, 0), (2, 0)]})
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +131,11 @@ def test_driver_files_are_placed_by_elf_class_read_only(site, image, host):
 
 
 def test_only_the_selected_gpus_are_visible(site, image):
-    assert devices(site, image, "--gpu=1") == {"nvidia1", "nvidiactl", "nvidia-modeset",
+    assert devices(site, image, "--gpu=0") == {"nvidia0", "nvidiactl", "nvidia-modeset",
                                                "nvidia-uvm"}
+    # GPU 1 is in MIG mode: with it come its instances' nvidia-caps nodes.
+    assert devices(site, image, "--gpu=1") == {"nvidia1", "nvidiactl", "nvidia-modeset",
+                                               "nvidia-uvm", "nvidia-caps"}
     assert devices(site, image, "--gpu=0,1") >= {"nvidia0", "nvidia1"}
     assert devices(site, image, "--gpu") >= {"nvidia0", "nvidia1"}  # bare: all of them
     res = shifter(site, image, "--gpu=1", "sh", "-c",
@@ -149,7 +154,7 @@ def test_only_the_selected_gpus_are_visible(site, image):
 def test_cuda_visible_devices_requests_gpus(site, image):
     env = {"CUDA_VISIBLE_DEVICES": "1"}
     assert devices(site, image, env=env) == {"nvidia1", "nvidiactl", "nvidia-modeset",
-                                             "nvidia-uvm"}
+                                             "nvidia-uvm", "nvidia-caps"}
     res = shifter(site, image, "gpuprobe", "libcuda.so.1", env=env)
     assert res.returncode == 0 and res.stdout.split()[1].startswith("host-driver:")
     # --gpu wins over the variable.
@@ -157,7 +162,7 @@ def test_cuda_visible_devices_requests_gpus(site, image):
     # A Slurm step with constrained devices: CUDA counts from 0, Slurm names the node's GPU.
     env = {"CUDA_VISIBLE_DEVICES": "0", "SLURM_STEP_GPUS": "1"}
     assert devices(site, image, env=env) == {"nvidia1", "nvidiactl", "nvidia-modeset",
-                                             "nvidia-uvm"}
+                                             "nvidia-uvm", "nvidia-caps"}
     res = shifter(site, image, "sh", "-c", "echo CVD=$CUDA_VISIBLE_DEVICES", env=env)
     assert res.stdout == "CVD=0\n"
 
@@ -266,7 +271,7 @@ def test_helper_refuses_malformed_gpu_files(site, image, spec):
     assert res.returncode == 1 and "Invalid --gpu-file" in res.stderr
     res = site.run(ALICE, [str(HELPER), "run", "--image-id", image, "--gpu-file",
                            "lib/x=/etc/passwd", "--", "/bin/true"])
-    assert res.returncode == 1 and "--gpu-file needs --gpu" in res.stderr
+    assert res.returncode == 1 and "--gpu-mount need --gpu" in res.stderr
 
 
 def test_helper_opens_gpu_files_with_the_callers_rights(site, image, host):
@@ -352,3 +357,273 @@ def test_a_device_acl_is_not_widened_by_the_copy(site, image, host):
         assert "nvidia-uvm-tools" in res.stdout, res.stderr
     finally:
         node.unlink()
+
+
+# -- UUIDs and MIG devices, as Slurm hands them out -----------------------------------------
+
+
+def test_gpu_uuids_select_their_device_nodes(site, image, host):
+    env = {"CUDA_VISIBLE_DEVICES": host.uuids[1]}
+    assert devices(site, image, env=env) == {"nvidia1", "nvidiactl", "nvidia-modeset",
+                                             "nvidia-uvm", "nvidia-caps"}
+    res = shifter(site, image, "sh", "-c", "echo CVD=$CUDA_VISIBLE_DEVICES", env=env)
+    assert res.stdout == f"CVD={host.uuids[1]}\n"  # a UUID stays valid in the container
+    # Slurm's list names the step's GPU by UUID while CUDA counts from 0.
+    env = {"CUDA_VISIBLE_DEVICES": "0", "SLURM_STEP_GPUS": host.uuids[1]}
+    assert "nvidia1" in devices(site, image, env=env)
+    assert "nvidia0" not in devices(site, image, env=env)
+    env = {"CUDA_VISIBLE_DEVICES": "0", "SLURM_JOB_GPUS": host.uuids[0]}  # batch step
+    assert devices(site, image, env=env) == {"nvidia0", "nvidiactl", "nvidia-modeset",
+                                             "nvidia-uvm"}
+    env = {"CUDA_VISIBLE_DEVICES": f"{host.uuids[1]},{host.uuids[0]}"}
+    assert devices(site, image, env=env) >= {"nvidia0", "nvidia1"}
+    assert devices(site, image, f"--gpu={host.uuids[0]}") >= {"nvidia0"}
+
+
+def _mig_devices(site, image, env):
+    res = shifter(site, image, "sh", "-c", "ls /dev | grep '^nvidia[0-9]'; "
+                  "stat -c '%n %t:%T %a' /dev/nvidia-caps/*; echo CVD=$CUDA_VISIBLE_DEVICES",
+                  env=env)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+@pytest.mark.parametrize("style", ["uuid", "gpu/gi/ci"])
+def test_mig_devices_bring_their_caps(site, image, host, style):
+    """A MIG instance: its GPU's /dev/nvidia1 and the two nvidia-caps nodes of its GPU
+    and compute instance (gpu1/gi2: minors 156 and 157), nothing of the other instance."""
+    gi, ci, uuid = host.mig[1][1]
+    sel = uuid if style == "uuid" else f"MIG-{host.uuids[1]}/{gi}/{ci}"
+    out = _mig_devices(site, image, {"CUDA_VISIBLE_DEVICES": sel})
+    assert out.splitlines() == [
+        "nvidia1",
+        "/dev/nvidia-caps/nvidia-cap156 1fc:9c 444",
+        "/dev/nvidia-caps/nvidia-cap157 1fc:9d 444",
+        f"CVD={sel}",
+    ]
+
+
+def test_a_whole_mig_gpu_brings_all_its_instances(site, image, host):
+    res = shifter(site, image, "--gpu=1", "ls", "/dev/nvidia-caps")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [f"nvidia-cap{m}" for m in (147, 148, 156, 157)]
+
+
+def test_unknown_uuids_are_refused_before_anything_is_built(site, image, host):
+    missing = "GPU-00000000-1111-2222-3333-444444444444"
+    res = shifter(site, image, "true", env={"CUDA_VISIBLE_DEVICES": missing})
+    assert res.returncode == 1
+    assert f"{missing}: this node has no GPU {missing}" in res.stderr
+    res = shifter(site, image, "true", env={"CUDA_VISIBLE_DEVICES": f"MIG-{missing[4:]}"})
+    assert res.returncode == 1 and "no such MIG device on this node" in res.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gpu-cap", "../../etc/shadow"], "Invalid MIG device list"),
+    (["--gpu-cap", "156,156"], "given twice"),
+    (["--gpu-cap", "3"], "MIG device 3 was requested but this node has no"),  # not made
+    (["--gpu-mount", "/etc/passwd=/tmp"], "Invalid mount request"),
+    (["--gpu-mount", "/dev/sda=/tmp"], "Invalid mount request"),
+    (["--gpu-mount", "relative=/tmp"], "Invalid --gpu-mount"),
+    (["--gpu-mount", "/x=/a/../etc"], "Invalid --gpu-mount"),
+])
+def test_helper_takes_only_mig_numbers_and_volume_like_mounts(site, image, args, message):
+    """The helper called directly: MIG devices by number from gpuDeviceDir/nvidia-caps
+    only; CDI mounts where a user volume may go, nowhere else."""
+    res = site.run(ALICE, [str(HELPER), "run", "--image-id", image, "--gpu", "1", *args,
+                           "--", "/bin/true"])
+    assert res.returncode == 1 and message in res.stderr, res.stderr
+    res = site.run(ALICE, [str(HELPER), "run", "--image-id", image, *args, "--", "/bin/true"])
+    assert res.returncode == 1
+
+
+def test_helper_opens_cdi_mount_sources_with_the_callers_rights(site, image):
+    """Attack: --gpu-mount naming root's files. Opened as the caller: refused."""
+    secret_dir = site.base / "root-only-cdi"
+    secret_dir.mkdir(exist_ok=True)
+    os.chmod(secret_dir, 0o700)
+    (secret_dir / "secret").write_text("root's\n")
+    for source, why in ((secret_dir / "secret", "Permission denied"),
+                        ("/proc/self/root/etc/shadow", "Too many levels of symbolic links"),
+                        ("/dev/null", "not a file, directory or socket")):
+        res = site.run(ALICE, [str(HELPER), "run", "--image-id", image, "--gpu", "0",
+                               "--gpu-mount", f"/secret={source}", "--", "/bin/true"])
+        assert res.returncode == 1 and "Cannot bind CDI mount source" in res.stderr, source
+        assert why in res.stderr, (source, res.stderr)
+
+
+def test_a_cdi_mount_point_is_never_made_on_the_hosts_directories(site, image):
+    """Attack: --gpu-mount onto a path under the host's /tmp (bound into every
+    container): its mount point would be a file root makes in the host's /tmp. Skipped,
+    nothing made; a mount point on the container's own root is fine."""
+    name = f"cdi-attack-{os.getpid()}"
+    readable = site.base / "cdi-readable"
+    readable.write_text("readable\n")
+    os.chmod(readable, 0o644)
+    res = site.run(ALICE, [str(HELPER), "run", "--image-id", image, "--gpu", "0", "--verbose",
+                           "--gpu-mount", f"/tmp/{name}={readable}",
+                           "--gpu-mount", f"/{name}={readable}", "--", "/bin/cat", f"/{name}"])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "readable\n"
+    assert f"CDI mount /tmp/{name} skipped" in res.stderr
+    assert not os.path.lexists(f"/tmp/{name}")
+
+
+# -- CDI specs ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cdi_image(site, tmp_path_factory) -> str:
+    """busybox with a placeholder /usr/bin/nvidia-smi: a mount point for the spec's mount
+    (no overlay here: a CDI mount needs a mount point in the image)."""
+    tree = busybox_tree(tmp_path_factory.mktemp("cditree") / "root")
+    (tree / "usr" / "bin").mkdir(parents=True, exist_ok=True)
+    (tree / "usr" / "bin" / "nvidia-smi").write_text("")
+    (tree / "usr" / "lib").mkdir(parents=True, exist_ok=True)
+    (tree / "usr" / "lib" / "etc-link").symlink_to("/etc")  # a trap for mount targets
+    sqfs = mksquashfs(tree, tmp_path_factory.mktemp("cdisqfs") / "cdi.squashfs")
+    return site.add_image(sqfs, 'ENV: ["PATH=/usr/bin:/bin"]\n')
+
+
+@pytest.fixture
+def cdi_dir(site, host):
+    d = site.base / "cdi"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def cdi_conf(site, host, cdi_dir, **more: str) -> None:
+    site.write_conf(**host.conf(), cdiSpecDirs=f"{cdi_dir} /nonexistent/cdi", **more)
+
+
+def test_cdi_mount_points_on_the_overlay_never_replace_the_sites_files(site, cdi_image):
+    """Attack (the helper called directly): CDI mounts whose targets lead through an
+    image link into /etc, or name the helper's /etc files, are never mounted there; a
+    target missing inside an image directory gets an empty mount point on the overlay."""
+    readable = site.base / "cdi-readable"
+    readable.write_text("readable\n")
+    os.chmod(readable, 0o644)
+    res = site.run(ALICE, [str(HELPER), "run", "--image-id", cdi_image, "--gpu", "0",
+                           "--verbose", "--gpu-mount", f"/usr/lib/etc-link/passwd={readable}",
+                           "--gpu-mount", f"/usr/lib/etc-link/shifter={readable}",
+                           "--gpu-mount", f"/usr/share/cdi-new/file={readable}", "--",
+                           "/bin/sh", "-c", "cat /usr/share/cdi-new/file; grep -c alice "
+                           "/etc/passwd; ls /etc/shifter 2>&1 | head -1"])
+    assert res.returncode == 0, res.stderr
+    out = res.stdout.splitlines()
+    assert out[0] == "readable" and out[1] == "1", res.stdout  # /etc/passwd is the site's
+    assert "No such file" in out[2]
+    assert "CDI mount /usr/lib/etc-link/passwd skipped: it resolves into a directory " \
+        "reserved for the system" in res.stderr
+    assert "CDI mount /usr/lib/etc-link/shifter skipped" in res.stderr
+    res = site.run(ALICE, [str(HELPER), "run", "--image-id", cdi_image, "--gpu", "0",
+                           "--gpu-mount", f"/etc/passwd={readable}", "--", "/bin/true"])
+    assert res.returncode == 1 and "Invalid mount request" in res.stderr
+
+
+@pytest.mark.parametrize("fmt", ["yaml", "json"])
+def test_a_cdi_spec_is_applied(site, cdi_image, host, cdi_dir, fmt):
+    host.cdi_spec(cdi_dir, fmt=fmt)
+    cdi_conf(site, host, cdi_dir)
+    lib = "/usr/lib/x86_64-linux-gnu/libcuda.so.999.12"
+    res = shifter(site, cdi_image, "--gpu=0", "sh", "-c",
+                  "nvidia-smi; echo NVD=$NVIDIA_VISIBLE_DEVICES; "
+                  f"grep -e ' /usr/bin/nvidia-smi ' -e ' {lib} ' /proc/mounts; wc -c {lib}")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout.splitlines()
+    assert out[0] == f"fake nvidia-smi {host.token}"  # the spec's mount, the image's path
+    assert out[1] == "NVD=void"  # the spec's env
+    for line in out[2:4]:
+        opts = line.split()[3].split(",")
+        assert "ro" in opts and "nosuid" in opts and "nodev" in opts, line
+    # The image has no such file (nor its directory): the overlay over the image holds
+    # the mount point, as for a volume inside an image directory.
+    assert out[4] == f"{(host.lib64 / 'libcuda.so.999.12').stat().st_size} {lib}"
+
+
+def test_a_cdi_mig_device_brings_its_caps(site, cdi_image, host, cdi_dir):
+    host.cdi_spec(cdi_dir)
+    cdi_conf(site, host, cdi_dir)
+    uuid = host.mig[1][0][2]
+    out = _mig_devices(site, cdi_image, {"CUDA_VISIBLE_DEVICES": uuid})
+    assert "/dev/nvidia-caps/nvidia-cap147 1fc:93 444" in out  # gpu1/gi1: 3+135+9
+
+
+def test_allowed_cdi_hooks_run_as_the_user_in_the_container(site, cdi_image, host, cdi_dir):
+    hook = host.bin / "fake-cdi-hook"
+    hook.write_text("#!/bin/sh\necho \"hook $HOOK_ENV $* uid=$(id -u) root=$(ls /)\" >&2\n"
+                    "[ \"$1\" != fail ]\n")
+    os.chmod(hook, 0o755)
+    hooks = ("        - hookName: createContainer\n"
+             f"          path: {hook}\n"
+             "          args: [fake-cdi-hook, update-ldcache, --folder, '/usr/lib']\n"
+             "          env: [HOOK_ENV=from-spec]\n")
+    host.cdi_spec(cdi_dir, hooks=hooks)
+    cdi_conf(site, host, cdi_dir)
+    res = shifter(site, cdi_image, "--gpu=0", "true")
+    assert res.returncode == 1 and "hook from-spec" not in res.stderr  # never ran
+    assert f"its createContainer hook {hook} is not allowed on this node (allowCdiHooks)" \
+        in res.stderr
+    cdi_conf(site, host, cdi_dir, allowCdiHooks=f"/usr/bin/nvidia-cdi-hook {hook}")
+    res = shifter(site, cdi_image, "--gpu=0", "echo", "command ran")
+    assert res.returncode == 0, res.stderr
+    uid = pwd.getpwnam(ALICE).pw_uid
+    assert f"hook from-spec update-ldcache --folder /usr/lib uid={uid} root=" in res.stderr
+    assert "opt" in res.stderr.split("root=")[1]  # the container's /, not the host's
+    assert res.stdout == "command ran\n"
+    host.cdi_spec(cdi_dir, hooks=hooks.replace("update-ldcache", "fail"))
+    res = shifter(site, cdi_image, "--gpu=0", "echo", "command ran")
+    assert res.returncode == 1 and "CDI hook fake-cdi-hook failed" in res.stderr
+    assert "command ran" not in res.stdout
+
+
+@pytest.mark.parametrize("bad", ["mount-source", "not-a-device", "foreign-device",
+                                 "user-writable-file", "user-owned-dir", "symlinked-spec"])
+def test_bad_cdi_specs_are_refused(site, cdi_image, host, cdi_dir, bad):
+    """A spec that would put what is not the driver's into containers, or one a user could
+    have written, stops the launch with the file named, before anything is built."""
+    extra, spec = "", None
+    if bad == "mount-source":
+        extra = ("        - hostPath: /etc/shadow\n          containerPath: /secret\n")
+    elif bad in ("not-a-device", "foreign-device"):
+        fake = host.dev / "nvidia-fake"
+        if bad == "not-a-device":
+            fake.write_text("")
+        extra = ("    - path: /dev/nvidia-fake\n"
+                 f"      hostPath: {fake if bad == 'not-a-device' else '/dev/null'}\n")
+    if bad in ("not-a-device", "foreign-device"):
+        spec = host.cdi_spec(cdi_dir)
+        text = spec.read_text().replace("\n    deviceNodes:\n", "\n    deviceNodes:\n" + extra
+                                        .replace("    - ", "        - ")
+                                        .replace("      host", "          host"), 1)
+        spec.write_text(text)
+    else:
+        spec = host.cdi_spec(cdi_dir, extra_common=extra)
+    alice = pwd.getpwnam(ALICE)
+    if bad == "user-writable-file":
+        os.chown(spec, alice.pw_uid, alice.pw_gid)
+    elif bad == "user-owned-dir":
+        os.chown(cdi_dir, alice.pw_uid, alice.pw_gid)
+    elif bad == "symlinked-spec":
+        target = site.base / "elsewhere.yaml"
+        spec.rename(target)
+        spec.symlink_to(target)
+    cdi_conf(site, host, cdi_dir)
+    try:
+        res = shifter(site, cdi_image, "--gpu=0", "true")
+    finally:
+        (host.dev / "nvidia-fake").unlink(missing_ok=True)
+        (site.base / "elsewhere.yaml").unlink(missing_ok=True)
+    assert res.returncode == 1
+    expected = {
+        "mount-source": f"CDI spec {spec}: mount source /etc/shadow is outside the driver's",
+        "not-a-device": f"device {host.dev}/nvidia-fake is not a character device",
+        "foreign-device": "device /dev/null is not " + f"{host.dev}/nvidia-fake",
+        "user-writable-file": f"spec {spec} is not owned by root (uid {alice.pw_uid})",
+        "user-owned-dir": f"spec dir {cdi_dir} is not owned by root",
+        "symlinked-spec": f"cannot open the CDI spec {spec}: Too many levels",
+    }[bad]
+    assert expected in res.stderr, res.stderr

@@ -8,6 +8,9 @@ from udiroot.environ import build_environment
 from udiroot.gpu import GpuError, apply_gpu_env, helper_argument, requested_gpus
 
 G = "/opt/shifter/site-resources/gpu"
+U0 = "GPU-5d5ba0d6-d33d-2b2c-524d-9e3d8d2b8a77"
+U1 = "GPU-1c6ad2f7-0f7e-4a9b-8c3d-2e4f6a8b0c1d"
+M0 = "MIG-c6d4f1ef-42e4-5de3-91c7-45d71c87eb3f"
 
 
 @pytest.mark.parametrize(("given", "option", "environ", "expected"), [
@@ -27,6 +30,12 @@ G = "/opt/shifter/site-resources/gpu"
     (False, None, {"CUDA_VISIBLE_DEVICES": "0", "SLURM_STEP_GPUS": "1,2"}, [0]),  # mismatch
     (False, None, {"SLURM_STEP_GPUS": "1"}, None),  # no CUDA_VISIBLE_DEVICES: no request
     (True, "0", {"CUDA_VISIBLE_DEVICES": "0", "SLURM_STEP_GPUS": "1"}, [0]),  # --gpu wins
+    # UUIDs name devices outright: Slurm's list does not renumber them.
+    (False, None, {"CUDA_VISIBLE_DEVICES": f"{U1},{U0}"}, [U1, U0]),
+    (False, None, {"CUDA_VISIBLE_DEVICES": M0, "SLURM_STEP_GPUS": "3"}, [M0]),
+    (False, None, {"CUDA_VISIBLE_DEVICES": f"MIG-{U0}/1/0"}, [f"MIG-{U0}/1/0"]),
+    (False, None, {"CUDA_VISIBLE_DEVICES": "0", "SLURM_STEP_GPUS": U1}, [U1]),
+    (True, U0, {}, [U0]),
 ])
 def test_requested_gpus(given, option, environ, expected):
     assert requested_gpus(given, option, environ) == expected
@@ -37,7 +46,11 @@ def test_requested_gpus(given, option, environ, expected):
     ("a", {}, "Invalid --gpu 'a'"),
     ("1,1", {}, "GPU 1 is given twice"),
     ("64", {}, "from 0 to 63"),
-    (None, {"CUDA_VISIBLE_DEVICES": "GPU-12ab"}, "GPU UUIDs are not supported"),
+    (None, {"CUDA_VISIBLE_DEVICES": "GPU-12ab"}, "or GPU UUIDs"),  # not a whole UUID
+    (None, {"CUDA_VISIBLE_DEVICES": f"0,{U0}"}, "either indexes or UUIDs, not both"),
+    (None, {"CUDA_VISIBLE_DEVICES": f"{U0},{U0}"}, "is given twice"),
+    (None, {"CUDA_VISIBLE_DEVICES": f"MIG-{U0[4:]}/1/0"}, "Invalid CUDA_VISIBLE_DEVICES"),
+    (None, {"CUDA_VISIBLE_DEVICES": f"MIG-{U0}/1"}, "Invalid CUDA_VISIBLE_DEVICES"),
     (None, {"CUDA_VISIBLE_DEVICES": "0,"}, "Invalid CUDA_VISIBLE_DEVICES '0,'"),
     (None, {"CUDA_VISIBLE_DEVICES": "١"}, "Invalid CUDA_VISIBLE_DEVICES"),  # not ASCII
     (None, {"CUDA_VISIBLE_DEVICES": "0", "SLURM_STEP_GPUS": "x"}, "Invalid SLURM_STEP_GPUS"),
@@ -127,3 +140,127 @@ def test_ld_cache_reader_survives_damaged_caches():
         except GpuError:
             continue
         assert all(isinstance(n, str) and isinstance(p, str) for n, p in entries)
+
+
+def test_uuids_keep_cuda_visible_devices():
+    env: dict[str, str] = {}
+    apply_gpu_env(env, [U1, M0], None)
+    assert env["CUDA_VISIBLE_DEVICES"] == f"{U1},{M0}"
+
+
+# -- the driver's tables (the fake driver of tests/world/gpuhost.py) ------------------------
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    from world.gpuhost import FakeGpuHost
+
+    return FakeGpuHost.create(tmp_path_factory.mktemp("gpuids") / "host", gpus=3,
+                              mig={1: [(1, 0), (2, 0)], 2: [(7, 3)]})
+
+
+def _nvml(fake):
+    from udiroot.gpu import driver_files, nvml_library
+
+    return nvml_library(driver_files(fake.conf()))
+
+
+def test_uuids_and_mig_devices_resolve_to_their_device_nodes(fake):
+    from world.gpuhost import mig_minor
+
+    from udiroot.gpu import node_gpus
+
+    cfg = fake.conf()
+    r = node_gpus([fake.uuids[2], "GPU-" + fake.uuids[0][4:].upper()], cfg)  # any case
+    # A whole GPU in MIG mode brings all its instances' caps (GPU 2: gi7/ci3).
+    assert (r.gpus, r.caps) == ([2, 0], [mig_minor(2, 7), mig_minor(2, 7, 3)])
+    assert node_gpus([0], cfg).caps == []
+    # A MIG UUID: NVML gives its parent and instances; /proc gives the cap minors.
+    mig = fake.mig[1][1][2]
+    r = node_gpus([mig], cfg, _nvml(fake))
+    assert (r.gpus, r.caps) == ([1], [mig_minor(1, 2), mig_minor(1, 2, 0)])
+    assert r.caps == [21 + 135, 22 + 135]  # gpu1/gi2/access, gpu1/gi2/ci0/access
+    # The older MIG-GPU-<uuid>/<gi>/<ci> needs no NVML.
+    r = node_gpus([f"MIG-{fake.uuids[2]}/7/3"], cfg)
+    assert (r.gpus, r.caps) == ([2], [mig_minor(2, 7), mig_minor(2, 7, 3)])
+    # Two instances of one GPU: the GPU once.
+    r = node_gpus([fake.mig[1][0][2], mig], cfg, _nvml(fake))
+    assert r.gpus == [1] and len(r.caps) == 4
+    # What the driver lists, in its own words.
+    assert all(f"(UUID: {u})" in fake.smi_list() for u in fake.uuids)
+    minors = (fake.proc / "nvidia-caps" / "mig-minors").read_text().splitlines()
+    assert "gpu0/gi2/access 21" in minors and "gpu0/gi2/ci0/access 22" in minors
+
+
+@pytest.mark.parametrize(("sel", "message"), [
+    ("GPU-00000000-0000-0000-0000-000000000000", "this node has no GPU GPU-00000000"),
+    ("MIG-00000000-0000-0000-0000-000000000000", "no such MIG device on this node"),
+    ("MIG-GPU-00000000-0000-0000-0000-000000000000/1/0", "this node has no GPU"),
+    ("old/1/5", "has no MIG instance gi1/ci5"),
+])
+def test_unknown_uuids_are_named(fake, sel, message):
+    from udiroot.gpu import node_gpus
+
+    if sel.startswith("old"):
+        sel = f"MIG-{fake.uuids[1]}/1/5"
+    with pytest.raises(GpuError, match=message):
+        node_gpus([sel], fake.conf(), _nvml(fake))
+
+
+def test_mig_uuid_without_nvml(fake):
+    from udiroot.gpu import node_gpus
+
+    with pytest.raises(GpuError, match="a MIG UUID needs NVML"):
+        node_gpus([fake.mig[1][0][2]], fake.conf(), None)
+
+
+# -- CDI specs -------------------------------------------------------------------------------
+
+
+def test_yaml_reader_agrees_with_pyyaml(fake, tmp_path):
+    """The spec reader (no PyYAML under python3 -I -S) against PyYAML: the spec the fake
+    driver writes as nvidia-ctk does, and the constructs hand-written specs use."""
+    import yaml
+
+    from udiroot.cdiyaml import loads
+
+    spec = fake.cdi_spec(tmp_path / "cdi", hooks="        - hookName: createContainer\n"
+                         "          path: /usr/bin/nvidia-cdi-hook\n"
+                         "          args: [nvidia-cdi-hook, update-ldcache, '--folder', "
+                         "\"/usr/lib\"]  # comment\n          env:\n"
+                         "            - NVIDIA_CTK_DEBUG=false\n")
+    text = spec.read_text()
+    assert loads(text) == yaml.safe_load(text)
+    assert loads(text)["devices"][0]["name"] == "0"  # quoted: a string, not a number
+    for text in ("a:\n- 1\n- -2\n- x y\nb: {}\nc: []\nd: ~\ne: 'it''s'\nf: \"q\\\"\"\n",
+                 "- a: 1\n  b:\n    - c\n-\n  - d\n", "k: 0\nj: true\n"):
+        assert loads(text) == yaml.safe_load(text), text
+
+
+@pytest.mark.parametrize("text", ["a: &x 1\nb: *x\n", "a: |\n  text\n", "a: !!str 1\n",
+                                  "a: 1\n---\nb: 2\n", "a: {b: 1}\n", "a:\n  - 1\n   - 2\n",
+                                  "a: 'open\n", "a: 1\na: 2\n", "mode: 0755\n"])
+def test_yaml_reader_refuses_the_rest(text):
+    from udiroot.cdiyaml import SpecSyntaxError, loads
+
+    with pytest.raises(SpecSyntaxError):
+        loads(text)
+
+
+def test_cdi_spec_dirs_through_root_links_and_bad_entries(fake, tmp_path):
+    """A spec dir reached through a root-owned link (``/var/run`` → ``/run``) is read; a
+    missing one is skipped; an env entry that is not NAME=VALUE is refused."""
+    from udiroot.cdi import CdiError, plan
+
+    real = tmp_path / "run"
+    real.mkdir()
+    spec = fake.cdi_spec(real / "cdi")
+    (tmp_path / "var-run").symlink_to(real)
+    cfg = {**fake.conf(), "cdiSpecDirs": f"{tmp_path}/var-run/cdi {tmp_path}/missing"}
+    p = plan(cfg, ["0"], [str(fake.lib64), str(fake.bin)])
+    assert p.gpus == [0] and ("NVIDIA_VISIBLE_DEVICES", "void") in p.env
+    assert ("/usr/bin/nvidia-smi", f"{fake.bin}/nvidia-smi") in p.mounts
+    assert plan(cfg, ["7"], []).specs == []  # no device of the spec asked for: nothing
+    spec.write_text(spec.read_text().replace("- NVIDIA_VISIBLE_DEVICES=void", "- =void"))
+    with pytest.raises(CdiError, match="env entry '=void' is not NAME=VALUE"):
+        plan(cfg, ["0"], [str(fake.lib64), str(fake.bin)])

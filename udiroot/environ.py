@@ -112,11 +112,14 @@ def build_environment(
     env_options: Iterable[str] = (),
     modules: Sequence[Module] = (),
     site: Mapping[str, str] | None = None,
-    gpus: list[int] | str | None = None,
+    gpus: list[int | str] | str | None = None,
+    gpu_env: Iterable[tuple[str, str]] = (),
 ) -> dict[str, str]:
     """The whole stack of docs/behaviour.md, 'Runtime: environment'. ``modules`` are the
     active ones in order; ``site`` is ``UdiRootConfig.values``; ``env_file`` is
-    :func:`parse_env_file` output; ``gpus`` is :func:`udiroot.gpu.requested_gpus` output."""
+    :func:`parse_env_file` output; ``gpus`` is :func:`udiroot.gpu.requested_gpus` output;
+    ``gpu_env``, the CDI specs' variables (:mod:`udiroot.cdi`), comes right after the GPU
+    layer."""
     env = caller_environment(caller, clearenv)
     if image_request is not None:
         env["SHIFTER_IMAGEREQUEST"] = image_request
@@ -135,6 +138,7 @@ def build_environment(
         from udiroot.gpu import apply_gpu_env
 
         apply_gpu_env(env, gpus, (site or {}).get("siteResources"))
+        env.update(gpu_env)
     for module in modules:
         apply_site_env(env, module.values, f"module {module.name}")
     if site is not None:

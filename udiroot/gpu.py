@@ -4,7 +4,9 @@ GPU').
 GPU support is requested by ``--gpu`` (bare: every GPU of the node; ``--gpu=0,1``: those
 device indexes) or, as Shifter did, by ``CUDA_VISIBLE_DEVICES`` being set, non-empty and
 not ``NoDevFiles``; ``--gpu`` wins over the variable. The indexes are those of
-``/dev/nvidiaN``. Inside a Slurm step whose devices are constrained by cgroups,
+``/dev/nvidiaN``; GPU and MIG UUIDs are turned into device numbers by
+:mod:`udiroot.gpuids`, and the site's CDI specs add their part (:mod:`udiroot.cdi`).
+Inside a Slurm step whose devices are constrained by cgroups,
 ``CUDA_VISIBLE_DEVICES`` counts from 0 among the step's GPUs while ``SLURM_STEP_GPUS``
 (``SLURM_JOB_GPUS`` in the batch step) names the node's real ones: when that list is set
 and as long, it picks the device nodes. This module reads the request, finds the
@@ -18,7 +20,8 @@ into their own container):
   library must match the running kernel module);
 * ``PATH`` gets ``<siteResources>/gpu/bin`` at the end (the image's tools win);
 * with explicit indexes, ``CUDA_VISIBLE_DEVICES`` becomes ``0,…,n-1``: only the selected
-  device nodes exist in the container, and CUDA numbers the devices it can open from 0.
+  device nodes exist in the container, and CUDA numbers the devices it can open from 0;
+  with UUIDs it is the UUIDs (CUDA finds a device by UUID whatever it sees).
 """
 
 from __future__ import annotations
@@ -27,9 +30,13 @@ import posix
 import stat
 import struct
 
+from udiroot.gpuids import GpuIdError, Resolved, is_uuid, resolve
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
+
+    from udiroot.cdi import Plan
 
 DEFAULT_SITE_RESOURCES = "/opt/shifter/site-resources"
 DEFAULT_LD_CACHE = "/etc/ld.so.cache"
@@ -55,50 +62,61 @@ class GpuError(ValueError):
     """A malformed GPU request; the message names it and says what is expected."""
 
 
-def parse_gpu_list(text: str, source: str) -> list[int]:
-    """``0,2`` → ``[0, 2]``; ``source`` names where the text came from, for messages."""
-    indexes: list[int] = []
+def parse_gpu_list(text: str, source: str) -> list[int | str]:
+    """``0,2`` → ``[0, 2]``; ``GPU-…,MIG-…`` → the UUIDs (one kind per list: CUDA counts an
+    index among the devices it sees, a UUID names one outright). ``source`` names where
+    the text came from, for messages."""
+    selectors: list[int | str] = []
     for piece in text.split(","):
         piece = piece.strip()
-        if not piece.isdigit() or not piece.isascii() or int(piece) >= MAX_GPUS:
-            hint = ""
-            if piece.upper().startswith(("GPU-", "MIG-")):
-                hint = " (GPU UUIDs are not supported: give device indexes)"
+        sel: int | str
+        if piece.isdigit() and piece.isascii() and int(piece) < MAX_GPUS:
+            sel = int(piece)
+        elif is_uuid(piece):
+            sel = piece
+        else:
             raise GpuError(
                 f"Invalid {source} '{text}': expected GPU indexes from 0 to {MAX_GPUS - 1} "
-                f"such as 0,1{hint}"
+                "such as 0,1, or GPU UUIDs (GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx, MIG-…)"
             )
-        if int(piece) in indexes:
-            raise GpuError(f"Invalid {source} '{text}': GPU {int(piece)} is given twice")
-        indexes.append(int(piece))
-    return indexes
+        if sel in selectors:
+            raise GpuError(f"Invalid {source} '{text}': GPU {sel} is given twice")
+        selectors.append(sel)
+    if len({type(s) for s in selectors}) > 1:
+        raise GpuError(f"Invalid {source} '{text}': give either indexes or UUIDs, not both")
+    return selectors
 
 
 def requested_gpus(
     option_given: bool, option: str | None, environ: Mapping[str, str]
-) -> list[int] | str | None:
-    """``None`` (no GPU support), ``"all"``, or the device indexes asked for."""
+) -> list[int | str] | str | None:
+    """``None`` (no GPU support), ``"all"``, or the indexes or UUIDs asked for."""
     if option_given:
         return ALL if option is None else parse_gpu_list(option, "--gpu")
     visible = environ.get("CUDA_VISIBLE_DEVICES", "")
     if visible.strip() == "" or visible == "NoDevFiles":
         return None
-    indexes = parse_gpu_list(visible, "CUDA_VISIBLE_DEVICES")
+    selectors = parse_gpu_list(visible, "CUDA_VISIBLE_DEVICES")
+    if isinstance(selectors[0], str):
+        return selectors  # UUIDs name the devices whatever the step's numbering
     for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
         if environ.get(name, "").strip():
             slurm = parse_gpu_list(environ[name], name)
-            return slurm if len(slurm) == len(indexes) else indexes
-    return indexes
+            return slurm if len(slurm) == len(selectors) else selectors
+    return selectors
 
 
 def helper_argument(gpus: list[int] | str) -> str:
     return gpus if isinstance(gpus, str) else ",".join(str(i) for i in gpus)
 
 
-def node_gpus(gpus: list[int] | str, cfg: Mapping[str, str]) -> list[int]:
-    """The device indexes for the helper: ``all`` becomes every ``nvidiaN`` character
-    device of ``gpuDeviceDir`` (default ``/dev``); each index asked for must be one. The
-    helper checks each again; this gives the messages."""
+def node_gpus(gpus: list[int | str] | str, cfg: Mapping[str, str],
+              nvml: str | None = None) -> Resolved:
+    """The device nodes for the helper: ``all`` becomes every ``nvidiaN`` character
+    device of ``gpuDeviceDir`` (default ``/dev``); UUIDs are looked up in the driver's
+    tables (:mod:`udiroot.gpuids`); each GPU must be a device there, and each MIG
+    instance's ``nvidia-caps/nvidia-capN`` too. The helper checks each again; this gives
+    the messages."""
     where = cfg.get("gpuDeviceDir") or "/dev"
     present = []
     try:
@@ -110,26 +128,52 @@ def node_gpus(gpus: list[int] | str, cfg: Mapping[str, str]) -> list[int]:
         if not (name.startswith("nvidia") and number.isdigit() and number.isascii()
                 and str(int(number)) == number and int(number) < MAX_GPUS):
             continue
-        try:
-            if stat.S_ISCHR(posix.lstat(f"{where}/{name}").st_mode):
-                present.append(int(number))
-        except OSError:
-            continue
+        if _is_char_device(f"{where}/{name}"):
+            present.append(int(number))
     present.sort()
     if not present:
         raise GpuError(f"{FAILED}: GPUs were requested but this node has no GPU devices "
                        f"(no {where}/nvidiaN). Run without --gpu, or on a GPU node.")
     if isinstance(gpus, str):
-        return present
-    for index in gpus:
+        gpus = list(present)
+    try:
+        resolved = resolve(gpus, cfg.get("gpuProcDir"), nvml)
+    except GpuIdError as exc:
+        raise GpuError(str(exc)) from None
+    for index, sel in zip(resolved.gpus, gpus, strict=False):
         if index not in present:
             have = ",".join(str(n) for n in present)
-            raise GpuError(f"{FAILED}: GPU {index} was requested but this node has no "
+            what = f"GPU {sel}" if isinstance(sel, int) else f"{sel} (GPU {index})"
+            raise GpuError(f"{FAILED}: {what} was requested but this node has no "
                            f"{where}/nvidia{index} (its GPUs: {have})")
-    return gpus
+    for index in resolved.gpus:
+        if index not in present:
+            raise GpuError(f"{FAILED}: this node has no {where}/nvidia{index}")
+    for cap in resolved.caps:
+        if not _is_char_device(f"{where}/nvidia-caps/nvidia-cap{cap}"):
+            raise GpuError(f"{FAILED}: the MIG device {where}/nvidia-caps/nvidia-cap{cap} "
+                           "is missing (is nvidia-modprobe -f /proc/driver/nvidia-caps/"
+                           "mig-minors run on this node?)")
+    return resolved
 
 
-def apply_gpu_env(env: dict[str, str], gpus: list[int] | str, site_resources: str | None) -> None:
+def _is_char_device(path: str) -> bool:
+    try:
+        return stat.S_ISCHR(posix.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def nvml_library(files: list[str]) -> str | None:
+    """The host's ``libnvidia-ml.so.1`` among :func:`driver_files` output."""
+    for spec in files:
+        if spec.startswith("lib64/libnvidia-ml.so.1="):
+            return spec.split("=", 1)[1]
+    return None
+
+
+def apply_gpu_env(env: dict[str, str], gpus: list[int | str] | str,
+                  site_resources: str | None) -> None:
     """The GPU layer of the environment (after ``--env``, before the modules and the site)."""
     base = (site_resources or DEFAULT_SITE_RESOURCES).rstrip("/") + "/gpu"
     libs = f"{base}/lib64:{base}/lib"
@@ -137,7 +181,9 @@ def apply_gpu_env(env: dict[str, str], gpus: list[int] | str, site_resources: st
     env["LD_LIBRARY_PATH"] = f"{libs}:{current}" if current else libs
     current = env.get("PATH")
     env["PATH"] = f"{current}:{base}/bin" if current else f"{base}/bin"
-    if not isinstance(gpus, str):
+    if isinstance(gpus, list) and gpus and isinstance(gpus[0], str):
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(u) for u in gpus)  # UUIDs stay valid
+    elif not isinstance(gpus, str):
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(gpus)))
 
 
@@ -276,3 +322,23 @@ def driver_files(cfg: Mapping[str, str]) -> list[str]:
     if len(files) > MAX_FILES:
         raise GpuError(f"{FAILED}: more than {MAX_FILES} driver files")
     return [f"{where}/{name}={file}" for (where, name), file in files.items()]
+
+
+def cdi_plan(cfg: Mapping[str, str], gpus: list[int | str] | str, resolved: Resolved,
+             files: list[str]) -> Plan:
+    """The CDI specs' part of the launch (:mod:`udiroot.cdi`): their device nodes join
+    ``resolved``; the driver's directories are those of ``files`` (:func:`driver_files`)
+    and ``gpuBinaryPath``."""
+    from udiroot.cdi import CdiError, names_of, plan
+
+    dirs = [f.split("=", 1)[1].rsplit("/", 1)[0] or "/" for f in files]
+    dirs += (cfg.get("gpuBinaryPath") or DEFAULT_BINARY_PATH).split(":")
+    dirs = [d for i, d in enumerate(dirs) if _clean_path(d) and d not in dirs[:i]]
+    try:
+        out = plan(cfg, names_of(gpus, cfg.get("gpuProcDir")), dirs)
+    except CdiError as exc:
+        raise GpuError(str(exc)) from None
+    for gpu in out.gpus:
+        resolved.add(gpu)
+    resolved.caps += [c for c in out.caps if c not in resolved.caps]
+    return out

@@ -2,7 +2,8 @@
  * options; the harness includes both): the input is NUL-separated arguments, the first
  * byte picks run's options or setup's (--user, --uid, --gid, --nodes, --ssh-pubkey, whose
  * checks, hosts_validate and sshd_check_key, run too).  common_checks re-validates the
- * image id, --local, --volume, --modules, --gpu and --gpu-file against a fixed
+ * image id, --local, --volume, --modules, --gpu, --gpu-cap, --gpu-file and --gpu-mount
+ * against a fixed
  * udiRoot.conf (an empty imagePath, so no image is ever found; no device dir); the text
  * of --pmix-dir goes through pmix_check_path (opening it is the kernel's part). */
 /* Renamed, main() loses its implicit "return 0" (it ends in usage(), which dies). */

@@ -298,6 +298,12 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
         netns.delete(name)
         if name in self._netns:
             self._netns.remove(name)
+        # The killed slurmstepds' sockets stay in the spool dir: stop() would wait for
+        # those "steps" in vain.
+        spool = self.workdir / "nodes" / node / "spool"
+        for path in spool.iterdir() if spool.is_dir() else []:
+            if path.is_socket():
+                path.unlink(missing_ok=True)
 
     def revive_node(self, node: str, timeout: float = 60) -> None:
         """A killed node boots again: fresh namespaces, a fresh slurmd; returns when it
@@ -361,7 +367,9 @@ PartitionName=whole Nodes={names} OverSubscribe=EXCLUSIVE MaxTime=INFINITE State
             if not (d / key).exists():
                 subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
                                 "virtual cluster", "-f", str(d / key)], check=True)
-        # StrictModes no: the keys sit below /tmp, which sshd's mode check refuses
+        # StrictModes no: the keys sit below /tmp, which sshd's mode check refuses.
+        # MaxStartups: every node mounts at once; sshd's default (10:30:100) drops
+        # connections past 10 unauthenticated ones, and a 16-node cluster failed to start.
         (d / "sshd_config").write_text(f"""\
 Port 22
 ListenAddress {SVC_ADDR}
@@ -374,6 +382,7 @@ UsePAM no
 StrictModes no
 Subsystem sftp internal-sftp
 PidFile none
+MaxStartups 4096
 """)
         self._spawn_in(self.svc_netns, "sshd", "svc", [],
                        ["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")])

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from .gateway import Gateway
 from .imagebuild import File, Symlink, build_layer, push_image
 from .runtime import HELPER, TEST_CONF, RuntimeSite
 from .slurm import (
+    PLUGIN_SRC,
     Client,
     Submitted,
     asan_runtime,
@@ -139,6 +141,13 @@ class ClusterWorld:
                 path.write_text(text)
 
 
+def product_plugin() -> Path:
+    """``make -C slurm``: the plugin as ``make install`` builds it (no sanitizer)."""
+    src = PLUGIN_SRC
+    subprocess.run(["make", "-s", "-C", str(src), "all"], check=True)
+    return src / "build" / "shifter_slurm.so"
+
+
 def tree_entries(root: Path) -> list[Any]:
     """A directory tree as layer entries (regular files and symlinks)."""
     out: list[Any] = []
@@ -163,10 +172,13 @@ def cluster_world(base: Path, *, munged: Any, registry: Any, test_users: dict[st
                   nodes: int = 4, plugstack_args: dict[str, str] | None = None,
                   conf: dict[str, str] | None = None,
                   gateway_extra: dict[str, Any] | None = None,
-                  keep_tmp: tuple[Path, ...] = ()) -> Iterator[ClusterWorld]:
+                  keep_tmp: tuple[Path, ...] = (),
+                  sanitized: bool = True) -> Iterator[ClusterWorld]:
     """The whole world, started; everything stopped and removed after (also on error).
     ``base`` must be reachable by the test users (0755 up to it); ``keep_tmp`` adds to
-    what stays visible in the nodes' /tmp (``base`` and the munge socket's dir do)."""
+    what stays visible in the nodes' /tmp (``base`` and the munge socket's dir do).
+    ``sanitized=False`` (bench/cluster) loads the plugin's product build everywhere and
+    preloads no ASan runtime into the clients (nor, through them, into every task)."""
     site = RuntimeSite.create(base / "site")
     bindir = write_launchers(base / "bin", HELPER)
     uid, gid = test_users[ALICE]
@@ -180,11 +192,17 @@ def cluster_world(base: Path, *, munged: Any, registry: Any, test_users: dict[st
     state_dir = base / "shifter-state"  # plugstack_line's, beside bindir
     state_dir.mkdir(mode=0o700)
     args = {**(plugstack_args or {})}
+    if sanitized:
+        plugin, client_plugin, preload = build_plugin("ubsan"), build_plugin("asan"), \
+            asan_runtime()
+    else:
+        plugin = client_plugin = product_plugin()
+        preload = None
     cluster = VirtualCluster(
         base / "cluster", nodes=nodes, munge_socket=munged.socket,
-        plugstack=plugstack_line(build_plugin("ubsan"), bindir, TEST_CONF, **args),
-        client_plugstack=plugstack_line(build_plugin("asan"), bindir, TEST_CONF, **args),
-        client_preload=asan_runtime(),
+        plugstack=plugstack_line(plugin, bindir, TEST_CONF, **args),
+        client_plugstack=plugstack_line(client_plugin, bindir, TEST_CONF, **args),
+        client_preload=preload,
         keep_tmp=[base, Path(munged.socket).parent, *keep_tmp],
         private_dirs=[state_dir, site.cache_dir],
         shared={site.image_dir: export})
