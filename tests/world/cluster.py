@@ -201,6 +201,9 @@ SlurmctldLogFile={w}/slurmctld.log
 SlurmdLogFile={w}/nodes/%n/slurmd.log
 SlurmdDebug=info
 SlurmdTimeout={self.slurmd_timeout}
+# A loaded 2-core machine: a step launch once failed on connect (default TCPTimeout 2 s)
+MessageTimeout=30
+TCPTimeout=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SwitchType=switch/none
