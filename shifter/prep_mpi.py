@@ -15,6 +15,8 @@ failure leaves nothing half-written)::
                                   (Debian's ``libmpich.so.12``; and libmpich.so.12 for an
                                   upstream ``libmpi.so.12``; likewise ``mpicxx``/``mpifort``)
     lib64/dep/<soname>         every non-system library they need, recursively
+    lib64/dep/ucx/<plugin>     UCX's transport plugins (cma, ib, ...) when the MPI uses
+                               UCX: UCX loads them from next to libucs, not via ldd
     bin/check-abi              the optional userhook: refuses an image whose MPI is not
                                MPICH-ABI (e.g. Open MPI's ``libmpi.so.40``)
     udiRoot.conf.lines         the configuration lines, also printed on stdout
@@ -295,6 +297,8 @@ def build(root: Path, libs: list[MpiLib], pe: Patchelf, resolver: Resolver,
             mod.sources.append((dep_rel, found))
             mod.deps[name] = dep_rel
             queue.append((dep_rel, Path(os.path.realpath(found))))
+            if fnmatch.fnmatchcase(name, "libucs.so.*"):
+                queue += ucx_plugins(root, found, mod)
         mod.needs[rel] = mine
     for rel, names in mod.needs.items():
         here = (root / rel).parent
@@ -311,6 +315,35 @@ def build(root: Path, libs: list[MpiLib], pe: Patchelf, resolver: Resolver,
         if pe.rpath(root / rel) != ":".join(dirs):
             raise PrepError(f"patchelf did not set the RUNPATH of {rel}")
     return mod
+
+
+def ucx_plugins(root: Path, libucs: Path, mod: Module) -> list[tuple[str, Path]]:
+    """Copy UCX's transport plugins (``libuct_cma.so.0``, ...) into ``lib64/dep/ucx``.
+
+    UCX dlopens them at run time from the directory ``ucx`` next to the ``libucs`` it was
+    loaded from (and from its compiled-in module dir, a host path that the image does not
+    have). Without them UCX inside the container has only its built-in transports:
+    no cross-memory attach, so ranks on one node talk through TCP (much slower than bare,
+    and with many ranks per node it runs out of connections). Returns the copies, to be
+    scanned for their own dependencies like any other library."""
+    plugin_dir = libucs.parent / "ucx"
+    copied: list[tuple[str, Path]] = []
+    if not plugin_dir.is_dir():
+        return copied
+    (root / "lib64" / "dep" / "ucx").mkdir(exist_ok=True)
+    for entry in sorted(plugin_dir.glob("lib*.so.*")):
+        real = Path(os.path.realpath(entry))
+        # The loader opens lib<name>.so.<major>: take each once, by that name.
+        if entry.name.count(".so.") != 1 or "." in entry.name.split(".so.", 1)[1]:
+            continue
+        if not real.is_file() or elf_kind(real) != elf_kind(libucs):
+            continue
+        rel = f"lib64/dep/ucx/{entry.name}"
+        copy_lib(real, root / rel)
+        mod.sources.append((rel, entry))
+        mod.deps[entry.name] = rel  # one plugin may need another (rdmacm needs ib)
+        copied.append((rel, real))
+    return copied
 
 
 def copy_lib(src: Path, dst: Path) -> None:

@@ -22,6 +22,8 @@ PREP = REPO / ".venv" / "bin" / "shifter-prep-mpi"
 SYSTEM = {"linux-vdso.so.1", "ld-linux-x86-64.so.2", "libc.so.6", "libm.so.6", "libdl.so.2",
           "libpthread.so.0", "librt.so.1", "libresolv.so.2", "libgcc_s.so.1"}
 MPI_REAL = ("libmpich.so.12.2.2", "libmpichcxx.so.12.2.2", "libmpichfort.so.12.2.2")
+# UCX's transport plugins, which it dlopens from next to libucs (not in any ldd output).
+UCX_PLUGINS = ("libuct_cma.so.0", "libuct_ib.so.0", "libuct_rdmacm.so.0")
 
 
 def prep(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -89,9 +91,21 @@ def test_dependencies_are_the_non_system_closure(debian_module):
     expected: set[str] = set()
     for real in MPI_REAL:
         expected |= set(ldd(MPICH_LIBDIR / real))
-    expected -= SYSTEM | {"libmpich.so.12"}
+    for plugin in UCX_PLUGINS:
+        expected |= set(ldd(MPICH_LIBDIR / "ucx" / plugin))
+    expected -= SYSTEM | {"libmpich.so.12", *UCX_PLUGINS}
     assert {"libhwloc.so.15", "libucp.so.0", "libucs.so.0", "libuct.so.0"} <= expected
-    assert {p.name for p in (out / "lib64" / "dep").iterdir()} == expected
+    assert {p.name for p in (out / "lib64" / "dep").iterdir()} == expected | {"ucx"}
+
+
+def test_ucx_transport_plugins_sit_next_to_libucs(debian_module):
+    """UCX looks for its plugins in ``ucx/`` beside the libucs it was loaded from: without
+    them, ranks on one node lose cross-memory attach and talk over TCP (issue 12)."""
+    out, _ = debian_module
+    plugins = out / "lib64" / "dep" / "ucx"
+    assert sorted(p.name for p in plugins.iterdir()) == sorted(UCX_PLUGINS)
+    assert rpath(plugins / "libuct_cma.so.0") == "$ORIGIN/.."  # libucs, libuct
+    assert rpath(plugins / "libuct_rdmacm.so.0") == "$ORIGIN:$ORIGIN/.."  # + libuct_ib
 
 
 def test_runpaths_point_inside_the_module(debian_module):
@@ -101,13 +115,15 @@ def test_runpaths_point_inside_the_module(debian_module):
     assert rpath(lib64 / "libmpichfort.so.12.2.2") == "$ORIGIN:$ORIGIN/dep"  # + libmpich
     assert rpath(lib64 / "dep" / "libucp.so.0") == "$ORIGIN"
     assert rpath(lib64 / "dep" / "libnuma.so.1") == ""  # needs nothing but glibc
-    for path in [*lib64.glob("*.so.*.*"), *(lib64 / "dep").iterdir()]:
+    for path in [*lib64.glob("*.so.*.*"), *(lib64 / "dep").glob("*.so.*"),
+                 *(lib64 / "dep" / "ucx").iterdir()]:
         assert not any(d.startswith("/") for d in rpath(path).split(":")), path
 
 
 def test_every_dependency_resolves_inside_the_module_or_to_glibc(debian_module):
     out, _ = debian_module
-    for path in [*(out / "lib64").glob("*.so.*.*"), *(out / "lib64" / "dep").iterdir()]:
+    for path in [*(out / "lib64").glob("*.so.*.*"), *(out / "lib64" / "dep").glob("*.so.*"),
+                 *(out / "lib64" / "dep" / "ucx").iterdir()]:
         for name, where in ldd(path, lib_path="").items():
             assert where != "not found", (path, name)
             if name in SYSTEM:

@@ -13,6 +13,7 @@ launching two ``shifter`` containers that exchange a token over MPI.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -212,6 +213,42 @@ def test_two_ranks_exchange_messages_through_mpiexec(site, mpi_image, module_dir
     assert "rank 0 of 2" in res.stdout and "rank 1 of 2" in res.stdout
     # 1 from rank 0, passed to rank 1 which appends 2, back to rank 0: both directions.
     assert "ring: token 12 after 2 ranks" in res.stdout
+
+
+def ucx_transports(log: str) -> set[str]:
+    """The transports UCX chose for its endpoints, from its own report
+    (``UCX_LOG_LEVEL=info``: ``ep_cfg[0]: tag(self/memory0 cma/memory) rma(...) am(...)``)."""
+    used = set()
+    for line in log.splitlines():
+        if "ep_cfg[" in line:
+            for part in line.split("ep_cfg[", 1)[1].split("(")[1:]:
+                used.update(part.split(")", 1)[0].split())
+    return used
+
+
+def test_ranks_in_containers_use_the_same_ucx_transports_as_bare(site, mpi_image, module_dir,
+                                                                  ring):
+    """UCX loads its transport plugins (cma, ...) from next to libucs: the module must carry
+    them, or ranks on one node fall back to TCP (issue 12: 40x slower, and from 32 nodes
+    MPI_Init fails)."""
+    site.write_conf(**mpich_conf(module_dir, defaultModules="mpich"))
+    bare_dir = site.base / "bare-ring"  # the same program and MPI, outside shifter
+    shutil.copytree(ring[1], bare_dir / "lib", symlinks=True)
+    shutil.copy(ring[0], bare_dir / "ring")
+    for d in (bare_dir, bare_dir / "lib"):
+        os.chmod(d, 0o755)
+    env = {"UCX_LOG_LEVEL": "info"}  # UCX reports each endpoint's transports
+    bare = site.run(ALICE, ["mpiexec", "-n", "2", str(bare_dir / "ring")], timeout=120,
+                    env={**env, "LD_LIBRARY_PATH": str(bare_dir / "lib")})
+    assert bare.returncode == 0, (bare.stdout, bare.stderr)
+    want = ucx_transports(bare.stdout)  # UCX logs to stdout
+    assert "cma/memory" in want, bare.stdout
+    argv = ["mpiexec", "-n", "2", str(site.launcher), f"--image=id:{mpi_image}",
+            "--module=mpich", "--workdir=/opt/app", "./ring"]
+    res = site.run(ALICE, argv, timeout=120, env=env)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert libmpi_of(res.stdout) == {0: SITE_LIB, 1: SITE_LIB}, res.stdout
+    assert ucx_transports(res.stdout) == want, res.stdout
 
 
 # -- the ABI check ---------------------------------------------------------------------------
