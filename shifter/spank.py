@@ -51,7 +51,6 @@ from shifter.frontend import (
     UsageError,
     error_status,
     getopt_long,
-    index_lookup,
     resolve_id,
     shifterimg_path,
     usable_image,
@@ -190,23 +189,29 @@ def parse_pull_timeout(text: str) -> int:
 
 
 def resolve_or_pull(cfg: UdiRootConfig, request: ImageRequest, pull_timeout: int | None) -> str:
-    """The image id of ``request``; a docker tag the system lacks is pulled first when
-    ``pull_timeout`` is given (the pyxis way: the submission waits for the image). Only
-    a tag the gateway says it does not have is pulled: a gateway that cannot be asked
-    fails the submission with its reasons, as without pulls."""
-    if pull_timeout is None or request.type != "docker":
-        return resolve_id(cfg, request)
-    image_path = (cfg.get("imagePath") or "").rstrip("/") or "/"
-    found = index_lookup(image_path, request.type, request.tag)
-    if found is not None:
-        return found
+    """The image id of ``request``, as the gateway names it now: one lookup per job,
+    whatever its size (the job's tasks then run the pinned id and ask nobody). A gateway
+    that cannot be asked refuses the submission saying so, even for a tag the local index
+    holds: the job would otherwise be pinned to what the index said when the gateway last
+    wrote it (docs/behaviour.md, 'Slurm plugin'). A docker tag the gateway lacks is
+    pulled first when ``pull_timeout`` is given (the pyxis way: the submission waits)."""
+    if request.type == "id":
+        return request.tag
     found, lacks = ask_gateway(request)
     if found is not None:
         return found
-    if not lacks:  # its reasons are printed
-        raise Failure(f"FAILED to lookup {request.type} image {request.tag}\n{NOT_FOUND}")
+    descriptor = f"{request.type}:{request.tag}"
+    if not lacks:  # its reasons are printed above
+        # Shifter's two lines (scripts match them), then what it means and what to do.
+        raise Failure(f"FAILED to lookup {request.type} image {request.tag}\n{NOT_FOUND}\n"
+                      f"shifter: the image gateway could not be asked for {descriptor}: "
+                      "the job was not submitted; submit again when the gateway answers, "
+                      "or name an image already on the system by its id (--image=id:ID)")
+    if pull_timeout is None or request.type != "docker":
+        raise Failure(f"FAILED to lookup {request.type} image {request.tag}\n{NOT_FOUND}\n"
+                      f"shifter: pull it first: shifterimg pull {descriptor}")
     pull_on_demand(request, pull_timeout)
-    return resolve_id(cfg, request)  # from the index (or the gateway) now
+    return resolve_id(cfg, request)  # from the index the pull wrote (or the gateway)
 
 
 def ask_gateway(request: ImageRequest) -> tuple[str | None, bool]:

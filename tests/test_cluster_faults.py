@@ -196,8 +196,8 @@ def test_the_gateway_dying_during_a_four_node_job_does_not_touch_it(vcluster, v1
     """The gateway is killed (SIGKILL, master and workers) while a four-node job runs:
     the job's next steps start containers on every node all the same (the job carries the
     image id, the nodes read the shared image dir, nobody asks the gateway). While it is
-    down, a job whose tag needs the gateway is refused at sbatch, saying the gateway
-    cannot be reached; a tag the login node's index holds is still accepted."""
+    down, a job submitted by tag is refused at sbatch, saying the gateway cannot be
+    reached, even for a tag the login node's index holds; one by id is accepted."""
     w = vcluster
     go = w.jobdir / "gateway-go"
     go.unlink(missing_ok=True)
@@ -214,9 +214,13 @@ def test_the_gateway_dying_during_a_four_node_job_does_not_touch_it(vcluster, v1
         assert refused.returncode != 0 and refused.job_id is None, refused
         assert "failed to contact the image gateway" in refused.stderr, refused.stderr
         assert "never-pulled" in refused.stderr, refused.stderr
-        # one the index holds needs no gateway
-        held = w.sbatch("#!/bin/sh\necho fine\n", "-N", "1", "-H",
-                        f"--image={w.tag('faults')}")
+        # a tag the index holds: refused as well (the id is the gateway's answer)
+        known = w.sbatch("#!/bin/sh\necho never\n", "-N", "1", f"--image={w.tag('faults')}")
+        assert known.returncode != 0 and known.job_id is None, known
+        assert "failed to contact the image gateway" in known.stderr, known.stderr
+        assert "the job was not submitted" in known.stderr, known.stderr
+        # by id: no gateway needed
+        held = w.sbatch("#!/bin/sh\necho fine\n", "-N", "1", "-H", f"--image=id:{v1}")
         assert held.returncode == 0 and held.job_id, held
         w.cluster.admin("scancel", str(held.job_id))
         go.touch()
