@@ -36,6 +36,7 @@ from world.slurm import (
     plugstack_line,
     write_launchers,
 )
+from world.slurmworld import SlurmWorld
 
 from shifter.setuproot import job_host_key
 
@@ -44,38 +45,13 @@ REPO = "slurm/app"
 PULL_AGAIN_AFTER = 3
 
 
-class World:
+class World(SlurmWorld):
+    """The one-node test cluster's world; ``data`` is alice's volume source dir."""
+
     def __init__(self, site: RuntimeSite, cluster: SlurmCluster, gateway: Gateway,
                  registry, munge_socket: str, bindir: Path, jobdir: Path, data: Path) -> None:
-        self.site = site
-        self.cluster = cluster
-        self.gateway = gateway
-        self.registry = registry
-        self.munge_socket = munge_socket
-        self.bindir = bindir
-        self.jobdir = jobdir
+        super().__init__(site, cluster, gateway, registry, munge_socket, bindir, jobdir)
         self.data = data
-
-    def env(self, **extra: str) -> dict[str, str]:
-        """The user's login environment: shifter on PATH, the test helper and config."""
-        env = {"PATH": f"{self.bindir}:/usr/local/bin:/usr/bin:/bin",
-               "HOME": f"/home/{ALICE}", "USER": ALICE,
-               "SHIFTER_HELPER": str(HELPER), "SHIFTER_UDIROOT_CONF": str(TEST_CONF),
-               "MUNGE_SOCKET": self.munge_socket}
-        env.update(extra)
-        return env
-
-    def tag(self, name: str) -> str:
-        return f"{self.registry.host}/{REPO}:{name}"
-
-    def push(self, name: str, os_id: str, tmp: Path) -> None:
-        entries = [File("bin/busybox", Path("/bin/busybox").read_bytes(), mode=0o755)]
-        entries += [Symlink(f"bin/{n}", "busybox")
-                    for n in ("sh", "cat", "id", "ls", "echo", "readlink", "true", "test",
-                              "sleep")]
-        entries += [File("etc/os-release", f'ID={os_id}\nPRETTY_NAME="{os_id} image"\n')]
-        push_image(self.registry, REPO, name, [build_layer(entries, "gzip", tmp)],
-                   {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]})
 
     def pull(self, name: str) -> str:
         """``shifterimg pull`` as the user, then the id the tag index holds."""
@@ -87,33 +63,10 @@ class World:
         index = self.site.image_dir / "tags" / "docker" / quote_tag(self.tag(name))
         return index.read_text().strip()
 
-    def sbatch(self, script: str, *args: str):
-        return self.cluster.sbatch(ALICE, script, f"--output={self.jobdir}/%j.out", *args,
-                                   env=self.env(), cwd=self.jobdir)
-
     def setuproot_argv(self) -> list[str]:
         """The argv the plugin ran setupRoot with, for the last prepared job."""
         text = (self.site.base.parent / "setupRoot.argv").read_text()
         return text.split("\0")[:-1]
-
-    @contextlib.contextmanager
-    def plugstack_args(self, *words: str) -> Iterator[None]:
-        """plugstack.conf with more arguments (Slurm re-reads it for every job)."""
-        paths = (self.cluster.plugstack_conf, self.cluster.client_plugstack_conf)
-        saved = [path.read_text() for path in paths]
-        for path, text in zip(paths, saved, strict=True):
-            path.write_text(text.rstrip("\n") + " " + " ".join(words) + "\n")
-        try:
-            yield
-        finally:
-            for path, text in zip(paths, saved, strict=True):
-                path.write_text(text)
-
-    def output(self, job_id: int) -> str:
-        try:
-            return (self.jobdir / f"{job_id}.out").read_text()
-        except FileNotFoundError:
-            return ""
 
 
 def site_parts(base: Path, test_users, munged, registry,

@@ -43,59 +43,35 @@ from typing import Any
 
 from .cluster import VirtualCluster
 from .gateway import Gateway
-from .imagebuild import File, Symlink, build_layer, push_image
+from .imagebuild import File, Symlink
 from .runtime import HELPER, TEST_CONF, RuntimeSite
 from .slurm import (
     PLUGIN_SRC,
     Client,
-    Submitted,
     asan_runtime,
     build_plugin,
     plugstack_line,
     write_launchers,
 )
+from .slurmworld import ALICE, SlurmWorld
 
-ALICE = "shifter-alice"
 REPO = "cluster/app"
 
 
-class ClusterWorld:
+class ClusterWorld(SlurmWorld):
+    repo = REPO
+    tools = SlurmWorld.tools + ("hostname", "grep", "wc", "sort", "cut", "tr")
+    image_path = "/bin:/usr/bin"
+
     def __init__(self, site: RuntimeSite, cluster: VirtualCluster, gateway: Gateway,
                  registry: Any, munge_socket: str, bindir: Path, jobdir: Path,
                  export: Path) -> None:
-        self.site = site
-        self.cluster = cluster
-        self.gateway = gateway
-        self.registry = registry
-        self.munge_socket = munge_socket
-        self.bindir = bindir
-        self.jobdir = jobdir
+        super().__init__(site, cluster, gateway, registry, munge_socket, bindir, jobdir)
         self.export = export
-
-    def env(self, **extra: str) -> dict[str, str]:
-        """Alice's login environment: shifter on PATH, the test helper and config."""
-        env = {"PATH": f"{self.bindir}:/usr/local/bin:/usr/bin:/bin",
-               "HOME": f"/home/{ALICE}", "USER": ALICE,
-               "SHIFTER_HELPER": str(HELPER), "SHIFTER_UDIROOT_CONF": str(TEST_CONF),
-               "MUNGE_SOCKET": self.munge_socket}
-        env.update(extra)
-        return env
-
-    def tag(self, name: str) -> str:
-        return f"{self.registry.host}/{REPO}:{name}"
 
     def push(self, name: str, os_id: str, tmp: Path, tree: Path | None = None) -> None:
         """Push an image: busybox with ``ID=os_id`` in its os-release, plus ``tree``."""
-        entries: list[Any] = [File("bin/busybox", Path("/bin/busybox").read_bytes(),
-                                   mode=0o755)]
-        entries += [Symlink(f"bin/{n}", "busybox")
-                    for n in ("sh", "cat", "id", "ls", "echo", "readlink", "true", "test",
-                              "sleep", "hostname", "grep", "wc", "sort", "cut", "tr")]
-        if tree is not None:
-            entries += tree_entries(tree)
-        entries += [File("etc/os-release", f'ID={os_id}\nPRETTY_NAME="{os_id} image"\n')]
-        push_image(self.registry, REPO, name, [build_layer(entries, "gzip", tmp)],
-                   {"Env": ["PATH=/bin:/usr/bin"], "Cmd": ["/bin/sh"]})
+        super().push(name, os_id, tmp, tree_entries(tree) if tree is not None else None)
 
     def pull(self, name: str) -> str:
         """``shifterimg pull`` as alice on the login node; the id the tag index holds."""
@@ -107,38 +83,15 @@ class ClusterWorld:
         index = self.export / "tags" / "docker" / quote_tag(self.tag(name))
         return index.read_text().strip()
 
-    def sbatch(self, script: str, *args: str) -> Submitted:
-        return self.cluster.sbatch(ALICE, script, f"--output={self.jobdir}/%j.out", *args,
-                                   env=self.env(), cwd=self.jobdir)
-
     def srun(self, *args: str, timeout: float = 120) -> Client:
         return self.cluster.srun(ALICE, *args, env=self.env(), cwd=self.jobdir,
                                  timeout=timeout)
-
-    def output(self, job_id: int) -> str:
-        try:
-            return (self.jobdir / f"{job_id}.out").read_text()
-        except FileNotFoundError:
-            return ""
 
     def leftover_mounts(self) -> dict[str, list[str]]:
         """Per node, what is mounted under the site's udiMount and loopMount."""
         dirs = (self.site.udi_mount, self.site.loop_mount)
         out = {n: self.cluster.node_mounts(n, dirs) for n in self.cluster.nodes}
         return {n: m for n, m in out.items() if m}
-
-    @contextlib.contextmanager
-    def plugstack_args(self, *words: str) -> Iterator[None]:
-        """plugstack.conf with more arguments (Slurm re-reads it for every job)."""
-        paths = (self.cluster.plugstack_conf, self.cluster.client_plugstack_conf)
-        saved = [path.read_text() for path in paths]
-        for path, text in zip(paths, saved, strict=True):
-            path.write_text(text.rstrip("\n") + " " + " ".join(words) + "\n")
-        try:
-            yield
-        finally:
-            for path, text in zip(paths, saved, strict=True):
-                path.write_text(text)
 
 
 def product_plugin() -> Path:
