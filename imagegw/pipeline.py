@@ -270,26 +270,9 @@ class Pipeline:
         self, text: str, plan: TreePlan, layers: list[LayerFile], image_id: str
     ) -> Path:
         """Stream the planned tree into tar2sqfs, into a partial file; returns its path."""
-        fmt = self.config.default_format
-        if fmt != "squashfs":
-            raise ConversionError(text, f"image format '{fmt}' is not supported (use squashfs)")
-        tmp = self.transfer.staging(f"{image_id}.squashfs")
-        try:
-            stream_squashfs(plan, layers, tmp, self.config.converter_options.get("squashfs"))
-        except SquashfsError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.no_space:
-                raise NoSpaceError(
-                    text, f"no space left in the image dir {self.image_dir} for the squashfs"
-                ) from exc
-            raise ConversionError(text, str(exc)) from exc
-        except MalformedLayerError as exc:
-            tmp.unlink(missing_ok=True)
-            raise LayerError(text, f"malformed layer: {exc}") from exc
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return tmp
+        options = self.config.converter_options.get("squashfs")
+        return self._write_squashfs(
+            text, image_id, lambda tmp: stream_squashfs(plan, layers, tmp, options))
 
     def expand(self, text: str, layers: list[LayerFile], root: Path, warn: Callable[[str], None]):
         try:
@@ -323,12 +306,19 @@ class Pipeline:
 
     def convert(self, text: str, root: Path, image_id: str, mode_fixes: Mapping[str, int]) -> Path:
         """mksquashfs into a partial file in the image dir; returns its path."""
+        options = self.config.converter_options.get("squashfs")
+        return self._write_squashfs(
+            text, image_id, lambda tmp: make_squashfs(root, tmp, options, mode_fixes))
+
+    def _write_squashfs(self, text: str, image_id: str, write: Callable[[Path], None]) -> Path:
+        """``write`` the image into a partial file in the staging dir; returns its path.
+        Any failure removes the partial file and raises the pull's error for it."""
         fmt = self.config.default_format
         if fmt != "squashfs":
             raise ConversionError(text, f"image format '{fmt}' is not supported (use squashfs)")
         tmp = self.transfer.staging(f"{image_id}.squashfs")
         try:
-            make_squashfs(root, tmp, self.config.converter_options.get("squashfs"), mode_fixes)
+            write(tmp)
         except SquashfsError as exc:
             tmp.unlink(missing_ok=True)
             if exc.no_space:
@@ -336,6 +326,9 @@ class Pipeline:
                     text, f"no space left in the image dir {self.image_dir} for the squashfs"
                 ) from exc
             raise ConversionError(text, str(exc)) from exc
+        except MalformedLayerError as exc:  # a layer read again while streaming
+            tmp.unlink(missing_ok=True)
+            raise LayerError(text, f"malformed layer: {exc}") from exc
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

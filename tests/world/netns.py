@@ -104,11 +104,15 @@ def in_netns(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 class Relay:
     """TCP from ``listen`` inside namespace ``name`` to ``target`` in the test process's
-    own network: how a node namespace reaches a service of the test world (the registry
-    on the root namespace's loopback) without any route between the networks."""
+    own network, or in namespace ``connect_ns`` when given (sockets keep the namespace
+    they were made in): how a node namespace reaches a service of the test world (the
+    registry on the root namespace's loopback), or one cluster's node another's, without
+    any route between the networks."""
 
-    def __init__(self, name: str, listen: tuple[str, int], target: tuple[str, int]) -> None:
+    def __init__(self, name: str, listen: tuple[str, int], target: tuple[str, int],
+                 connect_ns: str | None = None) -> None:
         self.target = target
+        self.connect_ns = connect_ns
         self._server = in_netns(name, socket.create_server, listen)
         self._stop = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -120,7 +124,10 @@ class Relay:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(self.target, timeout=10)
+                upstream = (socket.create_connection(self.target, timeout=10)
+                            if self.connect_ns is None else
+                            in_netns(self.connect_ns, socket.create_connection, self.target,
+                                     timeout=10))
                 upstream.settimeout(None)
             except OSError:
                 conn.close()

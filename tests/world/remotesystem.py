@@ -16,7 +16,7 @@ sees the disk where the nodes do), and the gateway copies the squashfs, ``.meta`
 index entry there with ``scp``/``ssh`` as ``RemoteTransfer`` does for any remote system.
 
 The two clusters' networks are not linked; two relays stand for the WAN between the
-sites (``NetnsRelay``: a socket listening in one namespace, each connection forwarded to
+sites (``netns.Relay``: a socket listening in one namespace, each connection forwarded to
 a socket made in the other): the gateway reaches the login node's sshd at
 ``127.0.0.1:2222`` of the service node, and the remote login node reaches the gateway at
 ``127.0.0.1:8080`` of its own. Its ``udiRoot.conf`` (bind-mounted over the test site's
@@ -29,10 +29,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,40 +46,6 @@ from .sshd import CLIENT_OPTIONS, SSHD, Sshd
 SYSTEM = "remotesys"
 SSH_PORT = 2222  # on the gateway's service node, relayed to the login node's port 22
 GW_PORT = 8080  # on the remote login node, relayed to the gateway
-
-
-class NetnsRelay:
-    """TCP from ``listen`` in namespace ``listen_ns`` to ``target`` reached from
-    namespace ``connect_ns`` (sockets keep the namespace they were made in)."""
-
-    def __init__(self, listen_ns: str, listen: tuple[str, int], connect_ns: str,
-                 target: tuple[str, int]) -> None:
-        self.connect_ns = connect_ns
-        self.target = target
-        self._server = netns.in_netns(listen_ns, socket.create_server, listen)
-        self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            try:
-                upstream = netns.in_netns(self.connect_ns, socket.create_connection,
-                                          self.target, timeout=10)
-                upstream.settimeout(None)
-            except OSError:
-                conn.close()
-                continue
-            pair = netns._Pair(conn, upstream)
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=pair.pipe, args=(a, b), daemon=True).start()
-
-    def close(self) -> None:
-        self._stop = True
-        self._server.close()
 
 
 class LoginSshd(Sshd):
@@ -191,15 +155,15 @@ def remote_system(world: ClusterWorld, base: Path, *, nodes: int = 2,
         keep_tmp=[*a.keep_tmp, base], private_dirs=a.private_dirs,
         shared={site.image_dir: disk, TEST_CONF: conf}, shared_fs="bind")
     gw = world.gateway
-    relays: list[NetnsRelay] = []
+    relays: list[netns.Relay] = []
     sshd = LoginSshd(cluster)
     with cluster:
         try:
             sshd.start()
-            relays.append(NetnsRelay(a.svc_netns, ("127.0.0.1", SSH_PORT), cluster.ctl_netns,
-                                     (CTL_ADDR, 22)))
-            relays.append(NetnsRelay(cluster.ctl_netns, ("127.0.0.1", GW_PORT), a.svc_netns,
-                                     (a.svc_address, 8080)))
+            relays.append(netns.Relay(a.svc_netns, ("127.0.0.1", SSH_PORT), (CTL_ADDR, 22),
+                                      connect_ns=cluster.ctl_netns))
+            relays.append(netns.Relay(cluster.ctl_netns, ("127.0.0.1", GW_PORT),
+                                      (a.svc_address, 8080), connect_ns=a.svc_netns))
             gw.config["Platforms"][SYSTEM] = {
                 "mungeSocketPath": world.munge_socket, "admins": ["root"],
                 **sshd.platform(site.image_dir)}
