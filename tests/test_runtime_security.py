@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from world.runtime import (
+    ESCALATE_C,
     HELPER,
     SETUP,
     TEST_CONF,
@@ -26,20 +27,6 @@ from world.runtime import (
 ALICE = "shifter-alice"
 BOB = "shifter-bob"
 
-# Reports its ids, then tries to become root: a setuid-root copy of this in the image
-# must come up with the user's ids and fail.
-ESCALATE_C = r"""
-#include <stdio.h>
-#include <unistd.h>
-int main(void) {
-    uid_t r, e, s;
-    getresuid(&r, &e, &s);
-    printf("ids %u %u %u\n", r, e, s);
-    if (setuid(0) == 0 && geteuid() == 0) { printf("ESCALATED\n"); return 0; }
-    printf("denied\n");
-    return 0;
-}
-"""
 
 # A preload library that leaves a mark if the helper (or anything) ever loads it.
 PRELOAD_C = r"""

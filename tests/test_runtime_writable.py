@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from world.runtime import (
+    ESCALATE_C,
     HELPER,
     RuntimeSite,
     busybox_tree,
@@ -28,20 +29,6 @@ ALICE = "shifter-alice"
 BOB = "shifter-bob"
 EXTRA_APPLETS = ("dd", "rm", "mv", "cp", "chmod", "ln", "cmp", "mount", "umount", "unshare")
 
-# Reports its ids and tries to become root (as in test_runtime_security.py).
-ESCALATE_C = r"""
-#define _GNU_SOURCE
-#include <stdio.h>
-#include <unistd.h>
-int main(void) {
-    uid_t r, e, s;
-    getresuid(&r, &e, &s);
-    printf("ids %u %u %u\n", r, e, s);
-    if (setuid(0) == 0 && geteuid() == 0) { printf("ESCALATED\n"); return 0; }
-    printf("denied\n");
-    return 0;
-}
-"""
 
 # setcap's work by hand: a VFS_CAP_REVISION_2 security.capability granting cap_setuid
 # (bit 7) to the file named; prints the outcome.

@@ -485,3 +485,20 @@ def add_dynamic_program(root: Path, program: Path, dest: str,
     shutil.copyfile(program, target)
     os.chmod(target, 0o755)
     return placed
+
+
+# Reports its ids, then tries to become root: a setuid-root copy of this in an image (or
+# one made set-id through a writable layer) must come up with the user's ids and fail.
+ESCALATE_C = r"""
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    uid_t r, e, s;
+    getresuid(&r, &e, &s);
+    printf("ids %u %u %u\n", r, e, s);
+    if (setuid(0) == 0 && geteuid() == 0) { printf("ESCALATED\n"); return 0; }
+    printf("denied\n");
+    return 0;
+}
+"""
