@@ -37,6 +37,7 @@ RECORD_FIELDS = (
     "last_pull",
     "status_message",
 )
+ANSWERS_MAX = 4096  # lookup answers kept per process; the cache restarts when full
 _REASONS = {
     400: "Bad Request",
     401: "Unauthorized",
@@ -145,10 +146,24 @@ def create_app(manager: ImageManager, *, auth_method: str | None = None) -> Flas
         who = caller(system)
         return jsonify({"list": [render(r) for r in manager.list(who, system)]})
 
+    # The JSON of a lookup's answer, per (system, type, tag as asked), with the record it
+    # was made from. The manager hands out the same (read-only) record object until the
+    # store changes, so "is" tells whether the bytes still say what the record says; the
+    # caller's own checks (credential, ACL) and the metrics row stay per request.
+    answers: dict[tuple[str, str, str], tuple[Mapping[str, Any], bytes]] = {}
+
     @app.get("/api/lookup/<system>/<itype>/<path:tag>", strict_slashes=False)
     def lookup(system: str, itype: str, tag: str):
         who = caller(system)
-        return jsonify(render(manager.lookup(who, system, itype, tag.rstrip("/"))))
+        tag = tag.rstrip("/")
+        rec = manager.lookup(who, system, itype, tag)
+        key = (system, itype, tag)
+        hit = answers.get(key)
+        if hit is None or hit[0] is not rec:
+            if len(answers) >= ANSWERS_MAX:
+                answers.clear()
+            answers[key] = hit = (rec, jsonify(render(rec)).get_data())
+        return app.response_class(hit[1], mimetype=app.json.mimetype)  # type: ignore[attr-defined]
 
     @app.post("/api/pull/<system>/<itype>/<path:tag>", strict_slashes=False)
     def pull(system: str, itype: str, tag: str):

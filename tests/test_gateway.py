@@ -154,6 +154,46 @@ def test_private_pull_acl_and_meta(gateway, registry, tmp_path, test_users):
     assert gateway.request("GET", path, user="nobody").status_code == 200
 
 
+def test_lookup_answers_follow_a_change_made_by_another_process(
+    gateway, registry, tmp_path, test_users
+):
+    # Every worker keeps the record a lookup found and the JSON it answered with
+    # (imagegw/manager.py, imagegw/api.py) while the store's change count stands still.
+    # A change committed by any other process (another worker, another gateway process
+    # on the host; here this test itself) must show in the very next lookup of every
+    # worker: the answer's fields, the ACL checked against the caller, the status.
+    from imagegw.store.sqlite import SQLiteStore
+
+    _push(registry, tmp_path, "gw/cached", content="c\n")
+    tag = f"{registry.host}/gw/cached:v1"
+    rid = gateway.wait_status(tag)
+    path = f"/api/lookup/{SYS}/docker/{tag}/"
+
+    def answers(user: str = "shifter-bob") -> list[tuple[int, object]]:
+        # 8 requests: each of the 2 workers answers some of them
+        out = []
+        for _ in range(8):
+            resp = gateway.request("GET", path, user=user)
+            out.append((resp.status_code, resp.json().get("LABELS")))
+        return out
+
+    assert {code for code, _ in answers()} == {200}  # now cached in every worker
+    store = SQLiteStore(gateway.workdir / "state" / "shifter-imagegw.sqlite")
+    try:
+        rec = store.find_tagged(SYS, tag)
+        assert rec is not None and rec["id"] == rid["id"]
+        store.update(rec["_id"], {"LABELS": {"changed": "yes"}})
+        assert answers() == [(200, {"changed": "yes"})] * 8
+        alice_uid, _ = test_users["shifter-alice"]
+        store.update(rec["_id"], {"private": True, "userACL": [alice_uid]})
+        assert [code for code, _ in answers("shifter-bob")] == [404] * 8
+        assert [code for code, _ in answers("shifter-alice")] == [200] * 8
+        store.update(rec["_id"], {"status": "EXPIRED"})
+        assert [code for code, _ in answers("shifter-alice")] == [404] * 8
+    finally:
+        store.close()
+
+
 def test_group_acl_with_supplementary_group(gateway, registry, tmp_path, test_users):
     _push(registry, tmp_path, "gw/groupacl", content="g\n")
     tag = f"{registry.host}/gw/groupacl:v1"

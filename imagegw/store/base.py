@@ -129,6 +129,13 @@ class RecordStore(ABC):
     def claims(self) -> list[Record]:
         """Every claim: ``{"_id": key, "owner": …, "time": …}``, by key."""
 
+    def change_count(self) -> int | None:
+        """A number that moves whenever any process commits a change of records or tags,
+        read without asking the database; None when the backend has none (then nothing
+        derived from records may be cached). The SQLite store has one (its ``-gen``
+        file); MongoDB, shared by several hosts, has none."""
+        return None
+
     # -- metrics ---------------------------------------------------------------------
 
     @abstractmethod

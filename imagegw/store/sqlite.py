@@ -399,6 +399,9 @@ class SQLiteStore(RecordStore):
             self._tagged[key] = (gen, now, *row) if row else (gen, now, None, None)
         return _record(*row) if row else None
 
+    def change_count(self) -> int | None:
+        return self._gen.read()
+
     def find_pull(self, system: str, itype: str, pulltag: str) -> Record | None:
         row = (
             self._conn()
