@@ -83,6 +83,7 @@ def post_fork(server, worker):
     _wrap(imagegw.auth, "_names", "auth._names")
     _wrap(imagegw.manager.ImageManager, "lookup", "manager.lookup (all)")
     _wrap(SQLiteStore, "find_tagged", "store.find_tagged")
+    _wrap(SQLiteStore, "find_tagged_shared", "store.find_tagged_shared")
     _wrap(SQLiteStore, "add_metric", "store.add_metric")
     _wrap(SQLiteStore, "add_metrics", "store.add_metrics (metrics thread)", "lookup")
     _wrap(imagegw.api, "render", "api.render")

@@ -147,9 +147,10 @@ def create_app(manager: ImageManager, *, auth_method: str | None = None) -> Flas
         return jsonify({"list": [render(r) for r in manager.list(who, system)]})
 
     # The JSON of a lookup's answer, per (system, type, tag as asked), with the record it
-    # was made from. The manager hands out the same (read-only) record object until the
-    # store changes, so "is" tells whether the bytes still say what the record says; the
-    # caller's own checks (credential, ACL) and the metrics row stay per request.
+    # was made from. The store hands out the same read-only record object while the
+    # record is unchanged (find_tagged_shared), so "is" tells whether the bytes still say
+    # what the record says. The caller's checks (credential, ACL) and the metrics row
+    # stay per request.
     answers: dict[tuple[str, str, str], tuple[Mapping[str, Any], bytes]] = {}
 
     @app.get("/api/lookup/<system>/<itype>/<path:tag>", strict_slashes=False)

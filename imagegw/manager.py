@@ -12,6 +12,7 @@ is taken over.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -46,9 +47,6 @@ __all__ = ["ImageManager", "parse_duration", "normalize_tag", "check_squashfs"]
 # A READY record pulled this recently is returned as is
 # (docs/behaviour.md, 'Gateway: pull de-duplication').
 RECENT = 10.0
-# Lookups' records, per process (ImageManager._tagged): as the SQLite store's own cache.
-TAGGED_CACHE_SECONDS = 5.0
-TAGGED_CACHE_MAX = 4096  # entries; the cache restarts when full
 HEARTBEAT_EVERY = 5.0
 PULL_STATES = ("INIT", "PENDING", "PULLING", "EXAMINATION", "CONVERSION", "TRANSFER")
 _CUSTOM_TAG = re.compile(r"[A-Za-z0-9_:.+@/-]+\Z")
@@ -99,6 +97,11 @@ def normalize_tag(itype: str, tag: str) -> str:
         raise BadRequest(f"unknown image type '{itype}' (docker or custom)")
     last = tag.rsplit("/", 1)[-1]
     return tag if ":" in last else f"{tag}:latest"
+
+
+# Every lookup normalises the tag it was asked for, and nodes ask for few distinct tags.
+# A bad tag raises, and exceptions are not cached.
+_normalized = functools.lru_cache(maxsize=4096)(normalize_tag)
 
 
 def _queued(
@@ -184,8 +187,6 @@ class ImageManager:
         self._pool_pid = 0
         self._lock = threading.Lock()
         self._transfers: dict[str, Transfer] = {}
-        # (system, itype, tag as asked) -> (change count, monotonic time, tag, record)
-        self._tagged_cache: dict[tuple[str, str, str], tuple[Any, ...]] = {}
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -237,10 +238,13 @@ class ImageManager:
     # -- reading -------------------------------------------------------------------------
 
     def lookup(self, caller: Caller, system: str, itype: str, tag: str) -> Mapping[str, Any]:
-        """The READY record ``tag`` names, if ``caller`` may read it. The answer is shared
-        with later lookups of the same tag in this process (read-only)."""
-        tag, rec = self._tagged(system, itype, tag)
-        if rec is None or not can_read(rec, caller):
+        """The READY record ``tag`` names, if ``caller`` may read it: read-only, and the
+        same object for later lookups while the record is unchanged (the store's
+        ``find_tagged_shared``)."""
+        self.platform(system)
+        tag = _normalized(itype, tag)
+        rec = self.store.find_tagged_shared(system, tag, READY)
+        if rec is None or rec.get("itype") != itype or not can_read(rec, caller):
             telemetry.LOOKUPS.labels("not_found").inc()
             log.debug("lookup not found user=%s system=%s tag=%s", caller.user, system, tag)
             raise NotFound("image not found")
@@ -249,7 +253,7 @@ class ImageManager:
         now = self.clock()
         # Extend the expiration, but write only when it moved noticeably: lookups are the
         # hot path, and a write per lookup would serialise every node on the database.
-        # The write moves the store's change count, so the next lookup reads it back.
+        # The write moves the store's change counter: the next lookup reads the record anew.
         if float(rec.get("expiration") or 0) < now + self.expiration - 60:
             rec = MappingProxyType({**rec, "expiration": now + self.expiration})
             self.store.update(rec["_id"], {"expiration": rec["expiration"]})
@@ -269,33 +273,6 @@ class ImageManager:
                 self.store.add_metric(row)
             self._trim_metrics(now)
         return rec
-
-    def _tagged(
-        self, system: str, itype: str, tag: str
-    ) -> tuple[str, Mapping[str, Any] | None]:
-        """The normalised tag and the READY record of that type it names (or None).
-
-        Kept per process, keyed on what the request said, while the store's change count
-        reads what it read before the record was looked up (any commit in any process
-        moves it), and at most TAGGED_CACHE_SECONDS (a safety net for a writer that died
-        between its commit and the count's move). The record is handed out read-only:
-        every later lookup of the tag gets the same object."""
-        self.platform(system)  # an unknown system says so, cached or not
-        key = (system, itype, tag)
-        count = self.store.change_count()  # before the query: a commit it misses moves it
-        now = time.monotonic()
-        hit = self._tagged_cache.get(key)
-        if hit is not None and count is not None and hit[0] == count:
-            if now - hit[1] < TAGGED_CACHE_SECONDS:
-                return hit[2], hit[3]
-        norm = normalize_tag(itype, tag)  # a bad tag raises; nothing cached
-        found = self.store.find_tagged(system, norm, READY)
-        rec = MappingProxyType(found) if found is not None and found.get("itype") == itype else None
-        if count is not None:
-            if len(self._tagged_cache) >= TAGGED_CACHE_MAX:
-                self._tagged_cache.clear()
-            self._tagged_cache[key] = (count, now, norm, rec)
-        return norm, rec
 
     def _trim_metrics(self, now: float) -> None:
         """Keep at most ``MetricsRetention`` rows, dropping the oldest. At most once a

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 Record = dict[str, Any]
@@ -81,6 +82,16 @@ class RecordStore(ABC):
         """The record of ``system`` whose ``tag`` list holds ``tag`` (and has ``status``,
         unless ``status`` is None)."""
 
+    def find_tagged_shared(
+        self, system: str, tag: str, status: str | None = READY
+    ) -> Mapping[str, Any] | None:
+        """As ``find_tagged``, read-only: a backend may hand every caller the same object
+        for as long as the record is unchanged (the SQLite store does, from its cache), so
+        that a caller can keep what it made from a record keyed on the object itself
+        (the API keeps a lookup's JSON so). Not to be changed, nested lists included."""
+        rec = self.find_tagged(system, tag, status)
+        return MappingProxyType(rec) if rec is not None else None
+
     @abstractmethod
     def find_pull(self, system: str, itype: str, pulltag: str) -> Record | None:
         """The newest (most recently inserted) record of (system, itype) with this
@@ -128,13 +139,6 @@ class RecordStore(ABC):
     @abstractmethod
     def claims(self) -> list[Record]:
         """Every claim: ``{"_id": key, "owner": …, "time": …}``, by key."""
-
-    def change_count(self) -> int | None:
-        """A number that moves whenever any process commits a change of records or tags,
-        read without asking the database; None when the backend has none (then nothing
-        derived from records may be cached). The SQLite store has one (its ``-gen``
-        file); MongoDB, shared by several hosts, has none."""
-        return None
 
     # -- metrics ---------------------------------------------------------------------
 
