@@ -245,10 +245,10 @@ class ImageManager:
         tag = _normalized(itype, tag)
         rec = self.store.find_tagged_shared(system, tag, READY)
         if rec is None or rec.get("itype") != itype or not can_read(rec, caller):
-            telemetry.LOOKUPS.labels("not_found").inc()
+            telemetry.LOOKUPS_NOT_FOUND.inc()
             log.debug("lookup not found user=%s system=%s tag=%s", caller.user, system, tag)
             raise NotFound("image not found")
-        telemetry.LOOKUPS.labels("found").inc()
+        telemetry.LOOKUPS_FOUND.inc()
         log.debug("lookup user=%s system=%s tag=%s id=%s", caller.user, system, tag, rec.get("id"))
         now = self.clock()
         # Extend the expiration, but write only when it moved noticeably: lookups are the
