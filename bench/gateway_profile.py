@@ -80,6 +80,11 @@ def post_fork(server, worker):
 
     flask.Flask.wsgi_app = wsgi_app
     _wrap(imagegw.munge, "decode", "munge.decode")
+    _wrap(imagegw.api, "authenticate", "auth.authenticate (decode, names)")
+    from werkzeug.routing import MapAdapter
+
+    _wrap(MapAdapter, "match", "routing (werkzeug match)")
+    _wrap(flask.Flask, "finalize_request", "flask finalize_request")
     _wrap(imagegw.auth, "_names", "auth._names")
     _wrap(imagegw.manager.ImageManager, "lookup", "manager.lookup (all)")
     _wrap(SQLiteStore, "find_tagged", "store.find_tagged")

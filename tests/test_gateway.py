@@ -94,6 +94,26 @@ def test_garbage_replayed_and_expired_credentials(gateway, munged):
     assert late.status_code == 401 and "Expired Credential" in late.json()["message"]
 
 
+def test_image_paths_what_matches_and_what_is_no_api_path(gateway, basic):
+    # The image routes take <system>/<type>/<tag> in one piece (imagegw/api.py,
+    # ImageConverter): the tag may hold slashes, the trailing slash is optional, and a
+    # path missing a part is "no such API path", as when werkzeug matched part by part.
+    gateway.wait_status(basic.ref())
+    for path in (f"/api/lookup/{SYS}/docker/{basic.ref()}/",
+                 f"/api/lookup/{SYS}/docker/{basic.ref()}"):
+        resp = gateway.request("GET", path)
+        assert resp.status_code == 200 and resp.json()["tag"] == [basic.ref()], path
+    for path in (f"/api/lookup/{SYS}/docker/", f"/api/lookup/{SYS}/", f"/api/lookup/{SYS}",
+                 "/api/lookup/", f"/api/expire/{SYS}/docker/"):
+        resp = gateway.request("GET", path)
+        assert resp.status_code == 404, path
+        assert resp.json()["message"] == f"no such API path: {path}", path
+    unknown = gateway.request("GET", f"/api/lookup/{SYS}/nosuchtype/{basic.ref()}/")
+    assert unknown.status_code == 400 and "unknown image type" in unknown.json()["message"]
+    assert gateway.request("GET", f"/api/lookup/nosuchsystem/docker/{basic.ref()}/"
+                           ).status_code == 404
+
+
 def test_unknown_system_is_404(gateway):
     resp = gateway.request("GET", "/api/list/nosuchsystem/")
     assert resp.status_code == 404 and "nosuchsystem" in resp.json()["message"]
