@@ -163,8 +163,13 @@ class _Generation:
             pass
 
 
+# One encoder for every document: json.dumps with any non-default argument builds a new
+# encoder per call, and every lookup's metrics row is encoded here.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def _dumps(doc: Mapping[str, Any]) -> str:
-    return json.dumps(doc, separators=(",", ":"))
+    return _ENCODER.encode(doc)
 
 
 def _record(rid: str, doc: str) -> Record:
