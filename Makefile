@@ -11,7 +11,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make \
 	bubblewrap charliecloud squashfuse fuse3 kmod libcap2-bin \
 	mpich libmpich-dev patchelf slurm-wlm libslurm-dev clang libclang-rt-14-dev \
 	openmpi-bin libopenmpi-dev libpmix2 libpmix-dev \
-	debootstrap rpm dpkg-dev iproute2 sshfs
+	debootstrap rpm dpkg-dev iproute2 sshfs linux-perf
 
 .PHONY: setup apt venv install helper udiimage slurm demo test lint fuzz bench-pull \
 	bench-launch bench-slurm clean docs-man
