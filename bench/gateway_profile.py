@@ -80,9 +80,15 @@ def post_fork(server, worker):
 
     flask.Flask.wsgi_app = wsgi_app
     _wrap(imagegw.munge, "decode", "munge.decode")
+    _wrap(imagegw.api, "authenticate", "auth.authenticate (decode, names)")
+    from werkzeug.routing import MapAdapter
+
+    _wrap(MapAdapter, "match", "routing (werkzeug match)")
+    _wrap(flask.Flask, "finalize_request", "flask finalize_request")
     _wrap(imagegw.auth, "_names", "auth._names")
     _wrap(imagegw.manager.ImageManager, "lookup", "manager.lookup (all)")
     _wrap(SQLiteStore, "find_tagged", "store.find_tagged")
+    _wrap(SQLiteStore, "find_tagged_shared", "store.find_tagged_shared")
     _wrap(SQLiteStore, "add_metric", "store.add_metric")
     _wrap(SQLiteStore, "add_metrics", "store.add_metrics (metrics thread)", "lookup")
     _wrap(imagegw.api, "render", "api.render")

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
+from werkzeug.routing import BaseConverter
 
 from . import telemetry
 from .auth import AuthError, AuthUnavailable, authenticate
@@ -37,6 +38,7 @@ RECORD_FIELDS = (
     "last_pull",
     "status_message",
 )
+ANSWERS_MAX = 4096  # lookup answers kept per process; the cache restarts when full
 _REASONS = {
     400: "Bad Request",
     401: "Unauthorized",
@@ -58,6 +60,26 @@ def render(record: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+Image = tuple[str, str, str]  # system, image type, tag
+
+
+class ImageConverter(BaseConverter):
+    """``<system>/<type>/<tag>`` of the image routes, matched by one regular expression:
+    none of the three empty, the tag may hold slashes (a trailing one is dropped). werkzeug
+    matched the three parts one by one before, a third of a lookup's routing CPU
+    (bench/README.md, `bench/gateway`); what matches, and what is a 404, is the same."""
+
+    regex = r"[^/]+/[^/]+/[^/].*?"
+    part_isolating = False
+
+    def to_python(self, value: str) -> Image:
+        system, itype, tag = value.split("/", 2)
+        return system, itype, tag.rstrip("/")
+
+    def to_url(self, value: Image) -> str:
+        return "/".join(value)
+
+
 def _error(status: int, message: str) -> tuple[Response, int]:
     return jsonify(
         {"status": status, "error": _REASONS.get(status, "Error"), "message": message}
@@ -66,6 +88,7 @@ def _error(status: int, message: str) -> tuple[Response, int]:
 
 def create_app(manager: ImageManager, *, auth_method: str | None = None) -> Flask:
     app = Flask("imagegw")
+    app.url_map.converters["image"] = ImageConverter
     method = auth_method or manager.gw.authentication
 
     def caller(system: str):
@@ -145,35 +168,54 @@ def create_app(manager: ImageManager, *, auth_method: str | None = None) -> Flas
         who = caller(system)
         return jsonify({"list": [render(r) for r in manager.list(who, system)]})
 
-    @app.get("/api/lookup/<system>/<itype>/<path:tag>", strict_slashes=False)
-    def lookup(system: str, itype: str, tag: str):
-        who = caller(system)
-        return jsonify(render(manager.lookup(who, system, itype, tag.rstrip("/"))))
+    # The JSON of a lookup's answer, per (system, type, tag as asked), with the record it
+    # was made from. The store hands out the same read-only record object while the
+    # record is unchanged (find_tagged_shared), so "is" tells whether the bytes still say
+    # what the record says. The caller's checks (credential, ACL) and the metrics row
+    # stay per request.
+    answers: dict[tuple[str, str, str], tuple[Mapping[str, Any], bytes]] = {}
 
-    @app.post("/api/pull/<system>/<itype>/<path:tag>", strict_slashes=False)
-    def pull(system: str, itype: str, tag: str):
+    @app.get("/api/lookup/<image:image>", strict_slashes=False)
+    def lookup(image: Image):
+        system, itype, tag = image
+        who = caller(system)
+        rec = manager.lookup(who, system, itype, tag)
+        key = (system, itype, tag)
+        hit = answers.get(key)
+        if hit is None or hit[0] is not rec:
+            if len(answers) >= ANSWERS_MAX:
+                answers.clear()
+            answers[key] = hit = (rec, jsonify(render(rec)).get_data())
+        return app.response_class(hit[1], mimetype=app.json.mimetype)  # type: ignore[attr-defined]
+
+    @app.post("/api/pull/<image:image>", strict_slashes=False)
+    def pull(image: Image):
+        system, itype, tag = image
         who = caller(system)
         data = body()
         rec = manager.pull(
-            who, system, itype, tag.rstrip("/"), data.get("allowed_uids"), data.get("allowed_gids")
+            who, system, itype, tag, data.get("allowed_uids"), data.get("allowed_gids")
         )
         return jsonify(render(rec))
 
-    @app.post("/api/doimport/<system>/<itype>/<path:tag>", strict_slashes=False)
-    def do_import(system: str, itype: str, tag: str):
+    @app.post("/api/doimport/<image:image>", strict_slashes=False)
+    def do_import(image: Image):
+        system, itype, tag = image
         who = caller(system)
-        return jsonify(render(manager.do_import(who, system, itype, tag.rstrip("/"), body())))
+        return jsonify(render(manager.do_import(who, system, itype, tag, body())))
 
-    @app.get("/api/expire/<system>/<itype>/<path:tag>", strict_slashes=False)
-    def expire(system: str, itype: str, tag: str):
+    @app.get("/api/expire/<image:image>", strict_slashes=False)
+    def expire(image: Image):
+        system, itype, tag = image
         who = caller(system)
-        return jsonify({"status": manager.expire(who, system, itype, tag.rstrip("/"))})
+        return jsonify({"status": manager.expire(who, system, itype, tag)})
 
-    @app.post("/api/remove/<system>/<itype>/<path:tag>", strict_slashes=False)
-    def remove(system: str, itype: str, tag: str):
+    @app.post("/api/remove/<image:image>", strict_slashes=False)
+    def remove(image: Image):
         # Beyond Shifter: a user removes a private image they pulled (Shifter #233).
+        system, itype, tag = image
         who = caller(system)
-        rec = manager.remove(who, system, itype, tag.rstrip("/"))
+        rec = manager.remove(who, system, itype, tag)
         return jsonify({"status": True, "id": rec.get("id"), "tag": rec.get("tag") or []})
 
     @app.get("/api/autoexpire/<system>/", strict_slashes=False)

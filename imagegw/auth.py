@@ -12,6 +12,8 @@ import json
 import os
 import pwd
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from .acl import Caller
@@ -30,6 +32,8 @@ _NAME_FILES = ("/etc/passwd", "/etc/group")
 _Names = tuple[str, str, tuple[int, ...]]
 _names_cache: dict[tuple[int, int], tuple[float, tuple[int, ...], _Names]] = {}
 _stamp: list[Any] = [-STAMP_EVERY, ()]  # when the files were last looked at, and what they were
+_callers: dict[tuple[int, int], tuple[_Names, Caller]] = {}  # see _plain_caller
+_NO_LOCATIONS: Mapping[str, str] = MappingProxyType({})
 
 
 def _files_stamp(now: float) -> tuple[int, ...]:
@@ -67,6 +71,27 @@ def _names(uid: int, gid: int) -> tuple[str, str, tuple[int, ...]]:
         _names_cache.clear()
     _names_cache[(uid, gid)] = (now, stamp, names)
     return names
+
+
+def _plain_caller(uid: int, gid: int) -> Caller:
+    """The caller of a credential without payload (no registry credentials), kept with
+    its names: the same object for as long as ``_names`` hands out the same names."""
+    names = _names(uid, gid)
+    hit = _callers.get((uid, gid))
+    if hit is not None and hit[0] is names:
+        return hit[1]
+    caller = Caller(
+        user=names[0],
+        uid=uid,
+        group=names[1],
+        gid=gid,
+        groups=names[2],
+        authorized_locations=_NO_LOCATIONS,
+    )
+    if len(_callers) >= NAMES_MAX:
+        _callers.clear()
+    _callers[(uid, gid)] = (names, caller)
+    return caller
 
 
 def _lookup_names(uid: int, gid: int) -> _Names:
@@ -117,6 +142,8 @@ def authenticate(header: str | None, munge_socket: str | None, method: str) -> C
         raise AuthUnavailable(str(exc)) from None
     except munge.MungeError as exc:
         raise AuthError(str(exc)) from None
+    if not cred.payload.strip():
+        return _plain_caller(cred.uid, cred.gid)  # every job launch's lookup
     user, group, groups = _names(cred.uid, cred.gid)
     return Caller(
         user=user,

@@ -12,6 +12,7 @@ is taken over.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote
 
@@ -95,6 +97,11 @@ def normalize_tag(itype: str, tag: str) -> str:
         raise BadRequest(f"unknown image type '{itype}' (docker or custom)")
     last = tag.rsplit("/", 1)[-1]
     return tag if ":" in last else f"{tag}:latest"
+
+
+# Every lookup normalises the tag it was asked for, and nodes ask for few distinct tags.
+# A bad tag raises, and exceptions are not cached.
+_normalized = functools.lru_cache(maxsize=4096)(normalize_tag)
 
 
 def _queued(
@@ -230,21 +237,25 @@ class ImageManager:
 
     # -- reading -------------------------------------------------------------------------
 
-    def lookup(self, caller: Caller, system: str, itype: str, tag: str) -> Record:
+    def lookup(self, caller: Caller, system: str, itype: str, tag: str) -> Mapping[str, Any]:
+        """The READY record ``tag`` names, if ``caller`` may read it: read-only, and the
+        same object for later lookups while the record is unchanged (the store's
+        ``find_tagged_shared``)."""
         self.platform(system)
-        tag = normalize_tag(itype, tag)
-        rec = self.store.find_tagged(system, tag, READY)
+        tag = _normalized(itype, tag)
+        rec = self.store.find_tagged_shared(system, tag, READY)
         if rec is None or rec.get("itype") != itype or not can_read(rec, caller):
-            telemetry.LOOKUPS.labels("not_found").inc()
+            telemetry.LOOKUPS_NOT_FOUND.inc()
             log.debug("lookup not found user=%s system=%s tag=%s", caller.user, system, tag)
             raise NotFound("image not found")
-        telemetry.LOOKUPS.labels("found").inc()
+        telemetry.LOOKUPS_FOUND.inc()
         log.debug("lookup user=%s system=%s tag=%s id=%s", caller.user, system, tag, rec.get("id"))
         now = self.clock()
         # Extend the expiration, but write only when it moved noticeably: lookups are the
         # hot path, and a write per lookup would serialise every node on the database.
+        # The write moves the store's change counter: the next lookup reads the record anew.
         if float(rec.get("expiration") or 0) < now + self.expiration - 60:
-            rec["expiration"] = now + self.expiration
+            rec = MappingProxyType({**rec, "expiration": now + self.expiration})
             self.store.update(rec["_id"], {"expiration": rec["expiration"]})
         if self.metrics_on:
             row = {

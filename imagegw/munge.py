@@ -232,6 +232,12 @@ class _Contexts:
         self.enc = self.dec = None
 
 
+# This process's pid, kept by a fork hook rather than asked of the kernel (a system call)
+# on every decode: the gateway decodes a credential per request.
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
 class _Local(threading.local):
     pid: int = -1
     by_socket: dict[str | None, _Contexts]
@@ -242,7 +248,7 @@ _local = _Local()
 
 def _contexts(socket: str | None) -> _Contexts:
     local = _local
-    pid = os.getpid()
+    pid = _pid[0]
     if local.pid != pid:
         # First use in this thread, or we are a forked child that inherited the parent's
         # thread-local dict: start afresh (the inherited objects skip destroy, see __del__).

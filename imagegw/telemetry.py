@@ -64,10 +64,13 @@ if prom is not None:
     # Zeros from the start, so a dashboard sees the series before the first event.
     for _state in ("READY", "FAILURE"):
         PULLS.labels(_state)
-    for _result in ("found", "not_found"):
-        LOOKUPS.labels(_result)
+    # Bound once: lookups are the hot path, and labels() takes a lock and checks its
+    # arguments on every call.
+    LOOKUPS_FOUND = LOOKUPS.labels("found")
+    LOOKUPS_NOT_FOUND = LOOKUPS.labels("not_found")
 else:
     PULLS = PULL_SECONDS = PULLS_STARTED = LOOKUPS = AUTH_FAILURES = _Null()  # type: ignore
+    LOOKUPS_FOUND = LOOKUPS_NOT_FOUND = _Null()  # type: ignore
     ADMIN_ACTIONS = PRUNED_BYTES = _Null()  # type: ignore
 
 

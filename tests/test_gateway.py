@@ -94,6 +94,26 @@ def test_garbage_replayed_and_expired_credentials(gateway, munged):
     assert late.status_code == 401 and "Expired Credential" in late.json()["message"]
 
 
+def test_image_paths_what_matches_and_what_is_no_api_path(gateway, basic):
+    # The image routes take <system>/<type>/<tag> in one piece (imagegw/api.py,
+    # ImageConverter): the tag may hold slashes, the trailing slash is optional, and a
+    # path missing a part is "no such API path", as when werkzeug matched part by part.
+    gateway.wait_status(basic.ref())
+    for path in (f"/api/lookup/{SYS}/docker/{basic.ref()}/",
+                 f"/api/lookup/{SYS}/docker/{basic.ref()}"):
+        resp = gateway.request("GET", path)
+        assert resp.status_code == 200 and resp.json()["tag"] == [basic.ref()], path
+    for path in (f"/api/lookup/{SYS}/docker/", f"/api/lookup/{SYS}/", f"/api/lookup/{SYS}",
+                 "/api/lookup/", f"/api/expire/{SYS}/docker/"):
+        resp = gateway.request("GET", path)
+        assert resp.status_code == 404, path
+        assert resp.json()["message"] == f"no such API path: {path}", path
+    unknown = gateway.request("GET", f"/api/lookup/{SYS}/nosuchtype/{basic.ref()}/")
+    assert unknown.status_code == 400 and "unknown image type" in unknown.json()["message"]
+    assert gateway.request("GET", f"/api/lookup/nosuchsystem/docker/{basic.ref()}/"
+                           ).status_code == 404
+
+
 def test_unknown_system_is_404(gateway):
     resp = gateway.request("GET", "/api/list/nosuchsystem/")
     assert resp.status_code == 404 and "nosuchsystem" in resp.json()["message"]
@@ -152,6 +172,46 @@ def test_private_pull_acl_and_meta(gateway, registry, tmp_path, test_users):
     assert pub["userACL"] == [] or pub["userACL"] == "MISSING"
     assert "USERACL" not in (gateway.image_dir / f"{rec['id']}.meta").read_text()
     assert gateway.request("GET", path, user="nobody").status_code == 200
+
+
+def test_lookup_answers_follow_a_change_made_by_another_process(
+    gateway, registry, tmp_path, test_users
+):
+    # Every worker keeps the record a lookup found and the JSON it answered with
+    # (imagegw/manager.py, imagegw/api.py) while the store's change count stands still.
+    # A change committed by any other process (another worker, another gateway process
+    # on the host; here this test itself) must show in the very next lookup of every
+    # worker: the answer's fields, the ACL checked against the caller, the status.
+    from imagegw.store.sqlite import SQLiteStore
+
+    _push(registry, tmp_path, "gw/cached", content="c\n")
+    tag = f"{registry.host}/gw/cached:v1"
+    rid = gateway.wait_status(tag)
+    path = f"/api/lookup/{SYS}/docker/{tag}/"
+
+    def answers(user: str = "shifter-bob") -> list[tuple[int, object]]:
+        # 8 requests: each of the 2 workers answers some of them
+        out = []
+        for _ in range(8):
+            resp = gateway.request("GET", path, user=user)
+            out.append((resp.status_code, resp.json().get("LABELS")))
+        return out
+
+    assert {code for code, _ in answers()} == {200}  # now cached in every worker
+    store = SQLiteStore(gateway.workdir / "state" / "shifter-imagegw.sqlite")
+    try:
+        rec = store.find_tagged(SYS, tag)
+        assert rec is not None and rec["id"] == rid["id"]
+        store.update(rec["_id"], {"LABELS": {"changed": "yes"}})
+        assert answers() == [(200, {"changed": "yes"})] * 8
+        alice_uid, _ = test_users["shifter-alice"]
+        store.update(rec["_id"], {"private": True, "userACL": [alice_uid]})
+        assert [code for code, _ in answers("shifter-bob")] == [404] * 8
+        assert [code for code, _ in answers("shifter-alice")] == [200] * 8
+        store.update(rec["_id"], {"status": "EXPIRED"})
+        assert [code for code, _ in answers("shifter-alice")] == [404] * 8
+    finally:
+        store.close()
 
 
 def test_group_acl_with_supplementary_group(gateway, registry, tmp_path, test_users):

@@ -540,10 +540,14 @@ def _change_in_child(i: int, backend: Backend, change: str, rid: str) -> None:
     store.close()
 
 
-def test_find_tagged_sees_at_once_what_another_process_changed(shared_backend: Backend) -> None:
+@pytest.mark.parametrize("find", ["find_tagged", "find_tagged_shared"])
+def test_find_tagged_sees_at_once_what_another_process_changed(
+    shared_backend: Backend, find: str
+) -> None:
     # Lookups answer from a per-process cache (SQLite); a change committed by any other
     # process must show in the very next lookup, found or not found.
-    reader = shared_backend.open()
+    store = shared_backend.open()
+    reader = _Reader(store, getattr(store, find))
     rid = reader.insert(pull_record(status=READY, tag=["t:1"], LABELS={"v": "1"}))["_id"]
     assert reader.find_tagged("sys", "t:1")["_id"] == rid
     assert reader.find_tagged("sys", "t:2") is None
@@ -565,6 +569,33 @@ def test_find_tagged_sees_at_once_what_another_process_changed(shared_backend: B
     change("delete")
     assert reader.find_tagged("sys", "t:1")["_id"] == moved["_id"]
     assert reader.get(rid) is None
+
+
+class _Reader:
+    """A store whose find_tagged is the one given (find_tagged_shared: the shared answer)."""
+
+    def __init__(self, store: RecordStore, find: Callable[..., Any]) -> None:
+        self._store = store
+        self.find_tagged = find
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_find_tagged_shared_is_read_only_and_the_same_while_unchanged(store: RecordStore) -> None:
+    rid = store.insert(pull_record(status=READY, tag=["t:1"], userACL=[1000]))["_id"]
+    first = store.find_tagged_shared("sys", "t:1")
+    assert first is not None and first["_id"] == rid and first["userACL"] == [1000]
+    with pytest.raises(TypeError):
+        first["expiration"] = 1.0  # type: ignore[index]
+    assert store.find_tagged_shared("sys", "t:2") is None
+    assert store.find_tagged_shared("sys", "t:1", status="PULLING") is None
+    if isinstance(store, SQLiteStore):  # from its cache: one object while unchanged
+        assert store.find_tagged_shared("sys", "t:1") is first
+    store.update(rid, {"LABELS": {"v": "2"}})
+    again = store.find_tagged_shared("sys", "t:1")
+    assert again is not first and again["LABELS"] == {"v": "2"}
+    assert "LABELS" not in first  # what a caller kept is not changed under it
 
 
 def test_find_tagged_answers_are_the_callers_to_change(store: RecordStore) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 Record = dict[str, Any]
@@ -80,6 +81,16 @@ class RecordStore(ABC):
     def find_tagged(self, system: str, tag: str, status: str | None = READY) -> Record | None:
         """The record of ``system`` whose ``tag`` list holds ``tag`` (and has ``status``,
         unless ``status`` is None)."""
+
+    def find_tagged_shared(
+        self, system: str, tag: str, status: str | None = READY
+    ) -> Mapping[str, Any] | None:
+        """As ``find_tagged``, read-only: a backend may hand every caller the same object
+        for as long as the record is unchanged (the SQLite store does, from its cache), so
+        that a caller can keep what it made from a record keyed on the object itself
+        (the API keeps a lookup's JSON so). Not to be changed, nested lists included."""
+        rec = self.find_tagged(system, tag, status)
+        return MappingProxyType(rec) if rec is not None else None
 
     @abstractmethod
     def find_pull(self, system: str, itype: str, pulltag: str) -> Record | None:

@@ -17,6 +17,8 @@ Several gunicorn worker processes, each with several threads, use the same file,
   answer is used only while the counter still reads what it read before the query that
   made it. Reading the counter is a memory read, where a query pays SQLite's WAL read
   locks (fcntl calls) and, after any other process's commit, re-reads its pages.
+  ``find_tagged_shared`` answers from the same cache with one read-only record object per
+  cached answer, decoded once (the API keeps the lookup's JSON keyed on that object).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from . import match_fields, record_doc, status_list, tag_list, update_doc
@@ -160,8 +163,13 @@ class _Generation:
             pass
 
 
+# One encoder for every document: json.dumps with any non-default argument builds a new
+# encoder per call, and every lookup's metrics row is encoded here.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def _dumps(doc: Mapping[str, Any]) -> str:
-    return json.dumps(doc, separators=(",", ":"))
+    return _ENCODER.encode(doc)
 
 
 def _record(rid: str, doc: str) -> Record:
@@ -204,8 +212,8 @@ class SQLiteStore(RecordStore):
         # the pruning of dead threads' connections can reach them.
         self._conns: list[tuple[int, threading.Thread, sqlite3.Connection]] = []
         self._gen = _Generation(self.path.with_name(self.path.name + "-gen"))
-        # (system, tag, status) -> (counter, time, rid, doc) or (counter, time, None, None)
-        self._tagged: dict[tuple[str, str, str | None], tuple[Any, ...]] = {}
+        # (system, tag, status) -> [counter, time, rid, doc, shared] (see _tagged_entry)
+        self._tagged: dict[tuple[str, str, str | None], list[Any]] = {}
         _STORES.add(self)
         self._init_schema()
 
@@ -375,15 +383,32 @@ class SQLiteStore(RecordStore):
             return conn.execute("DELETE FROM images WHERE rid = ?", (rid,)).rowcount == 1
 
     def find_tagged(self, system: str, tag: str, status: str | None = READY) -> Record | None:
-        # The hot path (every job launch): from the cache while the change counter has not
-        # moved, else one lookup in the tags primary key and one by rowid.
+        entry = self._tagged_entry(system, tag, status)
+        return _record(entry[2], entry[3]) if entry[2] is not None else None
+
+    def find_tagged_shared(
+        self, system: str, tag: str, status: str | None = READY
+    ) -> Mapping[str, Any] | None:
+        # The same object while the cached answer holds: decoded once, not per lookup.
+        entry = self._tagged_entry(system, tag, status)
+        if entry[2] is None:
+            return None
+        if entry[4] is None:
+            entry[4] = MappingProxyType(_record(entry[2], entry[3]))
+        return entry[4]
+
+    def _tagged_entry(self, system: str, tag: str, status: str | None) -> list[Any]:
+        """``[counter, time, rid, doc, shared record or None]`` for the tag (rid and doc
+        None if no record has it). The hot path (every job launch): from the cache while
+        the change counter has not moved, else one lookup in the tags primary key and one
+        by rowid."""
         key = (system, tag, status)
         gen = self._gen.read()  # before the query: any commit the query misses moves it
         now = time.monotonic()
         hit = self._tagged.get(key)
         if hit is not None and gen is not None and hit[0] == gen:
             if now - hit[1] < TAGGED_CACHE_SECONDS:
-                return _record(hit[2], hit[3]) if hit[2] is not None else None
+                return hit
         sql = (
             "SELECT i.rid, i.doc FROM tags t JOIN images i ON i.seq = t.seq"
             " WHERE t.system = ? AND t.tag = ?"
@@ -393,11 +418,12 @@ class SQLiteStore(RecordStore):
             sql += " AND i.status = ?"
             args += (status,)
         row = self._conn().execute(sql, args).fetchone()
+        entry = [gen, now, *row, None] if row else [gen, now, None, None, None]
         if gen is not None:
             if len(self._tagged) >= TAGGED_CACHE_MAX:
                 self._tagged.clear()
-            self._tagged[key] = (gen, now, *row) if row else (gen, now, None, None)
-        return _record(*row) if row else None
+            self._tagged[key] = entry
+        return entry
 
     def find_pull(self, system: str, itype: str, pulltag: str) -> Record | None:
         row = (
