@@ -46,15 +46,23 @@ def loop_devices_of(image_id: str) -> list[str]:
     return [line for line in res.stdout.splitlines() if f"{image_id}.squashfs" in line]
 
 
-def wait_for(what: str, predicate, timeout: float = 90, step: float = 0.3):
+def wait_for(what: str, predicate, timeout: float = 90, step: float = 0.3, why=None):
+    """Poll ``predicate``; on timeout fail with ``why()`` (the state worth seeing) too."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not after {timeout} s")
+            raise AssertionError(f"{what}: not after {timeout} s" + (f"\n{why()}" if why else ""))
         time.sleep(step)
+
+
+def job_story(w, job_id: int) -> str:
+    """What a timed-out wait on a job shows: Slurm's view of the job and nodes, its output."""
+    info = w.cluster.job(job_id)
+    fields = {k: info.get(k) for k in ("JobState", "Reason", "NodeList", "BatchHost")}
+    return f"job {fields}, nodes {w.cluster.node_states()}, output:\n{w.output(job_id)}"
 
 
 def prepared_on(w, job_id: int) -> set[str]:
@@ -154,7 +162,8 @@ def test_a_node_killed_mid_job_leaves_no_mount_on_the_others(vcluster, v1):
                    f"--image={w.tag('faults')}")
     assert res.returncode == 0 and res.job_id, res
     try:
-        wait_for("four containers up", lambda: w.output(res.job_id).count("UP ") == 4)
+        wait_for("four containers up", lambda: w.output(res.job_id).count("UP ") == 4,
+                 why=lambda: job_story(w, res.job_id))
         mounted = {n: c.node_mounts(n, (w.site.udi_mount,)) for n in NODES}
         assert all(mounted.values()), mounted  # each node has its container
         assert loop_devices_of(v1)  # (nodes may share one: the same backing file)
@@ -205,7 +214,8 @@ def test_the_gateway_dying_during_a_four_node_job_does_not_touch_it(vcluster, v1
                    f"--image={w.tag('faults')}")
     assert res.returncode == 0 and res.job_id, res
     try:
-        wait_for("the first step", lambda: w.output(res.job_id).count("BEFORE ") == 4)
+        wait_for("the first step", lambda: w.output(res.job_id).count("BEFORE ") == 4,
+                 why=lambda: job_story(w, res.job_id))
         w.gateway.kill()
         assert w.gateway.proc is None
         # a submission that needs the gateway: refused, and the message says why
